@@ -1,0 +1,207 @@
+"""Load and validate ``dpgateway.yaml`` into a frozen :class:`Config`.
+
+Every problem is a :class:`ConfigError` naming the key path, the rule and the fix.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from dpgateway.errors import ConfigError
+from dpgateway.policies.model import Budget, Cap, Column, Config, Table
+
+CONFIG_ENV = "DPGATEWAY_CONFIG"
+DEFAULT_CONFIG_NAME = "dpgateway.yaml"
+
+TABLE_KEYS = {"source", "privacy_unit", "max_rows_per_unit", "columns", "public", "domain"}
+COLUMN_KEYS = {"type", "bounds", "public_values"}
+COLUMN_TYPES = ("int", "float", "str", "bool", "date")
+TOP_KEYS = {"tables", "budget", "ledger", "admins"}
+BUDGET_KEYS = {
+    "window_days",
+    "per_subject",
+    "per_analyst",
+    "per_query",
+    "default_query_epsilon",
+    "default_query_delta",
+}
+MAX_ROWS_PER_UNIT = 10_000
+
+
+def find_config(path: str | os.PathLike[str] | None = None) -> Path:
+    """The config path: explicit, else ``$DPGATEWAY_CONFIG``, else ``./dpgateway.yaml``."""
+    chosen = path or os.environ.get(CONFIG_ENV) or DEFAULT_CONFIG_NAME
+    resolved = Path(chosen)
+    if not resolved.is_file():
+        raise ConfigError(
+            f"Config file {str(resolved)!r} not found; pass --config PATH, set {CONFIG_ENV}, "
+            f"or run `dpgateway demo` to try the bundled sample"
+        )
+    return resolved
+
+
+def load_config(path: str | os.PathLike[str] | None = None) -> Config:
+    """Read and validate a config file."""
+    resolved = find_config(path)
+    try:
+        raw = yaml.safe_load(resolved.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+        raise ConfigError(f"Cannot read config {str(resolved)!r}: {exc}") from None
+    return parse_config(raw, base_dir=resolved.resolve().parent)
+
+
+def parse_config(raw: Any, *, base_dir: Path) -> Config:
+    """Validate a config mapping (as read from YAML)."""
+    raw = _mapping(raw, "the config file")
+    _no_unknown(raw, TOP_KEYS, "top level")
+    tables_raw = _mapping(raw.get("tables"), "tables")
+    if not tables_raw:
+        raise ConfigError("tables: declare at least one table")
+    tables = tuple(_table(str(name), spec, base_dir) for name, spec in tables_raw.items())
+    admins = raw.get("admins", [])
+    if not isinstance(admins, list) or not all(isinstance(a, str) for a in admins):
+        raise ConfigError("admins: must be a list of analyst names")
+    ledger = raw.get("ledger", "sqlite:///dpgateway-ledger.db")
+    if not isinstance(ledger, str):
+        raise ConfigError("ledger: must be a URL such as sqlite:///dpgateway-ledger.db")
+    return Config(
+        tables=tables,
+        budget=_budget(raw.get("budget", {})),
+        ledger=_ledger_url(ledger, base_dir),
+        admins=tuple(admins),
+        base_dir=base_dir,
+    )
+
+
+def _ledger_url(url: str, base_dir: Path) -> str:
+    """Resolve a relative SQLite path against the config file's folder."""
+    prefix = "sqlite:///"
+    if url.startswith(prefix) and not url.startswith(prefix + "/") and url != prefix + ":memory:":
+        return prefix + str(base_dir / url[len(prefix) :])
+    return url
+
+
+def _table(name: str, spec: Any, base_dir: Path) -> Table:
+    where = f"tables.{name}"
+    spec = _mapping(spec, where)
+    _no_unknown(spec, TABLE_KEYS, where)
+    if "source" not in spec:
+        raise ConfigError(f"{where}: missing `source` (a CSV or Parquet path)")
+    source = spec["source"]
+    if isinstance(source, str):
+        source = base_dir / source
+    elif not isinstance(source, dict):
+        raise ConfigError(f"{where}.source: must be a file path or a connector mapping")
+    public = spec.get("public", False)
+    if not isinstance(public, bool):
+        raise ConfigError(f"{where}.public: must be true or false")
+    columns_raw = spec.get("columns", {})
+    if not columns_raw and not public:
+        raise ConfigError(f"{where}: declare its columns under {where}.columns")
+    columns = tuple(_column(f"{where}.columns.{c}", str(c), s) for c, s in _mapping(columns_raw, f"{where}.columns").items())
+    unit = spec.get("privacy_unit")
+    if unit is not None:
+        if not isinstance(unit, str):
+            raise ConfigError(f"{where}.privacy_unit: must be a column name")
+        if not any(c.name == unit for c in columns):
+            raise ConfigError(f"{where}.privacy_unit: column {unit!r} is not declared under {where}.columns")
+    k = spec.get("max_rows_per_unit", 1)
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= MAX_ROWS_PER_UNIT:
+        raise ConfigError(f"{where}.max_rows_per_unit: must be an integer from 1 to {MAX_ROWS_PER_UNIT}")
+    if unit is None and k != 1:
+        raise ConfigError(f"{where}.max_rows_per_unit: needs a privacy_unit (without one each row is a person)")
+    domain = spec.get("domain", "")
+    if not isinstance(domain, str):
+        raise ConfigError(f"{where}.domain: must be a name")
+    return Table(
+        name=name,
+        source=source,
+        columns=columns,
+        privacy_unit=unit,
+        max_rows_per_unit=k,
+        public=public,
+        domain=domain,
+    )
+
+
+def _column(where: str, name: str, spec: Any) -> Column:
+    spec = _mapping(spec, where)
+    _no_unknown(spec, COLUMN_KEYS, where)
+    ctype = spec.get("type")
+    if ctype not in COLUMN_TYPES:
+        raise ConfigError(f"{where}.type: must be one of {', '.join(COLUMN_TYPES)}, not {ctype!r}")
+    bounds = spec.get("bounds")
+    if bounds is not None:
+        if ctype not in ("int", "float"):
+            raise ConfigError(f"{where}.bounds: only int and float columns take bounds")
+        if (
+            not isinstance(bounds, list)
+            or len(bounds) != 2
+            or not all(isinstance(b, (int, float)) and not isinstance(b, bool) for b in bounds)
+            or not all(math.isfinite(b) for b in bounds)
+            or bounds[0] > bounds[1]
+        ):
+            raise ConfigError(f"{where}.bounds: must be [lo, hi] with finite numbers and lo <= hi")
+        if max(abs(bounds[0]), abs(bounds[1])) > 1e15:
+            raise ConfigError(f"{where}.bounds: |bound| must be at most 1e15 to keep sums exact")
+        bounds = (float(bounds[0]), float(bounds[1]))
+    values = spec.get("public_values")
+    if values is not None:
+        if not isinstance(values, list) or not values or len(set(map(repr, values))) != len(values):
+            raise ConfigError(f"{where}.public_values: must be a non-empty list of distinct values")
+        values = tuple(values)
+    return Column(name=name, type=ctype, bounds=bounds, public_values=values)
+
+
+def _budget(raw: Any) -> Budget:
+    raw = _mapping(raw, "budget")
+    _no_unknown(raw, BUDGET_KEYS, "budget")
+    default = Budget()
+    window = _positive(raw.get("window_days", default.window_days), "budget.window_days")
+    eps = _positive(raw.get("default_query_epsilon", default.default_query_epsilon), "budget.default_query_epsilon")
+    delta = raw.get("default_query_delta", default.default_query_delta)
+    if not isinstance(delta, (int, float)) or isinstance(delta, bool) or not 0 <= delta < 1:
+        raise ConfigError("budget.default_query_delta: must be a number in [0, 1)")
+    return Budget(
+        window_days=window,
+        per_subject=_cap(raw.get("per_subject"), "budget.per_subject", default.per_subject),
+        per_analyst=_cap(raw.get("per_analyst"), "budget.per_analyst", default.per_analyst),
+        per_query=_cap(raw.get("per_query"), "budget.per_query", default.per_query),
+        default_query_epsilon=eps,
+        default_query_delta=float(delta),
+    )
+
+
+def _cap(raw: Any, where: str, default: Cap) -> Cap:
+    if raw is None:
+        return default
+    raw = _mapping(raw, where)
+    _no_unknown(raw, {"epsilon", "delta"}, where)
+    eps = _positive(raw.get("epsilon", default.epsilon), f"{where}.epsilon")
+    delta = raw.get("delta", default.delta)
+    if not isinstance(delta, (int, float)) or isinstance(delta, bool) or not 0 <= delta < 1:
+        raise ConfigError(f"{where}.delta: must be a number in [0, 1)")
+    return Cap(epsilon=eps, delta=float(delta))
+
+
+def _positive(value: Any, where: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0 or math.isnan(value):
+        raise ConfigError(f"{where}: must be a positive number, not {value!r}")
+    return float(value)
+
+
+def _mapping(value: Any, where: str) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise ConfigError(f"{where}: must be a mapping (key: value), not {type(value).__name__}")
+    return value
+
+
+def _no_unknown(spec: dict[str, Any], allowed: set[str], where: str) -> None:
+    unknown = sorted(set(map(str, spec)) - allowed)
+    if unknown:
+        raise ConfigError(f"{where}: unknown key {unknown[0]!r}; allowed keys are {', '.join(sorted(allowed))}")

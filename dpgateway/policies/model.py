@@ -1,0 +1,102 @@
+"""The validated configuration: tables and their privacy policy, budget caps, ledger URL.
+
+Everything here is frozen: a loaded config is a value that the planner reads and never changes.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+ColumnType = Literal["int", "float", "str", "bool", "date"]
+NUMERIC_TYPES: frozenset[str] = frozenset({"int", "float"})
+
+
+@dataclass(frozen=True)
+class Column:
+    """One declared column; only declared columns can be queried."""
+
+    name: str
+    type: ColumnType
+    bounds: tuple[float, float] | None = None
+    public_values: tuple[Any, ...] | None = None
+
+    @property
+    def is_numeric(self) -> bool:
+        return self.type in NUMERIC_TYPES
+
+    @property
+    def max_abs(self) -> float:
+        """Largest absolute value a clamped value can take (requires bounds)."""
+        assert self.bounds is not None
+        return max(abs(self.bounds[0]), abs(self.bounds[1]))
+
+
+@dataclass(frozen=True)
+class Table:
+    """A table, its source and its privacy policy.
+
+    ``privacy_unit`` is the column identifying the person; ``None`` means each row is a person
+    (row-level privacy, ``max_rows_per_unit`` is then 1). ``public`` tables carry no privacy.
+    """
+
+    name: str
+    source: Any  # a Path for files, a dict for connector specs
+    columns: tuple[Column, ...]
+    privacy_unit: str | None = None
+    max_rows_per_unit: int = 1
+    public: bool = False
+    domain: str = ""
+
+    def column(self, name: str) -> Column | None:
+        for col in self.columns:
+            if col.name == name:
+                return col
+        return None
+
+    @property
+    def subject_domain(self) -> str:
+        """Ledger name of the people this table describes (shared by tables with one unit)."""
+        if self.domain:
+            return self.domain
+        return self.privacy_unit if self.privacy_unit else f"table:{self.name}"
+
+
+@dataclass(frozen=True)
+class Cap:
+    """An (epsilon, delta) limit."""
+
+    epsilon: float = math.inf
+    delta: float = 0.0
+
+
+@dataclass(frozen=True)
+class Budget:
+    """Budget caps over a rolling window, and per-query defaults."""
+
+    window_days: float = 182.0
+    per_subject: Cap = Cap(4.0, 1e-6)
+    per_analyst: Cap = Cap(4.0, 1e-6)
+    per_query: Cap = Cap(1.0, 1e-6)
+    default_query_epsilon: float = 0.5
+    default_query_delta: float = 1e-7
+
+
+@dataclass(frozen=True)
+class Config:
+    """A whole ``dpgateway.yaml``."""
+
+    tables: tuple[Table, ...]
+    budget: Budget = field(default_factory=Budget)
+    ledger: str = "sqlite:///dpgateway-ledger.db"
+    admins: tuple[str, ...] = ()
+    base_dir: Path = Path(".")
+
+    def table(self, name: str) -> Table | None:
+        lowered = name.lower()
+        for table in self.tables:
+            if table.name.lower() == lowered:
+                return table
+        return None
