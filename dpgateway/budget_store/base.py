@@ -9,6 +9,7 @@ The gateway calls, per query::
     store.release(rid, outcome="error", message=...)
 
 A reservation counts against every cap while pending, so concurrent queries can never overspend.
+Scopes are named ``analyst:<name>`` and ``domain:<name>`` (see :func:`scope_name`).
 """
 
 from __future__ import annotations
@@ -23,6 +24,24 @@ from dpgateway.policies.model import Budget, Cap
 
 Clock = Callable[[], float]
 Outcome = Literal["released", "replayed", "refused", "error"]
+AuditOutcome = Literal["released", "replayed", "refused", "error", "abandoned", "admin"]
+"""``abandoned``: a reservation never committed within its lease (charged); ``admin``: a cap change or reset."""
+ScopeKind = Literal["analyst", "domain"]
+ReplayScope = Literal["analyst", "global", "off"]
+SCOPE_KINDS: tuple[ScopeKind, ...] = ("analyst", "domain")
+
+
+def scope_name(kind: ScopeKind, name: str) -> str:
+    """The ledger name of a scope, e.g. ``analyst:alice`` or ``domain:pid``."""
+    return f"{kind}:{name}"
+
+
+def split_scope(scope: str) -> tuple[ScopeKind, str]:
+    """Inverse of :func:`scope_name`."""
+    kind, _, name = scope.partition(":")
+    if kind == "analyst":
+        return "analyst", name
+    return "domain", name
 
 
 @dataclass(frozen=True)
@@ -61,6 +80,33 @@ class Usage:
 
 
 @dataclass(frozen=True)
+class Charge:
+    """One entry of the spending history: a debit, a pending or an abandoned reservation."""
+
+    id: str
+    at: float  # unix time the charge started counting (commit time, else reservation time)
+    analyst: str
+    scopes: tuple[str, ...]
+    epsilon: float
+    delta: float
+    state: Literal["reserved", "committed", "abandoned"]
+
+
+@dataclass(frozen=True)
+class AuditRecord:
+    """One row of the audit log."""
+
+    at: float
+    analyst: str
+    sql: str
+    rewritten_sha256: str
+    epsilon: float
+    delta: float
+    outcome: AuditOutcome
+    message: str = ""
+
+
+@dataclass(frozen=True)
 class Remaining:
     """Remaining budget for an analyst and each subject domain a query touches."""
 
@@ -83,7 +129,11 @@ class BudgetStore(ABC):
 
     @abstractmethod
     def reserve(self, spend: Spend) -> str:
-        """Atomically check every cap and hold ``spend``; return a reservation id."""
+        """Atomically check every cap and hold ``spend``; return a reservation id.
+
+        A refusal (BudgetError, QueryCapError) is written to the audit log here: do not
+        also call :meth:`audit_event` for it.
+        """
 
     @abstractmethod
     def commit(self, reservation_id: str, *, epsilon: float, delta: float, answer: Any = None) -> None:
@@ -108,6 +158,43 @@ class BudgetStore(ABC):
     @abstractmethod
     def secret_seed(self) -> bytes:
         """The secret seed of the keyed hash used for contribution bounding, created once."""
+
+    # Admin side: usage, history, cap overrides. ``by`` names the admin, for the audit log.
+
+    @abstractmethod
+    def cap(self, scope: str) -> Cap:
+        """The cap in force for a scope: its override if an admin set one, else the config default."""
+
+    @abstractmethod
+    def usage(self, kind: ScopeKind | None = None) -> list[Usage]:
+        """Usage of every analyst and domain the ledger knows (charged or with a cap override)."""
+
+    @abstractmethod
+    def history(self, scope: str | None = None, *, since: float | None = None) -> list[Charge]:
+        """Charges (oldest first), optionally of one scope and from a time on."""
+
+    @abstractmethod
+    def grant(self, scope: str, *, epsilon: float = 0.0, delta: float = 0.0, by: str) -> Cap:
+        """Raise a scope's cap by ``+epsilon``/``+delta``; return the new cap."""
+
+    @abstractmethod
+    def set_cap(self, scope: str, *, epsilon: float | None = None, delta: float | None = None, by: str) -> Cap:
+        """Override a scope's cap (``None`` keeps that part); return the new cap."""
+
+    @abstractmethod
+    def reset(self, scope: str, *, by: str) -> int:
+        """Stop every charge of a scope counting against it; return how many it had."""
+
+    @abstractmethod
+    def audit_log(
+        self,
+        *,
+        analyst: str | None = None,
+        since: float | None = None,
+        outcome: AuditOutcome | None = None,
+        limit: int | None = 100,
+    ) -> list[AuditRecord]:
+        """Audit records, newest first."""
 
     @abstractmethod
     def close(self) -> None:
