@@ -103,7 +103,9 @@ def _table(name: str, spec: Any, base_dir: Path) -> Table:
     columns_raw = spec.get("columns", {})
     if not columns_raw and not public:
         raise ConfigError(f"{where}: declare its columns under {where}.columns")
-    columns = tuple(_column(f"{where}.columns.{c}", str(c), s) for c, s in _mapping(columns_raw, f"{where}.columns").items())
+    columns = tuple(
+        _column(f"{where}.columns.{c}", str(c), s) for c, s in _mapping(columns_raw, f"{where}.columns").items()
+    )
     unit = spec.get("privacy_unit")
     if unit is not None:
         if not isinstance(unit, str):

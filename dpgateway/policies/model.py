@@ -51,8 +51,9 @@ class Table:
     domain: str = ""
 
     def column(self, name: str) -> Column | None:
+        lowered = name.lower()
         for col in self.columns:
-            if col.name == name:
+            if col.name.lower() == lowered:
                 return col
         return None
 

@@ -1,0 +1,94 @@
+"""The connector interface: run a bounded plan, return exact (not yet noisy) aggregates.
+
+A connector is one method plus a mock. It also supplies the few SQL hooks where engines differ
+(how to read a source, how to cast safely, the keyed row hash); everything else is rendered by the
+sqlglot dialect named in ``DIALECT``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from sqlglot import exp
+
+from dpgateway.policies.model import Column, Table
+
+SQL_TYPES = {"int": "BIGINT", "float": "DOUBLE", "str": "VARCHAR", "bool": "BOOLEAN", "date": "DATE"}
+
+
+@dataclass(frozen=True)
+class ExactAggregates:
+    """Exact bounded aggregates per group: never released, only noised."""
+
+    columns: tuple[str, ...]
+    rows: tuple[tuple[Any, ...], ...]
+
+    def column(self, name: str) -> list[Any]:
+        i = self.columns.index(name)
+        return [row[i] for row in self.rows]
+
+
+class SQLHooks:
+    """Engine-specific pieces of the bounded SQL. Subclasses override a few methods, never the planner."""
+
+    DIALECT = "duckdb"
+
+    def source(self, table: Table) -> exp.Expression:
+        """The relation to read ``table`` from."""
+        return exp.to_table(table.name)
+
+    def typed(self, column: Column) -> exp.Expression:
+        """The column cast to its declared type; values that do not fit become NULL, never an error."""
+        value: exp.Expression = exp.TryCast(
+            this=exp.column(column.name, quoted=True), to=exp.DataType.build(SQL_TYPES[column.type])
+        )
+        if column.type == "float":  # NaN is no number: treat it as missing
+            value = exp.Nullif(this=value, expression=exp.cast(exp.Literal.string("NaN"), "DOUBLE"))
+        return value
+
+    def row_hash(self, seed: bytes, columns: Sequence[exp.Expression]) -> exp.Expression:
+        """A keyed, deterministic hash of a row's content (orders each unit's rows data-independently)."""
+        key = hashlib.sha256(b"dpgateway-row-order" + seed).hexdigest()[:32]
+        return exp.func("hash", exp.Literal.string(key), *columns)
+
+    def settings(self, k: int) -> tuple[tuple[str, Any], ...]:
+        """Per-query engine settings for a plan that keeps ``k`` rows per unit."""
+        return ()
+
+
+class Connector(ABC):
+    """Runs bounded SQL on one backend. Use as a context manager to close it."""
+
+    hooks: SQLHooks = SQLHooks()
+
+    @abstractmethod
+    def execute(self, sql: str, settings: tuple[tuple[str, Any], ...] = ()) -> ExactAggregates:
+        """Run the bounded SQL and return its rows exactly."""
+
+    def check_table(self, table: Table) -> None:  # noqa: B027 - optional hook
+        """Verify the declared columns exist in the source (a schema check, no data read)."""
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Release resources."""
+
+    def __enter__(self) -> Connector:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class MockConnector(Connector):
+    """Answers from a function of the SQL text; records every statement (for unit tests)."""
+
+    def __init__(self, answer: Callable[[str], ExactAggregates]) -> None:
+        self.answer = answer
+        self.statements: list[str] = []
+
+    def execute(self, sql: str, settings: tuple[tuple[str, Any], ...] = ()) -> ExactAggregates:
+        self.statements.append(sql)
+        return self.answer(sql)

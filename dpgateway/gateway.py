@@ -1,0 +1,308 @@
+"""The ``Gateway``: plan, then spend. ``explain`` never spends; ``query`` reserves, runs, commits, releases."""
+
+from __future__ import annotations
+
+import getpass
+import hashlib
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import pandas as pd
+from sqlglot import exp
+
+from dpgateway.budget_store.base import BudgetStore, Spend
+from dpgateway.connectors.base import Connector, ExactAggregates
+from dpgateway.connectors.duckdb import DuckDBConnector
+from dpgateway.errors import (
+    DPGatewayError,
+    InternalError,
+    InvalidParameterError,
+)
+from dpgateway.mechanisms import laplace_half_width
+from dpgateway.noise import add_noise
+from dpgateway.passes.context import PlanContext
+from dpgateway.plan import DPPlan
+from dpgateway.planner import build_plan
+from dpgateway.policies.loader import load_config
+from dpgateway.policies.model import Config
+from dpgateway.postprocess import post_process, run_sandboxed
+from dpgateway.sqlparse import query_key
+
+ANALYST_ENV = "DPGATEWAY_ANALYST"
+
+
+@dataclass(frozen=True)
+class Result:
+    """A released answer and exactly what it cost."""
+
+    frame: pd.DataFrame
+    epsilon: float
+    delta: float
+    remaining: dict[str, Any]
+    replayed: bool = False
+
+    @property
+    def columns(self) -> list[str]:
+        return [str(c) for c in self.frame.columns]
+
+    @property
+    def rows(self) -> list[list[Any]]:
+        return [[_plain(v) for v in row] for row in self.frame.itertuples(index=False, name=None)]
+
+    def to_dict(self) -> dict[str, Any]:
+        """The CLI's JSON shape."""
+        return {
+            "columns": self.columns,
+            "rows": self.rows,
+            "epsilon": self.epsilon,
+            "delta": self.delta,
+            "remaining": self.remaining,
+            "replayed": self.replayed,
+        }
+
+
+@dataclass(frozen=True)
+class MechanismInfo:
+    """One noisy measurement as EXPLAIN shows it (real units)."""
+
+    measurement: str
+    mechanism: str
+    epsilon: float
+    sensitivity: float
+    noise_scale: float
+    threshold: int | None = None
+
+
+@dataclass(frozen=True)
+class Explanation:
+    """What a query would do and cost, computed without touching data or budget."""
+
+    sql: str
+    bounded_sql: str
+    epsilon: float
+    delta: float
+    mechanisms: tuple[MechanismInfo, ...]
+    accuracy: dict[str, str]
+    notes: tuple[str, ...] = field(default=())
+    plan: DPPlan | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "sql": self.sql,
+            "bounded_sql": self.bounded_sql,
+            "epsilon": self.epsilon,
+            "delta": self.delta,
+            "mechanisms": [m.__dict__ for m in self.mechanisms],
+            "accuracy_95": self.accuracy,
+            "notes": list(self.notes),
+        }
+
+
+class Gateway:
+    """Answers SQL with differential privacy. Create with :meth:`from_config`; close when done."""
+
+    def __init__(self, config: Config, *, connector: Connector | None = None, store: BudgetStore | None = None):
+        self.config = config
+        self.connector = connector or DuckDBConnector()
+        if store is None:
+            from dpgateway.budget_store import open_store
+
+            store = open_store(config.ledger, config.budget)
+        self.store = store
+        if connector is None:
+            for table in config.tables:
+                self.connector.check_table(table)
+        self._ctx = PlanContext(config=config, hooks=self.connector.hooks, seed=self.store.secret_seed())
+
+    @classmethod
+    def from_config(cls, path: str | os.PathLike[str] | None = None, **kwargs: Any) -> Gateway:
+        """Load ``dpgateway.yaml`` (or ``path``, or ``$DPGATEWAY_CONFIG``) and open backend and ledger."""
+        return cls(load_config(path), **kwargs)
+
+    def explain(
+        self, sql: str, *, analyst: str | None = None, epsilon: float | None = None, delta: float | None = None
+    ) -> Explanation:
+        """The plan, its cost and 95% accuracy per output column; spends nothing, reads no data."""
+        plan = self._plan(sql, *self._parameters(epsilon, delta))
+        return _explain(plan)
+
+    def query(
+        self, sql: str, *, analyst: str | None = None, epsilon: float | None = None, delta: float | None = None
+    ) -> Result:
+        """Answer ``sql`` with DP, debiting the ledger before the answer is released."""
+        who = resolve_analyst(analyst)
+        eps, dlt = self._parameters(epsilon, delta)
+        key = query_key(sql, eps, dlt)
+        try:
+            plan = self._plan(sql, eps, dlt)
+        except DPGatewayError as exc:
+            self.store.audit_event(_spend(who, None, sql, key), outcome="refused", message=_audit_text(exc))
+            raise
+        spend = _spend(who, plan, sql, key)
+        if plan.passthrough:
+            frame = self._passthrough(plan)
+            self.store.audit_event(spend, outcome="released", message="public data: no privacy cost")
+            return Result(frame, 0.0, 0.0, self.store.remaining(who, []).as_dict())
+        if not plan.measurements:  # only public key values are listed: the data is not read
+            keys_only = ExactAggregates(columns=tuple(k.name for k in plan.group_keys), rows=())
+            frame = post_process(plan, add_noise(plan, keys_only))
+            self.store.audit_event(spend, outcome="released", message="public key domain only: no privacy cost")
+            return Result(frame, 0.0, 0.0, self.store.remaining(who, spend.domains).as_dict())
+        cached = self.store.cached_answer(who, key)
+        if cached is not None:
+            self.store.audit_event(spend, outcome="replayed")
+            frame = pd.DataFrame(cached["rows"], columns=cached["columns"])
+            return Result(frame, 0.0, 0.0, self.store.remaining(who, spend.domains).as_dict(), replayed=True)
+        reservation = self.store.reserve(spend)  # refusals are audited by the store
+        frame = self._run(plan, reservation)
+        answer = {"columns": [str(c) for c in frame.columns], "rows": Result(frame, 0, 0, {}).rows}
+        self.store.commit(reservation, epsilon=spend.epsilon, delta=spend.delta, answer=answer)
+        return Result(frame, spend.epsilon, spend.delta, self.store.remaining(who, spend.domains).as_dict())
+
+    def remaining(self, analyst: str | None = None) -> dict[str, Any]:
+        """Budget left for the analyst and every subject domain of the policy."""
+        domains = sorted({t.subject_domain for t in self.config.tables if not t.public})
+        return self.store.remaining(resolve_analyst(analyst), domains).as_dict()
+
+    def close(self) -> None:
+        self.connector.close()
+        self.store.close()
+
+    def __enter__(self) -> Gateway:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- internals -------------------------------------------------------------------------------
+
+    def _parameters(self, epsilon: float | None, delta: float | None) -> tuple[float, float]:
+        budget = self.config.budget
+        eps = budget.default_query_epsilon if epsilon is None else epsilon
+        dlt = budget.default_query_delta if delta is None else delta
+        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not (eps > 0 and math.isfinite(eps)):
+            raise InvalidParameterError(f"epsilon must be a positive finite number, not {epsilon!r}")
+        if isinstance(dlt, bool) or not isinstance(dlt, (int, float)) or not 0 <= dlt < 1:
+            raise InvalidParameterError(f"delta must be a number in [0, 1), not {delta!r}")
+        return float(eps), float(dlt)
+
+    def _plan(self, sql: str, epsilon: float, delta: float) -> DPPlan:
+        try:
+            return build_plan(sql, epsilon=epsilon, delta=delta, ctx=self._ctx)
+        except DPGatewayError:
+            raise
+        except RecursionError:
+            raise InvalidParameterError("the query is nested too deeply") from None
+        except Exception as exc:  # a planner bug must surface as XX000, never as a traceback
+            raise InternalError(f"planning failed: {type(exc).__name__}: {exc}") from exc
+
+    def _run(self, plan: DPPlan, reservation: str) -> pd.DataFrame:
+        """Execute, noise and post-process. A failure after the backend ran is still charged."""
+        try:
+            exact = self.connector.execute(plan.bounded_sql, plan.settings)
+        except DPGatewayError:
+            # Proof note: the backend may have failed because of the data; charging keeps the failure
+            # itself inside the budget. Test: tests/test_gateway.py::test_backend_failure_is_charged.
+            self.store.commit(reservation, epsilon=plan.spent_epsilon, delta=plan.delta)
+            raise
+        try:
+            return post_process(plan, add_noise(plan, exact))
+        except Exception as exc:
+            self.store.commit(reservation, epsilon=plan.spent_epsilon, delta=plan.delta)
+            if isinstance(exc, DPGatewayError):
+                raise
+            raise InternalError(f"noise or post-processing failed: {type(exc).__name__}") from exc
+
+    def _passthrough(self, plan: DPPlan) -> pd.DataFrame:
+        if plan.table is None:
+            return run_sandboxed(plan.tree)
+        tree = plan.tree.copy()
+        for table in tree.find_all(exp.Table):
+            source = self.connector.hooks.source(plan.table)
+            source.set("alias", exp.TableAlias(this=exp.to_identifier(table.alias_or_name)))
+            table.replace(source)
+        exact = self.connector.execute(tree.sql(dialect=self.connector.hooks.DIALECT))
+        return pd.DataFrame(list(exact.rows), columns=list(exact.columns))
+
+
+def resolve_analyst(analyst: str | None) -> str:
+    """The analyst: explicit, else ``$DPGATEWAY_ANALYST``, else the OS user."""
+    name = analyst or os.environ.get(ANALYST_ENV) or getpass.getuser()
+    if not isinstance(name, str) or not name.strip() or len(name) > 200:
+        raise InvalidParameterError("analyst must be a non-empty name of at most 200 characters")
+    return name
+
+
+def _spend(analyst: str, plan: DPPlan | None, sql: str, key: str) -> Spend:
+    if plan is None or plan.passthrough or plan.table is None:
+        return Spend(analyst=analyst, domains=(), epsilon=0.0, delta=0.0, query_key=key, sql=sql)
+    return Spend(
+        analyst=analyst,
+        domains=(plan.table.subject_domain,),
+        epsilon=plan.spent_epsilon,
+        delta=plan.delta,
+        query_key=key,
+        sql=sql,
+        rewritten_sha256=hashlib.sha256(plan.bounded_sql.encode()).hexdigest(),
+    )
+
+
+def _audit_text(exc: DPGatewayError) -> str:
+    return f"{exc.sqlstate}: {exc.message}"
+
+
+def _plain(value: Any) -> Any:
+    """A JSON-friendly Python value (NaN and NA become None)."""
+    if value is None or value is pd.NA:
+        return None
+    if hasattr(value, "item"):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if hasattr(value, "isoformat"):
+        return value.isoformat()
+    return value
+
+
+def _explain(plan: DPPlan) -> Explanation:
+    if plan.passthrough:
+        return Explanation(
+            plan.sql, plan.tree.sql(dialect="postgres"), 0.0, 0.0, (), {}, ("public data: exact, no cost",)
+        )
+    k = plan.table.max_rows_per_unit if plan.table else 1
+    mechanisms = tuple(
+        MechanismInfo(
+            measurement=m.label,
+            mechanism="discrete Laplace threshold (partition selection)"
+            if m.threshold is not None
+            else "discrete Laplace",
+            epsilon=m.epsilon,
+            sensitivity=m.sensitivity / m.scale,
+            noise_scale=m.noise_scale / m.scale,
+            threshold=m.threshold,
+        )
+        for m in plan.measurements
+    )
+    accuracy = {o.name: _accuracy(plan, o.kind, o.measurements) for o in plan.outputs}
+    notes = [f"each privacy unit contributes at most {k} row(s); values are clamped to the declared bounds"]
+    if plan.selects_partitions:
+        notes.append("group keys are private: only groups whose noisy count passes the threshold are released")
+    return Explanation(
+        plan.sql, plan.bounded_sql, plan.spent_epsilon, plan.delta, mechanisms, accuracy, tuple(notes), plan
+    )
+
+
+def _accuracy(plan: DPPlan, kind: str, used: tuple[str, ...]) -> str:
+    """95% half-width of one output column (exact for COUNT/SUM, per group size n for AVG)."""
+    ms = [plan.measurement(n) for n in used]
+    widths = {m.name: laplace_half_width(m.noise_scale) / m.scale for m in ms}
+    if kind == "key":
+        return "exact key" if not plan.selects_partitions else "exact key (released by partition selection)"
+    if kind in ("count", "sum") and len(ms) == 1:
+        return f"±{widths[ms[0].name]:.6g}"
+    if kind == "avg" and len(ms) == 2:
+        total = next(m for m in ms if m.kind == "sum")
+        return f"≈ ±{widths[total.name]:.6g} / n (n = rows in the group)"
+    return "depends on the data (derived from several noisy measurements)"

@@ -1,0 +1,56 @@
+"""Noise the exact bounded aggregates: the only step that sees exact values, and it releases none."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pandas as pd
+
+from dpgateway.connectors.base import ExactAggregates
+from dpgateway.errors import InternalError
+from dpgateway.mechanisms import noisy_vector, select_partitions
+from dpgateway.passes.groups import public_cells
+from dpgateway.plan import DPPlan
+
+Key = tuple[Any, ...]
+
+
+def add_noise(plan: DPPlan, exact: ExactAggregates) -> pd.DataFrame:
+    """One row per released group: key columns, then each measurement in real units (noisy).
+
+    Public key domains are released whole (missing groups count zero, values outside the domain are
+    dropped); private keys only through the threshold of the selecting count.
+    """
+    n_keys = len(plan.group_keys)
+    by_key: dict[Key, tuple[Any, ...]] = {tuple(row[:n_keys]): row for row in exact.rows}
+    if len(exact.columns) != n_keys + len(plan.measurements):
+        raise InternalError("the backend returned an unexpected number of columns")
+    cells = public_cells(plan.group_keys) if n_keys else [()]
+    noisy: dict[str, list[int]] = {}
+    if cells is None:
+        cells, noisy = _select(plan, by_key)
+    values = {m.name: [_exact(by_key.get(cell), n_keys + i) for cell in cells] for i, m in enumerate(plan.measurements)}
+    frame: dict[str, Any] = {k.name: [cell[j] for cell in cells] for j, k in enumerate(plan.group_keys)}
+    for m in plan.measurements:
+        raw = noisy[m.name] if m.name in noisy else noisy_vector(values[m.name], m.noise_scale)
+        frame[m.name] = pd.array(raw, dtype="Int64") if m.kind == "count" else [v / m.scale for v in raw]
+    return pd.DataFrame(frame, columns=[*(k.name for k in plan.group_keys), *(m.name for m in plan.measurements)])
+
+
+def _select(plan: DPPlan, by_key: dict[Key, tuple[Any, ...]]) -> tuple[list[Key], dict[str, list[int]]]:
+    """Partition selection: keys whose noisy bounded row count reaches the threshold, sorted by key."""
+    selector = next(m for m in plan.measurements if m.threshold is not None)
+    position = len(plan.group_keys) + plan.measurements.index(selector)
+    keys = list(by_key)
+    counts = {i: _exact(by_key[key], position) for i, key in enumerate(keys)}
+    assert selector.threshold is not None
+    kept = select_partitions(counts, selector.noise_scale, selector.threshold)
+    order = sorted(kept, key=lambda i: tuple((v is None, str(type(v)), v if v is not None else 0) for v in keys[i]))
+    return [keys[i] for i in order], {selector.name: [kept[i] for i in order]}
+
+
+def _exact(row: tuple[Any, ...] | None, index: int) -> int:
+    """An exact aggregate as an int; a missing group or an empty SUM is zero."""
+    if row is None or row[index] is None:
+        return 0
+    return int(row[index])

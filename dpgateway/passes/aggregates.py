@@ -1,0 +1,259 @@
+"""Pass 3: turn aggregates into measurements and the SELECT list into post-processing over noisy values.
+
+Each aggregate is rewritten to a few basic measurements (COUNT(*), COUNT(x), SUM(clamp(x) - c),
+SUM((clamp(x) - c)^2)) that are noised once and shared by every output that needs them; outputs,
+HAVING and ORDER BY become expressions over the noisy frame (pure post-processing).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from sqlglot import exp
+
+from dpgateway.errors import GroupingError, PrivacyViolationError, UnsupportedError
+from dpgateway.passes.context import PlanContext
+from dpgateway.plan import DPPlan, GroupKey, Measurement, Output
+from dpgateway.policies.model import Column, Table
+from dpgateway.sqlparse import check_row_expression, number
+
+VARIANCES = (exp.Variance, exp.VariancePop, exp.Stddev, exp.StddevSamp, exp.StddevPop)
+ANONYMOUS_AGGREGATES = {"VAR": exp.Variance, "STDEV": exp.Stddev, "VARP": exp.VariancePop, "STDEVP": exp.StddevPop}
+POSTGRES_NAMES = {
+    exp.Count: "count",
+    exp.Sum: "sum",
+    exp.Avg: "avg",
+    exp.Variance: "variance",
+    exp.VariancePop: "var_pop",
+    exp.Stddev: "stddev",
+    exp.StddevSamp: "stddev_samp",
+    exp.StddevPop: "stddev_pop",
+}
+
+
+def plan_aggregates(plan: DPPlan, *, ctx: PlanContext) -> DPPlan:
+    """Register measurements; build outputs, HAVING and ORDER BY over the noisy frame."""
+    select = plan.tree
+    assert isinstance(select, exp.Select) and plan.table is not None
+    if select.args.get("distinct"):
+        raise UnsupportedError("SELECT DISTINCT is not supported; use GROUP BY to list groups")
+    if select.find(exp.Window):
+        raise UnsupportedError("window functions are not supported")
+    where = select.args.get("where")
+    if where is not None:
+        check_row_expression(where.this, "WHERE")
+    registry = _Registry(plan.table)
+    aliases = {e.alias.lower() for e in select.expressions if isinstance(e, exp.Alias)}
+    outputs = tuple(_output(e, plan.group_keys, registry, plan.table) for e in select.expressions)
+    if not plan.group_keys and not registry.measurements:
+        raise PrivacyViolationError(
+            "this query would release raw rows; aggregate them (COUNT, SUM, AVG, VARIANCE, STDDEV) "
+            "and/or GROUP BY columns"
+        )
+    having = select.args.get("having")
+    order = select.args.get("order")
+    return plan.with_(
+        where=where.this if where is not None else None,
+        outputs=outputs,
+        measurements=tuple(registry.measurements),
+        having=_post(having.this, plan.group_keys, registry, plan.table, "HAVING", aliases) if having else None,
+        order=tuple(_ordered(o, plan.group_keys, registry, plan.table, aliases) for o in order.expressions)
+        if order
+        else (),
+        limit=_int_clause(select, "limit"),
+        offset=_int_clause(select, "offset"),
+    )
+
+
+@dataclass
+class _Registry:
+    """Measurements by identity, so AVG(x) and COUNT(x) share one noisy COUNT(x)."""
+
+    table: Table
+    measurements: list[Measurement] = field(default_factory=list)
+
+    def get(self, kind: str, column: Column | None, *, center: float = 0.0, squared: bool = False) -> str:
+        name = column.name if column else None
+        for m in self.measurements:
+            if (m.kind, m.column, m.center, m.squared) == (kind, name, center, squared):
+                return m.name
+        bound = 1.0
+        if kind == "sum":
+            assert column is not None and column.bounds is not None
+            lo, hi = column.bounds
+            bound = max(abs(lo - center), abs(hi - center))
+            bound = bound * bound if squared else bound
+        m = Measurement(
+            name=f"__m{len(self.measurements)}", kind=kind, column=name, center=center, squared=squared, bound=bound
+        )  # type: ignore[arg-type]
+        self.measurements.append(m)
+        return m.name
+
+
+def _output(node: exp.Expression, keys: tuple[GroupKey, ...], registry: _Registry, table: Table) -> Output:
+    if isinstance(node, exp.Star) or (isinstance(node, exp.Column) and isinstance(node.this, exp.Star)):
+        raise PrivacyViolationError("SELECT * would release raw rows; select aggregates and GROUP BY columns")
+    inner = node.this if isinstance(node, exp.Alias) else node
+    expr = _post(inner, keys, registry, table, "SELECT", set())
+    kind = "expr"
+    if any(inner == k.expr for k in keys):
+        kind = "key"
+    elif isinstance(inner, exp.AggFunc):
+        kind = _kind(inner)
+    names = {m.name for m in registry.measurements}
+    used = tuple(sorted({c.name for c in expr.find_all(exp.Column) if c.name in names}))
+    return Output(name=_output_name(node), expr=expr, kind=kind, measurements=used)
+
+
+def _output_name(node: exp.Expression) -> str:
+    """The column name PostgreSQL would give this output."""
+    if isinstance(node, exp.Alias):
+        return node.alias
+    if isinstance(node, exp.Column):
+        return node.name
+    for cls, name in POSTGRES_NAMES.items():
+        if type(node) is cls:
+            return name
+    if isinstance(node, exp.Func):
+        return node.sql_name().lower()
+    return "?column?"
+
+
+def _kind(agg: exp.Expression) -> str:
+    if isinstance(agg, exp.Count):
+        return "count"
+    if isinstance(agg, exp.Sum):
+        return "sum"
+    if isinstance(agg, exp.Avg):
+        return "avg"
+    if isinstance(agg, (exp.Stddev, exp.StddevSamp, exp.StddevPop)):
+        return "stddev"
+    return "var"
+
+
+def _ordered(
+    node: exp.Ordered, keys: tuple[GroupKey, ...], registry: _Registry, table: Table, aliases: set[str]
+) -> exp.Ordered:
+    out = node.copy()
+    target = node.this
+    if isinstance(target, exp.Literal) and not target.is_string:
+        return out
+    out.set("this", _post(target, keys, registry, table, "ORDER BY", aliases))
+    return out
+
+
+def _post(
+    node: exp.Expression,
+    keys: tuple[GroupKey, ...],
+    registry: _Registry,
+    table: Table,
+    clause: str,
+    aliases: set[str],
+) -> exp.Expression:
+    """Rewrite ``node`` over the noisy frame: keys become key columns, aggregates noisy expressions."""
+
+    def visit(n: exp.Expression) -> exp.Expression:
+        for key in keys:
+            if n == key.expr:
+                return exp.column(key.name)
+        if isinstance(n, exp.Anonymous) and n.name.upper() in ANONYMOUS_AGGREGATES:
+            n = ANONYMOUS_AGGREGATES[n.name.upper()](this=n.expressions[0] if n.expressions else None)
+        if isinstance(n, exp.AggFunc):
+            return _aggregate(n, registry, table)
+        if isinstance(n, exp.Column):
+            if n.name.lower() in aliases and not n.table:
+                return exp.column(n.name, quoted=True)
+            raise GroupingError(
+                f'column "{n.name}" must appear in the GROUP BY clause or be used in an aggregate function'
+            )
+        if isinstance(n, (exp.Subquery, exp.Select)):
+            raise UnsupportedError(f"subqueries are not supported (in {clause})")
+        return n
+
+    return node.copy().transform(visit)
+
+
+def _aggregate(agg: exp.AggFunc, registry: _Registry, table: Table) -> exp.Expression:
+    """The noisy expression for one SQL aggregate, registering the measurements it needs."""
+    arg = agg.this
+    for sub in agg.find_all(exp.AggFunc):
+        if sub is not agg:
+            raise GroupingError("aggregate function calls cannot be nested")
+    if isinstance(arg, exp.Distinct):
+        raise UnsupportedError(f"{agg.sql_name()}(DISTINCT ...) is not supported yet")
+    if isinstance(agg, exp.Count):
+        if isinstance(arg, exp.Star) or arg is None:
+            return _count(registry.get("count", None))
+        return _count(registry.get("count", _column_arg(agg, table, need_bounds=False)))
+    if not isinstance(agg, (exp.Sum, exp.Avg, *VARIANCES)):
+        raise UnsupportedError(
+            f"aggregate {agg.sql_name()} is not supported yet; supported are COUNT, SUM, AVG, VARIANCE, "
+            "VAR_POP, VAR_SAMP, STDDEV, STDDEV_POP, STDDEV_SAMP"
+        )
+    column = _column_arg(agg, table, need_bounds=True)
+    assert column.bounds is not None
+    lo, hi = column.bounds
+    if isinstance(agg, exp.Sum):
+        total = exp.column(registry.get("sum", column))
+        return _clamp(total, 0 if lo >= 0 else None, 0 if hi <= 0 else None)
+    mid = (lo + hi) / 2
+    n = exp.Greatest(this=exp.column(registry.get("count", column)), expressions=[number(1)])
+    shifted = _div(exp.column(registry.get("sum", column, center=mid)), n)
+    if isinstance(agg, exp.Avg):
+        return _clamp(exp.Add(this=number(mid), expression=exp.Paren(this=shifted)), lo, hi)
+    squares = _div(exp.column(registry.get("sum", column, center=mid, squared=True)), n)
+    half = (hi - lo) / 2
+    var = _clamp(
+        exp.Sub(this=squares, expression=exp.Pow(this=exp.Paren(this=shifted), expression=number(2))), 0, half * half
+    )
+    if isinstance(agg, (exp.Variance, exp.Stddev, exp.StddevSamp)):  # sample variance, as PostgreSQL
+        n2 = exp.Greatest(this=n.copy(), expressions=[number(2)])
+        var = exp.Div(this=exp.Mul(this=var, expression=n2), expression=exp.Sub(this=n2.copy(), expression=number(1)))
+    return exp.Sqrt(this=var) if isinstance(agg, (exp.Stddev, exp.StddevSamp, exp.StddevPop)) else var
+
+
+def _column_arg(agg: exp.AggFunc, table: Table, *, need_bounds: bool) -> Column:
+    arg = agg.this
+    name = agg.sql_name()
+    if not isinstance(arg, exp.Column):
+        raise UnsupportedError(f"{name} over an expression is not supported yet; aggregate a column directly")
+    column = table.column(arg.name)
+    assert column is not None  # resolve_table checked every column
+    if not need_bounds:
+        return column
+    if column.name == table.privacy_unit:
+        raise PrivacyViolationError(f"{name}({column.name}) would aggregate the privacy unit identifier")
+    if not column.is_numeric:
+        raise PrivacyViolationError(f"{name} needs a numeric column; {table.name}.{column.name} is {column.type}")
+    if column.bounds is None:
+        raise PrivacyViolationError(
+            f"Column {table.name}.{column.name} has no declared bounds, so {name} would be unbounded; "
+            f"add `bounds: [lo, hi]` under tables.{table.name}.columns.{column.name}"
+        )
+    return column
+
+
+def _count(name: str) -> exp.Expression:
+    return exp.Greatest(this=exp.column(name), expressions=[number(0)])
+
+
+def _div(num: exp.Expression, den: exp.Expression) -> exp.Expression:
+    return exp.Div(this=num, expression=den)
+
+
+def _clamp(value: exp.Expression, lo: float | None, hi: float | None) -> exp.Expression:
+    if lo is not None:
+        value = exp.Greatest(this=value, expressions=[number(lo)])
+    if hi is not None:
+        value = exp.Least(this=value, expressions=[number(hi)])
+    return value
+
+
+def _int_clause(select: exp.Select, key: str) -> int | None:
+    clause = select.args.get(key)
+    if clause is None:
+        return None
+    value = clause.expression if isinstance(clause, (exp.Limit, exp.Offset)) else clause
+    if not isinstance(value, exp.Literal) or value.is_string or not value.name.isdigit():
+        raise UnsupportedError(f"{key.upper()} must be a non-negative integer literal")
+    return int(value.name)

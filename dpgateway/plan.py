@@ -1,0 +1,105 @@
+"""The frozen plan value that flows through every pass, from parsed SQL to released answer."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Any, Literal
+
+from sqlglot import exp
+
+from dpgateway.policies.model import Table
+
+MeasureKind = Literal["count", "sum"]
+
+
+@dataclass(frozen=True)
+class GroupKey:
+    """One GROUP BY key: ``expr`` over source columns, released as column ``name`` of the exact result."""
+
+    name: str
+    expr: exp.Expression
+    public_values: tuple[Any, ...] | None = None
+
+
+@dataclass(frozen=True)
+class Measurement:
+    """One noisy aggregate per group, computed exactly (and bounded) in SQL, then noised by OpenDP.
+
+    The backend returns ``round(clamp(value) * scale)`` summed per group, an integer; ``bound`` is the
+    largest absolute per-row value in real units, so one row moves the sum by at most
+    ``ceil(bound * scale)`` integer units and one unit (``k`` rows) by ``sensitivity``.
+    """
+
+    name: str
+    kind: MeasureKind
+    column: str | None  # None: COUNT(*)
+    center: float = 0.0  # value - center is summed (AVG/VAR use the mid-point of the bounds)
+    squared: bool = False  # sum of (value - center)^2, for VAR/STDDEV
+    bound: float = 1.0
+    scale: float = 1.0
+    sensitivity: int = 1
+    epsilon: float = 0.0
+    noise_scale: float = 0.0  # discrete Laplace scale, integer units
+    threshold: int | None = None  # set on the count that selects partitions
+
+    @property
+    def label(self) -> str:
+        """Human-readable description, e.g. ``SUM((income - 250000)^2)``."""
+        if self.kind == "count":
+            return f"COUNT({self.column or '*'})"
+        inner = self.column or "?"
+        if self.center:
+            inner = f"{inner} - {self.center:g}"
+        return f"SUM(({inner})^2)" if self.squared else f"SUM({inner})"
+
+
+@dataclass(frozen=True)
+class Output:
+    """One released column: its name and the post-processing expression over the noisy frame."""
+
+    name: str
+    expr: exp.Expression
+    kind: str  # 'key', 'count', 'sum', 'avg', 'var', 'stddev' or 'expr'
+    measurements: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class DPPlan:
+    """Everything the gateway knows about one query; each pass returns an updated copy."""
+
+    sql: str
+    tree: exp.Expression
+    epsilon: float
+    delta: float
+    table: Table | None = None
+    where: exp.Expression | None = None
+    group_keys: tuple[GroupKey, ...] = ()
+    measurements: tuple[Measurement, ...] = ()
+    outputs: tuple[Output, ...] = ()
+    having: exp.Expression | None = None
+    order: tuple[exp.Ordered, ...] = ()
+    limit: int | None = None
+    offset: int | None = None
+    passthrough: bool = False  # the query touches only public tables: answered exactly, no cost
+    bounded_sql: str = ""
+    bounded: exp.Expression | None = None
+    settings: tuple[tuple[str, Any], ...] = ()  # per-query backend settings
+    notes: tuple[str, ...] = field(default=())
+
+    @property
+    def selects_partitions(self) -> bool:
+        """True when group keys are released through DP partition selection."""
+        return any(m.threshold is not None for m in self.measurements)
+
+    @property
+    def spent_epsilon(self) -> float:
+        return sum(m.epsilon for m in self.measurements)
+
+    def measurement(self, name: str) -> Measurement:
+        for m in self.measurements:
+            if m.name == name:
+                return m
+        raise KeyError(name)
+
+    def with_(self, **changes: Any) -> DPPlan:
+        return replace(self, **changes)

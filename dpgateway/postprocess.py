@@ -1,0 +1,47 @@
+"""Post-processing on released (noisy) values only: outputs, HAVING, ORDER BY, LIMIT.
+
+It runs in a separate in-memory DuckDB that holds nothing but the noisy frame and cannot read files,
+so anything computed here is a function of the DP release.
+"""
+
+from __future__ import annotations
+
+import duckdb
+import pandas as pd
+from sqlglot import exp
+
+from dpgateway.errors import InvalidParameterError
+from dpgateway.plan import DPPlan
+
+NOISY = "__noisy"
+
+
+def post_process(plan: DPPlan, noisy: pd.DataFrame) -> pd.DataFrame:
+    """Evaluate the query's SELECT list, HAVING, ORDER BY and LIMIT over the noisy frame."""
+    query = exp.select(*(exp.alias_(o.expr.copy(), o.name, quoted=True) for o in plan.outputs)).from_(NOISY)
+    if plan.having is not None:
+        query = query.where(plan.having.copy())
+    if plan.order:
+        query = query.order_by(*(o.copy() for o in plan.order))
+    if plan.limit is not None:
+        query = query.limit(plan.limit)
+    if plan.offset is not None:
+        query = query.offset(plan.offset)
+    frame = run_sandboxed(query, noisy)
+    frame.columns = [o.name for o in plan.outputs]
+    return frame
+
+
+def run_sandboxed(query: exp.Expression, noisy: pd.DataFrame | None = None) -> pd.DataFrame:
+    """Run ``query`` where only ``noisy`` (as table ``__noisy``) exists and no file can be read."""
+    con = duckdb.connect(":memory:", config={"enable_external_access": False})
+    try:
+        if noisy is not None:
+            con.register(NOISY, noisy)
+        result = con.execute(query.sql(dialect="duckdb"))
+        return pd.DataFrame(result.fetchall(), columns=[d[0] for d in result.description or ()])
+    except duckdb.Error as exc:
+        # Only released values are involved, so the message is safe to show.
+        raise InvalidParameterError(f"could not compute the outputs from the released values: {exc}") from None
+    finally:
+        con.close()
