@@ -17,7 +17,7 @@ class GroupKey:
     """One GROUP BY key: ``expr`` over source columns, released as column ``name`` of the exact result."""
 
     name: str
-    expr: exp.Expression
+    expr: exp.Expr
     public_values: tuple[Any, ...] | None = None
 
 
@@ -58,7 +58,7 @@ class Output:
     """One released column: its name and the post-processing expression over the noisy frame."""
 
     name: str
-    expr: exp.Expression
+    expr: exp.Expr
     kind: str  # 'key', 'count', 'sum', 'avg', 'var', 'stddev' or 'expr'
     measurements: tuple[str, ...] = ()
 
@@ -68,21 +68,21 @@ class DPPlan:
     """Everything the gateway knows about one query; each pass returns an updated copy."""
 
     sql: str
-    tree: exp.Expression
+    tree: exp.Expr
     epsilon: float
     delta: float
     table: Table | None = None
-    where: exp.Expression | None = None
+    where: exp.Expr | None = None
     group_keys: tuple[GroupKey, ...] = ()
     measurements: tuple[Measurement, ...] = ()
     outputs: tuple[Output, ...] = ()
-    having: exp.Expression | None = None
+    having: exp.Expr | None = None
     order: tuple[exp.Ordered, ...] = ()
     limit: int | None = None
     offset: int | None = None
     passthrough: bool = False  # the query touches only public tables: answered exactly, no cost
     bounded_sql: str = ""
-    bounded: exp.Expression | None = None
+    bounded: exp.Expr | None = None
     settings: tuple[tuple[str, Any], ...] = ()  # per-query backend settings
     notes: tuple[str, ...] = field(default=())
 

@@ -22,7 +22,7 @@ WRITE_STATEMENTS = (exp.Insert, exp.Update, exp.Delete, exp.Create, exp.Drop, ex
 
 # Scalar expression nodes allowed over raw rows (WHERE, GROUP BY keys). Every one is total on the backend
 # (CAST becomes TRY_CAST), so no backend error can reveal a row value.
-ROW_SAFE: tuple[type[exp.Expression], ...] = (
+ROW_SAFE: tuple[type[exp.Expr], ...] = (
     exp.Column,
     exp.Identifier,
     exp.Literal,
@@ -81,7 +81,7 @@ ROW_SAFE: tuple[type[exp.Expression], ...] = (
 )
 
 
-def parse(sql: str) -> exp.Expression:
+def parse(sql: str) -> exp.Expr:
     """Parse one statement; syntax errors become 42601 with line and column."""
     if not isinstance(sql, str) or not sql.strip():
         raise QuerySyntaxError("empty query: send one SELECT statement")
@@ -118,7 +118,7 @@ def query_key(sql: str, *parameters: object) -> str:
     return hashlib.sha256(payload.encode()).hexdigest()
 
 
-def check_row_expression(node: exp.Expression, where: str) -> None:
+def check_row_expression(node: exp.Expr, where: str) -> None:
     """Refuse nodes that are unsafe or unsupported over raw rows (aggregates, subqueries, functions)."""
     for sub in node.walk():
         if isinstance(sub, (exp.Subquery, exp.Select, exp.Exists)):
@@ -137,7 +137,7 @@ def check_row_expression(node: exp.Expression, where: str) -> None:
             )
 
 
-def number(value: float) -> exp.Expression:
+def number(value: float) -> exp.Expr:
     """A numeric literal (negative values as unary minus); integral floats are written as integers."""
     as_float = float(value)
     text = str(int(abs(as_float))) if as_float.is_integer() else repr(abs(as_float))

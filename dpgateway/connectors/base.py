@@ -37,20 +37,20 @@ class SQLHooks:
 
     DIALECT = "duckdb"
 
-    def source(self, table: Table) -> exp.Expression:
+    def source(self, table: Table) -> exp.Expr:
         """The relation to read ``table`` from."""
         return exp.to_table(table.name)
 
-    def typed(self, column: Column) -> exp.Expression:
+    def typed(self, column: Column) -> exp.Expr:
         """The column cast to its declared type; values that do not fit become NULL, never an error."""
-        value: exp.Expression = exp.TryCast(
+        value: exp.Expr = exp.TryCast(
             this=exp.column(column.name, quoted=True), to=exp.DataType.build(SQL_TYPES[column.type])
         )
         if column.type == "float":  # NaN is no number: treat it as missing
             value = exp.Nullif(this=value, expression=exp.cast(exp.Literal.string("NaN"), "DOUBLE"))
         return value
 
-    def row_hash(self, seed: bytes, columns: Sequence[exp.Expression]) -> exp.Expression:
+    def row_hash(self, seed: bytes, columns: Sequence[exp.Expr]) -> exp.Expr:
         """A keyed, deterministic hash of a row's content (orders each unit's rows data-independently)."""
         key = hashlib.sha256(b"dpgateway-row-order" + seed).hexdigest()[:32]
         return exp.func("hash", exp.Literal.string(key), *columns)

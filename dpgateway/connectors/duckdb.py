@@ -19,7 +19,7 @@ class DuckDBHooks(SQLHooks):
 
     DIALECT = "duckdb"
 
-    def source(self, table: Table) -> exp.Expression:
+    def source(self, table: Table) -> exp.Expr:
         path = Path(table.source)
         if path.suffix.lower() in (".parquet", ".pq"):
             return exp.Table(this=exp.Anonymous(this="read_parquet", expressions=[exp.Literal.string(str(path))]))

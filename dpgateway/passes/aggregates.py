@@ -13,7 +13,7 @@ from sqlglot import exp
 
 from dpgateway.errors import GroupingError, PrivacyViolationError, UnsupportedError
 from dpgateway.passes.context import PlanContext
-from dpgateway.plan import DPPlan, GroupKey, Measurement, Output
+from dpgateway.plan import DPPlan, GroupKey, MeasureKind, Measurement, Output
 from dpgateway.policies.model import Column, Table
 from dpgateway.sqlparse import check_row_expression, number
 
@@ -42,14 +42,14 @@ def plan_aggregates(plan: DPPlan, *, ctx: PlanContext) -> DPPlan:
     where = select.args.get("where")
     if where is not None:
         check_row_expression(where.this, "WHERE")
-    registry = _Registry(plan.table)
-    aliases = {e.alias.lower() for e in select.expressions if isinstance(e, exp.Alias)}
-    outputs = tuple(_output(e, plan.group_keys, registry, plan.table) for e in select.expressions)
-    if not plan.group_keys and not registry.measurements:
+    if not plan.group_keys and not any(_is_aggregate(n) for e in select.expressions for n in e.walk()):
         raise PrivacyViolationError(
             "this query would release raw rows; aggregate them (COUNT, SUM, AVG, VARIANCE, STDDEV) "
             "and/or GROUP BY columns"
         )
+    registry = _Registry(plan.table)
+    aliases = {e.alias.lower() for e in select.expressions if isinstance(e, exp.Alias)}
+    outputs = tuple(_output(e, plan.group_keys, registry, plan.table) for e in select.expressions)
     having = select.args.get("having")
     order = select.args.get("order")
     return plan.with_(
@@ -65,6 +65,12 @@ def plan_aggregates(plan: DPPlan, *, ctx: PlanContext) -> DPPlan:
     )
 
 
+def _is_aggregate(node: exp.Expr) -> bool:
+    return isinstance(node, exp.AggFunc) or (
+        isinstance(node, exp.Anonymous) and node.name.upper() in ANONYMOUS_AGGREGATES
+    )
+
+
 @dataclass
 class _Registry:
     """Measurements by identity, so AVG(x) and COUNT(x) share one noisy COUNT(x)."""
@@ -72,7 +78,7 @@ class _Registry:
     table: Table
     measurements: list[Measurement] = field(default_factory=list)
 
-    def get(self, kind: str, column: Column | None, *, center: float = 0.0, squared: bool = False) -> str:
+    def get(self, kind: MeasureKind, column: Column | None, *, center: float = 0.0, squared: bool = False) -> str:
         name = column.name if column else None
         for m in self.measurements:
             if (m.kind, m.column, m.center, m.squared) == (kind, name, center, squared):
@@ -85,12 +91,12 @@ class _Registry:
             bound = bound * bound if squared else bound
         m = Measurement(
             name=f"__m{len(self.measurements)}", kind=kind, column=name, center=center, squared=squared, bound=bound
-        )  # type: ignore[arg-type]
+        )
         self.measurements.append(m)
         return m.name
 
 
-def _output(node: exp.Expression, keys: tuple[GroupKey, ...], registry: _Registry, table: Table) -> Output:
+def _output(node: exp.Expr, keys: tuple[GroupKey, ...], registry: _Registry, table: Table) -> Output:
     if isinstance(node, exp.Star) or (isinstance(node, exp.Column) and isinstance(node.this, exp.Star)):
         raise PrivacyViolationError("SELECT * would release raw rows; select aggregates and GROUP BY columns")
     inner = node.this if isinstance(node, exp.Alias) else node
@@ -105,7 +111,7 @@ def _output(node: exp.Expression, keys: tuple[GroupKey, ...], registry: _Registr
     return Output(name=_output_name(node), expr=expr, kind=kind, measurements=used)
 
 
-def _output_name(node: exp.Expression) -> str:
+def _output_name(node: exp.Expr) -> str:
     """The column name PostgreSQL would give this output."""
     if isinstance(node, exp.Alias):
         return node.alias
@@ -119,7 +125,7 @@ def _output_name(node: exp.Expression) -> str:
     return "?column?"
 
 
-def _kind(agg: exp.Expression) -> str:
+def _kind(agg: exp.Expr) -> str:
     if isinstance(agg, exp.Count):
         return "count"
     if isinstance(agg, exp.Sum):
@@ -143,16 +149,16 @@ def _ordered(
 
 
 def _post(
-    node: exp.Expression,
+    node: exp.Expr,
     keys: tuple[GroupKey, ...],
     registry: _Registry,
     table: Table,
     clause: str,
     aliases: set[str],
-) -> exp.Expression:
+) -> exp.Expr:
     """Rewrite ``node`` over the noisy frame: keys become key columns, aggregates noisy expressions."""
 
-    def visit(n: exp.Expression) -> exp.Expression:
+    def visit(n: exp.Expr) -> exp.Expr:
         for key in keys:
             if n == key.expr:
                 return exp.column(key.name)
@@ -173,7 +179,7 @@ def _post(
     return node.copy().transform(visit)
 
 
-def _aggregate(agg: exp.AggFunc, registry: _Registry, table: Table) -> exp.Expression:
+def _aggregate(agg: exp.AggFunc, registry: _Registry, table: Table) -> exp.Expr:
     """The noisy expression for one SQL aggregate, registering the measurements it needs."""
     arg = agg.this
     for sub in agg.find_all(exp.AggFunc):
@@ -233,15 +239,15 @@ def _column_arg(agg: exp.AggFunc, table: Table, *, need_bounds: bool) -> Column:
     return column
 
 
-def _count(name: str) -> exp.Expression:
+def _count(name: str) -> exp.Expr:
     return exp.Greatest(this=exp.column(name), expressions=[number(0)])
 
 
-def _div(num: exp.Expression, den: exp.Expression) -> exp.Expression:
+def _div(num: exp.Expr, den: exp.Expr) -> exp.Expr:
     return exp.Div(this=num, expression=den)
 
 
-def _clamp(value: exp.Expression, lo: float | None, hi: float | None) -> exp.Expression:
+def _clamp(value: exp.Expr, lo: float | None, hi: float | None) -> exp.Expr:
     if lo is not None:
         value = exp.Greatest(this=value, expressions=[number(lo)])
     if hi is not None:

@@ -78,14 +78,14 @@ def _needed_columns(plan: DPPlan, table: Table) -> list[Column]:
     return [c for c in table.columns if c.name in names]
 
 
-def _aggregate(m: Measurement, table: Table) -> exp.Expression:
+def _aggregate(m: Measurement, table: Table) -> exp.Expr:
     if m.kind == "count":
         return exp.Count(this=exp.column(m.column, quoted=True) if m.column else exp.Star())
     column = table.column(m.column or "")
     assert column is not None and column.bounds is not None
     x = exp.column(column.name, quoted=True)
     lo, hi = column.bounds
-    value: exp.Expression = exp.Least(
+    value: exp.Expr = exp.Least(
         this=exp.Greatest(this=x, expressions=[number(lo)], ignore_nulls=True),
         expressions=[number(hi)],
         ignore_nulls=True,

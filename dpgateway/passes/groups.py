@@ -28,8 +28,8 @@ def plan_groups(plan: DPPlan, *, ctx: PlanContext) -> DPPlan:
     keys = []
     for i, item in enumerate(group.expressions):
         expr = _resolve_item(item, select, plan.table)
-        check_row_expression(expr, "GROUP BY")
         _refuse_identifier(expr, plan.table)
+        check_row_expression(expr, "GROUP BY")
         keys.append(GroupKey(name=f"__g{i}", expr=expr, public_values=_public_domain(expr, plan.table)))
     return plan.with_(group_keys=tuple(keys))
 
@@ -47,7 +47,7 @@ def public_cells(keys: tuple[GroupKey, ...]) -> list[tuple[Any, ...]] | None:
     return list(itertools.product(*domains))  # type: ignore[arg-type]
 
 
-def _resolve_item(item: exp.Expression, select: exp.Select, table: Table) -> exp.Expression:
+def _resolve_item(item: exp.Expr, select: exp.Select, table: Table) -> exp.Expr:
     outputs = select.expressions
     if isinstance(item, exp.Literal) and not item.is_string:
         position = int(item.name)
@@ -61,11 +61,11 @@ def _resolve_item(item: exp.Expression, select: exp.Select, table: Table) -> exp
     return item.copy()
 
 
-def _unalias(node: exp.Expression) -> exp.Expression:
+def _unalias(node: exp.Expr) -> exp.Expr:
     return node.this if isinstance(node, exp.Alias) else node
 
 
-def _refuse_identifier(expr: exp.Expression, table: Table) -> None:
+def _refuse_identifier(expr: exp.Expr, table: Table) -> None:
     unit = table.privacy_unit
     if unit and any(c.name.lower() == unit.lower() for c in expr.find_all(exp.Column)):
         raise PrivacyViolationError(
@@ -74,7 +74,7 @@ def _refuse_identifier(expr: exp.Expression, table: Table) -> None:
         )
 
 
-def _public_domain(expr: exp.Expression, table: Table) -> tuple[Any, ...] | None:
+def _public_domain(expr: exp.Expr, table: Table) -> tuple[Any, ...] | None:
     """A data-independent key domain: declared public values, booleans, or CASE with literal results."""
     if isinstance(expr, exp.Paren):
         return _public_domain(expr.this, table)
@@ -94,13 +94,13 @@ def _public_domain(expr: exp.Expression, table: Table) -> tuple[Any, ...] | None
     return None
 
 
-def _is_literal(node: exp.Expression) -> bool:
+def _is_literal(node: exp.Expr) -> bool:
     return isinstance(node, (exp.Literal, exp.Boolean, exp.Null)) or (
         isinstance(node, exp.Neg) and isinstance(node.this, exp.Literal)
     )
 
 
-def literal_value(node: exp.Expression) -> Any:
+def literal_value(node: exp.Expr) -> Any:
     """The Python value of a literal node."""
     if isinstance(node, exp.Null):
         return None
