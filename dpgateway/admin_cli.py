@@ -211,8 +211,10 @@ def show(kind: ScopeKind | None, config_path: str | None, fmt: str) -> None:
         _print_csv(
             [*headers, "cap overridden"],
             [
-                [r["kind"], r["name"], u.spent_epsilon, u.cap.epsilon, u.remaining_epsilon]
-                + [u.spent_delta, u.cap.delta, u.remaining_delta, r["next_expiry"] or "", r["cap_overridden"]]
+                [
+                    *(r["kind"], r["name"], u.spent_epsilon, u.cap.epsilon, u.remaining_epsilon),
+                    *(u.spent_delta, u.cap.delta, u.remaining_delta, r["next_expiry"] or "", r["cap_overridden"]),
+                ]
                 for r, u in zip(records, usages, strict=True)
             ],
         )
@@ -291,9 +293,7 @@ def _png_chart(path: str, times: Sequence[float], values: Sequence[float], cap: 
             "--png needs matplotlib, which is not installed; run `pip install 'dpgateway[plot]'`"
         ) from None
     fig, ax = pyplot.subplots(figsize=(9, 4))
-    ax.plot(
-        [datetime.fromtimestamp(t, tz=timezone.utc) for t in times], values, where="post", label="epsilon in window"
-    )
+    ax.plot([datetime.fromtimestamp(t, tz=timezone.utc) for t in times], values, label="epsilon in window")
     if cap is not None:
         ax.axhline(cap, color="red", linestyle="--", label="cap")
     ax.set_title(title)
