@@ -198,10 +198,7 @@ def _register_admin_commands() -> None:
     cli.add_command(audit)
 
 
-try:  # TEMP until admin_cli lands
-    _register_admin_commands()
-except ModuleNotFoundError:
-    pass
+_register_admin_commands()
 
 
 def main() -> None:

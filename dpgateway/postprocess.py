@@ -32,7 +32,7 @@ def post_process(plan: DPPlan, noisy: pd.DataFrame) -> pd.DataFrame:
     return frame
 
 
-def run_sandboxed(query: exp.Expression, noisy: pd.DataFrame | None = None) -> pd.DataFrame:
+def run_sandboxed(query: exp.Expr, noisy: pd.DataFrame | None = None) -> pd.DataFrame:
     """Run ``query`` where only ``noisy`` (as table ``__noisy``) exists and no file can be read."""
     con = duckdb.connect(":memory:", config={"enable_external_access": False})
     try:

@@ -15,7 +15,10 @@ from dpgateway.policies.model import Table
 
 
 class DuckDBHooks(SQLHooks):
-    """DuckDB reads files directly; CSV columns arrive as text and are cast by the policy's types."""
+    """DuckDB reads files directly; private CSV columns arrive as text and are cast by the policy's types.
+
+    Reading as text keeps type sniffing (which depends on the data) from ever failing a query.
+    """
 
     DIALECT = "duckdb"
 
@@ -23,11 +26,10 @@ class DuckDBHooks(SQLHooks):
         path = Path(table.source)
         if path.suffix.lower() in (".parquet", ".pq"):
             return exp.Table(this=exp.Anonymous(this="read_parquet", expressions=[exp.Literal.string(str(path))]))
-        options = [
-            exp.Literal.string(str(path)),
-            exp.Kwarg(this=exp.var("all_varchar"), expression=exp.true()),
-            exp.Kwarg(this=exp.var("header"), expression=exp.true()),
-        ]
+        options: list[exp.Expr] = [exp.Literal.string(str(path))]
+        if not table.public:  # private columns arrive as text and are cast by the policy's types
+            options.append(exp.Kwarg(this=exp.var("all_varchar"), expression=exp.true()))
+        options.append(exp.Kwarg(this=exp.var("header"), expression=exp.true()))
         return exp.Table(this=exp.Anonymous(this="read_csv", expressions=options))
 
     def settings(self, k: int) -> tuple[tuple[str, Any], ...]:

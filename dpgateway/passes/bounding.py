@@ -34,7 +34,8 @@ def bound_contributions(plan: DPPlan, *, ctx: PlanContext) -> DPPlan:
     assert table is not None
     hooks = ctx.hooks
     columns = _needed_columns(plan, table)
-    typed = exp.select(*(exp.alias_(hooks.typed(c), c.name, quoted=True) for c in columns)).from_(hooks.source(table))
+    typed_columns = [exp.alias_(hooks.typed(c), c.name, quoted=True) for c in columns] or [exp.true()]
+    typed = exp.select(*typed_columns).from_(hooks.source(table))
     taken = {c.name for c in table.columns}
     rn = find_new_name(taken, "__rn")
     keys = [exp.alias_(k.expr.copy(), k.name, quoted=True) for k in plan.group_keys]
