@@ -16,7 +16,9 @@ from dpgateway.policies.loader import load_config
 
 def test_result_carries_frame_cost_and_remaining(demo_gateway: Gateway) -> None:
     before = demo_gateway.remaining("alice")["analyst"]["epsilon"]
-    res = demo_gateway.query("SELECT sex, COUNT(*) AS n, AVG(income) AS avg_income FROM pums GROUP BY sex", analyst="alice", epsilon=0.8)
+    res = demo_gateway.query(
+        "SELECT sex, COUNT(*) AS n, AVG(income) AS avg_income FROM pums GROUP BY sex", analyst="alice", epsilon=0.8
+    )
     assert isinstance(res.frame, pd.DataFrame)
     assert list(res.frame.columns) == ["sex", "n", "avg_income"]
     assert sorted(res.frame["sex"]) == [0, 1]  # public keys: every declared value, always
@@ -82,7 +84,9 @@ def test_private_groups_hide_rare_keys(tmp_path: Path) -> None:
     )
     with Gateway.from_config(tmp_path / "dpgateway.yaml") as gw:
         for i in range(10):
-            res = gw.query(f"SELECT city, COUNT(*) AS n FROM t WHERE x >= -{i} GROUP BY city", analyst="eve", epsilon=1.0)
+            res = gw.query(
+                f"SELECT city, COUNT(*) AS n FROM t WHERE x >= -{i} GROUP BY city", analyst="eve", epsilon=1.0
+            )
             assert list(res.frame["city"]) == ["big"]  # rare: count 1, threshold ~ 20: P(release) < 1e-6
             assert res.delta > 0
 
@@ -152,7 +156,9 @@ def test_public_key_listing_reads_no_data(demo_config_path: Path) -> None:
 
 
 def test_empty_filter_still_answers(demo_gateway: Gateway) -> None:
-    res = demo_gateway.query("SELECT COUNT(*) AS n, SUM(income) AS s, AVG(age) AS a FROM pums WHERE age > 1000", analyst="m")
+    res = demo_gateway.query(
+        "SELECT COUNT(*) AS n, SUM(income) AS s, AVG(age) AS a FROM pums WHERE age > 1000", analyst="m"
+    )
     n, s, a = res.rows[0]
     assert abs(n) < 100 and 0 <= a <= 100 and s >= 0
 
@@ -163,7 +169,7 @@ def test_config_mismatch_is_a_config_error(tmp_path: Path) -> None:
         "tables:\n  t:\n    source: t.csv\n    privacy_unit: pid\n    columns:\n"
         "      pid: {type: int}\n      salary: {type: float, bounds: [0, 1]}\nledger: sqlite:///l.db\n"
     )
-    with pytest.raises(DPGatewayError, match="salary not found in t.csv") as info:
+    with pytest.raises(DPGatewayError, match=r"salary not found in t\.csv") as info:
         Gateway.from_config(tmp_path / "dpgateway.yaml")
     assert info.value.sqlstate == "F0000"
 

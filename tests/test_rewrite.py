@@ -1,0 +1,120 @@
+"""Golden rewrites: analyst SQL -> bounded SQL, compared as text and executed for meaning.
+
+Each case in tests/fixtures/rewrite/*.sql is a comment line ``-- name``, the analyst SQL, and the
+expected bounded SQL (each ending with ``;``). The bounded SQL is also run on DuckDB and compared with
+an independent pandas computation (the policy keeps 4 rows per person, the most anyone has, so
+bounding keeps every row and only clamping and fixed-point rounding apply).
+Regenerate after an intended change with ``DPGATEWAY_UPDATE_GOLDEN=1 pytest tests/test_rewrite.py``.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from importlib import resources
+from pathlib import Path
+
+import duckdb
+import pandas as pd
+import pytest
+import yaml
+
+from dpgateway.connectors.duckdb import DuckDBHooks
+from dpgateway.passes.context import PlanContext
+from dpgateway.planner import build_plan
+from dpgateway.policies.loader import parse_config
+
+FIXTURES = Path(__file__).parent / "fixtures" / "rewrite"
+POLICY = """
+tables:
+  pums:
+    source: pums.csv
+    privacy_unit: pid
+    max_rows_per_unit: 4
+    columns:
+      pid: {type: int}
+      age: {type: int, bounds: [18, 90]}
+      income: {type: float, bounds: [0, 200000]}
+      sex: {type: int, public_values: [0, 1]}
+      educ: {type: int}
+"""
+
+
+def _plan(sql: str):
+    config = parse_config(yaml.safe_load(POLICY), base_dir=Path("."))
+    ctx = PlanContext(config=config, hooks=DuckDBHooks(), seed=b"golden-seed")
+    return build_plan(sql, epsilon=1.0, delta=1e-6, ctx=ctx)
+
+
+def _cases() -> list[tuple[str, str, str, Path]]:
+    cases = []
+    for path in sorted(FIXTURES.glob("*.sql")):
+        blocks = [b.strip() for b in path.read_text().split(";") if b.strip()]
+        for analyst, bounded in zip(blocks[::2], blocks[1::2], strict=True):
+            name, _, sql = analyst.partition("\n")
+            cases.append((name.removeprefix("--").strip(), sql.strip(), bounded, path))
+    return cases
+
+
+def _update_golden() -> None:
+    for path in sorted(FIXTURES.glob("*.sql")):
+        cases = [c for c in _cases() if c[3] == path]
+        path.write_text("".join(f"-- {name}\n{sql};\n{_plan(sql).bounded_sql};\n" for name, sql, _, _ in cases))
+
+
+CASES = _cases()
+
+
+if os.environ.get("DPGATEWAY_UPDATE_GOLDEN"):
+    _update_golden()
+    CASES = _cases()
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("rewrite")
+    (folder / "pums.csv").write_bytes((resources.files("dpgateway") / "data" / "pums.csv").read_bytes())
+    return folder
+
+
+@pytest.mark.parametrize(("name", "sql", "expected", "path"), CASES, ids=[c[0] for c in CASES])
+def test_rewrite_text(name: str, sql: str, expected: str, path: Path) -> None:
+    assert _plan(sql).bounded_sql == expected
+
+
+@pytest.mark.parametrize(("name", "sql", "expected", "path"), CASES, ids=[c[0] for c in CASES])
+def test_rewrite_meaning(
+    name: str, sql: str, expected: str, path: Path, workdir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    plan = _plan(sql)
+    monkeypatch.chdir(workdir)
+    result = duckdb.sql(expected)
+    got = pd.DataFrame(result.fetchall(), columns=[d[0] for d in result.description])
+    raw = pd.read_csv(workdir / "pums.csv")
+    if plan.where is not None:
+        mask = duckdb.sql(f"SELECT {plan.where.sql('duckdb')} AS keep FROM raw").df()["keep"].fillna(False)
+        raw = raw[mask.to_numpy(dtype=bool)]
+    keys = [k.name for k in plan.group_keys]
+    for key in plan.group_keys:
+        raw[key.name] = duckdb.sql(f"SELECT {key.expr.sql('duckdb')} AS k FROM raw").df()["k"].to_numpy()
+    for m in plan.measurements:
+        if m.kind == "count":
+            raw[m.name] = 1 if m.column is None else raw[m.column].notna().astype(int)
+            continue
+        column = next(c for c in _plan_config_columns() if c["name"] == m.column)
+        lo, hi = column["bounds"]
+        value = raw[m.column].clip(lo, hi) - m.center
+        raw[m.name] = ((value**2 if m.squared else value) * m.scale).map(
+            lambda v: math.floor(abs(v) + 0.5) * (1 if v >= 0 else -1)
+        )
+    names = [m.name for m in plan.measurements]
+    reference = raw.groupby(keys)[names].sum().reset_index() if keys else raw[names].sum().to_frame().T
+    got = got.sort_values(keys).reset_index(drop=True) if keys else got
+    reference = reference.sort_values(keys).reset_index(drop=True) if keys else reference
+    assert got[keys].astype(str).equals(reference[keys].astype(str))
+    assert got[names].astype("int64").equals(reference[names].astype("int64"))
+
+
+def _plan_config_columns() -> list[dict]:
+    spec = yaml.safe_load(POLICY)["tables"]["pums"]["columns"]
+    return [{"name": n, **s} for n, s in spec.items()]
