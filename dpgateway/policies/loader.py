@@ -156,8 +156,22 @@ def _column(where: str, name: str, spec: Any) -> Column:
     if values is not None:
         if not isinstance(values, list) or not values or len(set(map(repr, values))) != len(values):
             raise ConfigError(f"{where}.public_values: must be a non-empty list of distinct values")
-        values = tuple(values)
+        values = tuple(_coerce(v, ctype, f"{where}.public_values") for v in values)
     return Column(name=name, type=ctype, bounds=bounds, public_values=values)
+
+
+def _coerce(value: Any, ctype: str, where: str) -> Any:
+    """A public value as the column's type, so it matches what the backend returns."""
+    converters: dict[str, Any] = {"int": int, "float": float, "str": str, "bool": bool}
+    if ctype not in converters or value is None:
+        return value
+    try:
+        converted = converters[ctype](value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{where}: {value!r} is not a valid {ctype}") from None
+    if ctype == "int" and converted != value:
+        raise ConfigError(f"{where}: {value!r} is not a valid int")
+    return converted
 
 
 def _budget(raw: Any) -> Budget:
