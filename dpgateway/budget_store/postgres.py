@@ -9,6 +9,7 @@ its insert are atomic against every other reservation sharing a scope (proof not
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 from collections.abc import Sequence
 
 import sqlalchemy as sa
@@ -30,7 +31,12 @@ class PostgresBudgetStore(SQLBudgetStore):
     DIALECT = "postgresql"
 
     def _create_engine(self, url: str) -> Engine:
-        return sa.create_engine(url, pool_pre_ping=True, pool_size=2, max_overflow=4)
+        parsed = sa.make_url(url)
+        if parsed.drivername == "postgresql":
+            # SQLAlchemy 2.1 defaults to psycopg 3; dpgateway depends on psycopg2 and takes whichever is installed.
+            has_psycopg2 = importlib.util.find_spec("psycopg2") is not None
+            parsed = parsed.set(drivername="postgresql+psycopg2" if has_psycopg2 else "postgresql+psycopg")
+        return sa.create_engine(parsed, pool_pre_ping=True, pool_size=2, max_overflow=4)
 
     def _lock(self, conn: Connection, keys: Sequence[str]) -> None:
         for key in sorted({lock_key(k) for k in keys}):
