@@ -42,6 +42,8 @@ def plan_aggregates(plan: DPPlan, *, ctx: PlanContext) -> DPPlan:
     where = select.args.get("where")
     if where is not None:
         check_row_expression(where.this, "WHERE")
+    if any(_is_star(e) for e in select.expressions):
+        raise PrivacyViolationError("SELECT * would release raw rows; select aggregates and GROUP BY columns")
     if not plan.group_keys and not any(_is_aggregate(n) for e in select.expressions for n in e.walk()):
         raise PrivacyViolationError(
             "this query would release raw rows; aggregate them (COUNT, SUM, AVG, VARIANCE, STDDEV) "
@@ -96,9 +98,11 @@ class _Registry:
         return m.name
 
 
+def _is_star(node: exp.Expr) -> bool:
+    return isinstance(node, exp.Star) or (isinstance(node, exp.Column) and isinstance(node.this, exp.Star))
+
+
 def _output(node: exp.Expr, keys: tuple[GroupKey, ...], registry: _Registry, table: Table) -> Output:
-    if isinstance(node, exp.Star) or (isinstance(node, exp.Column) and isinstance(node.this, exp.Star)):
-        raise PrivacyViolationError("SELECT * would release raw rows; select aggregates and GROUP BY columns")
     inner = node.this if isinstance(node, exp.Alias) else node
     expr = _post(inner, keys, registry, table, "SELECT", set())
     kind = "expr"
