@@ -6,9 +6,10 @@ import dataclasses
 import shutil
 import sys
 import tempfile
+from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import click
 from rich.panel import Panel
@@ -24,6 +25,8 @@ from dpgateway.cli_common import (
 )
 from dpgateway.gateway import Explanation, Gateway, Result
 from dpgateway.policies.loader import load_config
+
+F = TypeVar("F", bound=Callable[..., Any])
 
 DEMO_QUERIES: tuple[tuple[str, str], ...] = (
     ("How many people are in the sample?", "SELECT COUNT(*) AS people_rows FROM pums"),
@@ -67,14 +70,16 @@ def cli() -> None:
     """
 
 
+def _sql_command(func: F) -> F:
+    """The arguments and options shared by ``query`` and ``explain``."""
+    func = reports_errors(func)
+    for decorate in (format_option, delta_option, epsilon_option, analyst_option, config_option, click.argument("sql")):
+        func = decorate(func)
+    return func
+
+
 @cli.command()
-@click.argument("sql")
-@config_option
-@analyst_option
-@epsilon_option
-@delta_option
-@format_option
-@reports_errors
+@_sql_command
 def query(
     sql: str, config_path: str | None, analyst: str | None, epsilon: float | None, delta: float | None, fmt: str
 ) -> None:
@@ -90,13 +95,7 @@ def query(
 
 
 @cli.command()
-@click.argument("sql")
-@config_option
-@analyst_option
-@epsilon_option
-@delta_option
-@format_option
-@reports_errors
+@_sql_command
 def explain(
     sql: str, config_path: str | None, analyst: str | None, epsilon: float | None, delta: float | None, fmt: str
 ) -> None:
