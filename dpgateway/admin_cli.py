@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import functools
 import getpass
+import io
 import json
 import math
 import os
@@ -154,9 +155,11 @@ def _print_table(title: str, headers: Sequence[str], rows: Sequence[Sequence[Any
 
 
 def _print_csv(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
-    writer = csv.writer(click.get_text_stream("stdout"), lineterminator="\n")
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(headers)
     writer.writerows(rows)
+    click.echo(buffer.getvalue(), nl=False)
 
 
 # ---- budget ------------------------------------------------------------------------------------
@@ -293,7 +296,8 @@ def _png_chart(path: str, times: Sequence[float], values: Sequence[float], cap: 
             "--png needs matplotlib, which is not installed; run `pip install 'dpgateway[plot]'`"
         ) from None
     fig, ax = pyplot.subplots(figsize=(9, 4))
-    ax.plot([datetime.fromtimestamp(t, tz=timezone.utc) for t in times], values, label="epsilon in window")
+    moments = [datetime.fromtimestamp(t, tz=timezone.utc) for t in times]
+    ax.plot(moments, values, label="epsilon in window")  # type: ignore[arg-type]  # matplotlib takes datetimes
     if cap is not None:
         ax.axhline(cap, color="red", linestyle="--", label="cap")
     ax.set_title(title)
@@ -459,7 +463,19 @@ def audit(
     elif not rows:
         click.echo("No audit records match.")
     else:
-        shown = [[*row[:3], f"{row[3]:.6g}", f"{row[4]:.3g}", row[5], row[6][:12], row[7]] for row in rows]
+        shown = [
+            [
+                _iso(r.at),
+                r.analyst,
+                r.outcome,
+                f"{r.epsilon:.6g}",
+                f"{r.delta:.3g}",
+                r.sql,
+                r.rewritten_sha256[:12],
+                r.message,
+            ]
+            for r in records
+        ]
         _print_table("Audit log (newest first)", headers, shown)
 
 
