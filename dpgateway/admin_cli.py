@@ -8,15 +8,9 @@ and exit with status 1.
 
 from __future__ import annotations
 
-import csv
-import functools
-import getpass
-import io
 import json
 import math
-import os
 import re
-import sys
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import datetime, timezone
@@ -30,13 +24,14 @@ from rich.table import Table
 from dpgateway.budget_store import open_store
 from dpgateway.budget_store.base import Charge, ScopeKind, Usage, scope_name, split_scope
 from dpgateway.budget_store.sql import SQLBudgetStore
-from dpgateway.errors import AuthenticationError, DPGatewayError, InvalidParameterError, UnsupportedError
-from dpgateway.policies.loader import CONFIG_ENV, find_config, load_config
+from dpgateway.cli_common import config_option, format_option, print_csv, reports_errors
+from dpgateway.errors import AuthenticationError, InvalidParameterError, UnsupportedError
+from dpgateway.gateway import ANALYST_ENV, resolve_analyst
+from dpgateway.policies.loader import find_config, load_config
 from dpgateway.policies.model import Config
 
 F = TypeVar("F", bound=Callable[..., Any])
 
-ANALYST_ENV = "DPGATEWAY_ANALYST"
 OUTCOMES = ("released", "replayed", "refused", "error", "abandoned", "admin")
 DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*$")
 SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
@@ -45,29 +40,10 @@ SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 # ---- shared options and plumbing ---------------------------------------------------------------
 
 
-def _config_option(func: F) -> F:
-    return click.option(
-        "--config",
-        "config_path",
-        type=click.Path(dir_okay=False),
-        default=None,
-        help=f"Config file (default: ${CONFIG_ENV}, else ./dpgateway.yaml).",
-    )(func)
-
-
-def _format_option(*choices: str) -> Callable[[F], F]:
-    def decorate(func: F) -> F:
-        return click.option(
-            "--format", "fmt", type=click.Choice(choices), default="table", show_default=True, help="Output format."
-        )(func)
-
-    return decorate
-
-
 def _admin_option(func: F) -> F:
     return click.option(
         "--analyst",
-        default=lambda: os.environ.get(ANALYST_ENV) or getpass.getuser(),
+        default=lambda: resolve_analyst(None),
         show_default=f"${ANALYST_ENV} or the OS user",
         help="Who is acting; must be listed under `admins:` in the config.",
     )(func)
@@ -76,23 +52,6 @@ def _admin_option(func: F) -> F:
 def _scope_arguments(func: F) -> F:
     func = click.argument("name")(func)
     return click.argument("kind", type=click.Choice(["analyst", "domain"]))(func)
-
-
-def _reports_errors(func: F) -> F:
-    """Print DPGatewayError as ``ERROR <SQLSTATE>: message`` (or JSON) and exit 1, never a traceback."""
-
-    @functools.wraps(func)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return func(*args, **kwargs)
-        except DPGatewayError as exc:
-            if kwargs.get("fmt") == "json":
-                click.echo(json.dumps({"error": {"sqlstate": exc.sqlstate, "message": exc.message}}))
-            else:
-                click.echo(f"ERROR {exc.sqlstate}: {exc.message}", err=True)
-            sys.exit(1)
-
-    return wrapper  # type: ignore[return-value]
 
 
 @contextmanager
@@ -154,14 +113,6 @@ def _print_table(title: str, headers: Sequence[str], rows: Sequence[Sequence[Any
     Console(width=max(120, Console().width)).print(table)
 
 
-def _print_csv(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(headers)
-    writer.writerows(rows)
-    click.echo(buffer.getvalue(), nl=False)
-
-
 # ---- budget ------------------------------------------------------------------------------------
 
 
@@ -186,9 +137,9 @@ def _usage_record(usage: Usage, config: Config, overridden: bool) -> dict[str, A
 
 @budget.command("show")
 @click.option("--kind", type=click.Choice(["analyst", "domain"]), default=None, help="Only analysts or domains.")
-@_config_option
-@_format_option("table", "json", "csv")
-@_reports_errors
+@config_option
+@format_option("table", "json", "csv")
+@reports_errors
 def show(kind: ScopeKind | None, config_path: str | None, fmt: str) -> None:
     """Spent, remaining and cap of every analyst and subject domain in the rolling window."""
     config = load_config(config_path)
@@ -211,7 +162,7 @@ def show(kind: ScopeKind | None, config_path: str | None, fmt: str) -> None:
         "next expiry",
     ]
     if fmt == "csv":
-        _print_csv(
+        print_csv(
             [*headers, "cap overridden"],
             [
                 [
@@ -313,9 +264,9 @@ def _png_chart(path: str, times: Sequence[float], values: Sequence[float], cap: 
 @click.argument("name", required=False)
 @click.option("--since", default=None, help="Only charges from then on: 7d, 12h, or an ISO date (UTC).")
 @click.option("--png", "png_path", type=click.Path(dir_okay=False), default=None, help="Also write a PNG chart.")
-@_config_option
-@_format_option("table", "json", "csv")
-@_reports_errors
+@config_option
+@format_option("table", "json", "csv")
+@reports_errors
 def history(
     kind: ScopeKind | None, name: str | None, since: str | None, png_path: str | None, config_path: str | None, fmt: str
 ) -> None:
@@ -342,7 +293,7 @@ def history(
         ]
         click.echo(json.dumps({"scope": scope, "charges": records}, indent=2))
     elif fmt == "csv":
-        _print_csv(headers, rows)
+        print_csv(headers, rows)
     elif not rows:
         click.echo("No charges" + (f" for {scope}" if scope else "") + " in the ledger.")
     else:
@@ -364,9 +315,9 @@ def _cap_changed(fmt: str, scope: str, epsilon: float, delta: float, verb: str) 
 @click.option("--epsilon", type=float, default=0.0, help="Epsilon to add to the cap.")
 @click.option("--delta", type=float, default=0.0, help="Delta to add to the cap.")
 @_admin_option
-@_config_option
-@_format_option("table", "json")
-@_reports_errors
+@config_option
+@format_option("table", "json")
+@reports_errors
 def grant(
     kind: ScopeKind, name: str, epsilon: float, delta: float, analyst: str, config_path: str | None, fmt: str
 ) -> None:
@@ -385,9 +336,9 @@ def grant(
 @click.option("--epsilon", type=float, default=None, help="New epsilon cap.")
 @click.option("--delta", type=float, default=None, help="New delta cap.")
 @_admin_option
-@_config_option
-@_format_option("table", "json")
-@_reports_errors
+@config_option
+@format_option("table", "json")
+@reports_errors
 def set_cap(
     kind: ScopeKind,
     name: str,
@@ -411,9 +362,9 @@ def set_cap(
 @_scope_arguments
 @click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
 @_admin_option
-@_config_option
-@_format_option("table", "json")
-@_reports_errors
+@config_option
+@format_option("table", "json")
+@reports_errors
 def reset(kind: ScopeKind, name: str, yes: bool, analyst: str, config_path: str | None, fmt: str) -> None:
     """Forget every charge of an analyst or subject domain, freeing its whole cap (admins only)."""
     scope = scope_name(kind, name)
@@ -437,9 +388,9 @@ def reset(kind: ScopeKind, name: str, yes: bool, analyst: str, config_path: str 
 @click.option("--since", default=None, help="Only from then on: 7d, 12h, or an ISO date (UTC).")
 @click.option("--outcome", type=click.Choice(OUTCOMES), default=None, help="Only this outcome.")
 @click.option("--limit", type=click.IntRange(min=1), default=50, show_default=True, help="At most this many.")
-@_config_option
-@_format_option("table", "json", "csv")
-@_reports_errors
+@config_option
+@format_option("table", "json", "csv")
+@reports_errors
 def audit(
     analyst: str | None, since: str | None, outcome: str | None, limit: int, config_path: str | None, fmt: str
 ) -> None:
@@ -459,7 +410,7 @@ def audit(
         keys = ["at", "analyst", "outcome", "epsilon", "delta", "sql", "rewritten_sha256", "message"]
         click.echo(json.dumps([dict(zip(keys, row, strict=True)) for row in rows], indent=2))
     elif fmt == "csv":
-        _print_csv(headers, rows)
+        print_csv(headers, rows)
     elif not rows:
         click.echo("No audit records match.")
     else:

@@ -73,7 +73,14 @@ def cli() -> None:
 def _sql_command(func: F) -> F:
     """The arguments and options shared by ``query`` and ``explain``."""
     func = reports_errors(func)
-    for decorate in (format_option, delta_option, epsilon_option, analyst_option, config_option, click.argument("sql")):
+    for decorate in (
+        format_option(),
+        delta_option,
+        epsilon_option,
+        analyst_option,
+        config_option,
+        click.argument("sql"),
+    ):
         func = decorate(func)
     return func
 
@@ -114,7 +121,7 @@ def explain(
     default=None,
     help="Instead of running, copy the sample data and its dpgateway.yaml into this folder.",
 )
-@format_option
+@format_option()
 @reports_errors
 def demo(epsilon: float, init_dir: str | None, fmt: str) -> None:
     """Run example queries on the bundled PUMS sample (1,000 people, 1-4 rows each).

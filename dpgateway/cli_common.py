@@ -29,9 +29,18 @@ config_option = click.option(
 analyst_option = click.option(
     "--analyst", default=None, help="Who is asking (default: $DPGATEWAY_ANALYST, else the OS user)."
 )
-format_option = click.option(
-    "--format", "fmt", type=click.Choice(FORMATS), default="table", show_default=True, help="Output format."
-)
+
+
+def format_option(*choices: str) -> Callable[[F], F]:
+    """``--format`` with the given choices (default: table, json and csv)."""
+    return click.option(
+        "--format",
+        "fmt",
+        type=click.Choice(choices or FORMATS),
+        default="table",
+        show_default=True,
+        help="Output format.",
+    )
 
 
 def console() -> Console:
@@ -72,11 +81,7 @@ def render_rows(
     if fmt == "json":
         click.echo(json.dumps(extra if extra is not None else {"columns": list(columns), "rows": rows}, default=str))
     elif fmt == "csv":
-        buffer = io.StringIO()
-        writer = csv.writer(buffer, lineterminator="\n")
-        writer.writerow(columns)
-        writer.writerows(rows)
-        click.echo(buffer.getvalue(), nl=False)
+        print_csv(columns, rows)
     else:
         table = Table(title=title, title_justify="left")
         for name in columns:
@@ -84,6 +89,15 @@ def render_rows(
         for row in rows:
             table.add_row(*(format_value(v) for v in row))
         console().print(table)
+
+
+def print_csv(columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
+    """Print a header line and rows as CSV."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(columns)
+    writer.writerows(rows)
+    click.echo(buffer.getvalue(), nl=False)
 
 
 def format_value(value: Any) -> str:

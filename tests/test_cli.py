@@ -12,10 +12,10 @@ from dpgateway.cli import cli
 
 
 @pytest.fixture
-def run(demo_config_path: Path):  # noqa: ANN201 - a helper returning click results
+def run(demo_config_path: Path):
     runner = CliRunner()
 
-    def invoke(*args: str, stdin: str | None = None):  # noqa: ANN202
+    def invoke(*args: str, stdin: str | None = None):
         return runner.invoke(cli, [*args], input=stdin, catch_exceptions=False)
 
     return invoke

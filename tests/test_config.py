@@ -102,7 +102,7 @@ def test_paths_resolve_relative_to_the_config(tmp_path: Path) -> None:
 def test_missing_and_unreadable_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("DPGATEWAY_CONFIG", raising=False)
-    with pytest.raises(ConfigError, match="dpgateway.yaml' not found; pass --config PATH"):
+    with pytest.raises(ConfigError, match=r"dpgateway\.yaml' not found; pass --config PATH"):
         load_config()
     (tmp_path / "bad.yaml").write_text("tables: [unclosed")
     with pytest.raises(ConfigError, match="Cannot read config"):
