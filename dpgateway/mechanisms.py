@@ -61,13 +61,16 @@ def laplace_scale(sensitivity: int, epsilon: float) -> tuple[float, float]:
 
 @lru_cache(maxsize=1024)
 def partition_threshold(scale: float, k: int, delta: float) -> tuple[int, float, float]:
-    """Smallest integer threshold so that partition selection costs at most ``delta``.
+    """Smallest integer release threshold so that partition selection costs at most ``delta``.
 
     A privacy unit changes at most ``k`` partitions (l0), each by at most ``k`` rows (linf), ``k`` in
-    total (l1). Returns (threshold, epsilon, delta) read from OpenDP's privacy map.
-    Proof note: a partition present only with the unit has count <= k, so it passes the threshold only
-    when the noise exceeds ``threshold - k``; the map bounds that probability over the ``k`` partitions
-    by ``delta``. Test: tests/test_mechanisms.py::test_threshold_cost_and_suppression.
+    total (l1). Returns (threshold, epsilon, delta), epsilon and delta read from OpenDP's privacy map.
+    Proof note: a partition present only with the unit has count <= k, so it is released (noisy count
+    >= threshold) only when the noise reaches ``threshold - k``. OpenDP 0.16's map for threshold ``t``
+    bounds P(noise > t - k) while its function keeps counts >= t (opendp/opendp#2922: the charged delta
+    misses the mass at exactly ``t``), so we release with ``t + 1`` and charge the map of ``t``: then the
+    map bounds exactly the release probability, over the ``k`` partitions, by ``delta``.
+    Tests: tests/test_mechanisms.py::test_threshold_cost_and_suppression and ::test_threshold_cost_and_minimality.
     """
     if not 0 < delta < 1:
         raise InvalidParameterError(
@@ -86,7 +89,7 @@ def partition_threshold(scale: float, k: int, delta: float) -> tuple[int, float,
         else:
             lo = mid + 1
     eps, cost = _threshold_laplace(scale, hi).map(d_in)
-    return hi, float(eps), float(cost)
+    return hi + 1, float(eps), float(cost)  # release at hi + 1: see the proof note (opendp/opendp#2922)
 
 
 def noisy_vector(values: Sequence[int], scale: float) -> list[int]:
