@@ -113,6 +113,22 @@ def explain(
 
 
 @cli.command()
+@click.argument("table")
+@config_option
+@reports_errors
+def prepare(table: str, config_path: str | None) -> None:
+    """Materialize a bounded copy of TABLE that later unfiltered queries read (spends nothing).
+
+    Each person's rows are chosen by the same keyed hash as on-the-fly bounding and stored clustered by
+    person as Parquet in the config's cache_dir; the copy is ignored once the source file or the policy
+    changes (run prepare again).
+    """
+    with Gateway.from_config(config_path) as gw:
+        copy = gw.prepare(table)
+    click.echo(f"prepared {copy.table}: {copy.path} (at most {copy.k} row(s) per unit)")
+
+
+@cli.command()
 @click.option("--epsilon", type=float, default=0.5, show_default=True, help="Budget per demo query.")
 @click.option(
     "--init",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import getpass
 import hashlib
 import math
@@ -12,6 +13,7 @@ from typing import Any
 import pandas as pd
 from sqlglot import exp
 
+from dpgateway import prepare
 from dpgateway.budget_store.base import BudgetStore, Spend
 from dpgateway.connectors.base import Connector, ExactAggregates
 from dpgateway.connectors.duckdb import DuckDBConnector
@@ -19,18 +21,25 @@ from dpgateway.errors import (
     DPGatewayError,
     InternalError,
     InvalidParameterError,
+    UnknownTableError,
 )
 from dpgateway.mechanisms import laplace_half_width
 from dpgateway.noise import add_noise
-from dpgateway.passes.context import PlanContext
+from dpgateway.passes.bounding import prepared_copy_sql
+from dpgateway.passes.context import PlanContext, PreparedCopy
 from dpgateway.plan import DPPlan
-from dpgateway.planner import build_plan
+from dpgateway.planner import PlanCache
 from dpgateway.policies.loader import load_config
 from dpgateway.policies.model import Config
 from dpgateway.postprocess import post_process, run_sandboxed
 from dpgateway.sqlparse import query_key
 
 ANALYST_ENV = "DPGATEWAY_ANALYST"
+REWRITE_NOTES = {
+    "rows": "bounding: each unit's rows ranked by a keyed hash, the first k kept",
+    "unit_count": "bounding: per-unit pre-aggregation, SUM(LEAST(rows per unit, k)) (exactly the row-bounded count)",
+    "prepared": "bounding: reads the prepared bounded copy (`dpgateway prepare`)",
+}
 
 
 @dataclass(frozen=True)
@@ -115,6 +124,7 @@ class Gateway:
             for table in config.tables:
                 self.connector.check_table(table)
         self._ctx = PlanContext(config=config, hooks=self.connector.hooks, seed=self.store.secret_seed())
+        self._plans = PlanCache()
 
     @classmethod
     def from_config(cls, path: str | os.PathLike[str] | None = None, **kwargs: Any) -> Gateway:
@@ -161,6 +171,31 @@ class Gateway:
         self.store.commit(reservation, epsilon=spend.epsilon, delta=spend.delta, answer=answer)
         return Result(frame, spend.epsilon, spend.delta, self.store.remaining(who, spend.domains).as_dict())
 
+    def prepare(self, table: str) -> PreparedCopy:
+        """Materialize a bounded copy of ``table`` that later unfiltered queries read (see dpgateway/prepare.py).
+
+        Spends nothing and releases nothing; the copy is used only while its source and policy are unchanged.
+        """
+        policy = self.config.table(table)
+        if policy is None:
+            raise UnknownTableError(f'relation "{table}" does not exist in the policy')
+        if policy.public or not policy.privacy_unit:
+            raise InvalidParameterError(
+                f"table {policy.name} has no privacy_unit: there is nothing to bound, so nothing to prepare"
+            )
+        state = prepare.source_state(policy)
+        if state is None:
+            raise InvalidParameterError(f"table {policy.name}: only file sources (CSV, Parquet) can be prepared")
+        digest = prepare.policy_digest(policy, self._ctx.seed)
+        folder = self.config.cache_folder
+        folder.mkdir(parents=True, exist_ok=True)
+        target = folder / f"{policy.name}-{digest[:16]}.parquet"
+        partial = target.with_suffix(".parquet.tmp")
+        rows = self.connector.materialize(prepared_copy_sql(policy, self._ctx), str(partial))
+        os.replace(partial, target)
+        prepare.write_manifest(folder, policy, file=target, source=state, policy=digest, rows=rows)
+        return PreparedCopy(table=policy.name, path=str(target), k=policy.max_rows_per_unit)
+
     def remaining(self, analyst: str | None = None) -> dict[str, Any]:
         """Budget left for the analyst and every subject domain of the policy."""
         domains = sorted({t.subject_domain for t in self.config.tables if not t.public})
@@ -188,9 +223,16 @@ class Gateway:
             raise InvalidParameterError(f"delta must be a number in [0, 1), not {delta!r}")
         return float(eps), float(dlt)
 
+    def _context(self) -> PlanContext:
+        """The planning context, with the prepared copies that are valid right now."""
+        copies = prepare.valid_copies(self.config, self._ctx.seed)
+        if copies != self._ctx.prepared:
+            self._ctx = dataclasses.replace(self._ctx, prepared=copies)
+        return self._ctx
+
     def _plan(self, sql: str, epsilon: float, delta: float) -> DPPlan:
         try:
-            return build_plan(sql, epsilon=epsilon, delta=delta, ctx=self._ctx)
+            return self._plans.build(sql, epsilon=epsilon, delta=delta, ctx=self._context())
         except DPGatewayError:
             raise
         except RecursionError:
@@ -287,6 +329,7 @@ def _explain(plan: DPPlan) -> Explanation:
     )
     accuracy = {o.name: _accuracy(plan, o.kind, o.measurements) for o in plan.outputs}
     notes = [f"each privacy unit contributes at most {k} row(s); values are clamped to the declared bounds"]
+    notes.append(REWRITE_NOTES.get(plan.rewrite, plan.rewrite))
     if plan.selects_partitions:
         notes.append("group keys are private: only groups whose noisy count passes the threshold are released")
     return Explanation(

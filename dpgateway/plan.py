@@ -84,6 +84,8 @@ class DPPlan:
     bounded_sql: str = ""
     bounded: exp.Expr | None = None
     settings: tuple[tuple[str, Any], ...] = ()  # per-query backend settings
+    prepared: str | None = None  # path of a valid prepared (pre-bounded) copy to read instead of the source
+    rewrite: str = ""  # which bounding rewrite produced bounded_sql: 'rows', 'unit_count' or 'prepared'
     notes: tuple[str, ...] = field(default=())
 
     @property

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Hashable
 
 from dpgateway.passes.aggregates import plan_aggregates
 from dpgateway.passes.bounding import bound_contributions
 from dpgateway.passes.budget import split_budget
 from dpgateway.passes.context import PlanContext
 from dpgateway.passes.groups import plan_groups
+from dpgateway.passes.prepared import use_prepared_copy
 from dpgateway.passes.resolve import resolve_table
 from dpgateway.plan import DPPlan
 from dpgateway.sqlparse import parse
@@ -20,7 +23,8 @@ PASSES: tuple[Pass, ...] = (
     plan_groups,  # GROUP BY -> keys, public or private domains
     plan_aggregates,  # aggregates -> measurements; SELECT/HAVING/ORDER BY -> post-processing
     split_budget,  # epsilon/delta per measurement, noise scales, partition threshold
-    bound_contributions,  # bounded SQL for the backend
+    use_prepared_copy,  # unfiltered queries read a valid prepared (pre-bounded) copy if there is one
+    bound_contributions,  # bounded SQL for the backend: cheapest correct rewrite for the shape
 )
 
 
@@ -32,3 +36,33 @@ def build_plan(sql: str, *, epsilon: float, delta: float, ctx: PlanContext) -> D
         if plan.passthrough:
             break
     return plan
+
+
+class PlanCache:
+    """A small LRU of built plans.
+
+    The key is the context's fingerprint (policy, secret seed, backend hooks and the state of the
+    sources and prepared copies, see :attr:`PlanContext.fingerprint`), the exact SQL text, epsilon and
+    delta: any policy, config or source change gives new keys, so a stale plan is never reused. Plans
+    are frozen and never mutated after building, so sharing them between queries is safe. Refusals
+    are not cached.
+    """
+
+    def __init__(self, maxsize: int = 256) -> None:
+        self.maxsize = maxsize
+        self._plans: OrderedDict[Hashable, DPPlan] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def build(self, sql: str, *, epsilon: float, delta: float, ctx: PlanContext) -> DPPlan:
+        key = (ctx.fingerprint, sql, epsilon, delta)
+        with self._lock:
+            plan = self._plans.get(key)
+            if plan is not None:
+                self._plans.move_to_end(key)
+                return plan
+        plan = build_plan(sql, epsilon=epsilon, delta=delta, ctx=ctx)
+        with self._lock:
+            self._plans[key] = plan
+            while len(self._plans) > self.maxsize:
+                self._plans.popitem(last=False)
+        return plan

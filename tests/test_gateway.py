@@ -133,7 +133,7 @@ def test_mock_connector_sees_only_bounded_sql(demo_config_path: Path) -> None:
     mock = MockConnector(lambda sql: ExactAggregates(columns=("__m0",), rows=((1000,),)))
     with Gateway(config, connector=mock) as gw:
         res = gw.query("SELECT COUNT(*) AS n FROM pums", analyst="jo", epsilon=1.0)
-    assert len(mock.statements) == 1 and "__rn" in mock.statements[0]
+    assert len(mock.statements) == 1 and 'LEAST("__n", 3)' in mock.statements[0]  # per-unit pre-aggregation
     assert abs(res.rows[0][0] - 1000) < 200  # noise scale 3: P(|Z| >= 200) < 1e-28
 
 

@@ -15,6 +15,7 @@ from typing import Any
 
 from sqlglot import exp
 
+from dpgateway.errors import UnsupportedError
 from dpgateway.policies.model import Column, Table
 
 SQL_TYPES = {"int": "BIGINT", "float": "DOUBLE", "str": "VARCHAR", "bool": "BOOLEAN", "date": "DATE"}
@@ -59,6 +60,14 @@ class SQLHooks:
         """Per-query engine settings for a plan that keeps ``k`` rows per unit."""
         return ()
 
+    def file_source(self, path: str) -> exp.Expr:
+        """The relation reading a Parquet file written by the gateway (a prepared copy)."""
+        return exp.to_table(path)
+
+    def state(self) -> str:
+        """Anything besides the policy that changes the SQL these hooks render (keys the plan cache)."""
+        return ""
+
 
 class Connector(ABC):
     """Runs bounded SQL on one backend. Use as a context manager to close it."""
@@ -68,6 +77,10 @@ class Connector(ABC):
     @abstractmethod
     def execute(self, sql: str, settings: tuple[tuple[str, Any], ...] = ()) -> ExactAggregates:
         """Run the bounded SQL and return its rows exactly."""
+
+    def materialize(self, sql: str, path: str) -> int:
+        """Write the rows of ``sql`` to the Parquet file ``path``; return how many (``dpgateway prepare``)."""
+        raise UnsupportedError(f"the {type(self).__name__} backend cannot write prepared copies")
 
     def check_table(self, table: Table) -> None:  # noqa: B027 - optional hook
         """Verify the declared columns exist in the source (a schema check, no data read)."""

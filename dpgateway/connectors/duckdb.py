@@ -32,6 +32,9 @@ class DuckDBHooks(SQLHooks):
         options.append(exp.Kwarg(this=exp.var("header"), expression=exp.true()))
         return exp.Table(this=exp.Anonymous(this="read_csv", expressions=options))
 
+    def file_source(self, path: str) -> exp.Expr:
+        return exp.Table(this=exp.Anonymous(this="read_parquet", expressions=[exp.Literal.string(path)]))
+
     def settings(self, k: int) -> tuple[tuple[str, Any], ...]:
         # For k > 1 DuckDB's top-N window rewrite is slower than the plain window (DESIGN performance rules).
         return (("disabled_optimizers", "top_n_window_elimination"),) if k > 1 else ()
@@ -72,6 +75,21 @@ class DuckDBConnector(Connector):
         finally:
             cursor.close()
         return ExactAggregates(columns=columns, rows=rows)
+
+    def materialize(self, sql: str, path: str) -> int:
+        with self._lock:
+            cursor = self._con.cursor()
+        try:
+            cursor.sql(sql).write_parquet(path)
+            count = cursor.execute("SELECT COUNT(*) FROM read_parquet(?)", [path]).fetchone()
+        except duckdb.Error as exc:
+            raise BackendError(
+                f"the backend could not write the prepared copy ({type(exc).__name__}); details are withheld "
+                "because they may contain data values"
+            ) from None
+        finally:
+            cursor.close()
+        return int(count[0]) if count else 0
 
     def check_table(self, table: Table) -> None:
         if isinstance(table.source, dict):

@@ -17,11 +17,12 @@ from dpgateway.policies.model import Budget, Cap, Column, Config, Table
 
 CONFIG_ENV = "DPGATEWAY_CONFIG"
 DEFAULT_CONFIG_NAME = "dpgateway.yaml"
+DEFAULT_CACHE_DIR = ".dpgateway-cache"
 
 TABLE_KEYS = {"source", "privacy_unit", "max_rows_per_unit", "columns", "public", "domain"}
 COLUMN_KEYS = {"type", "bounds", "public_values"}
 COLUMN_TYPES = ("int", "float", "str", "bool", "date")
-TOP_KEYS = {"tables", "budget", "ledger", "admins"}
+TOP_KEYS = {"tables", "budget", "ledger", "admins", "cache_dir"}
 BUDGET_KEYS = {
     "window_days",
     "per_subject",
@@ -69,12 +70,16 @@ def parse_config(raw: Any, *, base_dir: Path) -> Config:
     ledger = raw.get("ledger", "sqlite:///dpgateway-ledger.db")
     if not isinstance(ledger, str):
         raise ConfigError("ledger: must be a URL such as sqlite:///dpgateway-ledger.db")
+    cache_dir = raw.get("cache_dir", DEFAULT_CACHE_DIR)
+    if not isinstance(cache_dir, str) or not cache_dir.strip():
+        raise ConfigError("cache_dir: must be a folder path such as .dpgateway-cache")
     return Config(
         tables=tables,
         budget=_budget(raw.get("budget", {})),
         ledger=_ledger_url(ledger, base_dir),
         admins=tuple(admins),
         base_dir=base_dir,
+        cache_dir=base_dir / cache_dir,
     )
 
 

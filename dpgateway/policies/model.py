@@ -94,6 +94,11 @@ class Config:
     ledger: str = "sqlite:///dpgateway-ledger.db"
     admins: tuple[str, ...] = ()
     base_dir: Path = Path(".")
+    cache_dir: Path | None = None  # prepared copies (`dpgateway prepare`); None: .dpgateway-cache in base_dir
+
+    @property
+    def cache_folder(self) -> Path:
+        return self.cache_dir if self.cache_dir is not None else self.base_dir / ".dpgateway-cache"
 
     def table(self, name: str) -> Table | None:
         lowered = name.lower()

@@ -1,0 +1,88 @@
+"""Prepared copies: a one-time, materialized bounded copy of a table that later queries read instead.
+
+``dpgateway prepare TABLE`` writes, for each privacy unit, the ``k`` rows that an unfiltered query keeps
+(SQL: :func:`dpgateway.passes.bounding.prepared_copy_sql`), typed and clustered by unit, as Parquet in
+the config's ``cache_dir``, with a manifest beside it::
+
+    <cache_dir>/<table>.json      {"version", "table", "file", "source", "policy", "rows"}
+    <cache_dir>/<table>-<policy hash>.parquet
+
+A copy is *valid* only while the source file has the same path, mtime and size as when the copy was
+taken (captured *before* it was read, so a change during ``prepare`` invalidates it) and the table's
+policy and the ledger's secret seed hash to the same value. :func:`valid_copies` checks this for every
+query (a ``stat`` and a small JSON read per prepared table); the plan cache is keyed by the result, so
+a stale copy is never read. Which queries may read a copy, and why that is private: proof note in
+``dpgateway/passes/prepared.py``. The copy holds person-level rows: keep ``cache_dir`` as private as the
+data itself.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from dpgateway.passes.context import PreparedCopy
+from dpgateway.policies.model import Config, Table
+
+MANIFEST_VERSION = 1
+
+
+def policy_digest(table: Table, seed: bytes) -> str:
+    """Hash of the table's whole policy and of the secret seed's identity (never the seed itself)."""
+    seed_id = hashlib.sha256(b"dpgateway-seed-id" + seed).hexdigest()
+    return hashlib.sha256(f"{MANIFEST_VERSION}\x1f{table!r}\x1f{seed_id}".encode()).hexdigest()
+
+
+def source_state(table: Table) -> dict[str, Any] | None:
+    """Path, mtime and size of a file source; None for sources that are not files."""
+    if isinstance(table.source, dict):
+        return None
+    path = Path(table.source).resolve()
+    try:
+        stat = path.stat()
+    except OSError:
+        return None
+    return {"path": str(path), "mtime_ns": stat.st_mtime_ns, "size": stat.st_size}
+
+
+def manifest_path(folder: Path, table: Table) -> Path:
+    return folder / f"{table.name}.json"
+
+
+def write_manifest(folder: Path, table: Table, *, file: Path, source: dict[str, Any], policy: str, rows: int) -> None:
+    """Write the manifest atomically (after the Parquet file is complete)."""
+    document = {"version": MANIFEST_VERSION, "table": table.name, "file": file.name, "source": source}
+    document |= {"policy": policy, "rows": rows}
+    target = manifest_path(folder, table)
+    temporary = target.with_suffix(".json.tmp")
+    temporary.write_text(json.dumps(document, sort_keys=True))
+    os.replace(temporary, target)
+
+
+def valid_copies(config: Config, seed: bytes) -> tuple[PreparedCopy, ...]:
+    """The prepared copies that match their source file and policy right now."""
+    folder = config.cache_folder
+    found = []
+    for table in config.tables:
+        if table.public or not table.privacy_unit:
+            continue
+        try:
+            manifest = json.loads(manifest_path(folder, table).read_text())
+        except (OSError, ValueError):
+            continue
+        if not isinstance(manifest, dict) or manifest.get("version") != MANIFEST_VERSION:
+            continue
+        file = folder / str(manifest.get("file", ""))
+        state = source_state(table)
+        if (
+            state is None
+            or manifest.get("source") != state
+            or manifest.get("policy") != policy_digest(table, seed)
+            or not file.is_file()
+        ):
+            continue
+        found.append(PreparedCopy(table=table.name, path=str(file), k=table.max_rows_per_unit))
+    return tuple(found)

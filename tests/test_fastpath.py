@@ -1,0 +1,161 @@
+"""The fast rewrites keep their meaning and their sensitivity.
+
+- scalar COUNT(*) by per-unit pre-aggregation equals the hash-ordered row-bounded count, on random data,
+  with and without a filter, with NULL units;
+- adding one person with many rows moves each exact bounded aggregate of the new rewrites (per-unit
+  count, prepared copy) by at most the sensitivity the budget pass noises for;
+- the plan cache reuses plans and never serves one built for another policy.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+
+from dpgateway import Gateway
+from dpgateway.connectors.duckdb import DuckDBConnector, DuckDBHooks
+from dpgateway.passes.bounding import _row_bounded
+from dpgateway.passes.context import PlanContext
+from dpgateway.planner import PlanCache, build_plan
+from dpgateway.policies.loader import parse_config
+
+K = 3
+
+
+def _policy(source: Path, k: int = K) -> dict:
+    return {
+        "tables": {
+            "t": {
+                "source": str(source),
+                "privacy_unit": "pid",
+                "max_rows_per_unit": k,
+                "columns": {
+                    "pid": {"type": "int"},
+                    "age": {"type": "int", "bounds": [0, 100]},
+                    "income": {"type": "float", "bounds": [0, 1000]},
+                    "sex": {"type": "int", "public_values": [0, 1]},
+                    "region": {"type": "int"},
+                },
+            }
+        },
+        "budget": {"per_subject": {"epsilon": 1e6, "delta": 0.5}, "per_analyst": {"epsilon": 1e6, "delta": 0.5}},
+        "ledger": "sqlite:///:memory:",
+    }
+
+
+def _people(seed: int, n_units: int = 200) -> pd.DataFrame:
+    rng = np.random.default_rng(seed)
+    counts = rng.integers(0, 12, size=n_units)
+    pid = np.repeat(np.arange(n_units), counts).astype(object)
+    n = len(pid)
+    pid[rng.random(n) < 0.03] = None  # rows nobody can be bounded for
+    return pd.DataFrame(
+        {
+            "pid": pid,
+            "age": rng.integers(-10, 120, size=n),
+            "income": rng.uniform(-100, 1500, size=n).round(2),
+            "sex": rng.integers(0, 2, size=n),
+            "region": rng.integers(0, 5, size=n),
+        }
+    )
+
+
+def _ctx(source: Path, k: int = K) -> PlanContext:
+    config = parse_config(_policy(source, k), base_dir=source.parent)
+    return PlanContext(config=config, hooks=DuckDBHooks(), seed=b"fastpath-seed")
+
+
+def _exact(sql: str) -> list[tuple]:
+    with DuckDBConnector() as con:
+        return sorted(con.execute(sql).rows, key=repr)
+
+
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("where", ["", " WHERE age > 40", " WHERE income BETWEEN 100 AND 900 OR sex = 1"])
+def test_unit_count_equals_row_bounded_count(tmp_path: Path, seed: int, where: str) -> None:
+    source = tmp_path / "t.csv"
+    _people(seed).to_csv(source, index=False)
+    for k in (1, K, 20):
+        ctx = _ctx(source, k)
+        plan = build_plan(f"SELECT COUNT(*) FROM t{where}", epsilon=1.0, delta=0.0, ctx=ctx)
+        assert plan.rewrite == "unit_count"
+        assert plan.table is not None
+        row_bounded = _row_bounded(plan, plan.table, ctx)
+        assert "__rn" in row_bounded.bounded_sql and "__rn" not in plan.bounded_sql
+        assert _exact(plan.bounded_sql) == _exact(row_bounded.bounded_sql)
+
+
+@pytest.mark.parametrize(
+    "sql",
+    [
+        "SELECT COUNT(*) FROM t",
+        "SELECT COUNT(*) FROM t WHERE age > 40",
+        "SELECT sex, COUNT(*), SUM(income) FROM t GROUP BY sex",
+        "SELECT region, AVG(income), VARIANCE(age) FROM t GROUP BY region",
+        "SELECT CASE WHEN age < 30 THEN 'y' ELSE 'o' END AS band, COUNT(*) FROM t GROUP BY 1",
+    ],
+)
+@pytest.mark.parametrize("prepared", [False, True], ids=["on-the-fly", "prepared"])
+def test_one_person_with_many_rows_moves_each_aggregate_by_at_most_its_sensitivity(
+    tmp_path: Path, sql: str, prepared: bool
+) -> None:
+    """Exact bounded aggregates (before noise) on D and on D plus one person with 1000 rows."""
+    base = _people(7)
+    rng = np.random.default_rng(0)
+    big = pd.DataFrame(
+        {
+            "pid": 10_000,
+            "age": rng.integers(-10, 120, size=1000),
+            "income": rng.uniform(-1e6, 1e6, size=1000),
+            "sex": rng.integers(0, 2, size=1000),
+            "region": rng.integers(0, 50, size=1000),  # also new groups
+        }
+    )
+    results = []
+    for i, frame in enumerate([base, pd.concat([base, big], ignore_index=True)]):
+        folder = tmp_path / f"d{i}"
+        folder.mkdir()
+        frame.to_csv(folder / "t.csv", index=False)
+        policy = _policy(folder / "t.csv") | {"ledger": f"sqlite:///{tmp_path / 'ledger.db'}"}  # one secret seed
+        (folder / "dpgateway.yaml").write_text(yaml.safe_dump(policy))
+        with Gateway.from_config(folder / "dpgateway.yaml") as gw:
+            if prepared:
+                gw.prepare("t")
+            plan = gw.explain(sql, epsilon=1.0, delta=1e-6).plan
+            assert plan is not None
+            expected = (
+                "prepared" if prepared and plan.where is None else "unit_count" if "__n" in plan.bounded_sql else "rows"
+            )
+            assert plan.rewrite == expected
+            exact = gw.connector.execute(plan.bounded_sql)
+        n_keys = len(plan.group_keys)
+        results.append((plan, {row[:n_keys]: row[n_keys:] for row in exact.rows}))
+    (plan, before), (_, after) = results
+    for j, m in enumerate(plan.measurements):
+        moved = sum(
+            abs((after.get(key, (None,) * 9)[j] or 0) - (before.get(key, (None,) * 9)[j] or 0))
+            for key in {*before, *after}
+        )
+        assert 0 < moved <= m.sensitivity, (m.label, moved, m.sensitivity)
+
+
+def test_plan_cache_reuses_plans_and_is_keyed_by_policy(tmp_path: Path) -> None:
+    source = tmp_path / "t.csv"
+    _people(1).to_csv(source, index=False)
+    cache = PlanCache(maxsize=2)
+    ctx = _ctx(source)
+    first = cache.build("SELECT COUNT(*) FROM t", epsilon=1.0, delta=0.0, ctx=ctx)
+    assert cache.build("SELECT COUNT(*) FROM t", epsilon=1.0, delta=0.0, ctx=ctx) is first
+    assert cache.build("SELECT COUNT(*) FROM t", epsilon=0.5, delta=0.0, ctx=ctx) is not first
+    other = _ctx(source, k=5)  # a policy change: new fingerprint, new plan
+    assert other.fingerprint != ctx.fingerprint
+    changed = cache.build("SELECT COUNT(*) FROM t", epsilon=1.0, delta=0.0, ctx=other)
+    assert changed is not first and 'LEAST("__n", 5)' in changed.bounded_sql
+    reseeded = dataclasses.replace(ctx, seed=b"another-seed")
+    assert reseeded.fingerprint != ctx.fingerprint
+    assert len(cache._plans) == 2  # bounded LRU

@@ -1,0 +1,166 @@
+"""Prepared copies: the same exact bounded aggregates as on-the-fly bounding for unfiltered queries, used
+only while valid, never for filtered queries, and invalidated by any change of source or policy."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+from click.testing import CliRunner
+
+from dpgateway import Gateway
+from dpgateway.cli import cli
+from dpgateway.errors import InvalidParameterError, UnknownTableError
+
+UNFILTERED = [
+    "SELECT COUNT(*) FROM t",
+    "SELECT COUNT(income), SUM(income) FROM t",
+    "SELECT sex, COUNT(*) AS n, AVG(income) FROM t GROUP BY sex",
+    "SELECT region, COUNT(*), STDDEV(age) FROM t GROUP BY region",
+    "SELECT CASE WHEN age < 30 THEN 'y' WHEN age < 60 THEN 'm' ELSE 'o' END AS band, COUNT(*) FROM t GROUP BY 1",
+]
+
+
+def _write_data(path: Path, seed: int = 3, n_units: int = 300) -> None:
+    rng = np.random.default_rng(seed)
+    counts = rng.integers(1, 11, size=n_units)
+    n = int(counts.sum())
+    pd.DataFrame(
+        {
+            "pid": np.repeat(np.arange(n_units), counts),
+            "age": rng.integers(0, 110, size=n),
+            "income": rng.uniform(-50, 1200, size=n).round(2),
+            "sex": rng.integers(0, 2, size=n),
+            "region": rng.integers(0, 8, size=n),
+        }
+    ).to_csv(path, index=False)
+
+
+def _config(folder: Path, *, k: int = 3, income_hi: int = 1000) -> Path:
+    policy = {
+        "tables": {
+            "t": {
+                "source": "t.csv",
+                "privacy_unit": "pid",
+                "max_rows_per_unit": k,
+                "columns": {
+                    "pid": {"type": "int"},
+                    "age": {"type": "int", "bounds": [0, 100]},
+                    "income": {"type": "float", "bounds": [0, income_hi]},
+                    "sex": {"type": "int", "public_values": [0, 1]},
+                    "region": {"type": "int"},
+                },
+            },
+            "open": {"source": "t.csv", "public": True},
+        },
+        "budget": {"per_subject": {"epsilon": 1e6, "delta": 0.5}, "per_analyst": {"epsilon": 1e6, "delta": 0.5}},
+        "ledger": "sqlite:///ledger.db",
+        "cache_dir": "cache",
+    }
+    path = folder / "dpgateway.yaml"
+    path.write_text(yaml.safe_dump(policy))
+    return path
+
+
+@pytest.fixture
+def folder(tmp_path: Path) -> Path:
+    _write_data(tmp_path / "t.csv")
+    _config(tmp_path)
+    return tmp_path
+
+
+def _exact(gw: Gateway, sql: str) -> tuple[str, list[tuple]]:
+    plan = gw.explain(sql, epsilon=1.0, delta=1e-6).plan
+    assert plan is not None
+    return plan.rewrite, sorted(gw.connector.execute(plan.bounded_sql).rows, key=repr)
+
+
+@pytest.mark.parametrize("sql", UNFILTERED)
+def test_prepared_copy_gives_the_on_the_fly_bounded_aggregates(folder: Path, sql: str) -> None:
+    with Gateway.from_config(folder / "dpgateway.yaml") as gw:
+        rewrite, on_the_fly = _exact(gw, sql)
+        assert rewrite in ("rows", "unit_count")
+        copy = gw.prepare("t")
+        assert Path(copy.path).parent == folder / "cache" and copy.k == 3
+        rewrite, prepared = _exact(gw, sql)
+        assert rewrite == "prepared"
+        assert prepared == on_the_fly
+
+
+def test_prepared_copy_keeps_at_most_k_rows_per_unit_clustered(folder: Path) -> None:
+    with Gateway.from_config(folder / "dpgateway.yaml") as gw:
+        copy = gw.prepare("t")
+        rows = gw.connector.execute(
+            f"SELECT MAX(n), COUNT(*) FROM (SELECT pid, COUNT(*) AS n FROM read_parquet('{copy.path}') GROUP BY pid)"
+        ).rows
+        pids = [r[0] for r in gw.connector.execute(f"SELECT pid FROM read_parquet('{copy.path}')").rows]
+    assert rows[0] == (3, 300)
+    assert pids == sorted(pids)  # clustered by unit
+
+
+def test_filtered_queries_do_not_use_the_copy(folder: Path) -> None:
+    with Gateway.from_config(folder / "dpgateway.yaml") as gw:
+        gw.prepare("t")
+        assert _exact(gw, "SELECT sex, SUM(income) FROM t WHERE age > 40 GROUP BY sex")[0] == "rows"
+        assert _exact(gw, "SELECT COUNT(*) FROM t WHERE age > 40")[0] == "unit_count"
+        assert _exact(gw, "SELECT COUNT(*) FROM t")[0] == "prepared"
+
+
+def test_a_changed_source_invalidates_the_copy(folder: Path) -> None:
+    with Gateway.from_config(folder / "dpgateway.yaml") as gw:
+        gw.prepare("t")
+        assert _exact(gw, "SELECT COUNT(*) FROM t")[0] == "prepared"
+        _write_data(folder / "t.csv", seed=4)  # new content
+        rewrite, fresh = _exact(gw, "SELECT COUNT(*) FROM t")
+        assert rewrite == "unit_count"
+        gw.prepare("t")
+        assert _exact(gw, "SELECT COUNT(*) FROM t") == ("prepared", fresh)
+        stat = (folder / "t.csv").stat()
+        os.utime(folder / "t.csv", ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))  # touched only
+        assert _exact(gw, "SELECT COUNT(*) FROM t")[0] == "unit_count"
+
+
+@pytest.mark.parametrize("change", [{"k": 4}, {"income_hi": 2000}])
+def test_a_changed_policy_invalidates_the_copy(folder: Path, change: dict) -> None:
+    with Gateway.from_config(folder / "dpgateway.yaml") as gw:
+        gw.prepare("t")
+        assert _exact(gw, "SELECT COUNT(*) FROM t")[0] == "prepared"
+    _config(folder, **change)
+    with Gateway.from_config(folder / "dpgateway.yaml") as gw:
+        assert _exact(gw, "SELECT COUNT(*) FROM t")[0] == "unit_count"
+
+
+def test_another_secret_seed_invalidates_the_copy(folder: Path) -> None:
+    with Gateway.from_config(folder / "dpgateway.yaml") as gw:
+        gw.prepare("t")
+    (folder / "ledger.db").unlink()  # a new ledger has a new secret seed
+    with Gateway.from_config(folder / "dpgateway.yaml") as gw:
+        assert _exact(gw, "SELECT COUNT(*) FROM t")[0] == "unit_count"
+
+
+def test_prepared_queries_are_answered_and_charged(folder: Path) -> None:
+    with Gateway.from_config(folder / "dpgateway.yaml") as gw:
+        gw.prepare("t")
+        res = gw.query("SELECT sex, COUNT(*) AS n FROM t GROUP BY sex", analyst="ann", epsilon=1.0)
+        assert res.epsilon == pytest.approx(1.0) and res.columns == ["sex", "n"]
+        assert any("prepared" in n for n in gw.explain("SELECT COUNT(*) FROM t").notes)
+
+
+def test_prepare_refuses_tables_without_a_unit(folder: Path) -> None:
+    with Gateway.from_config(folder / "dpgateway.yaml") as gw:
+        with pytest.raises(InvalidParameterError, match="no privacy_unit"):
+            gw.prepare("open")
+        with pytest.raises(UnknownTableError, match="does not exist"):
+            gw.prepare("nope")
+
+
+def test_cli_prepare(folder: Path) -> None:
+    result = CliRunner().invoke(cli, ["prepare", "t", "--config", str(folder / "dpgateway.yaml")])
+    assert result.exit_code == 0, result.output
+    assert "prepared t:" in result.output and (folder / "cache" / "t.json").is_file()
+    missing = CliRunner().invoke(cli, ["prepare", "nope", "--config", str(folder / "dpgateway.yaml")])
+    assert missing.exit_code == 1 and "42P01" in missing.output
