@@ -37,7 +37,10 @@ def split_budget(plan: DPPlan, *, ctx: PlanContext) -> DPPlan:
     private_keys = bool(plan.group_keys) and public_cells(plan.group_keys) is None
     selector = None
     if private_keys:
-        selector = next((m.name for m in measurements if m.kind == "count" and m.column is None), None)
+        # Any count selects partitions equally privately (a unit adds at most k to at most k groups);
+        # prefer COUNT(*), else reuse the COUNT(x) an AVG already needs rather than spend on another.
+        counts = sorted((m for m in measurements if m.kind == "count"), key=lambda m: m.column is not None)
+        selector = counts[0].name if counts else None
         if selector is None:
             selector = f"__m{len(measurements)}"
             measurements.append(Measurement(name=selector, kind="count", column=None))
