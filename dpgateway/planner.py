@@ -13,6 +13,7 @@ from dpgateway.passes.context import PlanContext
 from dpgateway.passes.groups import plan_groups
 from dpgateway.passes.prepared import use_prepared_copy
 from dpgateway.passes.resolve import resolve_table
+from dpgateway.passes.total import make_total
 from dpgateway.plan import DPPlan
 from dpgateway.sqlparse import parse
 
@@ -22,6 +23,7 @@ PASSES: tuple[Pass, ...] = (
     resolve_table,  # FROM -> policy table; public-only queries pass through
     plan_groups,  # GROUP BY -> keys, public or private domains
     plan_aggregates,  # aggregates -> measurements; SELECT/HAVING/ORDER BY -> post-processing
+    make_total,  # WHERE and GROUP BY keys never fail on a row (no data-dependent errors)
     split_budget,  # epsilon/delta per measurement, noise scales, partition threshold
     use_prepared_copy,  # unfiltered queries read a valid prepared (pre-bounded) copy if there is one
     bound_contributions,  # bounded SQL for the backend: cheapest correct rewrite for the shape

@@ -51,6 +51,13 @@ class SQLHooks:
             value = exp.Nullif(this=value, expression=exp.cast(exp.Literal.string("NaN"), "DOUBLE"))
         return value
 
+    def total(self, expr: exp.Expr) -> exp.Expr:
+        """``expr`` over one raw row, never failing: where it would raise it yields NULL (passes/total.py)."""
+        if isinstance(expr, exp.Column):  # a typed column cannot fail
+            return expr.copy()
+        safe = expr.copy().transform(lambda n: exp.TryCast(**n.args) if type(n) is exp.Cast else n)
+        return exp.Try(this=safe)
+
     def row_hash(self, seed: bytes, columns: Sequence[exp.Expr]) -> exp.Expr:
         """A keyed, deterministic hash of a row's content (orders each unit's rows data-independently)."""
         key = hashlib.sha256(b"dpgateway-row-order" + seed).hexdigest()[:32]
