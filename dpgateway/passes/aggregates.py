@@ -207,7 +207,7 @@ def _aggregate(agg: exp.AggFunc, registry: _Registry, table: Table) -> exp.Expr:
         total = exp.column(registry.get("sum", column))
         return _clamp(total, 0 if lo >= 0 else None, 0 if hi <= 0 else None)
     mid = (lo + hi) / 2
-    n = exp.Greatest(this=exp.column(registry.get("count", column)), expressions=[number(1)])
+    n = exp.Greatest(this=exp.column(registry.get("count", column)), expressions=[number(1)], ignore_nulls=True)
     shifted = _div(exp.column(registry.get("sum", column, center=mid)), n)
     if isinstance(agg, exp.Avg):
         return _clamp(exp.Add(this=number(mid), expression=exp.Paren(this=shifted)), lo, hi)
@@ -217,7 +217,7 @@ def _aggregate(agg: exp.AggFunc, registry: _Registry, table: Table) -> exp.Expr:
         exp.Sub(this=squares, expression=exp.Pow(this=exp.Paren(this=shifted), expression=number(2))), 0, half * half
     )
     if isinstance(agg, (exp.Variance, exp.Stddev, exp.StddevSamp)):  # sample variance, as PostgreSQL
-        n2 = exp.Greatest(this=n.copy(), expressions=[number(2)])
+        n2 = exp.Greatest(this=n.copy(), expressions=[number(2)], ignore_nulls=True)
         var = exp.Div(this=exp.Mul(this=var, expression=n2), expression=exp.Sub(this=n2.copy(), expression=number(1)))
     return exp.Sqrt(this=var) if isinstance(agg, (exp.Stddev, exp.StddevSamp, exp.StddevPop)) else var
 
@@ -244,7 +244,7 @@ def _column_arg(agg: exp.AggFunc, table: Table, *, need_bounds: bool) -> Column:
 
 
 def _count(name: str) -> exp.Expr:
-    return exp.Greatest(this=exp.column(name), expressions=[number(0)])
+    return exp.Greatest(this=exp.column(name), expressions=[number(0)], ignore_nulls=True)
 
 
 def _div(num: exp.Expr, den: exp.Expr) -> exp.Expr:
@@ -253,9 +253,9 @@ def _div(num: exp.Expr, den: exp.Expr) -> exp.Expr:
 
 def _clamp(value: exp.Expr, lo: float | None, hi: float | None) -> exp.Expr:
     if lo is not None:
-        value = exp.Greatest(this=value, expressions=[number(lo)])
+        value = exp.Greatest(this=value, expressions=[number(lo)], ignore_nulls=True)
     if hi is not None:
-        value = exp.Least(this=value, expressions=[number(hi)])
+        value = exp.Least(this=value, expressions=[number(hi)], ignore_nulls=True)
     return value
 
 

@@ -1,0 +1,352 @@
+"""Speed of dpgateway against the raw aggregate on the same engine (DuckDB over the same Parquet file).
+
+    python bench/run.py --rows 1000000 --rows 10000000      # writes bench/results.json and bench/RESULTS.md
+
+For each table size: a deterministic person-level table (bench/data/, git-ignored), then for each query
+shape the DP query through ``Gateway.query`` and the raw aggregate, alternating A/B, median of ``--reps``;
+once bounding on the fly ("cold") and once after ``Gateway.prepare``. The replay cache is defeated by
+varying the query text harmlessly per repetition (the output alias ``AS v<i>``), which also defeats the
+plan cache, so every DP timing includes planning. Then the fixed overhead per query on a 1,000-row table,
+stage by stage, and queries per second for a repeated query (replay-cache hits) and for distinct queries.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import duckdb
+import yaml
+from rich.console import Console
+from rich.table import Table as RichTable
+
+from dpgateway import Gateway, gateway, planner
+from dpgateway.budget_store import open_store
+from dpgateway.policies.loader import load_config
+
+BENCH = Path(__file__).resolve().parent
+DATA = BENCH / "data"
+K = 3
+BAND = "CASE WHEN age < 30 THEN 'young' WHEN age < 60 THEN 'middle' ELSE 'old' END"
+# name -> (DP query with {alias}, raw query over {src})
+SHAPES: dict[str, tuple[str, str]] = {
+    "COUNT(*)": ("SELECT COUNT(*) AS {alias} FROM people", "SELECT COUNT(*) FROM {src}"),
+    "SUM(income)": ("SELECT SUM(income) AS {alias} FROM people", "SELECT SUM(income) FROM {src}"),
+    "AVG(income) BY region": (
+        "SELECT region, AVG(income) AS {alias} FROM people GROUP BY region",
+        "SELECT region, AVG(income) FROM {src} GROUP BY region",
+    ),
+    "COUNT(*) BY region": (
+        "SELECT region, COUNT(*) AS {alias} FROM people GROUP BY region",
+        "SELECT region, COUNT(*) FROM {src} GROUP BY region",
+    ),
+    "COUNT(*) BY age band": (
+        f"SELECT {BAND} AS band, COUNT(*) AS {{alias}} FROM people GROUP BY 1",
+        f"SELECT {BAND} AS band, COUNT(*) FROM {{src}} GROUP BY 1",
+    ),
+}
+POLICY: dict[str, Any] = {
+    "privacy_unit": "pid",
+    "max_rows_per_unit": K,
+    "columns": {
+        "pid": {"type": "int"},
+        "region": {"type": "int", "public_values": list(range(50))},
+        "age": {"type": "int", "bounds": [0, 100]},
+        "income": {"type": "float", "bounds": [0, 500000]},
+    },
+}
+BIG = {"epsilon": 1e9, "delta": 0.5}
+
+
+def generate(rows: int) -> Path:
+    """people_<rows>.parquet: 1-10 rows per person (skewed to few), 50 skewed regions, age, income.
+
+    Deterministic (DuckDB's hash of the row position), rows shuffled so that the file is not clustered
+    by person, as real data usually is not.
+    """
+    DATA.mkdir(parents=True, exist_ok=True)
+    path = DATA / f"people_{rows}.parquet"
+    if path.is_file():
+        return path
+    persons = rows // 2 + 10  # about 3.1 rows per person on average: enough people to fill `rows`
+    query = f"""
+        WITH persons AS (
+            SELECT i AS pid, 1 + CAST(floor(9.999 * pow((hash(i, 'rows') % 1000000) / 1e6, 3)) AS BIGINT) AS cnt
+            FROM range({persons}) t(i)),
+        expanded AS (SELECT pid, j FROM persons, range(cnt) r(j)),
+        numbered AS (SELECT pid, j, row_number() OVER (ORDER BY pid, j) AS rn FROM expanded)
+        SELECT pid,
+               CAST(floor(50 * pow((hash(pid, 'region') % 1000000) / 1e6, 2)) AS BIGINT) AS region,
+               CAST(hash(pid, 'age') % 90 + hash(pid, j, 'age') % 3 AS BIGINT) AS age,
+               round(exp(9 + 2.4 * ((hash(pid, j, 'income') % 1000000) / 1e6 * 2 - 1)), 2) AS income
+        FROM numbered WHERE rn <= {rows} ORDER BY hash(pid, j, 'shuffle')"""
+    partial = path.with_suffix(".tmp")
+    duckdb.connect().sql(query).write_parquet(str(partial))
+    os.replace(partial, path)
+    return path
+
+
+def write_config(folder: Path, source: Path) -> Path:
+    config = {
+        "tables": {"people": {"source": str(source), **POLICY}},
+        "budget": {"per_subject": BIG, "per_analyst": BIG, "per_query": BIG, "default_query_epsilon": 1.0},
+        "ledger": f"sqlite:///{folder / 'ledger.db'}",
+        "cache_dir": str(folder / "cache"),
+    }
+    path = folder / "dpgateway.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def timed(fn: Callable[[], Any]) -> float:
+    start = time.perf_counter()
+    fn()
+    return (time.perf_counter() - start) * 1000
+
+
+def compare(gw: Gateway, raw: duckdb.DuckDBPyConnection, source: Path, reps: int, tag: str) -> dict[str, Any]:
+    """Alternate raw and DP per repetition; medians in ms and their ratio, per shape."""
+    out: dict[str, Any] = {}
+    for name, (dp_sql, raw_sql) in SHAPES.items():
+        raw_query = raw_sql.format(src=f"read_parquet('{source}')")
+        raw.execute(raw_query).fetchall()  # warm the file cache for both
+        dp_ms, raw_ms = [], []
+        for i in range(reps):
+            sql = dp_sql.format(alias=f"v{tag}{i}")
+            raw_ms.append(timed(lambda q=raw_query: raw.execute(q).fetchall()))
+            dp_ms.append(timed(lambda s=sql: gw.query(s, analyst="bench", epsilon=1.0)))
+        plan = gw.explain(dp_sql.format(alias="v"), epsilon=1.0).plan
+        dp, rw = statistics.median(dp_ms), statistics.median(raw_ms)
+        out[name] = {"dp_ms": dp, "raw_ms": rw, "ratio": dp / rw, "rewrite": plan.rewrite if plan else ""}
+    return out
+
+
+def settings_effect(gw: Gateway, reps: int) -> dict[str, Any]:
+    """The bounded SQL of each row-bounded shape with and without DuckDB's top-N window rewrite."""
+    out = {}
+    off = (("disabled_optimizers", "top_n_window_elimination"),)
+    for name, (dp_sql, _) in SHAPES.items():
+        plan = gw.explain(dp_sql.format(alias="v"), epsilon=1.0).plan
+        if plan is None or plan.rewrite != "rows":
+            continue
+        default_ms, disabled_ms = [], []
+        for _ in range(reps):
+            default_ms.append(timed(lambda p=plan: gw.connector.execute(p.bounded_sql)))
+            disabled_ms.append(timed(lambda p=plan: gw.connector.execute(p.bounded_sql, off)))
+        out[name] = {"default_ms": statistics.median(default_ms), "disabled_ms": statistics.median(disabled_ms)}
+    return out
+
+
+def scale_run(rows: int, reps: int) -> dict[str, Any]:
+    source = generate(rows)
+    with tempfile.TemporaryDirectory() as tmp, Gateway.from_config(write_config(Path(tmp), source)) as gw:
+        raw = duckdb.connect()
+        cold = compare(gw, raw, source, reps, "c")
+        settings = settings_effect(gw, reps)
+        prepare_ms = timed(lambda: gw.prepare("people"))
+        prepared = compare(gw, raw, source, reps, "p")
+    return {
+        "rows": rows,
+        "cold": cold,
+        "prepared": prepared,
+        "prepare_ms": prepare_ms,
+        "top_n_window_elimination": settings,
+        "median_ratio_cold": statistics.median(v["ratio"] for v in cold.values()),
+        "median_ratio_prepared": statistics.median(v["ratio"] for v in prepared.values()),
+    }
+
+
+# ---- fixed overhead on a small table --------------------------------------------------------------
+
+
+@contextmanager
+def stage_timers(gw: Gateway) -> Iterator[dict[str, list[float]]]:
+    """Wrap each stage of ``Gateway.query`` with a timer (ms per call); restore afterwards."""
+    times: dict[str, list[float]] = defaultdict(list)
+
+    def wrap(stage: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+        def timed_call(*args: Any, **kwargs: Any) -> Any:
+            start = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                times[stage].append((time.perf_counter() - start) * 1000)
+
+        return timed_call
+
+    saved_passes, saved_parse = planner.PASSES, planner.parse
+    saved = {name: getattr(gateway, name) for name in ("add_noise", "post_process")}
+    planner.parse = wrap("parse", saved_parse)
+    planner.PASSES = tuple(
+        wrap("rewrite + SQL generation" if p.__name__ == "bound_contributions" else "plan", p) for p in saved_passes
+    )
+    gateway.add_noise = wrap("noise", saved["add_noise"])
+    gateway.post_process = wrap("post-process", saved["post_process"])
+    connector_execute = gw.connector.execute
+    gw.connector.execute = wrap("backend", connector_execute)  # type: ignore[method-assign]
+    store_methods = {
+        m: getattr(gw.store, m) for m in ("cached_answer", "reserve", "commit", "remaining", "audit_event")
+    }
+    for m, fn in store_methods.items():
+        setattr(gw.store, m, wrap("ledger", fn))
+    try:
+        yield times
+    finally:
+        planner.PASSES, planner.parse = saved_passes, saved_parse
+        for name, fn in saved.items():
+            setattr(gateway, name, fn)
+        gw.connector.execute = connector_execute  # type: ignore[method-assign]
+        for m, fn in store_methods.items():
+            setattr(gw.store, m, fn)
+
+
+def overhead_run(n_queries: int) -> dict[str, Any]:
+    source = generate(1000)
+    raw = duckdb.connect()
+    sql = "SELECT region, COUNT(*) AS n{i}, AVG(income) AS a FROM people GROUP BY region"
+    raw_sql = f"SELECT region, COUNT(*), AVG(income) FROM read_parquet('{source}') GROUP BY region"
+    result: dict[str, Any] = {"query": sql.format(i=""), "rows": 1000}
+    with tempfile.TemporaryDirectory() as tmp:
+        config = load_config(write_config(Path(tmp), source))
+        for label, replay in (("distinct", "analyst"), ("repeated, replay cache off", "off")):
+            store = open_store(config.ledger, config.budget, replay=replay)  # type: ignore[arg-type]
+            with Gateway(config, store=store) as gw:
+                for i in range(10):  # warm-up
+                    gw.query(sql.format(i=f"w{i}"), analyst="bench")
+                totals, raws = [], []
+                with stage_timers(gw) as stages:
+                    for i in range(n_queries):
+                        text = sql.format(i=i if label == "distinct" else "")
+                        raws.append(timed(lambda: raw.execute(raw_sql).fetchall()))
+                        totals.append(timed(lambda t=text: gw.query(t, analyst="bench")))
+                total = statistics.median(totals)
+                breakdown = {s: sum(v) / n_queries for s, v in stages.items()}
+                breakdown["other (Python glue, audit text, result)"] = max(
+                    0.0, statistics.mean(totals) - sum(breakdown.values())
+                )
+                result[label] = {
+                    "p50_ms": total,
+                    "p90_ms": statistics.quantiles(totals, n=10)[-1],
+                    "raw_p50_ms": statistics.median(raws),
+                    "overhead_p50_ms": total - statistics.median(raws),
+                    "mean_ms_by_stage": breakdown,
+                }
+        with Gateway(config) as gw:
+            gw.query(sql.format(i="r"), analyst="bench")
+            start = time.perf_counter()
+            for _ in range(n_queries):
+                gw.query(sql.format(i="r"), analyst="bench")
+            result["replayed_qps"] = n_queries / (time.perf_counter() - start)
+            start = time.perf_counter()
+            for i in range(n_queries):
+                gw.query(sql.format(i=f"d{i}"), analyst="bench")
+            result["distinct_qps"] = n_queries / (time.perf_counter() - start)
+    return result
+
+
+# ---- report -------------------------------------------------------------------------------------
+
+
+def machine() -> dict[str, Any]:
+    cpu = "unknown"
+    with suppress(OSError, StopIteration):
+        cpu = next(
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        )
+    ram = 0.0
+    with suppress(OSError, ValueError, IndexError):
+        ram = int(Path("/proc/meminfo").read_text().split()[1]) / 1024**2
+    versions = {p: metadata.version(p) for p in ("dpgateway", "duckdb", "sqlglot", "opendp", "sqlalchemy", "pandas")}
+    try:
+        versions["sqlglotc"] = metadata.version("sqlglotc")
+    except metadata.PackageNotFoundError:
+        versions["sqlglotc"] = "not installed"
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "ram_gib": round(ram, 1),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "versions": versions,
+    }
+
+
+def print_tables(results: dict[str, Any]) -> None:
+    console = Console()
+    for run in results["scales"]:
+        table = RichTable(title=f"{run['rows']:,} rows: median ms (DP / raw)")
+        for column in ("query", "raw", "DP cold", "ratio", "rewrite", "DP prepared", "ratio"):
+            table.add_column(column, justify="left" if column in ("query", "rewrite") else "right")
+        for name, cold in run["cold"].items():
+            prep = run["prepared"][name]
+            table.add_row(
+                name,
+                f"{cold['raw_ms']:.1f}",
+                f"{cold['dp_ms']:.1f}",
+                f"{cold['ratio']:.1f}x",
+                cold["rewrite"],
+                f"{prep['dp_ms']:.1f}",
+                f"{prep['ratio']:.1f}x",
+            )
+        table.add_row(
+            "median", "", "", f"{run['median_ratio_cold']:.1f}x", "", "", f"{run['median_ratio_prepared']:.1f}x"
+        )
+        console.print(table)
+    overhead = results["overhead"]
+    table = RichTable(title="fixed overhead per query, 1,000-row table (ms)")
+    table.add_column("stage")
+    for label in ("distinct", "repeated, replay cache off"):
+        table.add_column(label, justify="right")
+    stages = list(overhead["distinct"]["mean_ms_by_stage"])
+    for stage in stages:
+        table.add_row(
+            stage,
+            *(
+                f"{overhead[label]['mean_ms_by_stage'].get(stage, 0):.2f}"
+                for label in ("distinct", "repeated, replay cache off")
+            ),
+        )
+    for key in ("p50_ms", "raw_p50_ms", "overhead_p50_ms"):
+        table.add_row(key, *(f"{overhead[label][key]:.2f}" for label in ("distinct", "repeated, replay cache off")))
+    console.print(table)
+    console.print(
+        f"queries/s: repeated (replay hits) {overhead['replayed_qps']:.0f}, distinct {overhead['distinct_qps']:.0f}"
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rows", type=int, action="append", help="table size (repeatable; default 1M and 10M)")
+    parser.add_argument("--reps", type=int, default=5, help="repetitions per query and engine (median)")
+    parser.add_argument("--overhead-queries", type=int, default=200, help="queries for the overhead figures")
+    parser.add_argument("--out", type=Path, default=BENCH / "results.json")
+    args = parser.parse_args(argv)
+    results: dict[str, Any] = {
+        "machine": machine(),
+        "reps": args.reps,
+        "k": K,
+        "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
+    results["scales"] = [scale_run(rows, args.reps) for rows in (args.rows or [1_000_000, 10_000_000])]
+    results["overhead"] = overhead_run(args.overhead_queries)
+    args.out.write_text(json.dumps(results, indent=2))
+    print_tables(results)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
