@@ -260,23 +260,44 @@ class SQLBudgetStore(BudgetStore):
 
     def _usage(self, conn: Connection, scope: str, now: float) -> Usage:
         """Spend of ``scope`` counting at ``now``: every charge (pending or not) inside the window."""
-        row = conn.execute(
-            sa.select(
-                sa.func.coalesce(sa.func.sum(charges.c.epsilon), 0.0),
-                sa.func.coalesce(sa.func.sum(charges.c.delta), 0.0),
-                sa.func.min(charges.c.at),
+        return self._usages(conn, [scope], now)[scope]
+
+    def _usages(self, conn: Connection, scopes: Sequence[str], now: float) -> dict[str, Usage]:
+        """:meth:`_usage` of several scopes in two statements (sums grouped by scope, then their caps)."""
+        wanted = sorted(set(scopes))
+        sums = {
+            row.scope: row
+            for row in conn.execute(
+                sa.select(
+                    charge_scopes.c.scope,
+                    sa.func.coalesce(sa.func.sum(charges.c.epsilon), 0.0).label("epsilon"),
+                    sa.func.coalesce(sa.func.sum(charges.c.delta), 0.0).label("delta"),
+                    sa.func.min(charges.c.at).label("oldest"),
+                )
+                .select_from(charges.join(charge_scopes, charge_scopes.c.charge_id == charges.c.id))
+                .where(charge_scopes.c.scope.in_(wanted), charges.c.at > now - self.window_seconds)
+                .group_by(charge_scopes.c.scope)
             )
-            .select_from(charges.join(charge_scopes, charge_scopes.c.charge_id == charges.c.id))
-            .where(charge_scopes.c.scope == scope, charges.c.at > now - self.window_seconds)
-        ).one()
-        spent_epsilon, spent_delta, oldest = row
-        return Usage(
-            scope=scope,
-            cap=self._cap(conn, scope),
-            spent_epsilon=float(spent_epsilon),
-            spent_delta=float(spent_delta),
-            next_expiry=None if oldest is None else float(oldest) + self.window_seconds,
-        )
+        }
+        overrides = {
+            row.scope: Cap(epsilon=row.epsilon, delta=row.delta)
+            for row in conn.execute(
+                sa.select(caps.c.scope, caps.c.epsilon, caps.c.delta).where(caps.c.scope.in_(wanted))
+            )
+        }
+        usages = {}
+        for scope in wanted:
+            row = sums.get(scope)
+            kind, _ = split_scope(scope)
+            default = self.budget.per_analyst if kind == "analyst" else self.budget.per_subject
+            usages[scope] = Usage(
+                scope=scope,
+                cap=overrides.get(scope, default),
+                spent_epsilon=float(row.epsilon) if row is not None else 0.0,
+                spent_delta=float(row.delta) if row is not None else 0.0,
+                next_expiry=None if row is None or row.oldest is None else float(row.oldest) + self.window_seconds,
+            )
+        return usages
 
     def _audit(
         self,
@@ -368,8 +389,9 @@ class SQLBudgetStore(BudgetStore):
         def work(conn: Connection) -> None:
             self._lock(conn, scopes)
             now = self.clock()  # read under the lock: the window is evaluated at the insertion time
+            usages = self._usages(conn, scopes, now)
             for scope in scopes:
-                usage = self._usage(conn, scope, now)
+                usage = usages[scope]
                 if not (
                     fits(usage.spent_epsilon + spend.epsilon, usage.cap.epsilon)
                     and fits(usage.spent_delta + spend.delta, usage.cap.delta)
@@ -496,10 +518,9 @@ class SQLBudgetStore(BudgetStore):
     def remaining(self, analyst: str, domains: Sequence[str]) -> Remaining:
         def work(conn: Connection) -> Remaining:
             now = self.clock()
-            return Remaining(
-                analyst=self._usage(conn, scope_name("analyst", analyst), now),
-                domains={d: self._usage(conn, scope_name("domain", d), now) for d in domains},
-            )
+            mine = scope_name("analyst", analyst)
+            usages = self._usages(conn, [mine, *(scope_name("domain", d) for d in domains)], now)
+            return Remaining(analyst=usages[mine], domains={d: usages[scope_name("domain", d)] for d in domains})
 
         return self._run(work, write=False)
 
@@ -560,7 +581,8 @@ class SQLBudgetStore(BudgetStore):
             scopes = sorted(conn.execute(sa.select(known.c.scope)).scalars())
             if kind is not None:
                 scopes = [s for s in scopes if split_scope(s)[0] == kind]
-            return [self._usage(conn, s, now) for s in scopes]
+            usages = self._usages(conn, scopes, now)
+            return [usages[s] for s in scopes]
 
         return self._run(work, write=False)
 
