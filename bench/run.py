@@ -197,7 +197,8 @@ def stage_timers(gw: Gateway) -> Iterator[dict[str, list[float]]]:
     connector_execute = gw.connector.execute
     gw.connector.execute = wrap("backend", connector_execute)  # type: ignore[method-assign]
     store_methods = {
-        m: getattr(gw.store, m) for m in ("cached_answer", "reserve", "commit", "remaining", "audit_event")
+        m: getattr(gw.store, m)
+        for m in ("cached_answer", "reserve", "commit", "commit_and_remaining", "remaining", "audit_event")
     }
     for m, fn in store_methods.items():
         setattr(gw.store, m, wrap("ledger", fn))

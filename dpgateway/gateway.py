@@ -168,8 +168,10 @@ class Gateway:
         reservation = self.store.reserve(spend)  # refusals are audited by the store
         frame = self._run(plan, reservation)
         answer = {"columns": [str(c) for c in frame.columns], "rows": Result(frame, 0, 0, {}).rows}
-        self.store.commit(reservation, epsilon=spend.epsilon, delta=spend.delta, answer=answer)
-        return Result(frame, spend.epsilon, spend.delta, self.store.remaining(who, spend.domains).as_dict())
+        remaining = self.store.commit_and_remaining(
+            reservation, epsilon=spend.epsilon, delta=spend.delta, answer=answer, analyst=who, domains=spend.domains
+        )
+        return Result(frame, spend.epsilon, spend.delta, remaining.as_dict())
 
     def prepare(self, table: str) -> PreparedCopy:
         """Materialize a bounded copy of ``table`` that later unfiltered queries read (see dpgateway/prepare.py).

@@ -19,6 +19,7 @@ import yaml
 
 from dpgateway import Gateway
 from dpgateway.connectors.duckdb import DuckDBConnector, DuckDBHooks
+from dpgateway.errors import InternalError
 from dpgateway.passes.bounding import _row_bounded
 from dpgateway.passes.context import PlanContext
 from dpgateway.planner import PlanCache, build_plan
@@ -159,3 +160,23 @@ def test_plan_cache_reuses_plans_and_is_keyed_by_policy(tmp_path: Path) -> None:
     reseeded = dataclasses.replace(ctx, seed=b"another-seed")
     assert reseeded.fingerprint != ctx.fingerprint
     assert len(cache._plans) == 2  # bounded LRU
+
+
+def test_commit_and_remaining_is_one_debit_then_the_budget_left(tmp_path: Path) -> None:
+    from dpgateway.budget_store import open_store
+    from dpgateway.budget_store.base import Spend
+    from dpgateway.policies.model import Budget
+
+    store = open_store(f"sqlite:///{tmp_path / 'ledger.db'}", Budget())
+    spend = Spend(analyst="ann", domains=("pid",), epsilon=0.5, delta=0.0, query_key="q", sql="SELECT 1")
+    reservation = store.reserve(spend)
+    left = store.commit_and_remaining(
+        reservation, epsilon=0.5, delta=0.0, answer={"rows": []}, analyst="ann", domains=["pid"]
+    )
+    assert left == store.remaining("ann", ["pid"])
+    assert left.analyst.remaining_epsilon == pytest.approx(3.5) and left.domains["pid"].spent_epsilon == 0.5
+    assert store.cached_answer("ann", "q") == {"rows": []}
+    assert [r.outcome for r in store.audit_log()] == ["released"]
+    with pytest.raises(InternalError, match="already committed"):
+        store.commit_and_remaining(reservation, epsilon=0.5, delta=0.0, analyst="ann", domains=["pid"])
+    store.close()

@@ -139,6 +139,20 @@ class BudgetStore(ABC):
     def commit(self, reservation_id: str, *, epsilon: float, delta: float, answer: Any = None) -> None:
         """Debit what the mechanisms consumed (at most what was reserved); store the answer for replay."""
 
+    def commit_and_remaining(
+        self,
+        reservation_id: str,
+        *,
+        epsilon: float,
+        delta: float,
+        answer: Any = None,
+        analyst: str,
+        domains: Sequence[str],
+    ) -> Remaining:
+        """:meth:`commit`, then :meth:`remaining`; stores may do both in one transaction (one round trip)."""
+        self.commit(reservation_id, epsilon=epsilon, delta=delta, answer=answer)
+        return self.remaining(analyst, domains)
+
     @abstractmethod
     def release(self, reservation_id: str, *, outcome: Outcome, message: str = "") -> None:
         """Drop a reservation of a query that failed before touching data."""

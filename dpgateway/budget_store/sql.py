@@ -423,6 +423,32 @@ class SQLBudgetStore(BudgetStore):
         return charge_id
 
     def commit(self, reservation_id: str, *, epsilon: float, delta: float, answer: Any = None) -> None:
+        work = self._commit_work(reservation_id, epsilon=epsilon, delta=delta, answer=answer)
+        self._run(work)
+
+    def commit_and_remaining(
+        self,
+        reservation_id: str,
+        *,
+        epsilon: float,
+        delta: float,
+        answer: Any = None,
+        analyst: str,
+        domains: Sequence[str],
+    ) -> Remaining:
+        """The debit and the budget left after it, in one transaction (the debit is committed when this returns)."""
+        commit = self._commit_work(reservation_id, epsilon=epsilon, delta=delta, answer=answer)
+
+        def work(conn: Connection) -> Remaining:
+            commit(conn)
+            return self._remaining(conn, analyst, domains)
+
+        return self._run(work)
+
+    def _commit_work(
+        self, reservation_id: str, *, epsilon: float, delta: float, answer: Any
+    ) -> Callable[[Connection], None]:
+        """Validate the arguments; return the transaction body of :meth:`commit`."""
         if not (math.isfinite(epsilon) and epsilon >= 0 and math.isfinite(delta) and delta >= 0):
             raise InternalError(f"commit of {reservation_id}: epsilon={epsilon!r}, delta={delta!r} must be >= 0")
         try:
@@ -476,7 +502,7 @@ class SQLBudgetStore(BudgetStore):
                 charge_id=reservation_id,
             )
 
-        self._run(work)
+        return work
 
     def release(self, reservation_id: str, *, outcome: Outcome, message: str = "") -> None:
         if outcome == "released":
@@ -516,13 +542,13 @@ class SQLBudgetStore(BudgetStore):
         return None if found is None else json.loads(found)
 
     def remaining(self, analyst: str, domains: Sequence[str]) -> Remaining:
-        def work(conn: Connection) -> Remaining:
-            now = self.clock()
-            mine = scope_name("analyst", analyst)
-            usages = self._usages(conn, [mine, *(scope_name("domain", d) for d in domains)], now)
-            return Remaining(analyst=usages[mine], domains={d: usages[scope_name("domain", d)] for d in domains})
+        return self._run(lambda conn: self._remaining(conn, analyst, domains), write=False)
 
-        return self._run(work, write=False)
+    def _remaining(self, conn: Connection, analyst: str, domains: Sequence[str]) -> Remaining:
+        now = self.clock()
+        mine = scope_name("analyst", analyst)
+        usages = self._usages(conn, [mine, *(scope_name("domain", d) for d in domains)], now)
+        return Remaining(analyst=usages[mine], domains={d: usages[scope_name("domain", d)] for d in domains})
 
     def audit_event(self, spend: Spend, *, outcome: Outcome, message: str = "") -> None:
         self._audit_spend(spend, outcome, message)
