@@ -218,7 +218,8 @@ def _aggregate(agg: exp.AggFunc, registry: _Registry, table: Table) -> exp.Expr:
     )
     if isinstance(agg, (exp.Variance, exp.Stddev, exp.StddevSamp)):  # sample variance, as PostgreSQL
         n2 = exp.Greatest(this=n.copy(), expressions=[number(2)], ignore_nulls=True)
-        var = exp.Div(this=exp.Mul(this=var, expression=n2), expression=exp.Sub(this=n2.copy(), expression=number(1)))
+        n2_minus_1 = exp.Paren(this=exp.Sub(this=n2.copy(), expression=number(1)))  # the builder adds no parentheses
+        var = exp.Div(this=exp.Mul(this=var, expression=n2), expression=n2_minus_1)
     return exp.Sqrt(this=var) if isinstance(agg, (exp.Stddev, exp.StddevSamp, exp.StddevPop)) else var
 
 
