@@ -125,6 +125,7 @@ class Gateway:
                 self.connector.check_table(table)
         self._ctx = PlanContext(config=config, hooks=self.connector.hooks, seed=self.store.secret_seed())
         self._plans = PlanCache()
+        self._sources = self._ctx.hooks.state()
 
     @classmethod
     def from_config(cls, path: str | os.PathLike[str] | None = None, **kwargs: Any) -> Gateway:
@@ -228,8 +229,9 @@ class Gateway:
     def _context(self) -> PlanContext:
         """The planning context, with the prepared copies that are valid right now."""
         copies = prepare.valid_copies(self.config, self._ctx.seed)
-        if copies != self._ctx.prepared:
-            self._ctx = dataclasses.replace(self._ctx, prepared=copies)
+        sources = self._ctx.hooks.state()  # e.g. a CSV whose sniffed dialect no longer applies
+        if copies != self._ctx.prepared or sources != self._sources:
+            self._ctx, self._sources = dataclasses.replace(self._ctx, prepared=copies), sources
         return self._ctx
 
     def _plan(self, sql: str, epsilon: float, delta: float) -> DPPlan:
