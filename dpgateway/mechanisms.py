@@ -78,9 +78,16 @@ def partition_threshold(scale: float, k: int, delta: float) -> tuple[int, float,
         )
     d_in = (k, k, k)
     # Discrete Laplace tail: P(Z >= t) <= exp(-(t - 1) / scale); the union over k partitions gives this start.
-    guess = k + max(1, math.ceil(scale * math.log(k / delta)))
+    guess = k + max(1, math.ceil(scale * (math.log(k) - math.log(delta))))
     lo, hi = max(k + 1, guess // 2), guess
-    while _threshold_laplace(scale, hi).map(d_in)[1] > delta:
+    previous = math.inf
+    while (reached := _threshold_laplace(scale, hi).map(d_in)[1]) > delta:
+        if reached >= previous:  # the map's delta stopped falling: it cannot certify one this small
+            raise InvalidParameterError(
+                f"delta {delta!r} is below the smallest delta partition selection can certify ({reached:.3g}); "
+                "ask for a larger delta"
+            )
+        previous = reached
         lo, hi = hi, hi * 2
     while lo < hi:  # smallest passing threshold in [lo, hi]; the map's delta falls as the threshold rises
         mid = (lo + hi) // 2
