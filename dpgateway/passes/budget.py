@@ -26,7 +26,9 @@ def fixed_point_scale(bound: float) -> float:
     """Per-row values are summed as ``round(value * scale)``: about 6 significant digits of ``bound``."""
     if bound <= 0:
         return 1.0
-    return 10.0 ** (FIXED_POINT_DIGITS - math.ceil(math.log10(bound)))
+    # At most 1e300, so the scale stays a finite double for denormal bounds (or squares that underflow);
+    # the sensitivity k * ceil(bound * scale) still bounds every round(value * scale).
+    return 10.0 ** min(300, FIXED_POINT_DIGITS - math.ceil(math.log10(bound)))
 
 
 def split_budget(plan: DPPlan, *, ctx: PlanContext) -> DPPlan:
