@@ -15,7 +15,7 @@ from dpgateway.passes.prepared import use_prepared_copy
 from dpgateway.passes.resolve import resolve_table
 from dpgateway.passes.total import make_total
 from dpgateway.plan import DPPlan
-from dpgateway.sqlparse import parse
+from dpgateway.sqlparse import normalize, parse
 
 Pass = Callable[..., DPPlan]
 
@@ -44,10 +44,10 @@ class PlanCache:
     """A small LRU of built plans.
 
     The key is the context's fingerprint (policy, secret seed, backend hooks and the state of the
-    sources and prepared copies, see :attr:`PlanContext.fingerprint`), the exact SQL text, epsilon and
-    delta: any policy, config or source change gives new keys, so a stale plan is never reused. Plans
-    are frozen and never mutated after building, so sharing them between queries is safe. Refusals
-    are not cached.
+    sources and prepared copies, see :attr:`PlanContext.fingerprint`), the normalized SQL (the same
+    normalization as the replay key, memoized, so it costs nothing extra), epsilon and delta: any
+    policy, config or source change gives new keys, so a stale plan is never reused. Plans are frozen
+    and never mutated after building, so sharing them between queries is safe. Refusals are not cached.
     """
 
     def __init__(self, maxsize: int = 256) -> None:
@@ -56,12 +56,12 @@ class PlanCache:
         self._lock = threading.Lock()
 
     def build(self, sql: str, *, epsilon: float, delta: float, ctx: PlanContext) -> DPPlan:
-        key = (ctx.fingerprint, sql, epsilon, delta)
+        key = (ctx.fingerprint, normalize(sql), epsilon, delta)
         with self._lock:
             plan = self._plans.get(key)
             if plan is not None:
                 self._plans.move_to_end(key)
-                return plan
+                return plan if plan.sql == sql else plan.with_(sql=sql)
         plan = build_plan(sql, epsilon=epsilon, delta=delta, ctx=ctx)
         with self._lock:
             self._plans[key] = plan

@@ -153,6 +153,8 @@ def test_plan_cache_reuses_plans_and_is_keyed_by_policy(tmp_path: Path) -> None:
     first = cache.build("SELECT COUNT(*) FROM t", epsilon=1.0, delta=0.0, ctx=ctx)
     assert cache.build("SELECT COUNT(*) FROM t", epsilon=1.0, delta=0.0, ctx=ctx) is first
     assert cache.build("SELECT COUNT(*) FROM t", epsilon=0.5, delta=0.0, ctx=ctx) is not first
+    respelled = cache.build("select   count(*)\nfrom T", epsilon=1.0, delta=0.0, ctx=ctx)  # same normalized SQL
+    assert respelled.bounded_sql == first.bounded_sql and respelled.sql == "select   count(*)\nfrom T"
     other = _ctx(source, k=5)  # a policy change: new fingerprint, new plan
     assert other.fingerprint != ctx.fingerprint
     changed = cache.build("SELECT COUNT(*) FROM t", epsilon=1.0, delta=0.0, ctx=other)

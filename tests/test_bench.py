@@ -1,0 +1,29 @@
+"""The benchmark script runs end to end on a small table and writes its JSON and Markdown (no timing asserts)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+RUN = Path(__file__).parents[1] / "bench" / "run.py"
+
+
+@pytest.mark.slow
+def test_bench_smoke_run(tmp_path: Path) -> None:
+    spec = importlib.util.spec_from_file_location("bench_run", RUN)
+    assert spec is not None and spec.loader is not None
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out, md = tmp_path / "results.json", tmp_path / "RESULTS.md"
+    argv = ["--rows", "100000", "--reps", "1", "--overhead-queries", "5", "--out", str(out), "--markdown", str(md)]
+    assert bench.main(argv) == 0
+    results = json.loads(out.read_text())
+    (scale,) = results["scales"]
+    assert scale["rows"] == 100000 and set(scale["cold"]) == set(bench.SHAPES) == set(scale["prepared"])
+    assert {v["rewrite"] for v in scale["prepared"].values()} == {"prepared"}
+    assert scale["cold"]["COUNT(*)"]["rewrite"] == "unit_count"
+    assert results["overhead"]["distinct"]["mean_ms_by_stage"]["ledger"] > 0
+    assert "## 100,000 rows" in md.read_text() and results["machine"]["cores"]
