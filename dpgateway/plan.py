@@ -86,6 +86,7 @@ class DPPlan:
     settings: tuple[tuple[str, Any], ...] = ()  # per-query backend settings
     prepared: str | None = None  # path of a valid prepared (pre-bounded) copy to read instead of the source
     rewrite: str = ""  # which bounding rewrite produced bounded_sql: 'rows', 'unit_count' or 'prepared'
+    post_sql: str = ""  # post-processing query over the noisy frame (postprocess.py)
     notes: tuple[str, ...] = field(default=())
 
     @property

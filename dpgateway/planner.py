@@ -11,6 +11,7 @@ from dpgateway.passes.bounding import bound_contributions
 from dpgateway.passes.budget import split_budget
 from dpgateway.passes.context import PlanContext
 from dpgateway.passes.groups import plan_groups
+from dpgateway.passes.post import render_post_processing
 from dpgateway.passes.prepared import use_prepared_copy
 from dpgateway.passes.resolve import resolve_table
 from dpgateway.passes.total import make_total
@@ -27,6 +28,7 @@ PASSES: tuple[Pass, ...] = (
     split_budget,  # epsilon/delta per measurement, noise scales, partition threshold
     use_prepared_copy,  # unfiltered queries read a valid prepared (pre-bounded) copy if there is one
     bound_contributions,  # bounded SQL for the backend: cheapest correct rewrite for the shape
+    render_post_processing,  # the sandbox query over the noisy values, rendered once per plan
 )
 
 

@@ -26,6 +26,13 @@ _sandbox: tuple[int, duckdb.DuckDBPyConnection] | None = None
 
 def post_process(plan: DPPlan, noisy: pd.DataFrame) -> pd.DataFrame:
     """Evaluate the query's SELECT list, HAVING, ORDER BY and LIMIT over the noisy frame."""
+    frame = run_sandboxed(plan.post_sql or post_processing_sql(plan), noisy)
+    frame.columns = [o.name for o in plan.outputs]
+    return frame
+
+
+def post_processing_sql(plan: DPPlan) -> str:
+    """The sandbox query over ``__noisy`` (rendered once per plan by passes/post.py)."""
     query = exp.select(*(exp.alias_(o.expr.copy(), o.name, quoted=True) for o in plan.outputs)).from_(NOISY)
     if plan.having is not None:
         query = query.where(plan.having.copy())
@@ -35,18 +42,16 @@ def post_process(plan: DPPlan, noisy: pd.DataFrame) -> pd.DataFrame:
         query = query.limit(plan.limit)
     if plan.offset is not None:
         query = query.offset(plan.offset)
-    frame = run_sandboxed(query, noisy)
-    frame.columns = [o.name for o in plan.outputs]
-    return frame
+    return query.sql(dialect="duckdb")
 
 
-def run_sandboxed(query: exp.Expr, noisy: pd.DataFrame | None = None) -> pd.DataFrame:
+def run_sandboxed(query: exp.Expr | str, noisy: pd.DataFrame | None = None) -> pd.DataFrame:
     """Run ``query`` where only ``noisy`` (as table ``__noisy``) exists and no file can be read."""
     con = _sandbox_cursor()
     try:
         if noisy is not None:
             con.register(NOISY, noisy)
-        result = con.execute(query.sql(dialect="duckdb"))
+        result = con.execute(query if isinstance(query, str) else query.sql(dialect="duckdb"))
         return pd.DataFrame(result.fetchall(), columns=[d[0] for d in result.description or ()])
     except duckdb.Error as exc:
         # Only released values are involved, so the message is safe to show.

@@ -1,4 +1,4 @@
-"""Pass 6: the bounded SQL pushed down to the backend, the cheapest correct rewrite for the query's shape:
+"""Pass 7: the bounded SQL pushed down to the backend, the cheapest correct rewrite for the query's shape:
 
 - a prepared copy (``plan.prepared``, unfiltered queries): rows are already bounded, aggregate directly;
 - scalar ``COUNT(*)``: per-unit pre-aggregation ``SUM(LEAST(n_u, k))`` (exactly the row-bounded count);

@@ -1,4 +1,4 @@
-"""Pass 5: read a prepared (pre-bounded) copy of the table instead of bounding on the fly.
+"""Pass 6: read a prepared (pre-bounded) copy of the table instead of bounding on the fly.
 
 Proof note (prepared copy): ``dpgateway prepare`` keeps, for each privacy unit, the ``k`` rows that the
 on-the-fly rewrite keeps for an *unfiltered* query: the smallest keyed hashes over all declared
