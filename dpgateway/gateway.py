@@ -8,6 +8,7 @@ import hashlib
 import math
 import os
 from dataclasses import dataclass, field
+from decimal import Decimal
 from typing import Any
 
 import pandas as pd
@@ -305,6 +306,8 @@ def _plain(value: Any) -> Any:
         return None
     if hasattr(value, "item"):
         value = value.item()
+    if isinstance(value, Decimal):  # DuckDB's type for arithmetic with decimal literals, e.g. COUNT(*) + 0.5
+        value = float(value)
     if isinstance(value, float) and not math.isfinite(value):
         return None
     if hasattr(value, "isoformat"):
