@@ -7,7 +7,7 @@ from typing import Any
 
 from sqlglot import exp
 
-from dpgateway.errors import PrivacyViolationError, UnknownColumnError, UnsupportedError
+from dpgateway.errors import PrivacyViolationError, QuerySyntaxError, UnknownColumnError, UnsupportedError
 from dpgateway.passes.context import PlanContext
 from dpgateway.plan import DPPlan, GroupKey
 from dpgateway.policies.model import Table
@@ -50,6 +50,8 @@ def public_cells(keys: tuple[GroupKey, ...]) -> list[tuple[Any, ...]] | None:
 def _resolve_item(item: exp.Expr, select: exp.Select, table: Table) -> exp.Expr:
     outputs = select.expressions
     if isinstance(item, exp.Literal) and not item.is_string:
+        if not item.name.isdigit():
+            raise QuerySyntaxError(f"non-integer constant in GROUP BY: {item.name}")  # as PostgreSQL
         position = int(item.name)
         if not 1 <= position <= len(outputs):
             raise UnknownColumnError(f"GROUP BY position {position} is not in select list")
