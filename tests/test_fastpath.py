@@ -137,12 +137,16 @@ def test_one_person_with_many_rows_moves_each_aggregate_by_at_most_its_sensitivi
         n_keys = len(plan.group_keys)
         results.append((plan, {row[:n_keys]: row[n_keys:] for row in exact.rows}))
     (plan, before), (_, after) = results
+    moves = []
     for j, m in enumerate(plan.measurements):
         moved = sum(
             abs((after.get(key, (None,) * 9)[j] or 0) - (before.get(key, (None,) * 9)[j] or 0))
             for key in {*before, *after}
         )
-        assert 0 < moved <= m.sensitivity, (m.label, moved, m.sensitivity)
+        assert moved <= m.sensitivity, (m.label, moved, m.sensitivity)
+        moves.append(moved)
+    # A centred sum can net to zero (kept values clamped to lo and hi), but the person's rows always count.
+    assert any(moves), moves
 
 
 def test_plan_cache_reuses_plans_and_is_keyed_by_policy(tmp_path: Path) -> None:

@@ -151,9 +151,9 @@ def _column(where: str, name: str, spec: Any) -> Column:
             or len(bounds) != 2
             or not all(isinstance(b, (int, float)) and not isinstance(b, bool) for b in bounds)
             or not all(math.isfinite(b) for b in bounds)
-            or bounds[0] > bounds[1]
+            or bounds[0] >= bounds[1]
         ):
-            raise ConfigError(f"{where}.bounds: must be [lo, hi] with finite numbers and lo <= hi")
+            raise ConfigError(f"{where}.bounds: must be [lo, hi] with finite numbers and lo < hi")
         if max(abs(bounds[0]), abs(bounds[1])) > 1e15:
             raise ConfigError(f"{where}.bounds: |bound| must be at most 1e15 to keep sums exact")
         bounds = (float(bounds[0]), float(bounds[1]))
