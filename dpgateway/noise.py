@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import pandas as pd
@@ -15,7 +16,27 @@ from dpgateway.plan import DPPlan
 Key = tuple[Any, ...]
 
 
-def add_noise(plan: DPPlan, exact: ExactAggregates) -> pd.DataFrame:
+@dataclass(frozen=True)
+class Noisy:
+    """The noisy release as plain Python columns (key values; ints for counts; floats for sums in real units).
+
+    Post-processing reads it directly when it can (postprocess.py); :meth:`frame` is the pandas form the
+    sandbox DuckDB reads otherwise. Building a DataFrame costs more than the rest of this module.
+    """
+
+    columns: tuple[str, ...]
+    values: tuple[list[Any], ...]
+    counts: frozenset[str] = frozenset()  # columns typed as nullable integers in the frame
+
+    def frame(self) -> pd.DataFrame:
+        data = {
+            name: pd.array(column, dtype="Int64") if name in self.counts else column
+            for name, column in zip(self.columns, self.values, strict=True)
+        }
+        return pd.DataFrame(data, columns=list(self.columns))
+
+
+def add_noise(plan: DPPlan, exact: ExactAggregates) -> Noisy:
     """One row per released group: key columns, then each measurement in real units (noisy).
 
     Public key domains are released whole (missing groups count zero, values outside the domain are
@@ -30,11 +51,18 @@ def add_noise(plan: DPPlan, exact: ExactAggregates) -> pd.DataFrame:
     if cells is None:
         cells, noisy = _select(plan, by_key)
     values = {m.name: [_exact(by_key.get(cell), n_keys + i) for cell in cells] for i, m in enumerate(plan.measurements)}
-    frame: dict[str, Any] = {k.name: [cell[j] for cell in cells] for j, k in enumerate(plan.group_keys)}
+    columns: list[list[Any]] = [[cell[j] for cell in cells] for j in range(n_keys)]
     for m in plan.measurements:
         raw = noisy[m.name] if m.name in noisy else noisy_vector(values[m.name], m.noise_scale)
-        frame[m.name] = pd.array(raw, dtype="Int64") if m.kind == "count" else [v / m.scale for v in raw]
-    return pd.DataFrame(frame, columns=[*(k.name for k in plan.group_keys), *(m.name for m in plan.measurements)])
+        if m.kind == "count":  # a fixed-point count (weighted rewrite) is presented as an integer
+            columns.append(list(raw) if m.scale == 1 else [round(v / m.scale) for v in raw])
+        else:
+            columns.append([v / m.scale for v in raw])
+    return Noisy(
+        columns=(*(k.name for k in plan.group_keys), *(m.name for m in plan.measurements)),
+        values=tuple(columns),
+        counts=frozenset(m.name for m in plan.measurements if m.kind == "count"),
+    )
 
 
 def _select(plan: DPPlan, by_key: dict[Key, tuple[Any, ...]]) -> tuple[list[Key], dict[str, list[int]]]:

@@ -4,31 +4,136 @@ It runs in a separate in-memory DuckDB that holds nothing but the noisy frame an
 so anything computed here is a function of the DP release. The sandbox database is opened once per
 process (opening one costs about 17 ms); each call gets its own cursor, a separate connection on which
 the noisy frame is registered, and which is closed afterwards, so calls never see each other's frames.
+
+The common case, a SELECT list of columns, integer literals, ``+ - * /`` and GREATEST/LEAST with no
+HAVING, ORDER BY, LIMIT or OFFSET, is evaluated in Python instead (:func:`_python_outputs`, about 2 ms
+less per query). It gives exactly DuckDB's values and types or declines, and DuckDB answers: it declines
+anything whose DuckDB semantics it does not reproduce (NULLs, keys that are not all ``int`` or all
+``str``, non-integer literals, integers of 2**31 or more that DuckDB might overflow on, division by zero,
+non-finite floats, an empty release whose binding errors would go unseen).
+Test: tests/test_gateway.py::test_python_post_processing_agrees_with_duckdb.
 """
 
 from __future__ import annotations
 
+import math
+import operator
 import os
 import threading
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import duckdb
 import pandas as pd
 from sqlglot import exp
 
 from dpgateway.errors import InvalidParameterError
+from dpgateway.noise import Noisy
 from dpgateway.plan import DPPlan
 
 NOISY = "__noisy"
+INT_LIMIT = 2**31  # below this, no BIGINT (nor INTEGER literal) arithmetic of two operands overflows in DuckDB
 
 _lock = threading.Lock()
 _sandbox: tuple[int, duckdb.DuckDBPyConnection] | None = None
 
+Row = Sequence[Any]
+Evaluator = Callable[[Row], Any]
 
-def post_process(plan: DPPlan, noisy: pd.DataFrame) -> pd.DataFrame:
-    """Evaluate the query's SELECT list, HAVING, ORDER BY and LIMIT over the noisy frame."""
-    frame = run_sandboxed(plan.post_sql or post_processing_sql(plan), noisy)
-    frame.columns = [o.name for o in plan.outputs]
+
+def post_process(plan: DPPlan, noisy: Noisy) -> pd.DataFrame:
+    """Evaluate the query's SELECT list, HAVING, ORDER BY and LIMIT over the noisy release."""
+    names = [o.name for o in plan.outputs]
+    rows = _python_outputs(plan, noisy)
+    if rows is not None:
+        return pd.DataFrame(rows, columns=names)
+    frame = run_sandboxed(plan.post_sql or post_processing_sql(plan), noisy.frame())
+    frame.columns = names
     return frame
+
+
+class _Declined(Exception):
+    """The Python evaluator does not reproduce DuckDB here: use the sandbox."""
+
+
+def _python_outputs(plan: DPPlan, noisy: Noisy) -> list[tuple[Any, ...]] | None:
+    """The SELECT list evaluated in Python, exactly as DuckDB would; None when that is not certain."""
+    if plan.having is not None or plan.order or plan.limit is not None or plan.offset is not None:
+        return None
+    if not noisy.values or not noisy.values[0]:
+        return None
+    for column in noisy.values:
+        kind = type(column[0])
+        if kind not in (int, float, str) or any(type(v) is not kind for v in column):
+            return None  # NULLs, bools, dates, decimals, mixed types: pandas and DuckDB convert them
+    positions = {name: i for i, name in enumerate(noisy.columns)}
+    try:
+        evaluators = [_compile(o.expr, positions) for o in plan.outputs]
+        return [tuple(f(row) for f in evaluators) for row in zip(*noisy.values, strict=True)]
+    except _Declined:
+        return None
+
+
+def _compile(node: exp.Expr, positions: dict[str, int]) -> Evaluator:
+    """A function of one row computing ``node`` with DuckDB's semantics, or :class:`_Declined`."""
+    if isinstance(node, exp.Paren):
+        return _compile(node.this, positions)
+    if isinstance(node, exp.Column) and not node.table and node.name in positions:
+        index = positions[node.name]
+        return lambda row: row[index] if type(row[index]) is str else _checked(row[index])
+    if isinstance(node, exp.Literal) and not node.is_string and node.this.isdigit():
+        value = _checked(int(node.this))  # DuckDB: INTEGER
+        return lambda row: value
+    if isinstance(node, exp.Neg):
+        inner = _compile(node.this, positions)
+        return lambda row: _arith(operator.neg, inner(row))
+    if isinstance(node, (exp.Add, exp.Sub, exp.Mul)):
+        op = operator.add if isinstance(node, exp.Add) else operator.sub if isinstance(node, exp.Sub) else operator.mul
+        left, right = _compile(node.left, positions), _compile(node.right, positions)
+        return lambda row: _arith(op, left(row), right(row))
+    if type(node) is exp.Div and not node.args.get("typed") and not node.args.get("safe"):
+        left, right = _compile(node.left, positions), _compile(node.right, positions)
+        return lambda row: _divide(left(row), right(row))
+    if type(node) in (exp.Greatest, exp.Least):
+        pick = max if isinstance(node, exp.Greatest) else min
+        args = [_compile(a, positions) for a in (node.this, *node.expressions)]
+        return lambda row: _extreme(pick, [a(row) for a in args])
+    raise _Declined
+
+
+def _checked(value: Any) -> Any:
+    """Numbers DuckDB computes with exactly as Python does: small ints, finite floats."""
+    if type(value) is int and -INT_LIMIT < value < INT_LIMIT:
+        return value
+    if type(value) is float and math.isfinite(value):
+        return value
+    raise _Declined
+
+
+def _number(value: Any) -> int | float:
+    if type(value) not in (int, float):
+        raise _Declined  # e.g. arithmetic on a text key: DuckDB's error message is kept
+    return value  # type: ignore[no-any-return]
+
+
+def _arith(op: Callable[..., Any], *values: Any) -> Any:
+    """DuckDB: BIGINT op BIGINT is BIGINT; any DOUBLE operand makes it DOUBLE (the BIGINT converted, as Python does)."""
+    return _checked(op(*(_number(v) for v in values)))
+
+
+def _divide(left: Any, right: Any) -> float:
+    """DuckDB's ``/`` divides as DOUBLE, both operands converted first."""
+    a, b = float(_number(left)), float(_number(right))
+    if b == 0:
+        raise _Declined
+    return _checked(a / b)  # type: ignore[no-any-return]
+
+
+def _extreme(pick: Callable[..., Any], values: list[Any]) -> Any:
+    """GREATEST/LEAST: DOUBLE if any argument is, else BIGINT."""
+    numbers = [_number(v) for v in values]
+    chosen = pick(numbers)
+    return float(chosen) if any(type(v) is float for v in numbers) else chosen
 
 
 def post_processing_sql(plan: DPPlan) -> str:

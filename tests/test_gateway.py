@@ -192,3 +192,53 @@ def test_gateway_is_stateless_between_queries(demo_gateway: Gateway) -> None:
     demo_gateway.query("SELECT COUNT(*) FROM pums", analyst="o", epsilon=0.1)
     assert {f: getattr(demo_gateway, f) for f in fields_before} == fields_before
     assert dataclasses.is_dataclass(demo_gateway.explain("SELECT COUNT(*) FROM pums").plan)
+
+
+AGREEMENT_QUERIES = [
+    # (query, whether the Python evaluator answers it; otherwise the sandbox DuckDB does)
+    ("SELECT sex, COUNT(*) AS n, AVG(income) AS a FROM pums GROUP BY sex", True),
+    ("SELECT COUNT(*) AS n, SUM(income) AS s, AVG(age) AS a FROM pums", True),
+    (
+        "SELECT married, COUNT(*) * 2 - 1 AS c, -COUNT(*) AS neg, COUNT(*) - 2 * COUNT(*) AS m FROM pums GROUP BY 1",
+        True,
+    ),
+    ("SELECT married, COUNT(*) / 7 AS d FROM pums GROUP BY married", False),  # a typed (integer) division
+    ("SELECT sex, SUM(income) / COUNT(*) AS r, VARIANCE(age) AS v, STDDEV(income) AS sd FROM pums GROUP BY sex", False),
+    ("SELECT educ, COUNT(*) AS n FROM pums GROUP BY educ", True),
+    ("SELECT sex, COUNT(*) + 0.5 AS half FROM pums GROUP BY sex", False),  # a DECIMAL literal
+    ("SELECT sex, ROUND(AVG(age), 1) AS a FROM pums GROUP BY sex", False),  # a function it does not know
+    ("SELECT sex, COUNT(*) AS n FROM pums GROUP BY sex ORDER BY n DESC", False),
+    ("SELECT educ, COUNT(*) AS n FROM pums GROUP BY educ HAVING COUNT(*) > 10 LIMIT 2", False),
+]
+
+
+@pytest.mark.parametrize(("sql", "in_python"), AGREEMENT_QUERIES)
+def test_python_post_processing_agrees_with_duckdb(demo_gateway: Gateway, sql: str, in_python: bool) -> None:
+    """The Python fast path of postprocess.py gives exactly the sandbox DuckDB's frame (values and dtypes),
+    also on edge values (zero, negative, huge), where it must hand over to DuckDB instead."""
+    from dpgateway.noise import Noisy, add_noise
+    from dpgateway.postprocess import _python_outputs, post_process, run_sandboxed
+
+    plan = demo_gateway.explain(sql, epsilon=1.0, delta=1e-7).plan
+    assert plan is not None
+    noisy = add_noise(plan, demo_gateway.connector.execute(plan.bounded_sql, plan.settings))
+    assert (_python_outputs(plan, noisy) is not None) == in_python
+    edges = [noisy]
+    keys = {k.name for k in plan.group_keys}
+    for count, value in ((0, 0.0), (-3, -1.5), (2**31, 1e300), (2**40, -0.0), (-(2**31) + 1, 2.0**53 + 1)):
+        values = tuple(
+            column
+            if name in keys
+            else [(count if name in noisy.counts else value) if i % 2 else v for i, v in enumerate(column)]
+            for name, column in zip(noisy.columns, noisy.values, strict=True)
+        )
+        edges.append(Noisy(noisy.columns, values, noisy.counts))
+    for case in edges:
+        try:
+            expected = run_sandboxed(plan.post_sql, case.frame())
+        except DPGatewayError as exc:
+            with pytest.raises(DPGatewayError, match=exc.sqlstate):
+                post_process(plan, case)
+            continue
+        expected.columns = [o.name for o in plan.outputs]
+        pd.testing.assert_frame_equal(post_process(plan, case), expected)
