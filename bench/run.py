@@ -377,9 +377,13 @@ def markdown(results: dict[str, Any], command: str) -> str:
         ]
     overhead = results["overhead"]
     labels = ("distinct", "repeated, replay cache off")
+    lines += [f"## Fixed overhead per query, {overhead['rows']:,}-row table", ""]
+    if "overhead_started" in results:
+        lines += [
+            f"Remeasured alone by `python bench/run.py --only overhead` on {results['overhead_started']} (UTC).",
+            "",
+        ]
     lines += [
-        f"## Fixed overhead per query, {overhead['rows']:,}-row table",
-        "",
         f"`{overhead['query']}` (with a varying alias for distinct queries). Mean ms per query by stage:",
         "",
         "| stage | distinct queries | same query, replay cache off (plan cache hits) |",
@@ -428,6 +432,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--overhead-queries", type=int, default=200, help="queries for the overhead figures")
     parser.add_argument("--out", type=Path, default=BENCH / "results.json")
     parser.add_argument("--markdown", type=Path, default=BENCH / "RESULTS.md")
+    parser.add_argument(
+        "--only",
+        choices=["overhead"],
+        help="rerun only this part; the other figures are kept from --out (and say when they were measured)",
+    )
     args = parser.parse_args(argv)
     results: dict[str, Any] = {
         "machine": machine(),
@@ -435,10 +444,18 @@ def main(argv: list[str] | None = None) -> int:
         "k": K,
         "started": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()),
     }
-    results["scales"] = [scale_run(rows, args.reps) for rows in (args.rows or [1_000_000, 10_000_000])]
+    command = "python bench/run.py " + " ".join(f"--rows {r}" for r in (args.rows or [1_000_000, 10_000_000]))
+    if args.only == "overhead":
+        previous = json.loads(args.out.read_text())
+        results["reps"], results["scales"] = previous["reps"], previous["scales"]
+        command = previous.get("command", command)
+        results["started"] = previous["started"]
+        results["overhead_started"] = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime())
+    else:
+        results["scales"] = [scale_run(rows, args.reps) for rows in (args.rows or [1_000_000, 10_000_000])]
+    results["command"] = command
     results["overhead"] = overhead_run(args.overhead_queries)
     args.out.write_text(json.dumps(results, indent=2))
-    command = "python bench/run.py " + " ".join(f"--rows {r}" for r in (args.rows or [1_000_000, 10_000_000]))
     args.markdown.write_text(markdown(results, command))
     print_tables(results)
     return 0
