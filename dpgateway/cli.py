@@ -117,15 +117,15 @@ def explain(
 @config_option
 @reports_errors
 def prepare(table: str, config_path: str | None) -> None:
-    """Materialize a bounded copy of TABLE that later unfiltered queries read (spends nothing).
+    """Materialize a copy of TABLE that later unfiltered queries read (spends nothing).
 
-    Each person's rows are chosen by the same keyed hash as on-the-fly bounding and stored clustered by
-    person as Parquet in the config's cache_dir; the copy is ignored once the source file or the policy
-    changes (run prepare again).
+    Every row with a person is stored clustered by person, with the person's row count and the row's
+    keyed-hash rank (what bounding computes on the fly), as Parquet in the config's cache_dir; the copy
+    is ignored once the source file or the policy changes (run prepare again).
     """
     with Gateway.from_config(config_path) as gw:
         copy = gw.prepare(table)
-    click.echo(f"prepared {copy.table}: {copy.path} (at most {copy.k} row(s) per unit)")
+    click.echo(f"prepared {copy.table}: {copy.path} (bounded to {copy.k} row(s) per unit when read)")
 
 
 @cli.command()

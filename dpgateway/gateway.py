@@ -37,9 +37,9 @@ from dpgateway.sqlparse import query_key
 
 ANALYST_ENV = "DPGATEWAY_ANALYST"
 REWRITE_NOTES = {
+    "weighted": "bounding: each matching row weighted by k / max(rows of its unit, k) (at most k rows' worth per unit)",
     "rows": "bounding: each unit's rows ranked by a keyed hash, the first k kept",
     "unit_count": "bounding: per-unit pre-aggregation, SUM(LEAST(rows per unit, k)) (exactly the row-bounded count)",
-    "prepared": "bounding: reads the prepared bounded copy (`dpgateway prepare`)",
 }
 
 
@@ -176,7 +176,7 @@ class Gateway:
         return Result(frame, spend.epsilon, spend.delta, remaining.as_dict())
 
     def prepare(self, table: str) -> PreparedCopy:
-        """Materialize a bounded copy of ``table`` that later unfiltered queries read (see dpgateway/prepare.py).
+        """Materialize a copy of ``table`` that later unfiltered queries read (see dpgateway/prepare.py).
 
         Spends nothing and releases nothing; the copy is used only while its source and policy are unchanged.
         """
@@ -335,8 +335,9 @@ def _explain(plan: DPPlan) -> Explanation:
         for m in plan.measurements
     )
     accuracy = {o.name: _accuracy(plan, o.kind, o.measurements) for o in plan.outputs}
-    notes = [f"each privacy unit contributes at most {k} row(s); values are clamped to the declared bounds"]
+    notes = [f"each privacy unit contributes at most {k} row(s)' worth; values are clamped to the declared bounds"]
     notes.append(REWRITE_NOTES.get(plan.rewrite, plan.rewrite))
+    notes.extend(plan.notes)  # e.g. reads a prepared copy
     if plan.selects_partitions:
         notes.append("group keys are private: only groups whose noisy count passes the threshold are released")
     return Explanation(

@@ -85,7 +85,7 @@ class DPPlan:
     bounded: exp.Expr | None = None
     settings: tuple[tuple[str, Any], ...] = ()  # per-query backend settings
     prepared: str | None = None  # path of a valid prepared (pre-bounded) copy to read instead of the source
-    rewrite: str = ""  # which bounding rewrite produced bounded_sql: 'rows', 'unit_count' or 'prepared'
+    rewrite: str = ""  # bounding rewrite (passes/rewrite.py): 'weighted', 'unit_count' or 'rows'
     post_sql: str = ""  # post-processing query over the noisy frame (postprocess.py)
     notes: tuple[str, ...] = field(default=())
 

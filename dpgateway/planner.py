@@ -14,6 +14,7 @@ from dpgateway.passes.groups import plan_groups
 from dpgateway.passes.post import render_post_processing
 from dpgateway.passes.prepared import use_prepared_copy
 from dpgateway.passes.resolve import resolve_table
+from dpgateway.passes.rewrite import choose_rewrite
 from dpgateway.passes.total import make_total
 from dpgateway.plan import DPPlan
 from dpgateway.sqlparse import normalize, parse
@@ -25,6 +26,7 @@ PASSES: tuple[Pass, ...] = (
     plan_groups,  # GROUP BY -> keys, public or private domains
     plan_aggregates,  # aggregates -> measurements; SELECT/HAVING/ORDER BY -> post-processing
     make_total,  # WHERE and GROUP BY keys never fail on a row (no data-dependent errors)
+    choose_rewrite,  # bounding estimator for the shape: 'weighted', 'unit_count' or 'rows' (private keys)
     split_budget,  # epsilon/delta per measurement, noise scales, partition threshold
     use_prepared_copy,  # unfiltered queries read a valid prepared (pre-bounded) copy if there is one
     bound_contributions,  # bounded SQL for the backend: cheapest correct rewrite for the shape

@@ -1,8 +1,10 @@
-"""Prepared copies: a one-time, materialized bounded copy of a table that later queries read instead.
+"""Prepared copies: a one-time, materialized copy of a table that later unfiltered queries read instead.
 
-``dpgateway prepare TABLE`` writes, for each privacy unit, the ``k`` rows that an unfiltered query keeps
-(SQL: :func:`dpgateway.passes.bounding.prepared_copy_sql`), typed and clustered by unit, as Parquet in
-the config's ``cache_dir``, with a manifest beside it::
+``dpgateway prepare TABLE`` writes every row with a privacy unit, typed and clustered by unit, with the
+unit's row count and each row's keyed-hash rank within its unit (what the weighted and row-bounding
+rewrites compute on the fly for an unfiltered query; SQL:
+:func:`dpgateway.passes.bounding.prepared_copy_sql`), as Parquet in the config's ``cache_dir``, with a
+manifest beside it::
 
     <cache_dir>/<table>.json      {"version", "table", "file", "source", "policy", "rows"}
     <cache_dir>/<table>-<policy hash>.parquet
@@ -27,7 +29,7 @@ from typing import Any
 from dpgateway.passes.context import PreparedCopy
 from dpgateway.policies.model import Config, Table
 
-MANIFEST_VERSION = 1
+MANIFEST_VERSION = 2  # 2: all rows with unit row count and rank (1 held only the k kept rows)
 
 
 def policy_digest(table: Table, seed: bytes) -> str:

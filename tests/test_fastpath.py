@@ -2,8 +2,11 @@
 
 - scalar COUNT(*) by per-unit pre-aggregation equals the hash-ordered row-bounded count, on random data,
   with and without a filter, with NULL units;
-- adding one person with many rows moves each exact bounded aggregate of the new rewrites (per-unit
-  count, prepared copy) by at most the sensitivity the budget pass noises for;
+- the weighted rewrite computes ``sum trunc(v * k / max(n_u, k))`` exactly as an independent Python
+  reference does, with negative values, NULL values and NULL units, filtered or not;
+- adding one person with many rows moves each exact bounded aggregate of every rewrite (weighted,
+  per-unit count, row bounding, each on the fly and over a prepared copy) by at most the sensitivity the
+  budget pass noises for;
 - the plan cache reuses plans and never serves one built for another policy.
 """
 
@@ -20,8 +23,9 @@ import yaml
 from dpgateway import Gateway
 from dpgateway.connectors.duckdb import DuckDBConnector, DuckDBHooks
 from dpgateway.errors import InternalError
-from dpgateway.passes.bounding import _row_bounded
+from dpgateway.passes.bounding import _row_bounded, bound_contributions
 from dpgateway.passes.context import PlanContext
+from dpgateway.plan import DPPlan
 from dpgateway.planner import PlanCache, build_plan
 from dpgateway.policies.loader import parse_config
 
@@ -91,12 +95,81 @@ def test_unit_count_equals_row_bounded_count(tmp_path: Path, seed: int, where: s
         assert _exact(plan.bounded_sql) == _exact(row_bounded.bounded_sql)
 
 
+def _weighted_reference(frame: pd.DataFrame, policy: dict, sql_where: str, plan: DPPlan) -> dict[tuple, list[int]]:
+    """``sum_r trunc(v(r) * k / max(n_u, k))`` per group, in Python integers, independent of our SQL."""
+    k = policy["tables"]["t"]["max_rows_per_unit"]
+    rows = frame[frame["pid"].notna()]
+    if sql_where:
+        rows = rows.query(sql_where)
+    n = rows.groupby("pid")["pid"].transform("size")
+    columns = policy["tables"]["t"]["columns"]
+    out: dict[tuple, list[int]] = {}
+    for (_, row), n_u in zip(rows.iterrows(), n, strict=True):
+        key = tuple(row[name] for name in ("sex",) if plan.group_keys)
+        totals = out.setdefault(key, [0] * len(plan.measurements))
+        for j, m in enumerate(plan.measurements):
+            x = row[m.column] if m.column else 1
+            if pd.isna(x):
+                continue
+            if m.kind == "count":
+                v = 10**6
+            else:
+                lo, hi = columns[m.column]["bounds"]
+                value = min(max(float(x), lo), hi) - m.center
+                value = (value**2 if m.squared else value) * m.scale
+                v = int(np.floor(abs(value) + 0.5)) * (1 if value >= 0 else -1)  # DuckDB ROUND: half away from 0
+            magnitude = abs(v) * k // max(int(n_u), k)
+            totals[j] += magnitude if v >= 0 else -magnitude  # truncation toward zero
+    return out
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize(
+    ("sql", "where"),
+    [
+        ("SELECT SUM(income), COUNT(*), COUNT(income) FROM t", ""),
+        ("SELECT sex, SUM(income), AVG(age) FROM t WHERE age > 40 GROUP BY sex", "age > 40"),
+        ("SELECT sex, VAR_POP(income) FROM t GROUP BY sex", ""),
+        ("SELECT sex, SUM(income), COUNT(income) FROM t WHERE income < 100 GROUP BY sex", "income < 100"),
+    ],
+)
+def test_weighted_rewrite_matches_an_independent_reference(tmp_path: Path, seed: int, sql: str, where: str) -> None:
+    frame = _people(seed)
+    frame.loc[np.random.default_rng(seed).random(len(frame)) < 0.1, "income"] = None  # NULL values
+    source = tmp_path / "t.csv"
+    frame.to_csv(source, index=False)
+    policy = _policy(source)
+    policy["tables"]["t"]["columns"]["income"]["bounds"] = [-500, 1000]  # negative values, before centring too
+    config = parse_config(policy, base_dir=tmp_path)
+    plan = build_plan(sql, epsilon=1.0, delta=0.0, ctx=PlanContext(config=config, hooks=DuckDBHooks(), seed=b"s"))
+    assert plan.rewrite == "weighted" and "__rn" not in plan.bounded_sql
+    n_keys = len(plan.group_keys)
+    got = {row[:n_keys]: [int(v or 0) for v in row[n_keys:]] for row in _exact(plan.bounded_sql)}
+    reference = _weighted_reference(pd.read_csv(source), policy, where, plan)
+    assert got == reference
+
+
+@pytest.mark.parametrize(
+    ("v", "n", "k", "expected"),
+    [(7, 5, 3, 4), (-7, 5, 3, -4), (-1, 10, 3, 0), (1, 10, 3, 0), (-6, 2, 3, -6), (10**6, 4, 3, 750000)],
+)
+def test_weighting_truncates_toward_zero(v: int, n: int, k: int, expected: int) -> None:
+    """``SIGN(v) * ((ABS(v) * k) // GREATEST(n, k))`` on DuckDB is ``trunc(v * k / max(n, k))``."""
+    with DuckDBConnector() as con:
+        (row,) = con.execute(
+            f"SELECT SIGN({v}::BIGINT) * ((ABS({v}::BIGINT)::HUGEINT * {k}) // GREATEST({n}, {k}))"
+        ).rows
+    assert row[0] == expected == int(v * k / max(n, k))
+
+
 @pytest.mark.parametrize(
     "sql",
     [
         "SELECT COUNT(*) FROM t",
         "SELECT COUNT(*) FROM t WHERE age > 40",
         "SELECT sex, COUNT(*), SUM(income) FROM t GROUP BY sex",
+        "SELECT COUNT(income), AVG(income), VAR_POP(age) FROM t",
+        "SELECT sex, AVG(income) FROM t WHERE age > 40 GROUP BY sex",
         "SELECT region, AVG(income), VARIANCE(age) FROM t GROUP BY region",
         "SELECT CASE WHEN age < 30 THEN 'y' ELSE 'o' END AS band, COUNT(*) FROM t GROUP BY 1",
     ],
@@ -129,10 +202,10 @@ def test_one_person_with_many_rows_moves_each_aggregate_by_at_most_its_sensitivi
                 gw.prepare("t")
             plan = gw.explain(sql, epsilon=1.0, delta=1e-6).plan
             assert plan is not None
-            expected = (
-                "prepared" if prepared and plan.where is None else "unit_count" if "__n" in plan.bounded_sql else "rows"
-            )
+            scalar_count = sql.startswith("SELECT COUNT(*) FROM t")
+            expected = "rows" if "region" in sql else "unit_count" if scalar_count else "weighted"
             assert plan.rewrite == expected
+            assert (plan.prepared is not None) == (prepared and plan.where is None)
             exact = gw.connector.execute(plan.bounded_sql)
         n_keys = len(plan.group_keys)
         results.append((plan, {row[:n_keys]: row[n_keys:] for row in exact.rows}))
@@ -196,7 +269,7 @@ def test_csv_dialect_is_sniffed_once_and_forgotten_when_the_file_changes(tmp_pat
     with Gateway.from_config(tmp_path / "dpgateway.yaml") as gw:
         plan = gw.explain(sql).plan
         assert plan is not None and "auto_detect => FALSE" in plan.bounded_sql
-        auto = _row_bounded(plan, plan.table, dataclasses.replace(gw._ctx, hooks=DuckDBHooks()))  # type: ignore[arg-type]
+        auto = bound_contributions(plan, ctx=dataclasses.replace(gw._ctx, hooks=DuckDBHooks()))
         assert "all_varchar => TRUE" in auto.bounded_sql
         assert sorted(gw.connector.execute(plan.bounded_sql).rows) == sorted(
             gw.connector.execute(auto.bounded_sql).rows
@@ -207,4 +280,4 @@ def test_csv_dialect_is_sniffed_once_and_forgotten_when_the_file_changes(tmp_pat
         changed = gw.explain(sql).plan
         assert changed is not None and "all_varchar => TRUE" in changed.bounded_sql
         after = dict((r[0], r[1]) for r in gw.connector.execute(changed.bounded_sql).rows)
-        assert after[1] == before[1] + 1
+        assert after[1] == before[1] + 10**6  # a new person with one row: weight 1, COUNT_SCALE per row

@@ -1,5 +1,6 @@
-"""Prepared copies: the same exact bounded aggregates as on-the-fly bounding for unfiltered queries, used
-only while valid, never for filtered queries, and invalidated by any change of source or policy."""
+"""Prepared copies: the same exact bounded aggregates as on-the-fly bounding for unfiltered queries (weighted
+and row-bounded shapes), used only while valid, never for filtered queries, and invalidated by any change
+of source or policy."""
 
 from __future__ import annotations
 
@@ -22,6 +23,8 @@ UNFILTERED = [
     "SELECT sex, COUNT(*) AS n, AVG(income) FROM t GROUP BY sex",
     "SELECT region, COUNT(*), STDDEV(age) FROM t GROUP BY region",
     "SELECT CASE WHEN age < 30 THEN 'y' WHEN age < 60 THEN 'm' ELSE 'o' END AS band, COUNT(*) FROM t GROUP BY 1",
+    "SELECT sex, VAR_POP(income), COUNT(age) FROM t GROUP BY sex",
+    "SELECT region, SUM(income), AVG(age) FROM t GROUP BY region",
 ]
 
 
@@ -74,38 +77,46 @@ def folder(tmp_path: Path) -> Path:
 
 
 def _exact(gw: Gateway, sql: str) -> tuple[str, list[tuple]]:
+    """('prepared' or the on-the-fly rewrite, the exact bounded aggregates)."""
     plan = gw.explain(sql, epsilon=1.0, delta=1e-6).plan
     assert plan is not None
-    return plan.rewrite, sorted(gw.connector.execute(plan.bounded_sql).rows, key=repr)
+    return "prepared" if plan.prepared else plan.rewrite, sorted(gw.connector.execute(plan.bounded_sql).rows, key=repr)
 
 
 @pytest.mark.parametrize("sql", UNFILTERED)
 def test_prepared_copy_gives_the_on_the_fly_bounded_aggregates(folder: Path, sql: str) -> None:
     with Gateway.from_config(folder / "dpgateway.yaml") as gw:
         rewrite, on_the_fly = _exact(gw, sql)
-        assert rewrite in ("rows", "unit_count")
+        expected = "rows" if "region" in sql else "unit_count" if sql == "SELECT COUNT(*) FROM t" else "weighted"
+        assert rewrite == expected
         copy = gw.prepare("t")
         assert Path(copy.path).parent == folder / "cache" and copy.k == 3
-        rewrite, prepared = _exact(gw, sql)
-        assert rewrite == "prepared"
-        assert prepared == on_the_fly
+        plan = gw.explain(sql, epsilon=1.0, delta=1e-6).plan
+        assert plan is not None and plan.prepared == copy.path and plan.rewrite == expected
+        assert _exact(gw, sql) == ("prepared", on_the_fly)
 
 
-def test_prepared_copy_keeps_at_most_k_rows_per_unit_clustered(folder: Path) -> None:
+def test_prepared_copy_stores_every_row_with_unit_counts_and_ranks_clustered(folder: Path) -> None:
+    source = pd.read_csv(folder / "t.csv")
     with Gateway.from_config(folder / "dpgateway.yaml") as gw:
         copy = gw.prepare("t")
-        rows = gw.connector.execute(
-            f"SELECT MAX(n), COUNT(*) FROM (SELECT pid, COUNT(*) AS n FROM read_parquet('{copy.path}') GROUP BY pid)"
-        ).rows
-        pids = [r[0] for r in gw.connector.execute(f"SELECT pid FROM read_parquet('{copy.path}')").rows]
-    assert rows[0] == (3, 300)
-    assert pids == sorted(pids)  # clustered by unit
+        stored = pd.DataFrame(
+            gw.connector.execute(f"SELECT pid, __n, __rn FROM read_parquet('{copy.path}')").rows,
+            columns=["pid", "n", "rn"],
+        )
+    assert len(stored) == len(source)  # every row (no NULL units in this file), unclamped values
+    assert stored["pid"].is_monotonic_increasing  # clustered by unit
+    sizes = source.groupby("pid").size()
+    assert (stored["n"].to_numpy() == sizes.loc[stored["pid"]].to_numpy()).all()
+    ranks = stored.groupby("pid")["rn"].apply(list)
+    assert all(r == list(range(1, len(r) + 1)) for r in ranks)
 
 
 def test_filtered_queries_do_not_use_the_copy(folder: Path) -> None:
     with Gateway.from_config(folder / "dpgateway.yaml") as gw:
         gw.prepare("t")
-        assert _exact(gw, "SELECT sex, SUM(income) FROM t WHERE age > 40 GROUP BY sex")[0] == "rows"
+        assert _exact(gw, "SELECT sex, SUM(income) FROM t WHERE age > 40 GROUP BY sex")[0] == "weighted"
+        assert _exact(gw, "SELECT region, SUM(income) FROM t WHERE age > 40 GROUP BY region")[0] == "rows"
         assert _exact(gw, "SELECT COUNT(*) FROM t WHERE age > 40")[0] == "unit_count"
         assert _exact(gw, "SELECT COUNT(*) FROM t")[0] == "prepared"
 

@@ -2,8 +2,10 @@
 
 Each case in tests/fixtures/rewrite/*.sql is a comment line ``-- name``, the analyst SQL, and the
 expected bounded SQL (each ending with ``;``). The bounded SQL is also run on DuckDB and compared with
-an independent pandas computation (the policy keeps 4 rows per person, the most anyone has, so
-bounding keeps every row and only clamping and fixed-point rounding apply).
+an independent pandas computation: row bounding keeps every row (the policy keeps 4 rows per person,
+the most anyone has, so only clamping and fixed-point rounding apply); for weighted plans the reference
+computes each person's matching row count ``n`` and sums ``trunc(v * k / max(n, k))`` per row itself, with
+``k`` patched lower so that the weights matter.
 Regenerate after an intended change with ``DPGATEWAY_UPDATE_GOLDEN=1 pytest tests/test_rewrite.py``.
 """
 
@@ -40,8 +42,10 @@ tables:
 """
 
 
-def _plan(sql: str):
-    config = parse_config(yaml.safe_load(POLICY), base_dir=Path("."))
+def _plan(sql: str, k: int = 4):
+    policy = yaml.safe_load(POLICY)
+    policy["tables"]["pums"]["max_rows_per_unit"] = k
+    config = parse_config(policy, base_dir=Path("."))
     ctx = PlanContext(config=config, hooks=DuckDBHooks(), seed=b"golden-seed")
     return build_plan(sql, epsilon=1.0, delta=1e-6, ctx=ctx)
 
@@ -86,33 +90,55 @@ def test_rewrite_text(name: str, sql: str, expected: str, path: Path) -> None:
 def test_rewrite_meaning(
     name: str, sql: str, expected: str, path: Path, workdir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    plan = _plan(sql)
+    plan = _plan(sql, k=2 if _plan(sql).rewrite == "weighted" else 4)  # k = 2 < some people's row counts
+    k = plan.table.max_rows_per_unit
     monkeypatch.chdir(workdir)
-    result = duckdb.sql(expected)
+    con = duckdb.connect()  # its own connection: the default one may hold another test's unfinished result
+    result = con.sql(plan.bounded_sql if k != 4 else expected)
     got = pd.DataFrame(result.fetchall(), columns=[d[0] for d in result.description])
     raw = pd.read_csv(workdir / "pums.csv")
+    raw = raw[raw["pid"].notna()]
     if plan.where is not None:
-        mask = duckdb.sql(f"SELECT {plan.where.sql('duckdb')} AS keep FROM raw").df()["keep"].fillna(False)
+        mask = con.sql(f"SELECT {plan.where.sql('duckdb')} AS keep FROM raw").df()["keep"].fillna(False)
         raw = raw[mask.to_numpy(dtype=bool)]
     keys = [k.name for k in plan.group_keys]
     for key in plan.group_keys:
-        raw[key.name] = duckdb.sql(f"SELECT {key.expr.sql('duckdb')} AS k FROM raw").df()["k"].to_numpy()
+        raw[key.name] = con.sql(f"SELECT {key.expr.sql('duckdb')} AS k FROM raw").df()["k"].to_numpy()
+    n = raw.groupby("pid")["pid"].transform("size").to_numpy()  # matching rows per person
+    assert plan.rewrite != "weighted" or (n > k).any()
     for m in plan.measurements:
         if m.kind == "count":
-            raw[m.name] = 1 if m.column is None else raw[m.column].notna().astype(int)
+            raw[m.name] = int(m.scale) * (1 if m.column is None else raw[m.column].notna().astype(int))
+            if plan.rewrite == "weighted":
+                raw[m.name] = _truncated_weights(raw[m.name].to_numpy(), n, k)
             continue
         column = next(c for c in _plan_config_columns() if c["name"] == m.column)
         lo, hi = column["bounds"]
         value = raw[m.column].clip(lo, hi) - m.center
-        raw[m.name] = ((value**2 if m.squared else value) * m.scale).map(
+        fixed = ((value**2 if m.squared else value) * m.scale).map(
             lambda v: math.floor(abs(v) + 0.5) * (1 if v >= 0 else -1)
         )
+        if plan.rewrite == "weighted":
+            fixed = pd.Series(_truncated_weights(fixed.to_numpy(), n, k), index=fixed.index)
+        raw[m.name] = fixed
     names = [m.name for m in plan.measurements]
     reference = raw.groupby(keys)[names].sum().reset_index() if keys else raw[names].sum().to_frame().T
     got = got.sort_values(keys).reset_index(drop=True) if keys else got
     reference = reference.sort_values(keys).reset_index(drop=True) if keys else reference
     assert got[keys].astype(str).equals(reference[keys].astype(str))
     assert got[names].astype("int64").equals(reference[names].astype("int64"))
+
+
+def _truncated_weights(values, n, k: int) -> list:
+    """``trunc(v * k / max(n, k))`` per row in Python integers; NaN (a NULL value) stays NaN."""
+    out = []
+    for v, n_u in zip(values, n, strict=True):
+        if pd.isna(v):
+            out.append(math.nan)
+            continue
+        magnitude = abs(int(v)) * k // max(int(n_u), k)
+        out.append(magnitude if v >= 0 else -magnitude)
+    return out
 
 
 def _plan_config_columns() -> list[dict]:

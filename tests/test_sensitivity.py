@@ -118,7 +118,9 @@ def test_one_person_moves_each_measurement_by_at_most_its_sensitivity(gateway: G
         # X's kept rows are the same with or without everyone else: the change is exactly X's own aggregate.
         assert l1_change(with_x[m.name], added(without_x[m.name], x_alone[m.name])) == 0
         if m.kind == "count" and m.column is None:
-            assert change == K  # X has 1000 matching rows and keeps exactly k of them: the bound is tight
+            # X has 1000 matching rows and keeps exactly k of them (rows), or k rows' worth (weighted, in
+            # fixed point): the bound is tight.
+            assert change == K * m.scale
 
 
 def test_row_order_and_other_people_do_not_change_which_rows_are_kept(gateway: Gateway) -> None:

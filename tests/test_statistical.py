@@ -65,7 +65,9 @@ POLICY: dict[str, Any] = {
     "max_rows_per_unit": K,
     "columns": {
         "pid": {"type": "int"},
-        "g": {"type": "int", "public_values": list(range(GROUPS))},
+        # Private keys: row bounding, so counts are noised in whole rows (with public keys the weighted
+        # rewrite noises fixed-point counts and releases them rounded, hiding the integer noise).
+        "g": {"type": "int"},
         "x": {"type": "int", "bounds": list(BOUNDS)},
     },
 }

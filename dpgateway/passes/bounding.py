@@ -1,8 +1,11 @@
-"""Pass 7: the bounded SQL pushed down to the backend, the cheapest correct rewrite for the query's shape:
+"""Pass 8: the bounded SQL pushed down to the backend, for the rewrite chosen by passes/rewrite.py:
 
-- a prepared copy (``plan.prepared``, unfiltered queries): rows are already bounded, aggregate directly;
-- scalar ``COUNT(*)``: per-unit pre-aggregation ``SUM(LEAST(n_u, k))`` (exactly the row-bounded count);
-- everything else: hash-ordered row bounding, below.
+- ``weighted`` (public or no group keys): every matching row of unit ``u`` counts with weight
+  ``w_u = k / max(n_u, k)``, ``n_u`` the unit's matching row count (a window count, no sort);
+- ``unit_count`` (scalar ``COUNT(*)``): per-unit pre-aggregation ``SUM(LEAST(n_u, k))``;
+- ``rows`` (private group keys, row-level tables): hash-ordered row bounding, below;
+- over a prepared copy (``plan.prepared``, unfiltered queries): the same estimators, reading the copy's
+  stored unit row count and keyed-hash rank (passes/prepared.py).
 
 Row-bounding shape (DuckDB rendering)::
 
@@ -14,11 +17,30 @@ Row-bounding shape (DuckDB rendering)::
            CAST(ROUND((LEAST(GREATEST(x, lo), hi) - c) * scale) AS BIGINT) END) AS __m1, ...
     FROM ranked WHERE __rn <= k GROUP BY __g0, ...
 
-Proof note (bounding): the filter runs before ranking, so each unit keeps at most ``k`` of its own
+Weighted shape: ``ranked`` carries ``COUNT(*) OVER (PARTITION BY unit) AS __n`` instead of ``__rn``, and
+each row value ``v`` (the fixed-point value above; ``S`` = COUNT_SCALE for a count) is summed as
+``SIGN(v) * ((ABS(v) * k) // GREATEST(__n, k))``.
+
+Proof note (row bounding): the filter runs before ranking, so each unit keeps at most ``k`` of its own
 matching rows; which ones depends only on a keyed hash of that unit's own row content, never on other
-units' rows or on physical row ids; the hash covers every declared column. Identical rows tie, and are interchangeable. Rows whose unit is
-NULL belong to nobody we can bound and are dropped. Clamping to the declared bounds happens per row
-before the sum. Tests: tests/test_sensitivity.py, tests/test_rewrite.py.
+units' rows or on physical row ids; the hash covers every declared column. Identical rows tie, and are
+interchangeable. Rows whose unit is NULL belong to nobody we can bound and are dropped. Clamping to the
+declared bounds happens per row before the sum. Tests: tests/test_sensitivity.py, tests/test_rewrite.py.
+
+Proof note (weighted): after the filter (NULL units dropped), unit ``u`` has ``n_u`` rows, a count of
+its own rows only. Row ``r`` adds ``trunc(w_u * v(r))`` to its group, ``w_u = k / max(n_u, k)``, with
+``|v(r)| <= ceil(bound * scale)`` (clamped, centred, rounded; ``v = S`` or 0 for counts, bound 1, scale
+``S``). Adding or removing ``u`` changes no other unit's rows, ``n`` or weight, so the vector of
+per-group values moves by at most ``sum_r |trunc(w_u v(r))| <= w_u * sum_r |v(r)|
+<= w_u * n_u * ceil(bound * scale) = min(n_u, k) * ceil(bound * scale) <= k * ceil(bound * scale)`` in
+L1: the sensitivity passes/budget.py charges. Truncation toward zero is what gives
+``|trunc(a)| <= |a|`` (rounding could add 1/2 per row, floor 1 per negative row); the SQL computes it
+exactly in integers as ``sign(v) * ((|v| * k) // max(n_u, k))`` (both operands of ``//`` non-negative,
+so it truncates). A unit with at most ``k`` rows is counted exactly; a larger one is scaled down
+proportionally (a different estimator from keeping ``k`` hash-chosen rows). Weighting does not bound the
+number of groups a unit touches, so private group keys (partition selection) keep row bounding.
+Tests: tests/test_fastpath.py (one person with 1000 rows, negative values, an independent reference),
+tests/test_rewrite.py (golden SQL executed against pandas).
 """
 
 from __future__ import annotations
@@ -38,9 +60,31 @@ def bound_contributions(plan: DPPlan, *, ctx: PlanContext) -> DPPlan:
     assert table is not None
     if plan.prepared is not None:
         return _over_prepared(plan, table, ctx)
-    if table.privacy_unit and _is_scalar_count(plan):
+    if plan.rewrite == "unit_count":
         return _unit_count(plan, table, ctx)
+    if plan.rewrite == "weighted":
+        return _weighted(plan, table, ctx)
     return _row_bounded(plan, table, ctx)
+
+
+def _weighted(plan: DPPlan, table: Table, ctx: PlanContext) -> DPPlan:
+    """Per-unit weighted contributions: each matching row counts ``k / max(n_u, k)`` (proof note above)."""
+    hooks = ctx.hooks
+    assert table.privacy_unit is not None
+    typed = _typed(_needed_columns(plan, table), hooks.source(table), ctx)
+    n, _ = _unit_columns(table)
+    keys = [exp.alias_(k.expr.copy(), k.name, quoted=True) for k in plan.group_keys]
+    window = exp.Window(this=exp.Count(this=exp.Star()), partition_by=[exp.column(table.privacy_unit, quoted=True)])
+    rows = exp.select(exp.Star(), *keys, exp.alias_(window, n, quoted=True)).from_("typed")
+    rows = rows.where(_and_unit_not_null(plan.where.copy() if plan.where is not None else None, table))
+    bounded = _final(plan, table, "ranked", weight=n).with_("typed", as_=typed).with_("ranked", as_=rows)
+    return plan.with_(bounded=bounded, bounded_sql=bounded.sql(dialect=hooks.DIALECT), settings=())
+
+
+def _unit_columns(table: Table) -> tuple[str, str]:
+    """Names of the unit's row count and a row's keyed-hash rank (in the bounded SQL and a prepared copy)."""
+    taken = {c.name for c in table.columns}
+    return find_new_name(taken, "__n"), find_new_name(taken, "__rn")
 
 
 def _row_bounded(plan: DPPlan, table: Table, ctx: PlanContext) -> DPPlan:
@@ -50,8 +94,7 @@ def _row_bounded(plan: DPPlan, table: Table, ctx: PlanContext) -> DPPlan:
     # query keeps exactly the rows a prepared copy keeps (passes/prepared.py).
     columns = list(table.columns) if table.privacy_unit else _needed_columns(plan, table)
     typed = _typed(columns, hooks.source(table), ctx)
-    taken = {c.name for c in table.columns}
-    rn = find_new_name(taken, "__rn")
+    _, rn = _unit_columns(table)
     keys = [exp.alias_(k.expr.copy(), k.name, quoted=True) for k in plan.group_keys]
     ranked = exp.select(exp.Star(), *keys).from_("typed")
     condition = plan.where.copy() if plan.where is not None else None
@@ -74,40 +117,37 @@ def _row_bounded(plan: DPPlan, table: Table, ctx: PlanContext) -> DPPlan:
         bounded=bounded,
         bounded_sql=bounded.sql(dialect=hooks.DIALECT),
         settings=hooks.settings(k) if table.privacy_unit else (),
-        rewrite="rows",
     )
 
 
 def prepared_copy_sql(table: Table, ctx: PlanContext) -> str:
-    """The rows a prepared copy stores: per unit, the ``k`` rows an unfiltered query keeps, clustered by unit.
+    """The rows a prepared copy stores: every row with a unit, typed, clustered by unit, with two columns more.
 
-    The same typed columns, keyed hash and NULL-unit rule as :func:`_row_bounded` (proof note in
-    passes/prepared.py); values are stored typed but unclamped, so GROUP BY keys over them mean what
+    The unit's unfiltered row count ``n_u`` (the weight input of the weighted rewrite) and the row's rank
+    by the keyed hash within its unit (``rank <= k`` are the rows row bounding keeps): the same typed
+    columns, keyed hash and NULL-unit rule as :func:`_weighted` and :func:`_row_bounded` (proof note in
+    passes/prepared.py). Values are stored typed but unclamped, so GROUP BY keys over them mean what
     they mean on the source, and queries clamp as usual.
     """
     assert table.privacy_unit is not None
     hooks = ctx.hooks
     columns = list(table.columns)
     typed = _typed(columns, hooks.source(table), ctx)
-    rn = find_new_name({c.name for c in columns}, "__rn")
+    n, rn = _unit_columns(table)
     unit = exp.column(table.privacy_unit, quoted=True)
     order = hooks.row_hash(ctx.seed, [exp.column(c.name, quoted=True) for c in columns])
     window = exp.Window(
         this=exp.RowNumber(), partition_by=[unit], order=exp.Order(expressions=[exp.Ordered(this=order)])
     )
-    ranked = exp.select(exp.Star(), exp.alias_(window, rn, quoted=True)).from_("typed")
-    ranked = ranked.where(_and_unit_not_null(None, table))
-    kept = (
-        exp.select(*(exp.column(c.name, quoted=True) for c in columns))
+    count = exp.Window(this=exp.Count(this=exp.Star()), partition_by=[unit.copy()])
+    ranked = exp.select(exp.Star(), exp.alias_(count, n, quoted=True), exp.alias_(window, rn, quoted=True))
+    ranked = ranked.from_("typed").where(_and_unit_not_null(None, table))
+    stored = (
+        exp.select(*(exp.column(name, quoted=True) for name in [*(c.name for c in columns), n, rn]))
         .from_("ranked")
-        .where(exp.LTE(this=exp.column(rn, quoted=True), expression=exp.Literal.number(table.max_rows_per_unit)))
-        .order_by(unit.copy(), order.copy())
+        .order_by(unit.copy(), exp.column(rn, quoted=True))
     )
-    return kept.with_("typed", as_=typed).with_("ranked", as_=ranked).sql(dialect=hooks.DIALECT)
-
-
-def _is_scalar_count(plan: DPPlan) -> bool:
-    return not plan.group_keys and [(m.kind, m.column) for m in plan.measurements] == [("count", None)]
+    return stored.with_("typed", as_=typed).with_("ranked", as_=ranked).sql(dialect=hooks.DIALECT)
 
 
 def _unit_count(plan: DPPlan, table: Table, ctx: PlanContext) -> DPPlan:
@@ -140,20 +180,32 @@ def _unit_count(plan: DPPlan, table: Table, ctx: PlanContext) -> DPPlan:
     name = plan.measurements[0].name
     bounded = exp.select(exp.alias_(total, name, quoted=True)).from_("per_unit")
     bounded = bounded.with_("typed", as_=typed).with_("per_unit", as_=per_unit)
-    return plan.with_(
-        bounded=bounded, bounded_sql=bounded.sql(dialect=hooks.DIALECT), settings=(), rewrite="unit_count"
-    )
+    return plan.with_(bounded=bounded, bounded_sql=bounded.sql(dialect=hooks.DIALECT), settings=())
 
 
 def _over_prepared(plan: DPPlan, table: Table, ctx: PlanContext) -> DPPlan:
-    """Aggregate a prepared copy directly: its rows are already bounded (proof note in passes/prepared.py)."""
+    """The chosen estimator over a prepared copy, from its stored unit row count or keyed-hash rank.
+
+    Unfiltered queries only, so the stored (unfiltered) ``n_u`` and ranks are what the on-the-fly
+    rewrite computes (proof note in passes/prepared.py).
+    """
     hooks = ctx.hooks
     assert plan.prepared is not None and plan.where is None
+    n, rn = _unit_columns(table)
+    extra = n if plan.rewrite == "weighted" else rn
     typed = _typed(_needed_columns(plan, table), hooks.file_source(plan.prepared), ctx)
+    typed = typed.select(exp.column(extra, quoted=True))
     keys = [exp.alias_(k.expr.copy(), k.name, quoted=True) for k in plan.group_keys]
     rows = exp.select(exp.Star(), *keys).from_("typed")
-    bounded = _final(plan, table, "kept").with_("typed", as_=typed).with_("kept", as_=rows)
-    return plan.with_(bounded=bounded, bounded_sql=bounded.sql(dialect=hooks.DIALECT), settings=(), rewrite="prepared")
+    if plan.rewrite == "weighted":
+        final = _final(plan, table, "kept", weight=n)
+    else:  # 'rows' and 'unit_count': the k rows of smallest keyed hash, as on the fly
+        rows = rows.where(
+            exp.LTE(this=exp.column(rn, quoted=True), expression=exp.Literal.number(table.max_rows_per_unit))
+        )
+        final = _final(plan, table, "kept")
+    bounded = final.with_("typed", as_=typed).with_("kept", as_=rows)
+    return plan.with_(bounded=bounded, bounded_sql=bounded.sql(dialect=hooks.DIALECT), settings=())
 
 
 def _typed(columns: list[Column], source: exp.Expr, ctx: PlanContext) -> exp.Select:
@@ -167,10 +219,12 @@ def _and_unit_not_null(condition: exp.Expr | None, table: Table) -> exp.Expr:
     return exp.and_(exp.Paren(this=condition), not_null) if condition is not None else not_null
 
 
-def _final(plan: DPPlan, table: Table, source: str) -> exp.Select:
+def _final(plan: DPPlan, table: Table, source: str, *, weight: str | None = None) -> exp.Select:
+    """The per-group aggregates; ``weight`` names the unit row count column of the weighted rewrite."""
+    aggregate = _aggregate if weight is None else lambda m, t: _weighted_sum(m, t, weight, t.max_rows_per_unit)
     final = exp.select(
         *(exp.column(k.name, quoted=True) for k in plan.group_keys),
-        *(exp.alias_(_aggregate(m, table), m.name, quoted=True) for m in plan.measurements),
+        *(exp.alias_(aggregate(m, table), m.name, quoted=True) for m in plan.measurements),
     ).from_(source)
     if plan.group_keys:
         final = final.group_by(*(exp.column(k.name, quoted=True) for k in plan.group_keys))
@@ -190,6 +244,26 @@ def _needed_columns(plan: DPPlan, table: Table) -> list[Column]:
 def _aggregate(m: Measurement, table: Table) -> exp.Expr:
     if m.kind == "count":
         return exp.Count(this=exp.column(m.column, quoted=True) if m.column else exp.Star())
+    return exp.Sum(this=_fixed_point(m, table))
+
+
+def _weighted_sum(m: Measurement, table: Table, n: str, k: int) -> exp.Expr:
+    """``SUM(trunc(v * k / max(n_u, k)))`` in exact integer arithmetic, truncated toward zero."""
+    denominator = exp.Greatest(this=exp.column(n, quoted=True), expressions=[exp.Literal.number(k)], ignore_nulls=True)
+    if m.kind == "count":  # v = S >= 0 for every row (COUNT(*)) or every non-NULL x (COUNT(x))
+        weighted: exp.Expr = exp.IntDiv(this=exp.Literal.number(int(m.scale) * k), expression=denominator)
+        if m.column:
+            x = exp.column(m.column, quoted=True)
+            weighted = exp.Case(ifs=[exp.If(this=exp.Not(this=exp.Is(this=x, expression=exp.Null())), true=weighted)])
+        return exp.Sum(this=weighted)
+    v = _fixed_point(m, table)
+    magnitude = exp.Mul(this=exp.cast(exp.Abs(this=v), "HUGEINT"), expression=exp.Literal.number(k))
+    truncated = exp.Paren(this=exp.IntDiv(this=magnitude, expression=denominator))
+    return exp.Sum(this=exp.Mul(this=exp.Sign(this=v.copy()), expression=truncated))
+
+
+def _fixed_point(m: Measurement, table: Table) -> exp.Expr:
+    """The row's value ``round((clamp(x) - c)^p * scale)`` as an integer, NULL when ``x`` is NULL."""
     column = table.column(m.column or "")
     assert column is not None and column.bounds is not None
     x = exp.column(column.name, quoted=True)
@@ -204,5 +278,4 @@ def _aggregate(m: Measurement, table: Table) -> exp.Expr:
     if m.squared:
         value = exp.Pow(this=value, expression=exp.Literal.number(2))
     fixed = exp.cast(exp.Round(this=exp.Mul(this=value, expression=number(m.scale))), "BIGINT")
-    guarded = exp.Case(ifs=[exp.If(this=exp.Not(this=exp.Is(this=x.copy(), expression=exp.Null())), true=fixed)])
-    return exp.Sum(this=guarded)
+    return exp.Case(ifs=[exp.If(this=exp.Not(this=exp.Is(this=x.copy(), expression=exp.Null())), true=fixed)])

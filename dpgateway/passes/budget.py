@@ -1,11 +1,16 @@
-"""Pass 4: split the query's epsilon/delta over its measurements and calibrate each mechanism.
+"""Pass 6: split the query's epsilon/delta over its measurements and calibrate each mechanism.
 
-Proof note (sensitivity): neighbouring datasets differ by one privacy unit with all its rows. After
-bounding, a unit keeps at most ``k`` rows, each in one group. So the vector of per-group counts moves by
-at most ``k`` in L1, and the vector of per-group fixed-point sums by at most ``k * ceil(bound * scale)``,
-where ``bound`` is the largest absolute per-row value after clamping and centering. Each measurement
-gets ``epsilon / n`` and OpenDP's map confirms the cost; basic composition sums them. With private
-group keys one extra COUNT(*) chooses the released groups through a Laplace threshold (costing delta).
+Proof note (sensitivity): neighbouring datasets differ by one privacy unit with all its rows.
+Row bounding ('rows', 'unit_count'): a unit keeps at most ``k`` rows, each in one group, so the vector of
+per-group counts moves by at most ``k`` in L1, and the vector of per-group fixed-point sums by at most
+``k * ceil(bound * scale)``, where ``bound`` is the largest absolute per-row value after clamping and
+centering. Weighted ('weighted', passes/bounding.py): every count is a fixed-point sum with ``bound`` 1
+and ``scale`` COUNT_SCALE, and each of the unit's ``n_u`` rows adds ``trunc(w_u * v)`` with
+``w_u = k / max(n_u, k)`` and ``|v| <= ceil(bound * scale)``, so the unit moves the vector by at most
+``w_u * n_u * ceil(bound * scale) = min(n_u, k) * ceil(bound * scale)``: the same ``k * ceil(bound * scale)``.
+Each measurement gets ``epsilon / n`` and OpenDP's map confirms the cost; basic composition sums them.
+With private group keys (always 'rows') one extra COUNT(*) chooses the released groups through a Laplace
+threshold (costing delta).
 Tests: tests/test_sensitivity.py (a unit with 1000 rows), tests/test_mechanisms.py.
 """
 
@@ -20,6 +25,7 @@ from dpgateway.passes.groups import public_cells
 from dpgateway.plan import DPPlan, Measurement
 
 FIXED_POINT_DIGITS = 6
+COUNT_SCALE = 10**FIXED_POINT_DIGITS  # weighted counts: each row adds trunc(w_u * COUNT_SCALE)
 
 
 def fixed_point_scale(bound: float) -> float:
@@ -50,9 +56,10 @@ def split_budget(plan: DPPlan, *, ctx: PlanContext) -> DPPlan:
         return plan.with_(delta=0.0)
     share = plan.epsilon / len(measurements)
     calibrated = []
+    count_scale = float(COUNT_SCALE) if plan.rewrite == "weighted" else 1.0
     for m in measurements:
-        scale = fixed_point_scale(m.bound) if m.kind == "sum" else 1.0
-        sensitivity = k * (math.ceil(m.bound * scale) if m.kind == "sum" else 1)
+        scale = fixed_point_scale(m.bound) if m.kind == "sum" else count_scale
+        sensitivity = k * math.ceil(m.bound * scale)  # counts: bound 1
         noise_scale, cost = laplace_scale(sensitivity, share)
         threshold = None
         if m.name == selector:

@@ -13,7 +13,7 @@ from dpgateway.policies.model import Config
 
 @dataclass(frozen=True)
 class PreparedCopy:
-    """A materialized bounded copy of ``table`` (see :mod:`dpgateway.prepare`), checked valid by the gateway."""
+    """A materialized copy of ``table``, with unit row counts and ranks (see :mod:`dpgateway.prepare`), checked valid by the gateway."""
 
     table: str
     path: str

@@ -1,4 +1,4 @@
-"""Pass 8: render the post-processing query (SELECT list, HAVING, ORDER BY, LIMIT over the noisy frame) once
+"""Pass 9: render the post-processing query (SELECT list, HAVING, ORDER BY, LIMIT over the noisy frame) once
 per plan, so a cached plan does not render it again for every query."""
 
 from __future__ import annotations
