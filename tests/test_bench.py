@@ -23,7 +23,8 @@ def test_bench_smoke_run(tmp_path: Path) -> None:
     results = json.loads(out.read_text())
     (scale,) = results["scales"]
     assert scale["rows"] == 100000 and set(scale["cold"]) == set(bench.SHAPES) == set(scale["prepared"])
-    assert {v["rewrite"] for v in scale["prepared"].values()} == {"prepared"}
+    assert all(v["rewrite"].startswith("prepared ") for v in scale["prepared"].values())
+    assert set(scale["top_n_window_elimination"]) == set(bench.ROW_BOUNDED)
     assert scale["cold"]["COUNT(*)"]["rewrite"] == "unit_count"
     assert results["overhead"]["distinct"]["mean_ms_by_stage"]["ledger"] > 0
     assert "## 100,000 rows" in md.read_text() and results["machine"]["cores"]
