@@ -119,7 +119,7 @@ class Gateway:
         if store is None:
             from dpgateway.budget_store import open_store
 
-            store = open_store(config.ledger, config.budget)
+            store = open_store(config.ledger, config.budget, replay=config.budget.replay)
         self.store = store
         if connector is None:
             for table in config.tables:

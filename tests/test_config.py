@@ -64,6 +64,7 @@ BAD = [
     ("budget.per_subject", {"delta": 2}, r"budget.per_subject.delta: must be a number in \[0, 1\)"),
     ("budget.per_query", {"epsilon": 1, "rho": 2}, "unknown key 'rho'"),
     ("budget.default_query_delta", "tiny", r"must be a number in \[0, 1\)"),
+    ("budget.replay", "everyone", "budget.replay: must be one of analyst, global, off"),
     ("ledger", 5, "ledger: must be a URL"),
     ("admins", "root", "admins: must be a list"),
 ]
@@ -111,3 +112,16 @@ def test_missing_and_unreadable_files(tmp_path: Path, monkeypatch: pytest.Monkey
     monkeypatch.setenv("DPGATEWAY_CONFIG", str(tmp_path / "bad.yaml"))
     with pytest.raises(ConfigError, match="Cannot read config"):
         load_config()
+
+
+def test_replay_scope_reaches_the_ledger(demo_config_path: Path) -> None:
+    from dpgateway import Gateway
+
+    text = demo_config_path.read_text().replace(
+        "  default_query_epsilon: 0.5", "  default_query_epsilon: 0.5\n  replay: off"
+    )
+    demo_config_path.write_text(text)
+    with Gateway.from_config(demo_config_path) as gw:
+        first = gw.query("SELECT COUNT(*) FROM pums", analyst="rita")
+        again = gw.query("SELECT COUNT(*) FROM pums", analyst="rita")
+    assert not again.replayed and again.epsilon == first.epsilon > 0

@@ -21,13 +21,13 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from dpgateway.policies.model import Budget, Cap
+from dpgateway.policies.model import ReplayScope as ReplayScope  # re-exported for the ledger API
 
 Clock = Callable[[], float]
 Outcome = Literal["released", "replayed", "refused", "error"]
 AuditOutcome = Literal["released", "replayed", "refused", "error", "abandoned", "admin"]
 """``abandoned``: a reservation never committed within its lease (charged); ``admin``: a cap change or reset."""
 ScopeKind = Literal["analyst", "domain"]
-ReplayScope = Literal["analyst", "global", "off"]
 SCOPE_KINDS: tuple[ScopeKind, ...] = ("analyst", "domain")
 
 

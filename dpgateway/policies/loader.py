@@ -30,6 +30,7 @@ BUDGET_KEYS = {
     "per_query",
     "default_query_epsilon",
     "default_query_delta",
+    "replay",
 }
 MAX_ROWS_PER_UNIT = 10_000
 
@@ -195,7 +196,19 @@ def _budget(raw: Any) -> Budget:
         per_query=_cap(raw.get("per_query"), "budget.per_query", default.per_query),
         default_query_epsilon=eps,
         default_query_delta=float(delta),
+        replay=_replay(raw.get("replay", default.replay)),
     )
+
+
+REPLAY_SCOPES = ("analyst", "global", "off")
+
+
+def _replay(value: Any) -> Any:
+    if value is False:  # YAML reads a bare `off` as false
+        value = "off"
+    if value not in REPLAY_SCOPES:
+        raise ConfigError(f"budget.replay: must be one of {', '.join(REPLAY_SCOPES)}, not {value!r}")
+    return str(value)
 
 
 def _cap(raw: Any, where: str, default: Cap) -> Cap:

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 ColumnType = Literal["int", "float", "str", "bool", "date"]
+ReplayScope = Literal["analyst", "global", "off"]
 NUMERIC_TYPES: frozenset[str] = frozenset({"int", "float"})
 
 
@@ -83,6 +84,7 @@ class Budget:
     per_query: Cap = Cap(1.0, 1e-6)
     default_query_epsilon: float = 0.5
     default_query_delta: float = 1e-7
+    replay: ReplayScope = "analyst"  # who gets a released answer again for free: analyst, global or off
 
 
 @dataclass(frozen=True)
