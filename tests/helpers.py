@@ -22,7 +22,7 @@ TABLE = "t"
 GENEROUS_BUDGET: dict[str, Any] = {
     "per_subject": {"epsilon": 1e6, "delta": 0.5},
     "per_analyst": {"epsilon": 1e6, "delta": 0.5},
-    "per_query": {"epsilon": 1e3, "delta": 0.1},
+    "per_query": {"epsilon": 1e3, "delta": 0.4},
     "default_query_epsilon": 1.0,
     "default_query_delta": 1e-6,
 }

@@ -12,22 +12,13 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-import yaml
+from helpers import make_gateway
 
 from dpgateway import Gateway
-from dpgateway.budget_store import open_store
 from dpgateway.budget_store.base import ReplayScope
-from dpgateway.policies.loader import load_config
 
 TABLE = "t"
 ATTACKER = "mallory"
-GENEROUS: dict[str, Any] = {
-    "per_subject": {"epsilon": 1e6, "delta": 0.5},
-    "per_analyst": {"epsilon": 1e6, "delta": 0.5},
-    "per_query": {"epsilon": 1e3, "delta": 0.4},
-    "default_query_epsilon": 1.0,
-    "default_query_delta": 1e-6,
-}
 
 
 def attack_gateway(
@@ -41,26 +32,12 @@ def attack_gateway(
     replay: ReplayScope = "analyst",
 ) -> Gateway:
     """A gateway over table ``t`` holding ``data`` (rows, a DataFrame or raw CSV text) with the given
-    declared ``columns``; the ledger is a SQLite file in ``folder``. Close it when done."""
-    folder.mkdir(parents=True, exist_ok=True)
-    source = folder / f"{TABLE}.csv"
-    if isinstance(data, str):
-        source.write_text(data)
-    else:
-        frame = data if isinstance(data, pd.DataFrame) else pd.DataFrame(list(data))
-        frame.to_csv(source, index=False)
-    policy: dict[str, Any] = {"source": str(source), "columns": dict(columns)}
+    declared ``columns``; the ledger is a SQLite file in ``folder``. ``budget`` keys replace the generous
+    defaults. Close it when done."""
+    policy: dict[str, Any] = {"columns": dict(columns)}
     if unit is not None:
         policy.update(privacy_unit=unit, max_rows_per_unit=k)
-    config = {
-        "tables": {TABLE: policy},
-        "budget": dict(budget if budget is not None else GENEROUS),
-        "ledger": f"sqlite:///{folder / 'ledger.db'}",
-    }
-    path = folder / "dpgateway.yaml"
-    path.write_text(yaml.safe_dump(config, sort_keys=False))
-    loaded = load_config(path)
-    return Gateway(loaded, store=open_store(loaded.ledger, loaded.budget, replay=replay))
+    return make_gateway(folder, data, policy, table=TABLE, replay=replay, **dict(budget or {}))
 
 
 def binomial_tail_ge(n: int, p: float, j: int) -> float:
