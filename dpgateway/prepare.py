@@ -1,8 +1,9 @@
 """Prepared copies: a one-time, materialized copy of a table that later unfiltered queries read instead.
 
 ``dpgateway prepare TABLE`` writes every row with a privacy unit, typed and clustered by unit, with the
-unit's row count and each row's keyed-hash rank within its unit (what the weighted and row-bounding
-rewrites compute on the fly for an unfiltered query; SQL:
+unit's row count, each row's keyed-hash rank within its unit and each row's weighted contribution to
+every measurement a weighted query can make of the table (what the weighted and row-bounding rewrites
+compute on the fly for an unfiltered query; SQL:
 :func:`dpgateway.passes.bounding.prepared_copy_sql`), as Parquet in the config's ``cache_dir``, with a
 manifest beside it::
 
@@ -11,7 +12,8 @@ manifest beside it::
 
 A copy is *valid* only while the source file has the same path, mtime and size as when the copy was
 taken (captured *before* it was read, so a change during ``prepare`` invalidates it) and the table's
-policy and the ledger's secret seed hash to the same value. :func:`valid_copies` checks this for every
+policy, the ledger's secret seed and the fixed-point constants (the stored contributions depend on the
+bounds and on ``passes/budget.py``'s scales) hash to the same value. :func:`valid_copies` checks this for every
 query (a ``stat`` and a small JSON read per prepared table); the plan cache is keyed by the result, so
 a stale copy is never read. Which queries may read a copy, and why that is private: proof note in
 ``dpgateway/passes/prepared.py``. The copy holds person-level rows: keep ``cache_dir`` as private as the
@@ -26,16 +28,20 @@ import os
 from pathlib import Path
 from typing import Any
 
+from dpgateway.passes.budget import COUNT_SCALE, FIXED_POINT_DIGITS
 from dpgateway.passes.context import PreparedCopy
 from dpgateway.policies.model import Config, Table
 
-MANIFEST_VERSION = 2  # 2: all rows with unit row count and rank (1 held only the k kept rows)
+# 3: also each row's weighted contributions; 2: all rows with unit row count and rank; 1: only the k kept rows
+MANIFEST_VERSION = 3
 
 
 def policy_digest(table: Table, seed: bytes) -> str:
-    """Hash of the table's whole policy and of the secret seed's identity (never the seed itself)."""
+    """Hash of the table's whole policy, the secret seed's identity (never the seed itself) and the
+    fixed-point constants the stored contributions were computed with."""
     seed_id = hashlib.sha256(b"dpgateway-seed-id" + seed).hexdigest()
-    return hashlib.sha256(f"{MANIFEST_VERSION}\x1f{table!r}\x1f{seed_id}".encode()).hexdigest()
+    scales = f"{FIXED_POINT_DIGITS},{COUNT_SCALE}"
+    return hashlib.sha256(f"{MANIFEST_VERSION}\x1f{table!r}\x1f{seed_id}\x1f{scales}".encode()).hexdigest()
 
 
 def source_state(table: Table) -> dict[str, Any] | None:

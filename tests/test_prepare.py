@@ -1,6 +1,7 @@
 """Prepared copies: the same exact bounded aggregates as on-the-fly bounding for unfiltered queries (weighted
-and row-bounded shapes), used only while valid, never for filtered queries, and invalidated by any change
-of source or policy."""
+and row-bounded shapes; every weighted measurement kind read from the copy's stored contributions, with
+negative bounds and NULLs), used only while valid, never for filtered queries, and invalidated by any
+change of source or policy (a copy built under other bounds is not read)."""
 
 from __future__ import annotations
 
@@ -28,22 +29,41 @@ UNFILTERED = [
 ]
 
 
-def _write_data(path: Path, seed: int = 3, n_units: int = 300) -> None:
+EVERY_KIND = [  # every weighted measurement: SUM(x), SUM(x - c), SUM((x - c)^2), COUNT(x), COUNT(*)
+    "SELECT SUM(income), AVG(income), VARIANCE(income), COUNT(income), COUNT(*) FROM t",
+    "SELECT sex, SUM(age), AVG(age), STDDEV_POP(age), COUNT(age), COUNT(*) FROM t GROUP BY sex",
+    "SELECT sex, VAR_POP(income), COUNT(region), COUNT(pid), SUM(income) FROM t GROUP BY sex",
+    "SELECT AVG(income), AVG(age) FROM t",
+    "SELECT sex, COUNT(income) FROM t GROUP BY sex",
+]
+BOUNDS = [  # (age, income): non-negative, negative lower, symmetric (SUM(x - c) is SUM(x)), all negative
+    ((0, 100), (0, 1000)),
+    ((-10, 100), (-300, 900)),
+    ((-50, 50), (-500, 500)),
+    ((-100, -5), (-2000.5, -0.25)),
+]
+
+
+def _write_data(path: Path, seed: int = 3, n_units: int = 300, *, nulls: bool = False) -> None:
     rng = np.random.default_rng(seed)
     counts = rng.integers(1, 11, size=n_units)
     n = int(counts.sum())
-    pd.DataFrame(
+    frame = pd.DataFrame(
         {
             "pid": np.repeat(np.arange(n_units), counts),
-            "age": rng.integers(0, 110, size=n),
-            "income": rng.uniform(-50, 1200, size=n).round(2),
+            "age": rng.integers(-60, 110, size=n) if nulls else rng.integers(0, 110, size=n),
+            "income": rng.uniform(-2500, 1200, size=n).round(2) if nulls else rng.uniform(-50, 1200, size=n).round(2),
             "sex": rng.integers(0, 2, size=n),
             "region": rng.integers(0, 8, size=n),
         }
-    ).to_csv(path, index=False)
+    )
+    if nulls:  # NULL values in every column, and NULL units
+        for column in ("age", "income", "region", "pid"):
+            frame[column] = frame[column].astype(object).where(rng.random(n) > 0.1)
+    frame.to_csv(path, index=False)
 
 
-def _config(folder: Path, *, k: int = 3, income_hi: int = 1000) -> Path:
+def _config(folder: Path, *, k: int = 3, income_hi: float = 1000, income_lo: float = 0, age: tuple = (0, 100)) -> Path:
     policy = {
         "tables": {
             "t": {
@@ -52,8 +72,8 @@ def _config(folder: Path, *, k: int = 3, income_hi: int = 1000) -> Path:
                 "max_rows_per_unit": k,
                 "columns": {
                     "pid": {"type": "int"},
-                    "age": {"type": "int", "bounds": [0, 100]},
-                    "income": {"type": "float", "bounds": [0, income_hi]},
+                    "age": {"type": "int", "bounds": list(age)},
+                    "income": {"type": "float", "bounds": [income_lo, income_hi]},
                     "sex": {"type": "int", "public_values": [0, 1]},
                     "region": {"type": "int"},
                 },
@@ -94,6 +114,25 @@ def test_prepared_copy_gives_the_on_the_fly_bounded_aggregates(folder: Path, sql
         plan = gw.explain(sql, epsilon=1.0, delta=1e-6).plan
         assert plan is not None and plan.prepared == copy.path and plan.rewrite == expected
         assert _exact(gw, sql) == ("prepared", on_the_fly)
+
+
+@pytest.mark.parametrize("bounds", BOUNDS)
+def test_prepared_contributions_give_the_on_the_fly_weighted_aggregates_for_every_kind(
+    tmp_path: Path, bounds: tuple
+) -> None:
+    (age, (income_lo, income_hi)) = bounds
+    _write_data(tmp_path / "t.csv", seed=5, nulls=True)
+    _config(tmp_path, age=age, income_lo=income_lo, income_hi=income_hi)
+    with Gateway.from_config(tmp_path / "dpgateway.yaml") as gw:
+        on_the_fly = {sql: _exact(gw, sql) for sql in EVERY_KIND}
+        assert all(rewrite == "weighted" for rewrite, _ in on_the_fly.values())
+        gw.prepare("t")
+        for sql in EVERY_KIND:
+            plan = gw.explain(sql, epsilon=1.0, delta=1e-6).plan
+            assert plan is not None and plan.prepared and plan.rewrite == "weighted"
+            # every measurement is a SUM of a stored contribution column: no weighting per row left
+            assert '"__n"' not in plan.bounded_sql and "//" not in plan.bounded_sql, plan.bounded_sql
+            assert _exact(gw, sql) == ("prepared", on_the_fly[sql][1]), sql
 
 
 def test_prepared_copy_stores_every_row_with_unit_counts_and_ranks_clustered(folder: Path) -> None:
@@ -143,6 +182,23 @@ def test_a_changed_policy_invalidates_the_copy(folder: Path, change: dict) -> No
     _config(folder, **change)
     with Gateway.from_config(folder / "dpgateway.yaml") as gw:
         assert _exact(gw, "SELECT COUNT(*) FROM t")[0] == "unit_count"
+
+
+@pytest.mark.parametrize("change", [{"income_lo": -100}, {"income_hi": 2000}, {"age": (10, 100)}])
+def test_a_copy_built_under_other_bounds_is_not_read(folder: Path, change: dict) -> None:
+    """The stored contributions are clamped, centred and scaled by the bounds: other bounds, other values."""
+    sql = "SELECT sex, SUM(income), AVG(age), VARIANCE(income) FROM t GROUP BY sex"
+    with Gateway.from_config(folder / "dpgateway.yaml") as gw:
+        old = gw.prepare("t")
+        assert _exact(gw, sql)[0] == "prepared"
+    _config(folder, **change)
+    with Gateway.from_config(folder / "dpgateway.yaml") as gw:
+        assert Path(old.path).is_file()  # still on disk, but not valid for the new bounds
+        rewrite, on_the_fly = _exact(gw, sql)
+        assert rewrite == "weighted"
+        new = gw.prepare("t")
+        assert new.path != old.path
+        assert _exact(gw, sql) == ("prepared", on_the_fly)
 
 
 def test_another_secret_seed_invalidates_the_copy(folder: Path) -> None:

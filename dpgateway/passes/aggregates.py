@@ -87,15 +87,28 @@ class _Registry:
                 return m.name
         bound = 1.0
         if kind == "sum":
-            assert column is not None and column.bounds is not None
-            lo, hi = column.bounds
-            bound = max(abs(lo - center), abs(hi - center))
-            bound = bound * bound if squared else bound
+            assert column is not None
+            bound = sum_bound(column, center, squared)
         m = Measurement(
             name=f"__m{len(self.measurements)}", kind=kind, column=name, center=center, squared=squared, bound=bound
         )
         self.measurements.append(m)
         return m.name
+
+
+def sum_bound(column: Column, center: float, squared: bool) -> float:
+    """Largest absolute per-row value of ``clamp(x) - center`` (squared: of its square), from the bounds."""
+    assert column.bounds is not None
+    lo, hi = column.bounds
+    bound = max(abs(lo - center), abs(hi - center))
+    return bound * bound if squared else bound
+
+
+def moment_center(column: Column) -> float:
+    """The centre AVG and the variances subtract: the mid-point of the declared bounds."""
+    assert column.bounds is not None
+    lo, hi = column.bounds
+    return (lo + hi) / 2
 
 
 def _is_star(node: exp.Expr) -> bool:
@@ -206,7 +219,7 @@ def _aggregate(agg: exp.AggFunc, registry: _Registry, table: Table) -> exp.Expr:
     if isinstance(agg, exp.Sum):
         total = exp.column(registry.get("sum", column))
         return _clamp(total, 0 if lo >= 0 else None, 0 if hi <= 0 else None)
-    mid = (lo + hi) / 2
+    mid = moment_center(column)
     n = exp.Greatest(this=exp.column(registry.get("count", column)), expressions=[number(1)], ignore_nulls=True)
     shifted = _div(exp.column(registry.get("sum", column, center=mid)), n)
     if isinstance(agg, exp.Avg):

@@ -5,7 +5,8 @@
 - ``unit_count`` (scalar ``COUNT(*)``): per-unit pre-aggregation ``SUM(LEAST(n_u, k))``;
 - ``rows`` (private group keys, row-level tables): hash-ordered row bounding, below;
 - over a prepared copy (``plan.prepared``, unfiltered queries): the same estimators, reading the copy's
-  stored unit row count and keyed-hash rank (passes/prepared.py).
+  stored keyed-hash rank (row bounding) or summing its stored per-row weighted contributions
+  (weighted; passes/prepared.py).
 
 Row-bounding shape (DuckDB rendering)::
 
@@ -48,6 +49,8 @@ from __future__ import annotations
 from sqlglot import exp
 from sqlglot.helper import find_new_name
 
+from dpgateway.passes.aggregates import moment_center, sum_bound
+from dpgateway.passes.budget import COUNT_SCALE, fixed_point_scale
 from dpgateway.passes.context import PlanContext
 from dpgateway.plan import DPPlan, Measurement
 from dpgateway.policies.model import Column, Table
@@ -123,11 +126,13 @@ def _row_bounded(plan: DPPlan, table: Table, ctx: PlanContext) -> DPPlan:
 def prepared_copy_sql(table: Table, ctx: PlanContext) -> str:
     """The rows a prepared copy stores: every row with a unit, typed, clustered by unit, with two columns more.
 
-    The unit's unfiltered row count ``n_u`` (the weight input of the weighted rewrite) and the row's rank
-    by the keyed hash within its unit (``rank <= k`` are the rows row bounding keeps): the same typed
-    columns, keyed hash and NULL-unit rule as :func:`_weighted` and :func:`_row_bounded` (proof note in
-    passes/prepared.py). Values are stored typed but unclamped, so GROUP BY keys over them mean what
-    they mean on the source, and queries clamp as usual.
+    The unit's unfiltered row count ``n_u`` (the weight input of the weighted rewrite), the row's rank
+    by the keyed hash within its unit (``rank <= k`` are the rows row bounding keeps), and the row's
+    weighted contribution ``trunc(v * k / max(n_u, k))`` to every measurement the weighted rewrite can
+    ask of this table (:func:`stored_contributions`), computed by the very expression of
+    :func:`_weighted`: the same typed columns, keyed hash and NULL-unit rule as :func:`_weighted` and
+    :func:`_row_bounded` (proof note in passes/prepared.py). Values are stored typed but unclamped, so
+    GROUP BY keys over them mean what they mean on the source, and queries clamp as usual.
     """
     assert table.privacy_unit is not None
     hooks = ctx.hooks
@@ -142,12 +147,63 @@ def prepared_copy_sql(table: Table, ctx: PlanContext) -> str:
     count = exp.Window(this=exp.Count(this=exp.Star()), partition_by=[unit.copy()])
     ranked = exp.select(exp.Star(), exp.alias_(count, n, quoted=True), exp.alias_(window, rn, quoted=True))
     ranked = ranked.from_("typed").where(_and_unit_not_null(None, table))
+    k = table.max_rows_per_unit
+    contributions = [
+        exp.alias_(_weighted_value(m, table, n, k), name, quoted=True) for name, m in stored_contributions(table)
+    ]
     stored = (
-        exp.select(*(exp.column(name, quoted=True) for name in [*(c.name for c in columns), n, rn]))
+        exp.select(*(exp.column(name, quoted=True) for name in [*(c.name for c in columns), n, rn]), *contributions)
         .from_("ranked")
         .order_by(unit.copy(), exp.column(rn, quoted=True))
     )
     return stored.with_("typed", as_=typed).with_("ranked", as_=ranked).sql(dialect=hooks.DIALECT)
+
+
+ContributionKey = tuple[str, str | None, float, bool, float]
+
+
+def _contribution_key(m: Measurement) -> ContributionKey:
+    """What fixes a measurement's per-row value: kind, column, centre, squared and fixed-point scale."""
+    return (m.kind, m.column, m.center, m.squared, m.scale)
+
+
+def stored_contributions(table: Table) -> list[tuple[str, Measurement]]:
+    """The weighted measurements a prepared copy stores per row, with their column names in the copy.
+
+    Every measurement passes/aggregates.py and passes/budget.py can make for a weighted query on this
+    table: ``COUNT(*)``, ``COUNT(x)`` for every column (scale COUNT_SCALE), and for every numeric column
+    with bounds (not the unit) ``SUM(x)``, ``SUM(x - c)`` and ``SUM((x - c)^2)`` with ``c`` the mid-point
+    of the bounds (scale ``fixed_point_scale(bound)``). Centre, bound and scale are functions of the
+    policy's bounds only, and the copy is rebuilt when the policy changes (dpgateway/prepare.py), so a
+    stored column is valid for every later query; a query measurement is read from the copy only when its
+    :func:`_contribution_key` equals a stored one. Names are deterministic (``__w0``, ``__w1``, ...; fresh
+    against the declared columns), so the query side recomputes the same list.
+    """
+    wanted: list[Measurement] = [Measurement(name="", kind="count", column=None, scale=float(COUNT_SCALE))]
+    for c in table.columns:
+        wanted.append(Measurement(name="", kind="count", column=c.name, scale=float(COUNT_SCALE)))
+    for c in table.columns:
+        if c.name == table.privacy_unit or not c.is_numeric or c.bounds is None:
+            continue
+        mid = moment_center(c)
+        for center, squared in ((0.0, False), (mid, False), (mid, True)):
+            bound = sum_bound(c, center, squared)
+            m = Measurement(
+                name="", kind="sum", column=c.name, center=center, squared=squared, bound=bound,
+                scale=fixed_point_scale(bound),
+            )  # fmt: skip
+            wanted.append(m)
+    taken = {c.name for c in table.columns} | set(_unit_columns(table))
+    stored: list[tuple[str, Measurement]] = []
+    seen: set[ContributionKey] = set()
+    for m in wanted:
+        if _contribution_key(m) in seen:  # e.g. SUM(x - c) is SUM(x) when the bounds are symmetric
+            continue
+        seen.add(_contribution_key(m))
+        name = find_new_name(taken, f"__w{len(stored)}")
+        taken.add(name)
+        stored.append((name, m))
+    return stored
 
 
 def _unit_count(plan: DPPlan, table: Table, ctx: PlanContext) -> DPPlan:
@@ -184,21 +240,32 @@ def _unit_count(plan: DPPlan, table: Table, ctx: PlanContext) -> DPPlan:
 
 
 def _over_prepared(plan: DPPlan, table: Table, ctx: PlanContext) -> DPPlan:
-    """The chosen estimator over a prepared copy, from its stored unit row count or keyed-hash rank.
+    """The chosen estimator over a prepared copy, from its stored contributions or keyed-hash rank.
 
-    Unfiltered queries only, so the stored (unfiltered) ``n_u`` and ranks are what the on-the-fly
-    rewrite computes (proof note in passes/prepared.py).
+    Unfiltered queries only, so the stored (unfiltered) ``n_u``, ranks and weighted contributions are
+    what the on-the-fly rewrite computes (proof note in passes/prepared.py). A weighted measurement the
+    copy does not store (none today) is weighted from the stored ``n_u`` as on the fly.
     """
     hooks = ctx.hooks
     assert plan.prepared is not None and plan.where is None
     n, rn = _unit_columns(table)
-    extra = n if plan.rewrite == "weighted" else rn
-    typed = _typed(_needed_columns(plan, table), hooks.file_source(plan.prepared), ctx)
-    typed = typed.select(exp.column(extra, quoted=True))
+    stored: dict[str, str] = {}
+    extra = [rn]
+    if plan.rewrite == "weighted":
+        by_key = {_contribution_key(m): name for name, m in stored_contributions(table)}
+        stored = {m.name: by_key[_contribution_key(m)] for m in plan.measurements if _contribution_key(m) in by_key}
+        extra = sorted(set(stored.values())) + ([n] if len(stored) < len(plan.measurements) else [])
+    # Read only the declared columns still needed: group keys, and the inputs of unstored measurements.
+    unstored = tuple(m for m in plan.measurements if m.name not in stored)
+    columns = _needed_columns(plan.with_(measurements=unstored), table)
+    if not unstored:
+        columns = [c for c in columns if c.name != table.privacy_unit or _in_keys(plan, c.name)]
+    typed = _typed(columns, hooks.file_source(plan.prepared), ctx)
+    typed = typed.select(*(exp.column(name, quoted=True) for name in extra))
     keys = [exp.alias_(k.expr.copy(), k.name, quoted=True) for k in plan.group_keys]
     rows = exp.select(exp.Star(), *keys).from_("typed")
     if plan.rewrite == "weighted":
-        final = _final(plan, table, "kept", weight=n)
+        final = _final(plan, table, "kept", weight=n, stored=stored)
     else:  # 'rows' and 'unit_count': the k rows of smallest keyed hash, as on the fly
         rows = rows.where(
             exp.LTE(this=exp.column(rn, quoted=True), expression=exp.Literal.number(table.max_rows_per_unit))
@@ -219,9 +286,19 @@ def _and_unit_not_null(condition: exp.Expr | None, table: Table) -> exp.Expr:
     return exp.and_(exp.Paren(this=condition), not_null) if condition is not None else not_null
 
 
-def _final(plan: DPPlan, table: Table, source: str, *, weight: str | None = None) -> exp.Select:
-    """The per-group aggregates; ``weight`` names the unit row count column of the weighted rewrite."""
-    aggregate = _aggregate if weight is None else lambda m, t: _weighted_sum(m, t, weight, t.max_rows_per_unit)
+def _final(
+    plan: DPPlan, table: Table, source: str, *, weight: str | None = None, stored: dict[str, str] | None = None
+) -> exp.Select:
+    """The per-group aggregates; ``weight`` names the unit row count column of the weighted rewrite, and
+    ``stored`` maps a measurement to a prepared copy's column of its weighted contributions."""
+
+    def aggregate(m: Measurement, t: Table) -> exp.Expr:
+        if stored and m.name in stored:
+            return exp.Sum(this=exp.column(stored[m.name], quoted=True))
+        if weight is not None:
+            return exp.Sum(this=_weighted_value(m, t, weight, t.max_rows_per_unit))
+        return _aggregate(m, t)
+
     final = exp.select(
         *(exp.column(k.name, quoted=True) for k in plan.group_keys),
         *(exp.alias_(aggregate(m, table), m.name, quoted=True) for m in plan.measurements),
@@ -241,25 +318,29 @@ def _needed_columns(plan: DPPlan, table: Table) -> list[Column]:
     return [c for c in table.columns if c.name in names]
 
 
+def _in_keys(plan: DPPlan, name: str) -> bool:
+    return any(c.name == name for k in plan.group_keys for c in k.expr.find_all(exp.Column))
+
+
 def _aggregate(m: Measurement, table: Table) -> exp.Expr:
     if m.kind == "count":
         return exp.Count(this=exp.column(m.column, quoted=True) if m.column else exp.Star())
     return exp.Sum(this=_fixed_point(m, table))
 
 
-def _weighted_sum(m: Measurement, table: Table, n: str, k: int) -> exp.Expr:
-    """``SUM(trunc(v * k / max(n_u, k)))`` in exact integer arithmetic, truncated toward zero."""
+def _weighted_value(m: Measurement, table: Table, n: str, k: int) -> exp.Expr:
+    """A row's ``trunc(v * k / max(n_u, k))`` in exact integer arithmetic, truncated toward zero; NULL when ``x`` is."""
     denominator = exp.Greatest(this=exp.column(n, quoted=True), expressions=[exp.Literal.number(k)], ignore_nulls=True)
     if m.kind == "count":  # v = S >= 0 for every row (COUNT(*)) or every non-NULL x (COUNT(x))
         weighted: exp.Expr = exp.IntDiv(this=exp.Literal.number(int(m.scale) * k), expression=denominator)
         if m.column:
             x = exp.column(m.column, quoted=True)
             weighted = exp.Case(ifs=[exp.If(this=exp.Not(this=exp.Is(this=x, expression=exp.Null())), true=weighted)])
-        return exp.Sum(this=weighted)
+        return weighted
     # Integer division truncates toward zero on the backend (DuckDB and PostgreSQL alike; tested), and
     # |v| * k <= (10**6 + 1) * 10**4 fits BIGINT (fixed_point_scale keeps |v| <= ceil(bound * scale)).
     product = exp.Mul(this=_fixed_point(m, table), expression=exp.Literal.number(k))
-    return exp.Sum(this=exp.IntDiv(this=product, expression=denominator))
+    return exp.IntDiv(this=product, expression=denominator)
 
 
 def _fixed_point(m: Measurement, table: Table) -> exp.Expr:
