@@ -152,6 +152,88 @@ audit = sa.Table(
 )
 
 
+# ---- hot-path statements, built once (their compiled form is cached by the engine) ---------------
+
+_SCOPES: sa.BindParameter[Any] = sa.bindparam("scopes", expanding=True)
+USAGES = sa.union_all(
+    # the sums of the charges counting in the window, per scope (kind 0) ...
+    sa.select(
+        charge_scopes.c.scope,
+        sa.func.coalesce(sa.func.sum(charges.c.epsilon), 0.0).label("epsilon"),
+        sa.func.coalesce(sa.func.sum(charges.c.delta), 0.0).label("delta"),
+        sa.func.min(charges.c.at).label("oldest"),
+        sa.literal_column("0").label("kind"),
+    )
+    .select_from(charges.join(charge_scopes, charge_scopes.c.charge_id == charges.c.id))
+    .where(charge_scopes.c.scope.in_(_SCOPES), charges.c.at > sa.bindparam("since", type_=sa.Double))
+    .group_by(charge_scopes.c.scope),
+    # ... and the cap overrides (kind 1), in the same statement
+    sa.select(
+        caps.c.scope,
+        caps.c.epsilon,
+        caps.c.delta,
+        sa.null().label("oldest"),
+        sa.literal_column("1").label("kind"),
+    ).where(caps.c.scope.in_(_SCOPES)),
+)
+INSERT_CHARGE = sa.insert(charges)
+INSERT_SCOPE = sa.insert(charge_scopes)
+INSERT_AUDIT = sa.insert(audit)
+SELECT_CHARGE = sa.select(charges).where(charges.c.id == sa.bindparam("charge"))
+_DEBIT = (sa.bindparam("debit_epsilon", type_=sa.Double), sa.bindparam("debit_delta", type_=sa.Double))
+_NOW = sa.bindparam("now", type_=sa.Double)
+COMMIT_RESERVED = (
+    # the fast path of commit: a pending reservation, the debit within it (fits()), still in the window
+    sa.update(charges)
+    .where(
+        charges.c.id == sa.bindparam("charge"),
+        charges.c.state == "reserved",
+        _DEBIT[0] <= charges.c.reserved_epsilon * sa.bindparam("slack", type_=sa.Double),
+        _DEBIT[1] <= charges.c.reserved_delta * sa.bindparam("slack", type_=sa.Double),
+        _NOW - charges.c.reserved_at < sa.bindparam("window", type_=sa.Double),
+    )
+    .values(state="committed", epsilon=_DEBIT[0], delta=_DEBIT[1], at=_NOW)
+)
+COMMIT_ANY = (
+    sa.update(charges)
+    .where(charges.c.id == sa.bindparam("charge"))
+    .values(state="committed", epsilon=_DEBIT[0], delta=_DEBIT[1], at=_NOW)
+)
+_CHARGE = charges.c.id == sa.bindparam("charge")
+INSERT_ANSWER = sa.insert(answers).from_select(
+    ["charge_id", "query_key", "analyst", "answer", "at"],
+    sa.select(
+        charges.c.id, charges.c.query_key, charges.c.analyst, sa.bindparam("answer_json", type_=sa.Text), _NOW
+    ).where(_CHARGE),
+)
+AUDIT_COMMIT = sa.insert(audit).from_select(
+    ["at", "analyst", "sql", "rewritten_sha256", "epsilon", "delta", "outcome", "message", "query_key", "charge_id"],
+    sa.select(
+        _NOW,
+        charges.c.analyst,
+        charges.c.sql,
+        charges.c.rewritten_sha256,
+        _DEBIT[0],
+        _DEBIT[1],
+        sa.literal("released", sa.String),
+        sa.bindparam("audit_message", type_=sa.Text),
+        charges.c.query_key,
+        charges.c.id,
+    ).where(_CHARGE),
+)
+CACHED_ANSWER = {
+    "analyst": sa.select(answers.c.answer)
+    .where(answers.c.query_key == sa.bindparam("query_key"), answers.c.analyst == sa.bindparam("analyst"))
+    .order_by(answers.c.at.desc())
+    .limit(1),
+    "global": sa.select(answers.c.answer)
+    .where(answers.c.query_key == sa.bindparam("query_key"))
+    .order_by(answers.c.at.desc())
+    .limit(1),
+}
+SLACK = 1.0 + RELATIVE_TOLERANCE
+
+
 def fits(total: float, cap: float) -> bool:
     """``total <= cap`` up to :data:`RELATIVE_TOLERANCE` (so 10 x 0.1 fits 1.0)."""
     return total <= cap * (1.0 + RELATIVE_TOLERANCE)
@@ -202,8 +284,9 @@ class SQLBudgetStore(BudgetStore):
         raise NotImplementedError
 
     @contextmanager
-    def _transaction(self, *, write: bool) -> Iterator[Connection]:
-        """A transaction; for ``write`` one that may take the locks of :meth:`_lock`."""
+    def _transaction(self, *, write: bool | None) -> Iterator[Connection]:
+        """A transaction; for ``write`` one that may take the locks of :meth:`_lock`; ``None``: the work
+        is one read statement, which the database may run without an explicit transaction."""
         with self.engine.begin() as conn:
             yield conn
 
@@ -217,7 +300,7 @@ class SQLBudgetStore(BudgetStore):
 
     # ---- plumbing --------------------------------------------------------------------------
 
-    def _run(self, work: Callable[[Connection], T], *, write: bool = True) -> T:
+    def _run(self, work: Callable[[Connection], T], *, write: bool | None = True) -> T:
         """Run ``work`` in a transaction, retrying transient lock errors; map database errors to BackendError."""
         for attempt in range(MAX_RETRIES):
             try:
@@ -263,28 +346,15 @@ class SQLBudgetStore(BudgetStore):
         return self._usages(conn, [scope], now)[scope]
 
     def _usages(self, conn: Connection, scopes: Sequence[str], now: float) -> dict[str, Usage]:
-        """:meth:`_usage` of several scopes in two statements (sums grouped by scope, then their caps)."""
+        """:meth:`_usage` of several scopes in one statement (sums grouped by scope, and their cap overrides)."""
         wanted = sorted(set(scopes))
-        sums = {
-            row.scope: row
-            for row in conn.execute(
-                sa.select(
-                    charge_scopes.c.scope,
-                    sa.func.coalesce(sa.func.sum(charges.c.epsilon), 0.0).label("epsilon"),
-                    sa.func.coalesce(sa.func.sum(charges.c.delta), 0.0).label("delta"),
-                    sa.func.min(charges.c.at).label("oldest"),
-                )
-                .select_from(charges.join(charge_scopes, charge_scopes.c.charge_id == charges.c.id))
-                .where(charge_scopes.c.scope.in_(wanted), charges.c.at > now - self.window_seconds)
-                .group_by(charge_scopes.c.scope)
-            )
-        }
-        overrides = {
-            row.scope: Cap(epsilon=row.epsilon, delta=row.delta)
-            for row in conn.execute(
-                sa.select(caps.c.scope, caps.c.epsilon, caps.c.delta).where(caps.c.scope.in_(wanted))
-            )
-        }
+        sums: dict[str, Any] = {}
+        overrides: dict[str, Cap] = {}
+        for found in conn.execute(USAGES, {"scopes": wanted, "since": now - self.window_seconds}):
+            if found.kind == 0:
+                sums[found.scope] = found
+            else:
+                overrides[found.scope] = Cap(epsilon=found.epsilon, delta=found.delta)
         usages = {}
         for scope in wanted:
             row = sums.get(scope)
@@ -315,18 +385,19 @@ class SQLBudgetStore(BudgetStore):
         charge_id: str | None = None,
     ) -> None:
         conn.execute(
-            sa.insert(audit).values(
-                at=at,
-                analyst=analyst,
-                sql=sql,
-                rewritten_sha256=rewritten_sha256,
-                epsilon=epsilon,
-                delta=delta,
-                outcome=outcome,
-                message=message,
-                query_key=query_key,
-                charge_id=charge_id,
-            )
+            INSERT_AUDIT,
+            {
+                "at": at,
+                "analyst": analyst,
+                "sql": sql,
+                "rewritten_sha256": rewritten_sha256,
+                "epsilon": epsilon,
+                "delta": delta,
+                "outcome": outcome,
+                "message": message,
+                "query_key": query_key,
+                "charge_id": charge_id,
+            },
         )
 
     def _audit_spend(self, spend: Spend, outcome: AuditOutcome, message: str) -> None:
@@ -398,22 +469,23 @@ class SQLBudgetStore(BudgetStore):
                 ):
                     raise BudgetError(self._refusal(usage, spend, now))
             conn.execute(
-                sa.insert(charges).values(
-                    id=charge_id,
-                    analyst=spend.analyst,
-                    query_key=spend.query_key,
-                    sql=spend.sql,
-                    rewritten_sha256=spend.rewritten_sha256,
-                    state="reserved",
-                    epsilon=spend.epsilon,
-                    delta=spend.delta,
-                    reserved_epsilon=spend.epsilon,
-                    reserved_delta=spend.delta,
-                    reserved_at=now,
-                    at=now,
-                )
+                INSERT_CHARGE,
+                {
+                    "id": charge_id,
+                    "analyst": spend.analyst,
+                    "query_key": spend.query_key,
+                    "sql": spend.sql,
+                    "rewritten_sha256": spend.rewritten_sha256,
+                    "state": "reserved",
+                    "epsilon": spend.epsilon,
+                    "delta": spend.delta,
+                    "reserved_epsilon": spend.epsilon,
+                    "reserved_delta": spend.delta,
+                    "reserved_at": now,
+                    "at": now,
+                },
             )
-            conn.execute(sa.insert(charge_scopes), [{"charge_id": charge_id, "scope": s} for s in scopes])
+            conn.execute(INSERT_SCOPE, [{"charge_id": charge_id, "scope": s} for s in scopes])
 
         try:
             self._run(work)
@@ -457,52 +529,41 @@ class SQLBudgetStore(BudgetStore):
             raise InternalError(f"commit of {reservation_id}: the answer is not JSON-serializable ({exc})") from None
 
         def work(conn: Connection) -> None:
-            row = conn.execute(sa.select(charges).where(charges.c.id == reservation_id)).first()
-            if row is None or row.state == "committed":
-                state = "unknown" if row is None else "already committed"
-                raise InternalError(f"commit of reservation {reservation_id!r}, which is {state}")
-            if not (fits(epsilon, row.reserved_epsilon) and fits(delta, row.reserved_delta)):
-                raise InternalError(
-                    f"commit of reservation {reservation_id!r} debits epsilon={fmt(epsilon)}, delta={fmt(delta)}, "
-                    f"more than it reserved (epsilon={fmt(row.reserved_epsilon)}, delta={fmt(row.reserved_delta)})"
-                )
             now = self.clock()
-            if now - row.reserved_at >= self.window_seconds:
-                # Proof note, point 2: the charge stopped counting, so others may hold its budget.
-                raise BudgetError(
-                    f"Reservation {reservation_id!r} was made more than the {fmt(self.budget.window_days)}-day window "
-                    f"ago and has expired; the answer must not be released. Run the query again"
-                )
-            conn.execute(
-                sa.update(charges)
-                .where(charges.c.id == reservation_id)
-                .values(state="committed", epsilon=epsilon, delta=delta, at=now)
-            )
+            params = {"charge": reservation_id, "debit_epsilon": epsilon, "debit_delta": delta, "now": now}
+            # Fast path: one UPDATE that only matches a pending reservation whose debit fits and that is
+            # still in the window; the checks below run only when it matched nothing.
+            fast = conn.execute(COMMIT_RESERVED, {**params, "slack": SLACK, "window": self.window_seconds})
+            message = ""
+            if fast.rowcount != 1:
+                message = self._commit_slow(conn, reservation_id, epsilon=epsilon, delta=delta, now=now)
+                conn.execute(COMMIT_ANY, params)
             if answer_json is not None:
-                conn.execute(
-                    sa.insert(answers).values(
-                        charge_id=reservation_id,
-                        query_key=row.query_key,
-                        analyst=row.analyst,
-                        answer=answer_json,
-                        at=now,
-                    )
-                )
-            self._audit(
-                conn,
-                at=now,
-                analyst=row.analyst,
-                sql=row.sql,
-                rewritten_sha256=row.rewritten_sha256,
-                epsilon=epsilon,
-                delta=delta,
-                outcome="released",
-                message="" if row.state == "reserved" else "committed after its lease had run out",
-                query_key=row.query_key,
-                charge_id=reservation_id,
-            )
+                conn.execute(INSERT_ANSWER, {"charge": reservation_id, "answer_json": answer_json, "now": now})
+            conn.execute(AUDIT_COMMIT, {**params, "audit_message": message})
 
         return work
+
+    def _commit_slow(self, conn: Connection, reservation_id: str, *, epsilon: float, delta: float, now: float) -> str:
+        """Why the fast commit matched nothing: raise the error, or return the audit message of a late commit."""
+        row = conn.execute(SELECT_CHARGE, {"charge": reservation_id}).first()
+        if row is None or row.state == "committed":
+            state = "unknown" if row is None else "already committed"
+            raise InternalError(f"commit of reservation {reservation_id!r}, which is {state}")
+        if not (fits(epsilon, row.reserved_epsilon) and fits(delta, row.reserved_delta)):
+            raise InternalError(
+                f"commit of reservation {reservation_id!r} debits epsilon={fmt(epsilon)}, delta={fmt(delta)}, "
+                f"more than it reserved (epsilon={fmt(row.reserved_epsilon)}, delta={fmt(row.reserved_delta)})"
+            )
+        if now - row.reserved_at >= self.window_seconds:
+            # Proof note, point 2: the charge stopped counting, so others may hold its budget.
+            raise BudgetError(
+                f"Reservation {reservation_id!r} was made more than the {fmt(self.budget.window_days)}-day window "
+                f"ago and has expired; the answer must not be released. Run the query again"
+            )
+        if row.state == "reserved":  # unreachable unless the database rounds differently from Python
+            return ""
+        return "committed after its lease had run out"
 
     def release(self, reservation_id: str, *, outcome: Outcome, message: str = "") -> None:
         if outcome == "released":
@@ -534,15 +595,12 @@ class SQLBudgetStore(BudgetStore):
     def cached_answer(self, analyst: str, query_key: str) -> Any | None:
         if self.replay == "off":
             return None
-        query = sa.select(answers.c.answer).where(answers.c.query_key == query_key)
-        if self.replay == "analyst":
-            query = query.where(answers.c.analyst == analyst)
-        query = query.order_by(answers.c.at.desc()).limit(1)
-        found = self._run(lambda conn: conn.execute(query).scalar(), write=False)
+        query, params = CACHED_ANSWER[self.replay], {"query_key": query_key, "analyst": analyst}
+        found = self._run(lambda conn: conn.execute(query, params).scalar(), write=None)
         return None if found is None else json.loads(found)
 
     def remaining(self, analyst: str, domains: Sequence[str]) -> Remaining:
-        return self._run(lambda conn: self._remaining(conn, analyst, domains), write=False)
+        return self._run(lambda conn: self._remaining(conn, analyst, domains), write=None)  # one statement
 
     def _remaining(self, conn: Connection, analyst: str, domains: Sequence[str]) -> Remaining:
         now = self.clock()

@@ -46,13 +46,16 @@ class SQLiteBudgetStore(SQLBudgetStore):
 
         @sa.event.listens_for(engine, "begin")
         def _begin(conn: Connection) -> None:
-            conn.exec_driver_sql("BEGIN IMMEDIATE" if conn.get_execution_options().get("dp_write") else "BEGIN")
+            begin = conn.get_execution_options().get("dp_begin", "BEGIN")
+            if begin:  # "" for a single statement: SQLite runs it in a transaction of its own
+                conn.exec_driver_sql(begin)
 
         return engine
 
     @contextmanager
-    def _transaction(self, *, write: bool) -> Iterator[Connection]:
-        with self.engine.connect().execution_options(dp_write=write) as conn, conn.begin():
+    def _transaction(self, *, write: bool | None) -> Iterator[Connection]:
+        begin = "BEGIN IMMEDIATE" if write else "" if write is None else "BEGIN"
+        with self.engine.connect().execution_options(dp_begin=begin) as conn, conn.begin():
             yield conn
 
     def _is_transient(self, exc: sa.exc.DBAPIError) -> bool:

@@ -268,6 +268,25 @@ def test_abandoned_reservation_is_charged_after_the_lease(make_store, clock: Fak
     restarted.reserve(make_spend(epsilon=1.0))
 
 
+def test_commit_audits_the_reservation_and_a_late_commit_says_so(make_store, clock: FakeClock):
+    store = make_store(lease_seconds=60)
+    spend = make_spend(epsilon=0.5, delta=1e-7, key="k1", sql="SELECT 1")
+    store.commit(store.reserve(spend), epsilon=0.25, delta=0.0, answer={"rows": [[1]]})
+    late = store.reserve(make_spend(epsilon=0.5, key="k2", sql="SELECT 2"))
+    clock.advance(61)
+    assert store.reap_abandoned() == 1
+    store.commit(late, epsilon=0.5, delta=1e-7, answer={"rows": [[2]]})
+    released = store.audit_log(outcome="released")
+    assert [(r.analyst, r.sql, r.rewritten_sha256, r.epsilon, r.delta, r.message) for r in released] == [
+        ("alice", "SELECT 2", "ab" * 32, 0.5, 1e-7, "committed after its lease had run out"),
+        ("alice", "SELECT 1", "ab" * 32, 0.25, 0.0, ""),
+    ]
+    assert released[0].at == clock() and [c.state for c in store.history()] == ["committed", "committed"]
+    assert store.cached_answer("alice", "k1") == {"rows": [[1]]}
+    assert store.cached_answer("alice", "k2") == {"rows": [[2]]}
+    assert store.remaining("alice", []).analyst.spent_epsilon == 0.75
+
+
 @pytest.mark.parametrize(
     ("epsilon", "delta", "match"),
     [(0.0, 0.0, "epsilon must be positive"), (-1.0, 0.0, "epsilon must be a finite"), (math.nan, 0.0, "finite")],
