@@ -59,7 +59,7 @@ class Result:
 
     @property
     def rows(self) -> list[list[Any]]:
-        return [[_plain(v) for v in row] for row in self.frame.itertuples(index=False, name=None)]
+        return _plain_rows(self.frame)
 
     def to_dict(self) -> dict[str, Any]:
         """The CLI's JSON shape."""
@@ -169,7 +169,7 @@ class Gateway:
             return Result(frame, 0.0, 0.0, self.store.remaining(who, spend.domains).as_dict(), replayed=True)
         reservation = self.store.reserve(spend)  # refusals are audited by the store
         frame = self._run(plan, reservation)
-        answer = {"columns": [str(c) for c in frame.columns], "rows": Result(frame, 0, 0, {}).rows}
+        answer = {"columns": [str(c) for c in frame.columns], "rows": _plain_rows(frame)}
         remaining = self.store.commit_and_remaining(
             reservation, epsilon=spend.epsilon, delta=spend.delta, answer=answer, analyst=who, domains=spend.domains
         )
@@ -298,6 +298,11 @@ def _spend(analyst: str, plan: DPPlan | None, sql: str, key: str) -> Spend:
 
 def _audit_text(exc: DPGatewayError) -> str:
     return f"{exc.sqlstate}: {exc.message}"
+
+
+def _plain_rows(frame: pd.DataFrame) -> list[list[Any]]:
+    """A frame's rows as JSON-friendly lists (what the CLI prints and the replay cache stores)."""
+    return [[_plain(v) for v in row] for row in frame.itertuples(index=False, name=None)]
 
 
 def _plain(value: Any) -> Any:
