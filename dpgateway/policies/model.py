@@ -28,12 +28,6 @@ class Column:
     def is_numeric(self) -> bool:
         return self.type in NUMERIC_TYPES
 
-    @property
-    def max_abs(self) -> float:
-        """Largest absolute value a clamped value can take (requires bounds)."""
-        assert self.bounds is not None
-        return max(abs(self.bounds[0]), abs(self.bounds[1]))
-
 
 @dataclass(frozen=True)
 class Table:
