@@ -19,6 +19,7 @@ from dpgateway.errors import UnsupportedError
 from dpgateway.policies.model import Column, Table
 
 SQL_TYPES = {"int": "BIGINT", "float": "DOUBLE", "str": "VARCHAR", "bool": "BOOLEAN", "date": "DATE"}
+_DATA_TYPES = {kind: exp.DataType.build(name) for kind, name in SQL_TYPES.items()}  # built (parsed) once
 
 
 @dataclass(frozen=True)
@@ -45,7 +46,7 @@ class SQLHooks:
     def typed(self, column: Column) -> exp.Expr:
         """The column cast to its declared type; values that do not fit become NULL, never an error."""
         value: exp.Expr = exp.TryCast(
-            this=exp.column(column.name, quoted=True), to=exp.DataType.build(SQL_TYPES[column.type])
+            this=exp.column(column.name, quoted=True), to=_DATA_TYPES[column.type].copy()
         )
         if column.type == "float":  # NaN is no number: treat it as missing
             value = exp.Nullif(this=value, expression=exp.cast(exp.Literal.string("NaN"), "DOUBLE"))

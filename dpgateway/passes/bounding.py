@@ -78,9 +78,13 @@ def _weighted(plan: DPPlan, table: Table, ctx: PlanContext) -> DPPlan:
     n, _ = _unit_columns(table)
     keys = [exp.alias_(k.expr.copy(), k.name, quoted=True) for k in plan.group_keys]
     window = exp.Window(this=exp.Count(this=exp.Star()), partition_by=[exp.column(table.privacy_unit, quoted=True)])
-    rows = exp.select(exp.Star(), *keys, exp.alias_(window, n, quoted=True)).from_("typed")
-    rows = rows.where(_and_unit_not_null(plan.where.copy() if plan.where is not None else None, table))
-    bounded = _final(plan, table, "ranked", weight=n).with_("typed", as_=typed).with_("ranked", as_=rows)
+    rows = exp.select(exp.Star(), *keys, exp.alias_(window, n, quoted=True), copy=False).from_("typed", copy=False)
+    rows = rows.where(_and_unit_not_null(plan.where.copy() if plan.where is not None else None, table), copy=False)
+    bounded = (
+        _final(plan, table, "ranked", weight=n)
+        .with_("typed", as_=typed, copy=False)
+        .with_("ranked", as_=rows, copy=False)
+    )
     return plan.with_(bounded=bounded, bounded_sql=bounded.sql(dialect=hooks.DIALECT), settings=())
 
 
@@ -99,7 +103,7 @@ def _row_bounded(plan: DPPlan, table: Table, ctx: PlanContext) -> DPPlan:
     typed = _typed(columns, hooks.source(table), ctx)
     _, rn = _unit_columns(table)
     keys = [exp.alias_(k.expr.copy(), k.name, quoted=True) for k in plan.group_keys]
-    ranked = exp.select(exp.Star(), *keys).from_("typed")
+    ranked = exp.select(exp.Star(), *keys, copy=False).from_("typed", copy=False)
     condition = plan.where.copy() if plan.where is not None else None
     k = table.max_rows_per_unit
     if table.privacy_unit:
@@ -108,14 +112,14 @@ def _row_bounded(plan: DPPlan, table: Table, ctx: PlanContext) -> DPPlan:
         window = exp.Window(
             this=exp.RowNumber(), partition_by=[unit], order=exp.Order(expressions=[exp.Ordered(this=order)])
         )
-        ranked = ranked.select(exp.alias_(window, rn, quoted=True))
+        ranked = ranked.select(exp.alias_(window, rn, quoted=True), copy=False)
         condition = _and_unit_not_null(condition, table)
     if condition is not None:
-        ranked = ranked.where(condition)
+        ranked = ranked.where(condition, copy=False)
     final = _final(plan, table, "ranked")
     if table.privacy_unit:
-        final = final.where(exp.LTE(this=exp.column(rn, quoted=True), expression=exp.Literal.number(k)))
-    bounded = final.with_("typed", as_=typed).with_("ranked", as_=ranked)
+        final = final.where(exp.LTE(this=exp.column(rn, quoted=True), expression=exp.Literal.number(k)), copy=False)
+    bounded = final.with_("typed", as_=typed, copy=False).with_("ranked", as_=ranked, copy=False)
     return plan.with_(
         bounded=bounded,
         bounded_sql=bounded.sql(dialect=hooks.DIALECT),
@@ -145,18 +149,22 @@ def prepared_copy_sql(table: Table, ctx: PlanContext) -> str:
         this=exp.RowNumber(), partition_by=[unit], order=exp.Order(expressions=[exp.Ordered(this=order)])
     )
     count = exp.Window(this=exp.Count(this=exp.Star()), partition_by=[unit.copy()])
-    ranked = exp.select(exp.Star(), exp.alias_(count, n, quoted=True), exp.alias_(window, rn, quoted=True))
-    ranked = ranked.from_("typed").where(_and_unit_not_null(None, table))
+    ranked = exp.select(exp.Star(), exp.alias_(count, n, quoted=True), exp.alias_(window, rn, quoted=True), copy=False)
+    ranked = ranked.from_("typed", copy=False).where(_and_unit_not_null(None, table), copy=False)
     k = table.max_rows_per_unit
     contributions = [
         exp.alias_(_weighted_value(m, table, n, k), name, quoted=True) for name, m in stored_contributions(table)
     ]
     stored = (
-        exp.select(*(exp.column(name, quoted=True) for name in [*(c.name for c in columns), n, rn]), *contributions)
-        .from_("ranked")
-        .order_by(unit.copy(), exp.column(rn, quoted=True))
+        exp.select(
+            *(exp.column(name, quoted=True) for name in [*(c.name for c in columns), n, rn]), *contributions, copy=False
+        )
+        .from_("ranked", copy=False)
+        .order_by(unit.copy(), exp.column(rn, quoted=True), copy=False)
     )
-    return stored.with_("typed", as_=typed).with_("ranked", as_=ranked).sql(dialect=hooks.DIALECT)
+    return (
+        stored.with_("typed", as_=typed, copy=False).with_("ranked", as_=ranked, copy=False).sql(dialect=hooks.DIALECT)
+    )
 
 
 ContributionKey = tuple[str, str | None, float, bool, float]
@@ -226,16 +234,16 @@ def _unit_count(plan: DPPlan, table: Table, ctx: PlanContext) -> DPPlan:
     taken = {c.name for c in table.columns}
     n = find_new_name(taken, "__n")
     per_unit = (
-        exp.select(exp.alias_(exp.Count(this=exp.Star()), n, quoted=True))
-        .from_("typed")
-        .where(_and_unit_not_null(plan.where.copy() if plan.where is not None else None, table))
-        .group_by(unit)
+        exp.select(exp.alias_(exp.Count(this=exp.Star()), n, quoted=True), copy=False)
+        .from_("typed", copy=False)
+        .where(_and_unit_not_null(plan.where.copy() if plan.where is not None else None, table), copy=False)
+        .group_by(unit, copy=False)
     )
     k = exp.Literal.number(table.max_rows_per_unit)
     total = exp.Sum(this=exp.Least(this=exp.column(n, quoted=True), expressions=[k], ignore_nulls=True))
     name = plan.measurements[0].name
-    bounded = exp.select(exp.alias_(total, name, quoted=True)).from_("per_unit")
-    bounded = bounded.with_("typed", as_=typed).with_("per_unit", as_=per_unit)
+    bounded = exp.select(exp.alias_(total, name, quoted=True), copy=False).from_("per_unit", copy=False)
+    bounded = bounded.with_("typed", as_=typed, copy=False).with_("per_unit", as_=per_unit, copy=False)
     return plan.with_(bounded=bounded, bounded_sql=bounded.sql(dialect=hooks.DIALECT), settings=())
 
 
@@ -261,23 +269,24 @@ def _over_prepared(plan: DPPlan, table: Table, ctx: PlanContext) -> DPPlan:
     if not unstored:
         columns = [c for c in columns if c.name != table.privacy_unit or _in_keys(plan, c.name)]
     typed = _typed(columns, hooks.file_source(plan.prepared), ctx)
-    typed = typed.select(*(exp.column(name, quoted=True) for name in extra))
+    typed = typed.select(*(exp.column(name, quoted=True) for name in extra), copy=False)
     keys = [exp.alias_(k.expr.copy(), k.name, quoted=True) for k in plan.group_keys]
-    rows = exp.select(exp.Star(), *keys).from_("typed")
+    rows = exp.select(exp.Star(), *keys, copy=False).from_("typed", copy=False)
     if plan.rewrite == "weighted":
         final = _final(plan, table, "kept", weight=n, stored=stored)
     else:  # 'rows' and 'unit_count': the k rows of smallest keyed hash, as on the fly
         rows = rows.where(
-            exp.LTE(this=exp.column(rn, quoted=True), expression=exp.Literal.number(table.max_rows_per_unit))
+            exp.LTE(this=exp.column(rn, quoted=True), expression=exp.Literal.number(table.max_rows_per_unit)),
+            copy=False,
         )
         final = _final(plan, table, "kept")
-    bounded = final.with_("typed", as_=typed).with_("kept", as_=rows)
+    bounded = final.with_("typed", as_=typed, copy=False).with_("kept", as_=rows, copy=False)
     return plan.with_(bounded=bounded, bounded_sql=bounded.sql(dialect=hooks.DIALECT), settings=())
 
 
 def _typed(columns: list[Column], source: exp.Expr, ctx: PlanContext) -> exp.Select:
     typed_columns = [exp.alias_(ctx.hooks.typed(c), c.name, quoted=True) for c in columns] or [exp.true()]
-    return exp.select(*typed_columns).from_(source)
+    return exp.select(*typed_columns, copy=False).from_(source, copy=False)
 
 
 def _and_unit_not_null(condition: exp.Expr | None, table: Table) -> exp.Expr:
@@ -302,9 +311,10 @@ def _final(
     final = exp.select(
         *(exp.column(k.name, quoted=True) for k in plan.group_keys),
         *(exp.alias_(aggregate(m, table), m.name, quoted=True) for m in plan.measurements),
-    ).from_(source)
+        copy=False,
+    ).from_(source, copy=False)
     if plan.group_keys:
-        final = final.group_by(*(exp.column(k.name, quoted=True) for k in plan.group_keys))
+        final = final.group_by(*(exp.column(k.name, quoted=True) for k in plan.group_keys), copy=False)
     return final
 
 
