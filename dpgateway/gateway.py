@@ -9,6 +9,7 @@ import math
 import os
 from dataclasses import dataclass, field
 from decimal import Decimal
+from functools import cached_property
 from typing import Any
 
 import pandas as pd
@@ -32,7 +33,7 @@ from dpgateway.plan import DPPlan
 from dpgateway.planner import PlanCache
 from dpgateway.policies.loader import load_config
 from dpgateway.policies.model import Config
-from dpgateway.postprocess import post_process, run_sandboxed
+from dpgateway.postprocess import Released, post_process, run_sandboxed
 from dpgateway.sqlparse import query_key
 
 ANALYST_ENV = "DPGATEWAY_ANALYST"
@@ -45,9 +46,12 @@ REWRITE_NOTES = {
 
 @dataclass(frozen=True)
 class Result:
-    """A released answer and exactly what it cost."""
+    """A released answer and exactly what it cost.
 
-    frame: pd.DataFrame
+    ``frame`` (pandas) and ``rows`` (plain, JSON-friendly values) are built from ``released`` when first read.
+    """
+
+    released: Released
     epsilon: float
     delta: float
     remaining: dict[str, Any]
@@ -55,11 +59,15 @@ class Result:
 
     @property
     def columns(self) -> list[str]:
-        return [str(c) for c in self.frame.columns]
+        return [str(c) for c in self.released.columns]
 
-    @property
+    @cached_property
     def rows(self) -> list[list[Any]]:
-        return _plain_rows(self.frame)
+        return _plain_rows(self.released.rows)
+
+    @cached_property
+    def frame(self) -> pd.DataFrame:
+        return self.released.frame()
 
     def to_dict(self) -> dict[str, Any]:
         """The CLI's JSON shape."""
@@ -154,26 +162,26 @@ class Gateway:
             raise
         spend = _spend(who, plan, sql, key)
         if plan.passthrough:
-            frame = self._passthrough(plan)
+            released = self._passthrough(plan)
             self.store.audit_event(spend, outcome="released", message="public data: no privacy cost")
-            return Result(frame, 0.0, 0.0, self.store.remaining(who, []).as_dict())
+            return Result(released, 0.0, 0.0, self.store.remaining(who, []).as_dict())
         if not plan.measurements:  # only public key values are listed: the data is not read
             keys_only = ExactAggregates(columns=tuple(k.name for k in plan.group_keys), rows=())
-            frame = post_process(plan, add_noise(plan, keys_only))
+            released = post_process(plan, add_noise(plan, keys_only))
             self.store.audit_event(spend, outcome="released", message="public key domain only: no privacy cost")
-            return Result(frame, 0.0, 0.0, self.store.remaining(who, spend.domains).as_dict())
+            return Result(released, 0.0, 0.0, self.store.remaining(who, spend.domains).as_dict())
         cached = self.store.cached_answer(who, key)
         if cached is not None:
             self.store.audit_event(spend, outcome="replayed")
-            frame = pd.DataFrame(cached["rows"], columns=cached["columns"])
-            return Result(frame, 0.0, 0.0, self.store.remaining(who, spend.domains).as_dict(), replayed=True)
+            released = Released(tuple(cached["columns"]), [tuple(row) for row in cached["rows"]])
+            return Result(released, 0.0, 0.0, self.store.remaining(who, spend.domains).as_dict(), replayed=True)
         reservation = self.store.reserve(spend)  # refusals are audited by the store
-        frame = self._run(plan, reservation)
-        answer = {"columns": [str(c) for c in frame.columns], "rows": _plain_rows(frame)}
+        result = Result(self._run(plan, reservation), spend.epsilon, spend.delta, {})
+        answer = {"columns": result.columns, "rows": result.rows}
         remaining = self.store.commit_and_remaining(
             reservation, epsilon=spend.epsilon, delta=spend.delta, answer=answer, analyst=who, domains=spend.domains
         )
-        return Result(frame, spend.epsilon, spend.delta, remaining.as_dict())
+        return dataclasses.replace(result, remaining=remaining.as_dict())
 
     def prepare(self, table: str) -> PreparedCopy:
         """Materialize a copy of ``table`` that later unfiltered queries read (see dpgateway/prepare.py).
@@ -245,7 +253,7 @@ class Gateway:
         except Exception as exc:  # a planner bug must surface as XX000, never as a traceback
             raise InternalError(f"planning failed: {type(exc).__name__}: {exc}") from exc
 
-    def _run(self, plan: DPPlan, reservation: str) -> pd.DataFrame:
+    def _run(self, plan: DPPlan, reservation: str) -> Released:
         """Execute, noise and post-process. A failure after the backend ran is still charged."""
         try:
             exact = self.connector.execute(plan.bounded_sql, plan.settings)
@@ -262,7 +270,7 @@ class Gateway:
                 raise
             raise InternalError(f"noise or post-processing failed: {type(exc).__name__}") from exc
 
-    def _passthrough(self, plan: DPPlan) -> pd.DataFrame:
+    def _passthrough(self, plan: DPPlan) -> Released:
         if plan.table is None:
             return run_sandboxed(plan.tree)
         tree = plan.tree.copy()
@@ -271,7 +279,7 @@ class Gateway:
             source.set("alias", exp.TableAlias(this=exp.to_identifier(table.alias_or_name)))
             table.replace(source)
         exact = self.connector.execute(tree.sql(dialect=self.connector.hooks.DIALECT))
-        return pd.DataFrame(list(exact.rows), columns=list(exact.columns))
+        return Released(exact.columns, list(exact.rows))
 
 
 def resolve_analyst(analyst: str | None) -> str:
@@ -300,9 +308,9 @@ def _audit_text(exc: DPGatewayError) -> str:
     return f"{exc.sqlstate}: {exc.message}"
 
 
-def _plain_rows(frame: pd.DataFrame) -> list[list[Any]]:
-    """A frame's rows as JSON-friendly lists (what the CLI prints and the replay cache stores)."""
-    return [[_plain(v) for v in row] for row in frame.itertuples(index=False, name=None)]
+def _plain_rows(rows: list[tuple[Any, ...]]) -> list[list[Any]]:
+    """Rows as JSON-friendly lists (what the CLI prints and the replay cache stores)."""
+    return [[v if type(v) is int or type(v) is str else _plain(v) for v in row] for row in rows]
 
 
 def _plain(value: Any) -> Any:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
@@ -87,6 +88,8 @@ class DPPlan:
     prepared: str | None = None  # path of a valid prepared (pre-bounded) copy to read instead of the source
     rewrite: str = ""  # bounding rewrite (passes/rewrite.py): 'weighted', 'unit_count' or 'rows'
     post_sql: str = ""  # post-processing query over the noisy frame (postprocess.py)
+    # the same SELECT list as Python functions of the noisy columns, or None where DuckDB must evaluate it
+    post_python: tuple[Callable[[Sequence[list[Any]]], list[Any]], ...] | None = None
     notes: tuple[str, ...] = field(default=())
 
     @property

@@ -21,6 +21,7 @@ import operator
 import os
 import threading
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import duckdb
@@ -37,67 +38,83 @@ INT_LIMIT = 2**31  # below this, no BIGINT (nor INTEGER literal) arithmetic of t
 _lock = threading.Lock()
 _sandbox: tuple[int, duckdb.DuckDBPyConnection] | None = None
 
-Row = Sequence[Any]
-Evaluator = Callable[[Row], Any]
+Columns = Sequence[list[Any]]
+Evaluator = Callable[[Columns], list[Any]]  # a whole output column at once: no Python call per node and row
 
 
-def post_process(plan: DPPlan, noisy: Noisy) -> pd.DataFrame:
+@dataclass(frozen=True)
+class Released:
+    """Output rows as computed (Python values as DuckDB returns them); the DataFrame only when asked for."""
+
+    columns: tuple[str, ...]
+    rows: list[tuple[Any, ...]]
+
+    def frame(self) -> pd.DataFrame:
+        return pd.DataFrame(self.rows, columns=list(self.columns))
+
+
+def post_process(plan: DPPlan, noisy: Noisy) -> Released:
     """Evaluate the query's SELECT list, HAVING, ORDER BY and LIMIT over the noisy release."""
-    names = [o.name for o in plan.outputs]
+    names = tuple(o.name for o in plan.outputs)
     rows = _python_outputs(plan, noisy)
-    if rows is not None:
-        return pd.DataFrame(rows, columns=names)
-    frame = run_sandboxed(plan.post_sql or post_processing_sql(plan), noisy.frame())
-    frame.columns = names
-    return frame
+    if rows is None:
+        rows = run_sandboxed(plan.post_sql or post_processing_sql(plan), noisy.frame()).rows
+    return Released(names, rows)
 
 
 class _Declined(Exception):
     """The Python evaluator does not reproduce DuckDB here: use the sandbox."""
 
 
-def _python_outputs(plan: DPPlan, noisy: Noisy) -> list[tuple[Any, ...]] | None:
-    """The SELECT list evaluated in Python, exactly as DuckDB would; None when that is not certain."""
+def python_evaluators(plan: DPPlan) -> tuple[Evaluator, ...] | None:
+    """The SELECT list compiled to functions of the noisy columns (once per plan); None where DuckDB must answer."""
     if plan.having is not None or plan.order or plan.limit is not None or plan.offset is not None:
         return None
-    if not noisy.values or not noisy.values[0]:
+    names = (*(k.name for k in plan.group_keys), *(m.name for m in plan.measurements))  # add_noise's columns
+    try:
+        return tuple(_compile(o.expr, {name: i for i, name in enumerate(names)}) for o in plan.outputs)
+    except _Declined:
+        return None
+
+
+def _python_outputs(plan: DPPlan, noisy: Noisy) -> list[tuple[Any, ...]] | None:
+    """The SELECT list evaluated in Python, exactly as DuckDB would; None when that is not certain."""
+    if plan.post_python is None or not noisy.values or not noisy.values[0]:
         return None
     for column in noisy.values:
         kind = type(column[0])
         if kind not in (int, float, str) or any(type(v) is not kind for v in column):
             return None  # NULLs, bools, dates, decimals, mixed types: pandas and DuckDB convert them
-    positions = {name: i for i, name in enumerate(noisy.columns)}
     try:
-        evaluators = [_compile(o.expr, positions) for o in plan.outputs]
-        return [tuple(f(row) for f in evaluators) for row in zip(*noisy.values, strict=True)]
+        return list(zip(*(f(noisy.values) for f in plan.post_python), strict=True))
     except _Declined:
         return None
 
 
 def _compile(node: exp.Expr, positions: dict[str, int]) -> Evaluator:
-    """A function of one row computing ``node`` with DuckDB's semantics, or :class:`_Declined`."""
+    """A function of the noisy columns computing ``node`` with DuckDB's semantics, or :class:`_Declined`."""
     if isinstance(node, exp.Paren):
         return _compile(node.this, positions)
     if isinstance(node, exp.Column) and not node.table and node.name in positions:
-        index = positions[node.name]
-        return lambda row: row[index] if type(row[index]) is str else _checked(row[index])
+        index = positions[node.name]  # each column holds values of one type (checked by the caller)
+        return lambda cols: cols[index] if type(cols[index][0]) is str else [_checked(v) for v in cols[index]]
     if isinstance(node, exp.Literal) and not node.is_string and node.this.isdigit():
         value = _checked(int(node.this))  # DuckDB: INTEGER
-        return lambda row: value
+        return lambda cols: [value] * len(cols[0])
     if isinstance(node, exp.Neg):
         inner = _compile(node.this, positions)
-        return lambda row: _arith(operator.neg, inner(row))
+        return lambda cols: [_arith(operator.neg, v) for v in inner(cols)]
     if isinstance(node, (exp.Add, exp.Sub, exp.Mul)):
         op = operator.add if isinstance(node, exp.Add) else operator.sub if isinstance(node, exp.Sub) else operator.mul
         left, right = _compile(node.left, positions), _compile(node.right, positions)
-        return lambda row: _arith(op, left(row), right(row))
+        return lambda cols: [_arith(op, a, b) for a, b in zip(left(cols), right(cols), strict=True)]
     if type(node) is exp.Div and not node.args.get("typed") and not node.args.get("safe"):
         left, right = _compile(node.left, positions), _compile(node.right, positions)
-        return lambda row: _divide(left(row), right(row))
+        return lambda cols: [_divide(a, b) for a, b in zip(left(cols), right(cols), strict=True)]
     if type(node) in (exp.Greatest, exp.Least):
         pick = max if isinstance(node, exp.Greatest) else min
         args = [_compile(a, positions) for a in (node.this, *node.expressions)]
-        return lambda row: _extreme(pick, [a(row) for a in args])
+        return lambda cols: [_extreme(pick, list(row)) for row in zip(*(a(cols) for a in args), strict=True)]
     raise _Declined
 
 
@@ -137,27 +154,29 @@ def _extreme(pick: Callable[..., Any], values: list[Any]) -> Any:
 
 
 def post_processing_sql(plan: DPPlan) -> str:
-    """The sandbox query over ``__noisy`` (rendered once per plan by passes/post.py)."""
-    query = exp.select(*(exp.alias_(o.expr.copy(), o.name, quoted=True) for o in plan.outputs)).from_(NOISY)
+    """The sandbox query over ``__noisy`` (rendered by passes/post.py, or on demand when the Python form declines)."""
+    query = exp.select(*(exp.alias_(o.expr.copy(), o.name, quoted=True) for o in plan.outputs), copy=False).from_(
+        NOISY, copy=False
+    )
     if plan.having is not None:
-        query = query.where(plan.having.copy())
+        query = query.where(plan.having.copy(), copy=False)
     if plan.order:
-        query = query.order_by(*(o.copy() for o in plan.order))
+        query = query.order_by(*(o.copy() for o in plan.order), copy=False)
     if plan.limit is not None:
-        query = query.limit(plan.limit)
+        query = query.limit(plan.limit, copy=False)
     if plan.offset is not None:
-        query = query.offset(plan.offset)
+        query = query.offset(plan.offset, copy=False)
     return query.sql(dialect="duckdb")
 
 
-def run_sandboxed(query: exp.Expr | str, noisy: pd.DataFrame | None = None) -> pd.DataFrame:
+def run_sandboxed(query: exp.Expr | str, noisy: pd.DataFrame | None = None) -> Released:
     """Run ``query`` where only ``noisy`` (as table ``__noisy``) exists and no file can be read."""
     con = _sandbox_cursor()
     try:
         if noisy is not None:
             con.register(NOISY, noisy)
         result = con.execute(query if isinstance(query, str) else query.sql(dialect="duckdb"))
-        return pd.DataFrame(result.fetchall(), columns=[d[0] for d in result.description or ()])
+        return Released(tuple(d[0] for d in result.description or ()), result.fetchall())
     except duckdb.Error as exc:
         # Only released values are involved, so the message is safe to show.
         raise InvalidParameterError(f"could not compute the outputs from the released values: {exc}") from None

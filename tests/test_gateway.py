@@ -217,7 +217,7 @@ def test_python_post_processing_agrees_with_duckdb(demo_gateway: Gateway, sql: s
     """The Python fast path of postprocess.py gives exactly the sandbox DuckDB's frame (values and dtypes),
     also on edge values (zero, negative, huge), where it must hand over to DuckDB instead."""
     from dpgateway.noise import Noisy, add_noise
-    from dpgateway.postprocess import _python_outputs, post_process, run_sandboxed
+    from dpgateway.postprocess import _python_outputs, post_process, post_processing_sql, run_sandboxed
 
     plan = demo_gateway.explain(sql, epsilon=1.0, delta=1e-7).plan
     assert plan is not None
@@ -235,10 +235,10 @@ def test_python_post_processing_agrees_with_duckdb(demo_gateway: Gateway, sql: s
         edges.append(Noisy(noisy.columns, values, noisy.counts))
     for case in edges:
         try:
-            expected = run_sandboxed(plan.post_sql, case.frame())
+            expected = run_sandboxed(post_processing_sql(plan), case.frame()).frame()
         except DPGatewayError as exc:
             with pytest.raises(DPGatewayError, match=exc.sqlstate):
                 post_process(plan, case)
             continue
         expected.columns = [o.name for o in plan.outputs]
-        pd.testing.assert_frame_equal(post_process(plan, case), expected)
+        pd.testing.assert_frame_equal(post_process(plan, case).frame(), expected)
