@@ -155,11 +155,19 @@ def settings_effect(gw: Gateway, reps: int) -> dict[str, Any]:
     return out
 
 
+# The least work any exact per-person bounding does: group every row by person (no values, no noise).
+FLOOR_SQL = "SELECT COUNT(*) FROM (SELECT pid FROM {src} GROUP BY pid)"
+
+
 def scale_run(rows: int, reps: int) -> dict[str, Any]:
     source = generate(rows)
     with tempfile.TemporaryDirectory() as tmp, Gateway.from_config(write_config(Path(tmp), source)) as gw:
         raw = duckdb.connect()
         cold = compare(gw, raw, source, reps, "c")
+        floor_sql = FLOOR_SQL.format(src=f"read_parquet('{source}')")
+        floor_ms = statistics.median(timed(lambda: raw.execute(floor_sql).fetchall()) for _ in range(reps))
+        for shape in cold.values():
+            shape["floor_ratio"] = floor_ms / shape["raw_ms"]
         settings = settings_effect(gw, reps)
         prepare_ms = timed(lambda: gw.prepare("people"))
         prepared = compare(gw, raw, source, reps, "p")
@@ -169,6 +177,8 @@ def scale_run(rows: int, reps: int) -> dict[str, Any]:
         "prepared": prepared,
         "prepare_ms": prepare_ms,
         "top_n_window_elimination": settings,
+        "floor_ms": floor_ms,
+        "median_floor_ratio": statistics.median(v["floor_ratio"] for v in cold.values()),
         "median_ratio_cold": statistics.median(v["ratio"] for v in cold.values()),
         "median_ratio_prepared": statistics.median(v["ratio"] for v in prepared.values()),
     }
@@ -359,17 +369,22 @@ def markdown(results: dict[str, Any], command: str) -> str:
         lines += [
             f"## {run['rows']:,} rows",
             "",
-            "| query | raw ms | DP cold ms | cold ratio | rewrite | DP prepared ms | prepared ratio |",
-            "|---|---:|---:|---:|---|---:|---:|",
+            "| query | raw ms | DP cold ms | cold ratio | floor ratio | rewrite | DP prepared ms | prepared ratio |",
+            "|---|---:|---:|---:|---:|---|---:|---:|",
         ]
         for name, cold in run["cold"].items():
             prep = run["prepared"][name]
             lines.append(
-                f"| {name} | {cold['raw_ms']:.1f} | {cold['dp_ms']:.1f} | {cold['ratio']:.1f}x | {cold['rewrite']} "
-                f"| {prep['dp_ms']:.1f} | {prep['ratio']:.1f}x |"
+                f"| {name} | {cold['raw_ms']:.1f} | {cold['dp_ms']:.1f} | {cold['ratio']:.1f}x "
+                f"| {cold['floor_ratio']:.1f}x | {cold['rewrite']} | {prep['dp_ms']:.1f} | {prep['ratio']:.1f}x |"
             )
         lines += [
-            f"| **median** | | | **{run['median_ratio_cold']:.1f}x** | | | **{run['median_ratio_prepared']:.1f}x** |",
+            f"| **median** | | | **{run['median_ratio_cold']:.1f}x** | **{run['median_floor_ratio']:.1f}x** | | "
+            f"| **{run['median_ratio_prepared']:.1f}x** |",
+            "",
+            f"Floor: `{FLOOR_SQL.format(src='...')}` took {run['floor_ms']:.0f} ms, the least work any exact "
+            "per-person bounding does on this engine (group every row by person; no values read, no noise); its "
+            "ratio to each raw aggregate bounds what a cold DP query can reach.",
             "",
             f"`prepare` took {run['prepare_ms'] / 1000:.1f} s. DuckDB's `top_n_window_elimination` on the row-bounded "
             "SQL (median ms, default / disabled): "
@@ -418,7 +433,7 @@ def markdown(results: dict[str, Any], command: str) -> str:
     ok = {True: "met", False: "**not met**"}
     lines += [
         f"- DP/raw median ratio cold <= 8 at {biggest['rows']:,} rows: {biggest['median_ratio_cold']:.1f}x, "
-        f"{ok[biggest['median_ratio_cold'] <= 8]}.",
+        f"{ok[biggest['median_ratio_cold'] <= 8]} (the per-person floor alone: {biggest['median_floor_ratio']:.1f}x).",
         f"- after `prepare` <= 2: {biggest['median_ratio_prepared']:.1f}x, {ok[biggest['median_ratio_prepared'] <= 2]}.",
         f"- fixed overhead <= 5 ms p50 (SQLite ledger): {overhead[labels[1]]['overhead_p50_ms']:.1f} ms with plan cache "
         f"hits, {overhead[labels[0]]['overhead_p50_ms']:.1f} ms for distinct queries, "
