@@ -13,9 +13,9 @@ import importlib.util
 from collections.abc import Sequence
 
 import sqlalchemy as sa
-from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.engine import Engine
 
-from dpgateway.budget_store.sql import SQLBudgetStore
+from dpgateway.budget_store.sql import Executor, SQLBudgetStore
 
 TRANSIENT_SQLSTATES = frozenset({"40001", "40P01", "55P03"})  # serialization failure, deadlock, lock timeout
 
@@ -38,7 +38,7 @@ class PostgresBudgetStore(SQLBudgetStore):
             parsed = parsed.set(drivername="postgresql+psycopg2" if has_psycopg2 else "postgresql+psycopg")
         return sa.create_engine(parsed, pool_pre_ping=True, pool_size=2, max_overflow=4)
 
-    def _lock(self, conn: Connection, keys: Sequence[str]) -> None:
+    def _lock(self, conn: Executor, keys: Sequence[str]) -> None:
         for key in sorted({lock_key(k) for k in keys}):
             conn.execute(sa.select(sa.func.pg_advisory_xact_lock(key)))
 

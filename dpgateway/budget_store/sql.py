@@ -44,13 +44,14 @@ import secrets
 import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from datetime import datetime, timezone
-from typing import Any, ClassVar, TypeVar
+from typing import Any, ClassVar, Protocol, TypeVar
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.schema import CreateIndex, CreateTable
+from sqlalchemy.sql.expression import ClauseElement
 
 from dpgateway.budget_store.base import (
     AuditOutcome,
@@ -77,6 +78,7 @@ from dpgateway.errors import (
 from dpgateway.policies.model import Budget, Cap
 
 T = TypeVar("T")
+C = TypeVar("C")
 
 SCHEMA_VERSION = "1"
 DEFAULT_LEASE_SECONDS = 15 * 60.0
@@ -179,7 +181,9 @@ USAGES = sa.union_all(
 INSERT_CHARGE = sa.insert(charges)
 INSERT_SCOPE = sa.insert(charge_scopes)
 INSERT_AUDIT = sa.insert(audit)
-SELECT_CHARGE = sa.select(charges).where(charges.c.id == sa.bindparam("charge"))
+SELECT_CHARGE = sa.select(
+    charges.c.state, charges.c.reserved_epsilon, charges.c.reserved_delta, charges.c.reserved_at
+).where(charges.c.id == sa.bindparam("charge"))
 _DEBIT = (sa.bindparam("debit_epsilon", type_=sa.Double), sa.bindparam("debit_delta", type_=sa.Double))
 _NOW = sa.bindparam("now", type_=sa.Double)
 COMMIT_RESERVED = (
@@ -231,7 +235,40 @@ CACHED_ANSWER = {
     .order_by(answers.c.at.desc())
     .limit(1),
 }
+PREBUILT: tuple[ClauseElement, ...] = (
+    USAGES,
+    INSERT_CHARGE,
+    INSERT_SCOPE,
+    INSERT_AUDIT,
+    SELECT_CHARGE,
+    COMMIT_RESERVED,
+    COMMIT_ANY,
+    INSERT_ANSWER,
+    AUDIT_COMMIT,
+    *CACHED_ANSWER.values(),
+)
+"""The only statements work run by ``SQLBudgetStore._run_prebuilt`` may execute (SQLite runs them on its driver)."""
 SLACK = 1.0 + RELATIVE_TOLERANCE
+
+
+class Rows(Protocol):
+    """What the hot path reads of a statement's result: a SQLAlchemy ``CursorResult`` or a ``sqlite3.Cursor``."""
+
+    @property
+    def rowcount(self) -> int: ...
+
+    def __iter__(self) -> Iterator[Any]: ...
+
+    def fetchone(self) -> Any: ...
+
+
+class Executor(Protocol):
+    """Runs the :data:`PREBUILT` statements: a SQLAlchemy ``Connection``, or SQLite's driver (``sqlite.py``).
+
+    Rows are read as tuples (unpacked or indexed), which both return.
+    """
+
+    def execute(self, statement: sa.Executable, parameters: Any = None, /) -> Rows: ...
 
 
 def fits(total: float, cap: float) -> bool:
@@ -290,7 +327,11 @@ class SQLBudgetStore(BudgetStore):
         with self.engine.begin() as conn:
             yield conn
 
-    def _lock(self, conn: Connection, keys: Sequence[str]) -> None:
+    def _prebuilt_transaction(self, *, write: bool | None) -> AbstractContextManager[Executor]:
+        """A transaction like :meth:`_transaction` whose work executes only :data:`PREBUILT` statements."""
+        return self._transaction(write=write)
+
+    def _lock(self, conn: Executor, keys: Sequence[str]) -> None:
         """Serialize this transaction with every other one locking any of ``keys`` (scopes, or
         ``#schema`` / ``#reaper``), until it ends."""
 
@@ -302,9 +343,16 @@ class SQLBudgetStore(BudgetStore):
 
     def _run(self, work: Callable[[Connection], T], *, write: bool | None = True) -> T:
         """Run ``work`` in a transaction, retrying transient lock errors; map database errors to BackendError."""
+        return self._retrying(lambda: self._transaction(write=write), work)
+
+    def _run_prebuilt(self, work: Callable[[Executor], T], *, write: bool | None = True) -> T:
+        """:meth:`_run` for the hot path: ``work`` executes only :data:`PREBUILT` statements."""
+        return self._retrying(lambda: self._prebuilt_transaction(write=write), work)
+
+    def _retrying(self, transaction: Callable[[], AbstractContextManager[C]], work: Callable[[C], T]) -> T:
         for attempt in range(MAX_RETRIES):
             try:
-                with self._transaction(write=write) as conn:
+                with transaction() as conn:
                     return work(conn)
             except sa.exc.DBAPIError as exc:
                 if attempt + 1 < MAX_RETRIES and self._is_transient(exc):
@@ -341,37 +389,39 @@ class SQLBudgetStore(BudgetStore):
         kind, _ = split_scope(scope)
         return self.budget.per_analyst if kind == "analyst" else self.budget.per_subject
 
-    def _usage(self, conn: Connection, scope: str, now: float) -> Usage:
+    def _usage(self, conn: Executor, scope: str, now: float) -> Usage:
         """Spend of ``scope`` counting at ``now``: every charge (pending or not) inside the window."""
         return self._usages(conn, [scope], now)[scope]
 
-    def _usages(self, conn: Connection, scopes: Sequence[str], now: float) -> dict[str, Usage]:
+    def _usages(self, conn: Executor, scopes: Sequence[str], now: float) -> dict[str, Usage]:
         """:meth:`_usage` of several scopes in one statement (sums grouped by scope, and their cap overrides)."""
         wanted = sorted(set(scopes))
-        sums: dict[str, Any] = {}
+        sums: dict[str, tuple[float, float, float | None]] = {}
         overrides: dict[str, Cap] = {}
-        for found in conn.execute(USAGES, {"scopes": wanted, "since": now - self.window_seconds}):
-            if found.kind == 0:
-                sums[found.scope] = found
+        for scope, epsilon, delta, oldest, kind in conn.execute(
+            USAGES, {"scopes": wanted, "since": now - self.window_seconds}
+        ):
+            if kind == 0:
+                sums[scope] = (float(epsilon), float(delta), None if oldest is None else float(oldest))
             else:
-                overrides[found.scope] = Cap(epsilon=found.epsilon, delta=found.delta)
+                overrides[scope] = Cap(epsilon=epsilon, delta=delta)
         usages = {}
         for scope in wanted:
-            row = sums.get(scope)
+            spent_epsilon, spent_delta, oldest = sums.get(scope, (0.0, 0.0, None))
             kind, _ = split_scope(scope)
             default = self.budget.per_analyst if kind == "analyst" else self.budget.per_subject
             usages[scope] = Usage(
                 scope=scope,
                 cap=overrides.get(scope, default),
-                spent_epsilon=float(row.epsilon) if row is not None else 0.0,
-                spent_delta=float(row.delta) if row is not None else 0.0,
-                next_expiry=None if row is None or row.oldest is None else float(row.oldest) + self.window_seconds,
+                spent_epsilon=spent_epsilon,
+                spent_delta=spent_delta,
+                next_expiry=None if oldest is None else oldest + self.window_seconds,
             )
         return usages
 
     def _audit(
         self,
-        conn: Connection,
+        conn: Executor,
         *,
         at: float,
         analyst: str,
@@ -401,7 +451,7 @@ class SQLBudgetStore(BudgetStore):
         )
 
     def _audit_spend(self, spend: Spend, outcome: AuditOutcome, message: str) -> None:
-        def work(conn: Connection) -> None:
+        def work(conn: Executor) -> None:
             self._audit(
                 conn,
                 at=self.clock(),
@@ -415,7 +465,7 @@ class SQLBudgetStore(BudgetStore):
                 query_key=spend.query_key,
             )
 
-        self._run(work)
+        self._run_prebuilt(work)
 
     def _refusal(self, usage: Usage, spend: Spend, now: float) -> str:
         kind, name = split_scope(usage.scope)
@@ -457,7 +507,7 @@ class SQLBudgetStore(BudgetStore):
         scopes = sorted({scope_name("analyst", spend.analyst), *(scope_name("domain", d) for d in spend.domains)})
         charge_id = uuid.uuid4().hex
 
-        def work(conn: Connection) -> None:
+        def work(conn: Executor) -> None:
             self._lock(conn, scopes)
             now = self.clock()  # read under the lock: the window is evaluated at the insertion time
             usages = self._usages(conn, scopes, now)
@@ -488,7 +538,7 @@ class SQLBudgetStore(BudgetStore):
             conn.execute(INSERT_SCOPE, [{"charge_id": charge_id, "scope": s} for s in scopes])
 
         try:
-            self._run(work)
+            self._run_prebuilt(work)
         except BudgetError as exc:
             self._audit_spend(spend, "refused", exc.message)
             raise
@@ -496,7 +546,7 @@ class SQLBudgetStore(BudgetStore):
 
     def commit(self, reservation_id: str, *, epsilon: float, delta: float, answer: Any = None) -> None:
         work = self._commit_work(reservation_id, epsilon=epsilon, delta=delta, answer=answer)
-        self._run(work)
+        self._run_prebuilt(work)
 
     def commit_and_remaining(
         self,
@@ -511,15 +561,15 @@ class SQLBudgetStore(BudgetStore):
         """The debit and the budget left after it, in one transaction (the debit is committed when this returns)."""
         commit = self._commit_work(reservation_id, epsilon=epsilon, delta=delta, answer=answer)
 
-        def work(conn: Connection) -> Remaining:
+        def work(conn: Executor) -> Remaining:
             commit(conn)
             return self._remaining(conn, analyst, domains)
 
-        return self._run(work)
+        return self._run_prebuilt(work)
 
     def _commit_work(
         self, reservation_id: str, *, epsilon: float, delta: float, answer: Any
-    ) -> Callable[[Connection], None]:
+    ) -> Callable[[Executor], None]:
         """Validate the arguments; return the transaction body of :meth:`commit`."""
         if not (math.isfinite(epsilon) and epsilon >= 0 and math.isfinite(delta) and delta >= 0):
             raise InternalError(f"commit of {reservation_id}: epsilon={epsilon!r}, delta={delta!r} must be >= 0")
@@ -528,7 +578,7 @@ class SQLBudgetStore(BudgetStore):
         except (TypeError, ValueError) as exc:
             raise InternalError(f"commit of {reservation_id}: the answer is not JSON-serializable ({exc})") from None
 
-        def work(conn: Connection) -> None:
+        def work(conn: Executor) -> None:
             now = self.clock()
             params = {"charge": reservation_id, "debit_epsilon": epsilon, "debit_delta": delta, "now": now}
             # Fast path: one UPDATE that only matches a pending reservation whose debit fits and that is
@@ -544,24 +594,25 @@ class SQLBudgetStore(BudgetStore):
 
         return work
 
-    def _commit_slow(self, conn: Connection, reservation_id: str, *, epsilon: float, delta: float, now: float) -> str:
+    def _commit_slow(self, conn: Executor, reservation_id: str, *, epsilon: float, delta: float, now: float) -> str:
         """Why the fast commit matched nothing: raise the error, or return the audit message of a late commit."""
-        row = conn.execute(SELECT_CHARGE, {"charge": reservation_id}).first()
-        if row is None or row.state == "committed":
+        row = conn.execute(SELECT_CHARGE, {"charge": reservation_id}).fetchone()
+        if row is None or row[0] == "committed":
             state = "unknown" if row is None else "already committed"
             raise InternalError(f"commit of reservation {reservation_id!r}, which is {state}")
-        if not (fits(epsilon, row.reserved_epsilon) and fits(delta, row.reserved_delta)):
+        state, reserved_epsilon, reserved_delta, reserved_at = row
+        if not (fits(epsilon, reserved_epsilon) and fits(delta, reserved_delta)):
             raise InternalError(
                 f"commit of reservation {reservation_id!r} debits epsilon={fmt(epsilon)}, delta={fmt(delta)}, "
-                f"more than it reserved (epsilon={fmt(row.reserved_epsilon)}, delta={fmt(row.reserved_delta)})"
+                f"more than it reserved (epsilon={fmt(reserved_epsilon)}, delta={fmt(reserved_delta)})"
             )
-        if now - row.reserved_at >= self.window_seconds:
+        if now - reserved_at >= self.window_seconds:
             # Proof note, point 2: the charge stopped counting, so others may hold its budget.
             raise BudgetError(
                 f"Reservation {reservation_id!r} was made more than the {fmt(self.budget.window_days)}-day window "
                 f"ago and has expired; the answer must not be released. Run the query again"
             )
-        if row.state == "reserved":  # unreachable unless the database rounds differently from Python
+        if state == "reserved":  # unreachable unless the database rounds differently from Python
             return ""
         return "committed after its lease had run out"
 
@@ -596,13 +647,13 @@ class SQLBudgetStore(BudgetStore):
         if self.replay == "off":
             return None
         query, params = CACHED_ANSWER[self.replay], {"query_key": query_key, "analyst": analyst}
-        found = self._run(lambda conn: conn.execute(query, params).scalar(), write=None)
-        return None if found is None else json.loads(found)
+        found = self._run_prebuilt(lambda conn: conn.execute(query, params).fetchone(), write=None)
+        return None if found is None else json.loads(found[0])
 
     def remaining(self, analyst: str, domains: Sequence[str]) -> Remaining:
-        return self._run(lambda conn: self._remaining(conn, analyst, domains), write=None)  # one statement
+        return self._run_prebuilt(lambda conn: self._remaining(conn, analyst, domains), write=None)  # one statement
 
-    def _remaining(self, conn: Connection, analyst: str, domains: Sequence[str]) -> Remaining:
+    def _remaining(self, conn: Executor, analyst: str, domains: Sequence[str]) -> Remaining:
         now = self.clock()
         mine = scope_name("analyst", analyst)
         usages = self._usages(conn, [mine, *(scope_name("domain", d) for d in domains)], now)

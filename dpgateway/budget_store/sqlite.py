@@ -4,22 +4,87 @@
 a reservation's cap check and its insert are atomic against every other process (proof note in
 ``sql.py``). Readers are not blocked (WAL). Waiting writers use SQLite's busy timeout, and
 ``SQLBudgetStore._run`` retries the rare "database is locked" that outlives it.
+
+The hot path (``_run_prebuilt``: reserve, commit, replay lookup, remaining) runs the prebuilt statements
+on one sqlite3 connection of the store, held under a lock, as the SQL text SQLAlchemy compiled for them
+(:class:`DriverStatements`); SQLAlchemy's per-execution work was most of a query's ledger time.
 """
 
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Iterator
-from contextlib import contextmanager
-from typing import Any
+import threading
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager, nullcontext, suppress
+from typing import Any, cast
 
 import sqlalchemy as sa
-from sqlalchemy.engine import Connection, Engine
-from sqlalchemy.pool import StaticPool
+from sqlalchemy.engine import Connection, Dialect, Engine
+from sqlalchemy.pool import PoolProxiedConnection, StaticPool
+from sqlalchemy.sql.compiler import SQLCompiler
 
-from dpgateway.budget_store.sql import SQLBudgetStore
+from dpgateway.budget_store.sql import PREBUILT, SQLBudgetStore
+from dpgateway.errors import InternalError
 
 BUSY_TIMEOUT_SECONDS = 30.0
+
+
+def _flatten(parameters: Mapping[str, Any]) -> dict[str, Any]:
+    """Parameters with each list (an expanding ``IN``) spread as SQLAlchemy names them: ``name_1``, ``name_2`` ..."""
+    flat = {}
+    for name, value in parameters.items():
+        if isinstance(value, list):
+            flat.update({f"{name}_{i}": item for i, item in enumerate(value, 1)})
+        else:
+            flat[name] = value
+    return flat
+
+
+class DriverStatements:
+    """Runs the :data:`~dpgateway.budget_store.sql.PREBUILT` statements on the sqlite3 connection itself.
+
+    Each is compiled by the engine's dialect once per shape of its parameters (their names, and how many
+    values an expanding ``IN`` gets; SQLAlchemy also compiles per shape), so the SQL text and its bound
+    values are what SQLAlchemy would execute; rows come back as plain tuples.
+    """
+
+    def __init__(self, db: sqlite3.Connection, dialect: Dialect) -> None:
+        self.db = db
+        self.dialect = dialect
+        self._prepared: dict[tuple[Any, ...], tuple[str, tuple[str, ...], dict[str, Any]]] = {}
+
+    def execute(self, statement: sa.Executable, parameters: Any = None, /) -> sqlite3.Cursor:
+        if isinstance(parameters, list):  # several rows, as SQLAlchemy's executemany
+            text, names, constants = self._prepare(statement, parameters[0], many=True)
+            rows = [[{**constants, **row}[name] for name in names] for row in parameters]
+            return self.db.executemany(text, rows)
+        parameters = parameters or {}
+        text, names, constants = self._prepare(statement, parameters, many=False)
+        values = {**constants, **_flatten(parameters)}
+        return self.db.execute(text, [values[name] for name in names])
+
+    def _prepare(
+        self, statement: sa.Executable, parameters: Mapping[str, Any], *, many: bool
+    ) -> tuple[str, tuple[str, ...], dict[str, Any]]:
+        """The SQL text, its parameter names in order, and the values it binds itself (literals, LIMIT 1)."""
+        shape = (id(statement), many, *((k, len(v) if isinstance(v, list) else -1) for k, v in parameters.items()))
+        prepared = self._prepared.get(shape)
+        if prepared is None:
+            known = next((known for known in PREBUILT if known is statement), None)
+            if known is None:
+                raise InternalError(f"the ledger ran a statement that is not prebuilt: {statement}; this is a bug")
+            compiled = cast(
+                SQLCompiler, known.compile(dialect=self.dialect, column_keys=sorted(parameters), for_executemany=many)
+            )
+            constants = {name: bind.effective_value for bind, name in compiled.bind_names.items() if not bind.required}
+            expanded = compiled.construct_expanded_state(parameters)
+            values = {**constants, **_flatten(parameters)}
+            if expanded.positiontup is None or not all(
+                name in values and values[name] == expanded.parameters[name] for name in expanded.positiontup
+            ):
+                raise InternalError(f"SQLite compiled {statement} with parameters we do not name; this is a bug")
+            prepared = self._prepared[shape] = (expanded.statement, tuple(expanded.positiontup), constants)
+        return prepared
 
 
 class SQLiteBudgetStore(SQLBudgetStore):
@@ -27,11 +92,16 @@ class SQLiteBudgetStore(SQLBudgetStore):
 
     DIALECT = "sqlite"
 
+    def __init__(self, url: str, *args: Any, **options: Any) -> None:
+        self._in_memory = sa.make_url(url).database in (None, "", ":memory:")
+        self._mutex = threading.Lock()  # guards the hot path's connection (in memory: the only connection)
+        self._driver: tuple[PoolProxiedConnection, DriverStatements] | None = None
+        super().__init__(url, *args, **options)
+
     def _create_engine(self, url: str) -> Engine:
-        parsed = sa.make_url(url)
-        in_memory = parsed.database in (None, "", ":memory:")
+        in_memory = self._in_memory
         engine = sa.create_engine(
-            parsed,
+            url,
             connect_args={"timeout": BUSY_TIMEOUT_SECONDS, "check_same_thread": False},
             # one shared connection keeps an in-memory database alive across calls
             poolclass=StaticPool if in_memory else None,
@@ -55,8 +125,44 @@ class SQLiteBudgetStore(SQLBudgetStore):
     @contextmanager
     def _transaction(self, *, write: bool | None) -> Iterator[Connection]:
         begin = "BEGIN IMMEDIATE" if write else "" if write is None else "BEGIN"
-        with self.engine.connect().execution_options(dp_begin=begin) as conn, conn.begin():
+        with (
+            self._mutex if self._in_memory else nullcontext(),  # one connection, shared with the hot path
+            self.engine.connect().execution_options(dp_begin=begin) as conn,
+            conn.begin(),
+        ):
             yield conn
+
+    @contextmanager
+    def _prebuilt_transaction(self, *, write: bool | None) -> Iterator[DriverStatements]:
+        with self._mutex:
+            if self._driver is None:
+                pooled = self.engine.raw_connection()
+                driver = pooled.driver_connection
+                if not isinstance(driver, sqlite3.Connection):
+                    raise InternalError(f"the SQLite ledger's driver connection is a {type(driver).__name__}")
+                self._driver = pooled, DriverStatements(driver, self.engine.dialect)
+            statements = self._driver[1]
+            db = statements.db
+            try:
+                if write is not None:
+                    db.execute("BEGIN IMMEDIATE" if write else "BEGIN")
+                yield statements
+                if db.in_transaction:
+                    db.execute("COMMIT")
+            except BaseException as exc:
+                if db.in_transaction:
+                    with suppress(sqlite3.Error):
+                        db.execute("ROLLBACK")
+                if isinstance(exc, sqlite3.Error):  # as SQLAlchemy wraps it, for _run's retry and error mapping
+                    raise sa.exc.DBAPIError.instance(None, None, exc, sqlite3.Error) from exc
+                raise
+
+    def close(self) -> None:
+        with self._mutex:
+            if self._driver is not None:
+                self._driver[0].close()
+                self._driver = None
+        super().close()
 
     def _is_transient(self, exc: sa.exc.DBAPIError) -> bool:
         return isinstance(exc.orig, sqlite3.OperationalError) and "locked" in str(exc.orig)
