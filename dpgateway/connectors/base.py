@@ -45,9 +45,7 @@ class SQLHooks:
 
     def typed(self, column: Column) -> exp.Expr:
         """The column cast to its declared type; values that do not fit become NULL, never an error."""
-        value: exp.Expr = exp.TryCast(
-            this=exp.column(column.name, quoted=True), to=_DATA_TYPES[column.type].copy()
-        )
+        value: exp.Expr = exp.TryCast(this=exp.column(column.name, quoted=True), to=_DATA_TYPES[column.type].copy())
         if column.type == "float":  # NaN is no number: treat it as missing
             value = exp.Nullif(this=value, expression=exp.cast(exp.Literal.string("NaN"), "DOUBLE"))
         return value
