@@ -13,8 +13,10 @@
 from __future__ import annotations
 
 import dataclasses
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import duckdb
 import numpy as np
 import pandas as pd
 import pytest
@@ -22,7 +24,7 @@ import yaml
 
 from dpgateway import Gateway
 from dpgateway.connectors.duckdb import DuckDBConnector, DuckDBHooks
-from dpgateway.errors import InternalError
+from dpgateway.errors import BackendError, InternalError
 from dpgateway.passes.bounding import _row_bounded, bound_contributions
 from dpgateway.passes.context import PlanContext
 from dpgateway.plan import DPPlan
@@ -281,3 +283,37 @@ def test_csv_dialect_is_sniffed_once_and_forgotten_when_the_file_changes(tmp_pat
         assert changed is not None and "all_varchar => TRUE" in changed.bounded_sql
         after = dict((r[0], r[1]) for r in gw.connector.execute(changed.bounded_sql).rows)
         assert after[1] == before[1] + 10**6  # a new person with one row: weight 1, COUNT_SCALE per row
+
+
+def test_prepared_statements_follow_the_file(tmp_path: Path) -> None:
+    """The connector runs bounded SQL as prepared statements: a rewritten file is read as it is now
+    (new rows, reordered columns), a changed type is an error and the next query recovers, each thread
+    prepares on its own cursor, and only the most recent statements stay prepared."""
+    source = tmp_path / "t.parquet"
+    sql = f"SELECT SUM(a), SUM(b) FROM read_parquet('{source}')"
+
+    def write(select: str) -> None:
+        duckdb.execute(f"COPY ({select}) TO '{source}' (FORMAT parquet)")
+
+    connector = DuckDBConnector()
+    write("SELECT 1 AS a, 10 AS b")
+    assert connector.execute(sql).rows == ((1, 10),)
+    write("SELECT * FROM (VALUES (2, 20), (3, 30)) v(a, b)")
+    assert connector.execute(sql).rows == ((5, 50),)
+    write("SELECT 200 AS b, 7 AS a")  # same columns, other order
+    assert connector.execute(sql).rows == ((7, 200),)
+    write("SELECT 200 AS b, 'x' AS a")  # a is text now: SUM cannot bind
+    with pytest.raises(BackendError, match="details are withheld"):
+        connector.execute(sql)
+    write("SELECT 4 AS a, 40 AS b")
+    assert connector.execute(sql).rows == ((4, 40),)
+
+    with ThreadPoolExecutor(4) as pool:
+        answers = list(pool.map(lambda i: connector.execute(f"{sql} WHERE a <> {i % 5}").rows, range(40)))
+    assert answers == [((4, 40),) if i % 5 != 4 else ((None, None),) for i in range(40)]
+
+    connector.PREPARED = 3
+    for i in range(10):
+        assert connector.execute(f"SELECT {i} + SUM(a) FROM read_parquet('{source}')").rows == ((i + 4,),)
+    assert len(connector._local.prepared) == 3
+    connector.close()

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import threading
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
@@ -60,9 +63,17 @@ class DuckDBHooks(SQLHooks):
 
 
 class DuckDBConnector(Connector):
-    """One in-process DuckDB database; each query runs on its own cursor."""
+    """One in-process DuckDB database; each thread queries on its own cursor, which keeps recent SQL prepared.
+
+    Preparing skips parsing, binding and optimizing on repeats of the same bounded SQL (about 0.7 ms of
+    3 ms on a 1,000-row table). A prepared statement reads its files when it runs, and DuckDB binds it
+    again when a file's columns or types changed, so it answers exactly as the SQL text would
+    (tests/test_fastpath.py::test_prepared_statements_follow_the_file).
+    """
 
     hooks: DuckDBHooks
+    PREPARED = 256
+    """Statements each thread keeps prepared; the least recently run one is dropped first."""
 
     def __init__(self, *, threads: int | None = None) -> None:
         self.hooks = DuckDBHooks()  # per connector: it remembers the CSV dialects this connector sniffed
@@ -70,21 +81,22 @@ class DuckDBConnector(Connector):
         if threads:
             self._con.execute("SET threads = ?", [threads])
         self._lock = threading.Lock()
+        self._local = threading.local()  # .cursor, and .prepared: SQL text -> statement name, oldest first
 
     def execute(self, sql: str, settings: tuple[tuple[str, Any], ...] = ()) -> ExactAggregates:
-        with self._lock:
-            cursor = self._con.cursor()
         try:
-            for name, value in settings:
-                cursor.execute(
-                    exp.Set(
-                        expressions=[exp.SetItem(this=exp.EQ(this=exp.var(name), expression=exp.Literal.string(value)))]
-                    ).sql("duckdb")
-                )
-            result = cursor.execute(sql)
-            columns = tuple(d[0] for d in result.description or ())
-            rows = tuple(tuple(r) for r in result.fetchall())
+            if settings:  # settings stay with a cursor: use a fresh one, closed after
+                with self._lock:
+                    cursor = self._con.cursor()
+                try:
+                    for name, value in settings:
+                        cursor.execute(_set(name, value))
+                    return _exact(cursor.execute(sql))
+                finally:
+                    cursor.close()
+            return _exact(self._run_prepared(sql))
         except duckdb.Error as exc:
+            self._drop_cursor()  # after an error this thread starts on a new cursor
             # Proof note: DuckDB messages can quote data values (e.g. conversion errors), so only the
             # error class is reported. Test: tests/test_errors.py::test_backend_error_hides_values.
             raise BackendError(
@@ -92,9 +104,32 @@ class DuckDBConnector(Connector):
                 "because they may contain data values. Check that the policy's source paths and columns match "
                 "the data"
             ) from None
-        finally:
-            cursor.close()
-        return ExactAggregates(columns=columns, rows=rows)
+
+    def _run_prepared(self, sql: str) -> duckdb.DuckDBPyConnection:
+        local = self._local
+        if getattr(local, "cursor", None) is None:
+            with self._lock:
+                local.cursor = self._con.cursor()
+            local.prepared = OrderedDict()
+        cursor: duckdb.DuckDBPyConnection = local.cursor
+        prepared: OrderedDict[str, str] = local.prepared
+        name = prepared.get(sql)
+        if name is None:
+            if len(prepared) >= self.PREPARED:
+                cursor.execute(f"DEALLOCATE {prepared.popitem(last=False)[1]}")
+            name = f"dp_{next(_names)}"
+            cursor.execute(f"PREPARE {name} AS {sql}")
+            prepared[sql] = name
+        else:
+            prepared.move_to_end(sql)
+        return cursor.execute(f"EXECUTE {name}")
+
+    def _drop_cursor(self) -> None:
+        cursor = getattr(self._local, "cursor", None)
+        self._local.cursor = None
+        if cursor is not None:
+            with contextlib.suppress(duckdb.Error):
+                cursor.close()
 
     def materialize(self, sql: str, path: str) -> int:
         with self._lock:
@@ -165,6 +200,19 @@ class DuckDBConnector(Connector):
 
     def close(self) -> None:
         self._con.close()
+
+
+_names = itertools.count()
+
+
+def _set(name: str, value: Any) -> str:
+    item = exp.SetItem(this=exp.EQ(this=exp.var(name), expression=exp.Literal.string(value)))
+    return exp.Set(expressions=[item]).sql("duckdb")
+
+
+def _exact(result: duckdb.DuckDBPyConnection) -> ExactAggregates:
+    columns = tuple(d[0] for d in result.description or ())
+    return ExactAggregates(columns=columns, rows=tuple(tuple(r) for r in result.fetchall()))
 
 
 def _stamp(path: str) -> tuple[int, int] | None:
