@@ -6,7 +6,11 @@ Tables (created on first open, idempotently, under a lock so that many processes
   (``committed``) or a reservation never committed within its lease (``abandoned``). ``at`` is when it
   started counting; the charge counts against a cap while ``now - at < window``. A released
   reservation is deleted (its outcome stays in the audit log).
-- ``dp_charge_scopes``: which scopes (``analyst:<name>``, ``domain:<name>``) a charge counts against.
+- ``dp_charge_scopes``: which scopes (``analyst:<name>``, ``domain:<name>``) a charge counts against,
+  with a copy of the charge's ``epsilon``, ``delta`` and ``at`` so that the usage sums read one index
+  (``scope, at, epsilon, delta``) instead of joining every charge in the window. The copy is written in
+  the same transaction as the charge, every time (``reserve`` inserts both, ``commit`` updates both,
+  ``release`` deletes both); ``tests/ledger/test_schema.py`` checks they agree after every operation.
 - ``dp_caps``: admin overrides of the config's default caps.
 - ``dp_answers``: released answers, for free replay of an identical query.
 - ``dp_audit``: one row per query outcome and per admin action.
@@ -71,6 +75,7 @@ from dpgateway.budget_store.base import (
 from dpgateway.errors import (
     BackendError,
     BudgetError,
+    ConfigError,
     InternalError,
     InvalidParameterError,
     QueryCapError,
@@ -80,7 +85,7 @@ from dpgateway.policies.model import Budget, Cap
 T = TypeVar("T")
 C = TypeVar("C")
 
-SCHEMA_VERSION = "1"
+SCHEMA_VERSION = "2"  # 2: dp_charge_scopes carries the charge amounts (migrated from 1 on open)
 DEFAULT_LEASE_SECONDS = 15 * 60.0
 RELATIVE_TOLERANCE = 1e-12
 """Caps are compared with this relative slack so that float sums such as 10 x 0.1 fit a cap of 1.0."""
@@ -115,7 +120,10 @@ charge_scopes = sa.Table(
     metadata,
     sa.Column("charge_id", sa.String(32), primary_key=True),
     sa.Column("scope", sa.Text, primary_key=True),
-    sa.Index("dp_charge_scopes_scope", "scope"),
+    sa.Column("epsilon", sa.Double, nullable=False),  # dp_charges.epsilon, delta and at, kept in step
+    sa.Column("delta", sa.Double, nullable=False),
+    sa.Column("at", sa.Double, nullable=False),
+    sa.Index("dp_charge_scopes_usage", "scope", "at", "epsilon", "delta"),
 )
 caps = sa.Table(
     "dp_caps",
@@ -161,13 +169,12 @@ USAGES = sa.union_all(
     # the sums of the charges counting in the window, per scope (kind 0) ...
     sa.select(
         charge_scopes.c.scope,
-        sa.func.coalesce(sa.func.sum(charges.c.epsilon), 0.0).label("epsilon"),
-        sa.func.coalesce(sa.func.sum(charges.c.delta), 0.0).label("delta"),
-        sa.func.min(charges.c.at).label("oldest"),
+        sa.func.coalesce(sa.func.sum(charge_scopes.c.epsilon), 0.0).label("epsilon"),
+        sa.func.coalesce(sa.func.sum(charge_scopes.c.delta), 0.0).label("delta"),
+        sa.func.min(charge_scopes.c.at).label("oldest"),
         sa.literal_column("0").label("kind"),
     )
-    .select_from(charges.join(charge_scopes, charge_scopes.c.charge_id == charges.c.id))
-    .where(charge_scopes.c.scope.in_(_SCOPES), charges.c.at > sa.bindparam("since", type_=sa.Double))
+    .where(charge_scopes.c.scope.in_(_SCOPES), charge_scopes.c.at > sa.bindparam("since", type_=sa.Double))
     .group_by(charge_scopes.c.scope),
     # ... and the cap overrides (kind 1), in the same statement
     sa.select(
@@ -202,6 +209,11 @@ COMMIT_ANY = (
     sa.update(charges)
     .where(charges.c.id == sa.bindparam("charge"))
     .values(state="committed", epsilon=_DEBIT[0], delta=_DEBIT[1], at=_NOW)
+)
+COMMIT_SCOPES = (  # the same debit on the charge's copies in dp_charge_scopes
+    sa.update(charge_scopes)
+    .where(charge_scopes.c.charge_id == sa.bindparam("charge"))
+    .values(epsilon=_DEBIT[0], delta=_DEBIT[1], at=_NOW)
 )
 _CHARGE = charges.c.id == sa.bindparam("charge")
 INSERT_ANSWER = sa.insert(answers).from_select(
@@ -243,6 +255,7 @@ PREBUILT: tuple[ClauseElement, ...] = (
     SELECT_CHARGE,
     COMMIT_RESERVED,
     COMMIT_ANY,
+    COMMIT_SCOPES,
     INSERT_ANSWER,
     AUDIT_COMMIT,
     *CACHED_ANSWER.values(),
@@ -269,6 +282,31 @@ class Executor(Protocol):
     """
 
     def execute(self, statement: sa.Executable, parameters: Any = None, /) -> Rows: ...
+
+
+def _migrate_from_1(conn: Connection) -> None:
+    """Schema 1 -> 2: copy each charge's amounts and start onto its scope rows, in the open transaction.
+
+    SQLite adds a NOT NULL column only with a default; the default counts as spending everything until
+    the year 3000, so a scope row written by a process still running schema-1 code refuses queries on that
+    scope (fail closed) instead of counting nothing.
+    """
+    double = sa.Double().compile(dialect=conn.dialect)
+    for column, default in (("epsilon", "1e300"), ("delta", "1"), ("at", "32503680000")):
+        conn.execute(sa.text(f"ALTER TABLE dp_charge_scopes ADD COLUMN {column} {double} NOT NULL DEFAULT {default}"))
+    conn.execute(
+        sa.update(charge_scopes).values(
+            {
+                # a scope row without its charge counted nothing (the old sums joined them): it still does
+                name: sa.func.coalesce(
+                    sa.select(charges.c[name]).where(charges.c.id == charge_scopes.c.charge_id).scalar_subquery(), 0.0
+                )
+                for name in ("epsilon", "delta", "at")
+            }
+        )
+    )
+    conn.execute(sa.text("DROP INDEX IF EXISTS dp_charge_scopes_scope"))
+    conn.execute(sa.update(meta_table).where(meta_table.c.key == "schema_version").values(value=SCHEMA_VERSION))
 
 
 def fits(total: float, cap: float) -> bool:
@@ -374,9 +412,18 @@ class SQLBudgetStore(BudgetStore):
         self._lock(conn, ["#schema"])
         for table in metadata.sorted_tables:
             conn.execute(CreateTable(table, if_not_exists=True))
+        present = {key: value for key, value in conn.execute(sa.select(meta_table.c.key, meta_table.c.value))}
+        version = present.get("schema_version", SCHEMA_VERSION)
+        if version == "1":
+            _migrate_from_1(conn)
+        elif version != SCHEMA_VERSION:
+            raise ConfigError(
+                f"ledger {sa.make_url(self.url).render_as_string(hide_password=True)} has schema version "
+                f"{version}, newer than this dpgateway knows ({SCHEMA_VERSION}): upgrade dpgateway"
+            )
+        for table in metadata.sorted_tables:
             for index in table.indexes:
                 conn.execute(CreateIndex(index, if_not_exists=True))
-        present = {row.key for row in conn.execute(sa.select(meta_table.c.key))}
         if "secret_seed" not in present:
             conn.execute(sa.insert(meta_table).values(key="secret_seed", value=secrets.token_hex(32)))
         if "schema_version" not in present:
@@ -535,7 +582,13 @@ class SQLBudgetStore(BudgetStore):
                     "at": now,
                 },
             )
-            conn.execute(INSERT_SCOPE, [{"charge_id": charge_id, "scope": s} for s in scopes])
+            conn.execute(
+                INSERT_SCOPE,
+                [
+                    {"charge_id": charge_id, "scope": s, "epsilon": spend.epsilon, "delta": spend.delta, "at": now}
+                    for s in scopes
+                ],
+            )
 
         try:
             self._run_prebuilt(work)
@@ -588,6 +641,7 @@ class SQLBudgetStore(BudgetStore):
             if fast.rowcount != 1:
                 message = self._commit_slow(conn, reservation_id, epsilon=epsilon, delta=delta, now=now)
                 conn.execute(COMMIT_ANY, params)
+            conn.execute(COMMIT_SCOPES, params)
             if answer_json is not None:
                 conn.execute(INSERT_ANSWER, {"charge": reservation_id, "answer_json": answer_json, "now": now})
             conn.execute(AUDIT_COMMIT, {**params, "audit_message": message})
