@@ -193,6 +193,7 @@ SELECT_CHARGE = sa.select(
 ).where(charges.c.id == sa.bindparam("charge"))
 _DEBIT = (sa.bindparam("debit_epsilon", type_=sa.Double), sa.bindparam("debit_delta", type_=sa.Double))
 _NOW = sa.bindparam("now", type_=sa.Double)
+_DEBITED = {"epsilon": _DEBIT[0], "delta": _DEBIT[1], "at": _NOW}  # what a commit writes on the charge and its copies
 COMMIT_RESERVED = (
     # the fast path of commit: a pending reservation, the debit within it (fits()), still in the window
     sa.update(charges)
@@ -203,17 +204,11 @@ COMMIT_RESERVED = (
         _DEBIT[1] <= charges.c.reserved_delta * sa.bindparam("slack", type_=sa.Double),
         _NOW - charges.c.reserved_at < sa.bindparam("window", type_=sa.Double),
     )
-    .values(state="committed", epsilon=_DEBIT[0], delta=_DEBIT[1], at=_NOW)
+    .values(state="committed", **_DEBITED)
 )
-COMMIT_ANY = (
-    sa.update(charges)
-    .where(charges.c.id == sa.bindparam("charge"))
-    .values(state="committed", epsilon=_DEBIT[0], delta=_DEBIT[1], at=_NOW)
-)
+COMMIT_ANY = sa.update(charges).where(charges.c.id == sa.bindparam("charge")).values(state="committed", **_DEBITED)
 COMMIT_SCOPES = (  # the same debit on the charge's copies in dp_charge_scopes
-    sa.update(charge_scopes)
-    .where(charge_scopes.c.charge_id == sa.bindparam("charge"))
-    .values(epsilon=_DEBIT[0], delta=_DEBIT[1], at=_NOW)
+    sa.update(charge_scopes).where(charge_scopes.c.charge_id == sa.bindparam("charge")).values(**_DEBITED)
 )
 _CHARGE = charges.c.id == sa.bindparam("charge")
 INSERT_ANSWER = sa.insert(answers).from_select(
@@ -431,8 +426,10 @@ class SQLBudgetStore(BudgetStore):
 
     def _cap(self, conn: Connection, scope: str) -> Cap:
         row = conn.execute(sa.select(caps.c.epsilon, caps.c.delta).where(caps.c.scope == scope)).first()
-        if row is not None:
-            return Cap(epsilon=row.epsilon, delta=row.delta)
+        return self._default_cap(scope) if row is None else Cap(epsilon=row.epsilon, delta=row.delta)
+
+    def _default_cap(self, scope: str) -> Cap:
+        """The config's cap for ``scope``, where the admin set none."""
         kind, _ = split_scope(scope)
         return self.budget.per_analyst if kind == "analyst" else self.budget.per_subject
 
@@ -455,11 +452,9 @@ class SQLBudgetStore(BudgetStore):
         usages = {}
         for scope in wanted:
             spent_epsilon, spent_delta, oldest = sums.get(scope, (0.0, 0.0, None))
-            kind, _ = split_scope(scope)
-            default = self.budget.per_analyst if kind == "analyst" else self.budget.per_subject
             usages[scope] = Usage(
                 scope=scope,
-                cap=overrides.get(scope, default),
+                cap=overrides[scope] if scope in overrides else self._default_cap(scope),
                 spent_epsilon=spent_epsilon,
                 spent_delta=spent_delta,
                 next_expiry=None if oldest is None else oldest + self.window_seconds,
