@@ -181,7 +181,8 @@ class Gateway:
         remaining = self.store.commit_and_remaining(
             reservation, epsilon=spend.epsilon, delta=spend.delta, answer=answer, analyst=who, domains=spend.domains
         )
-        return dataclasses.replace(result, remaining=remaining.as_dict())
+        result.remaining.update(remaining.as_dict())  # known once the debit is committed; rows stay built once
+        return result
 
     def prepare(self, table: str) -> PreparedCopy:
         """Materialize a copy of ``table`` that later unfiltered queries read (see dpgateway/prepare.py).
