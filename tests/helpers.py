@@ -5,7 +5,8 @@ distribution of the discrete Laplace noise that OpenDP adds (so tests derive bou
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -142,3 +143,9 @@ def binomial_tail_ge(n: int, p: float, j: int) -> float:
     ]
     top = max(terms)
     return min(1.0, math.exp(top) * sum(math.exp(t - top) for t in terms))
+
+
+def run_concurrently(work: Callable[[int], Any], workers: int) -> list[Any]:
+    """``work(0) ... work(workers - 1)``, each on its own thread at once; their results, and their errors raised."""
+    with ThreadPoolExecutor(workers) as pool:
+        return list(pool.map(work, range(workers)))

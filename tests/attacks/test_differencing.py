@@ -14,6 +14,7 @@ from typing import Any
 import pandas as pd
 import pytest
 from attack_support import ATTACKER, attack_gateway, clopper_pearson
+from helpers import run_concurrently
 
 from dpgateway import Gateway
 from dpgateway.errors import BudgetError, DPGatewayError
@@ -189,11 +190,7 @@ def test_racing_threads_never_overspend(tmp_path: Path) -> None:
                 with lock:
                     results.append(outcome)
 
-        threads = [threading.Thread(target=attack, args=(w,)) for w in range(16)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
+        run_concurrently(attack, 16)
         left = gw.remaining(ATTACKER)["analyst"]["epsilon"]
     assert len(results) == 80 and set(results) <= {"ok", "53000"}
     assert results.count("ok") == 10

@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 from conftest import BUDGET, DAY, FakeClock, make_spend
+from helpers import run_concurrently
 
 from dpgateway.budget_store import sql
 from dpgateway.budget_store import sqlite as sqlite_store
@@ -124,9 +125,8 @@ def test_threads_sharing_one_store_never_overspend(tmp_path, where):
     url = f"sqlite:///{tmp_path / 'ledger.db'}" if where == "file" else "sqlite:///:memory:"
     budget = Budget(window_days=1, per_analyst=Cap(1.0, 1.0), per_subject=Cap(100.0, 1.0), per_query=Cap(1.0, 1.0))
     store = SQLiteBudgetStore(url, budget)
-    granted: list[int] = []
 
-    def race(worker: int) -> None:
+    def race(worker: int) -> int:
         mine = 0
         for i in range(25):
             try:
@@ -136,14 +136,9 @@ def test_threads_sharing_one_store_never_overspend(tmp_path, where):
             store.commit(rid, epsilon=0.01, delta=0.0, answer=[i])
             store.usage()  # the admin side (SQLAlchemy) meanwhile
             mine += 1
-        granted.append(mine)
+        return mine
 
-    threads = [threading.Thread(target=race, args=(n,)) for n in range(8)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    assert sum(granted) == 100
+    assert sum(run_concurrently(race, 8)) == 100
     assert store.remaining("alice", []).analyst.spent_epsilon == pytest.approx(1.0, rel=1e-12)
     assert len(store.audit_log(outcome="refused", limit=None)) == 100
     store.close()
