@@ -1,0 +1,113 @@
+"""Users of the wire-protocol server: names, roles and SCRAM-SHA-256 verifiers (never passwords).
+
+The table lives in the ledger database beside the ledger's own tables but in its own ``MetaData``, created
+with ``IF NOT EXISTS`` semantics (``checkfirst``), so it neither depends on nor changes the ledger schema.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from dataclasses import dataclass
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Engine
+
+from dpgateway.errors import InvalidParameterError, UnknownTableError
+from dpgateway.server.scram import Verifier, make_verifier
+
+users_metadata = sa.MetaData()
+users_table = sa.Table(
+    "dp_users",
+    users_metadata,
+    sa.Column("name", sa.String(200), primary_key=True),
+    sa.Column("verifier", sa.Text, nullable=False),
+    sa.Column("is_admin", sa.Boolean, nullable=False, default=False),
+    sa.Column("created", sa.Float, nullable=False),
+)
+
+_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.@-]{0,62}")
+MIN_PASSWORD_LENGTH = 8
+
+
+class UnknownUserError(UnknownTableError):
+    """``user passwd``/``user remove`` named a user that does not exist (SQLSTATE 42704)."""
+
+    sqlstate = "42704"
+
+
+@dataclass(frozen=True)
+class User:
+    name: str
+    verifier: Verifier
+    is_admin: bool
+    created: float
+
+
+class UserStore:
+    """Add, change, remove and look up users in the ledger database."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        users_metadata.create_all(engine, checkfirst=True)
+
+    @classmethod
+    def open(cls, url: str) -> UserStore:
+        return cls(sa.create_engine(url))
+
+    def get(self, name: str) -> User | None:
+        with self.engine.connect() as conn:
+            row = conn.execute(sa.select(users_table).where(users_table.c.name == name)).first()
+        if row is None:
+            return None
+        return User(row.name, Verifier.decode(row.verifier), bool(row.is_admin), float(row.created))
+
+    def list(self) -> list[User]:
+        with self.engine.connect() as conn:
+            rows = conn.execute(sa.select(users_table).order_by(users_table.c.name)).all()
+        return [User(r.name, Verifier.decode(r.verifier), bool(r.is_admin), float(r.created)) for r in rows]
+
+    def add(self, name: str, password: str, *, admin: bool = False) -> User:
+        check_name(name)
+        verifier = make_verifier(check_password(password))
+        with self.engine.begin() as conn:
+            exists = conn.execute(sa.select(users_table.c.name).where(users_table.c.name == name)).first()
+            if exists is not None:
+                raise InvalidParameterError(
+                    f'user "{name}" already exists; use `dpgateway user passwd {name}` to change the password'
+                )
+            now = time.time()
+            conn.execute(
+                sa.insert(users_table).values(name=name, verifier=verifier.encode(), is_admin=admin, created=now)
+            )
+        return User(name, verifier, admin, now)
+
+    def set_password(self, name: str, password: str) -> None:
+        verifier = make_verifier(check_password(password))
+        with self.engine.begin() as conn:
+            done = conn.execute(
+                sa.update(users_table).where(users_table.c.name == name).values(verifier=verifier.encode())
+            )
+        if done.rowcount != 1:
+            raise UnknownUserError(f'user "{name}" does not exist; add it with `dpgateway user add {name}`')
+
+    def remove(self, name: str) -> None:
+        with self.engine.begin() as conn:
+            done = conn.execute(sa.delete(users_table).where(users_table.c.name == name))
+        if done.rowcount != 1:
+            raise UnknownUserError(f'user "{name}" does not exist; `dpgateway user list` shows the users')
+
+
+def check_name(name: str) -> str:
+    if not _NAME.fullmatch(name):
+        raise InvalidParameterError(
+            f"user name {name!r} is not allowed: use 1-63 letters, digits, '_', '.', '@' or '-', "
+            "not starting with '.', '@' or '-'"
+        )
+    return name
+
+
+def check_password(password: str) -> str:
+    if len(password) < MIN_PASSWORD_LENGTH:
+        raise InvalidParameterError(f"the password must have at least {MIN_PASSWORD_LENGTH} characters")
+    return password
