@@ -52,13 +52,11 @@ def encode_value(value: Any, oid: int, fmt: int) -> bytes | None:
     if value is None:
         return None
     if oid in INTEGERS:
-        number = int(round(value)) if isinstance(value, float) else int(value)
-        return _INT_STRUCT[oid].pack(number) if fmt else str(number).encode()
+        whole = round(value) if isinstance(value, float) else int(value)
+        return _INT_STRUCT[oid].pack(whole) if fmt else str(whole).encode()
     if oid in _FLOAT_STRUCT:
-        number = float(value)
-        if fmt:
-            return _FLOAT_STRUCT[oid].pack(number)
-        return _float_text(number).encode()
+        real = float(value)
+        return _FLOAT_STRUCT[oid].pack(real) if fmt else _float_text(real).encode()
     if oid == BOOL.oid:
         flag = bool(value)
         return (b"\x01" if flag else b"\x00") if fmt else (b"t" if flag else b"f")

@@ -77,7 +77,7 @@ def test_malformed_startup_is_a_protocol_violation(data: bytes, match: str) -> N
 
 
 def test_unsupported_major_version_is_0A000() -> None:
-    with pytest.raises(p.UnsupportedProtocol, match="unsupported frontend protocol 2.0") as info:
+    with pytest.raises(p.UnsupportedProtocol, match=r"unsupported frontend protocol 2\.0") as info:
         p.parse_startup(struct.pack("!i", 2 << 16) + params(user="a"))
     assert info.value.sqlstate == "0A000"
 
