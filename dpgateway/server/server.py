@@ -1,0 +1,302 @@
+"""The asyncio loop around the codec and sessions: start-up, TLS, SCRAM, then messages to sessions.
+
+Per connection: the start-up and authentication phase has a deadline (a silent or truncated start-up packet
+is closed, never waited on forever); after it, every message is answered by :class:`Session` in a worker
+thread, so a slow query never blocks other connections. Output is written when the client's pipelined input
+is used up (one write per batch, as PostgreSQL does) and the loop waits on ``drain`` before reading more, so a
+client that stops reading stops being read: the server buffers at most one batch plus the transport's
+high-water mark for it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import logging
+import secrets
+import ssl
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+from dpgateway.budget_store.users import UserStore
+from dpgateway.errors import ConfigError
+from dpgateway.gateway import Gateway
+from dpgateway.server import protocol as p
+from dpgateway.server import scram
+from dpgateway.server.session import Session
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 6432
+DEFAULT_DATABASE = "dpgateway"
+READ_SIZE = 65536
+WRITE_HIGH_WATER = 256 * 1024
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    host: str = DEFAULT_HOST
+    port: int = DEFAULT_PORT
+    database: str = DEFAULT_DATABASE
+    tls: ssl.SSLContext | None = None
+    startup_timeout: float = 10.0  # seconds for start-up plus authentication
+    max_message: int = p.DEFAULT_MAX_MESSAGE
+    workers: int = 8
+
+
+class Closed(Exception):
+    """The connection is over (client left, or an answer that ends it was sent)."""
+
+
+class Server:
+    """Serves ``gateway`` to PostgreSQL clients authenticated against ``users``."""
+
+    def __init__(self, gateway: Gateway, users: UserStore, settings: ServerSettings | None = None) -> None:
+        self.gateway = gateway
+        self.users = users
+        self.settings = settings or ServerSettings()
+        self._secret = gateway.store.secret_seed()
+        self._pool = ThreadPoolExecutor(max_workers=self.settings.workers, thread_name_prefix="dpgateway-query")
+        self._sessions: dict[int, tuple[bytes, Session]] = {}
+        self._server: asyncio.Server | None = None
+
+    async def start(self) -> asyncio.Server:
+        """Listen; the bound port is ``self.port`` (useful with port 0)."""
+        self._server = await asyncio.start_server(self._connection, self.settings.host, self.settings.port)
+        return self._server
+
+    @property
+    def port(self) -> int:
+        assert self._server is not None, "start() the server first"
+        return int(self._server.sockets[0].getsockname()[1])
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+    async def _blocking(self, func: Callable[..., T], *args: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._pool, func, *args)
+
+    # ---- one connection ---------------------------------------------------------------------------------
+
+    async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
+        codec = p.FrontendReader(max_message=self.settings.max_message)
+        key: int | None = None
+        try:
+            session = await asyncio.wait_for(self._startup(codec, reader, writer), self.settings.startup_timeout)
+            if session is None:
+                return
+            key = secrets.randbits(31)
+            while key in self._sessions:
+                key = secrets.randbits(31)
+            secret = secrets.token_bytes(4)
+            self._sessions[key] = (secret, session)
+            writer.write(b"".join([p.auth_ok(), *session.startup_messages(), p.backend_key_data(key, secret)]))
+            writer.write(p.ready_for_query(session.status))
+            await self._messages(session, codec, reader, writer)
+        except p.ProtocolViolation as exc:
+            await _send_and_close(writer, p.error_response(exc.sqlstate, str(exc), severity="FATAL"))
+        except (TimeoutError, asyncio.TimeoutError):
+            await _send_and_close(writer, p.error_response("08P01", "start-up timed out", severity="FATAL"))
+        except (Closed, ConnectionError, asyncio.IncompleteReadError, ssl.SSLError):
+            pass
+        except Exception:
+            log.exception("internal error in a connection")  # the client gets no detail
+            await _send_and_close(writer, p.error_response("XX000", "internal error", severity="FATAL"))
+        finally:
+            if key is not None:
+                self._sessions.pop(key, None)
+            writer.close()
+            with contextlib.suppress(Exception):
+                await writer.wait_closed()
+
+    async def _read(self, codec: p.FrontendReader, reader: asyncio.StreamReader) -> None:
+        data = await reader.read(READ_SIZE)
+        if not data:
+            raise Closed
+        codec.feed(data)
+
+    async def _startup(
+        self, codec: p.FrontendReader, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> Session | None:
+        encrypted = False
+        while True:
+            event = codec.next_startup()
+            if event is None:
+                await self._read(codec, reader)
+                continue
+            if isinstance(event, p.SSLRequest):
+                if self.settings.tls is None or encrypted:
+                    writer.write(b"N")
+                    continue
+                # Bytes already sent after SSLRequest would be read as if they came through TLS
+                # (CVE-2021-23214): refuse them.
+                if codec.buffered or len(getattr(reader, "_buffer", b"")):
+                    raise p.ProtocolViolation("received unencrypted data after SSL request")
+                writer.write(b"S")
+                await writer.drain()
+                await writer.start_tls(self.settings.tls)
+                encrypted = True
+                continue
+            if isinstance(event, p.GSSENCRequest):
+                writer.write(b"N")
+                continue
+            if isinstance(event, p.CancelRequest):
+                self._cancel(event)
+                return None
+            return await self._authenticate(event, codec, reader, writer)
+
+    def _cancel(self, request: p.CancelRequest) -> None:
+        """Stop the session's next statement (a query already running in a thread finishes: see docs)."""
+        entry = self._sessions.get(request.process_id)
+        if entry is not None and hmac.compare_digest(entry[0], request.secret_key):
+            entry[1].cancel.set()
+
+    async def _authenticate(
+        self, startup: p.Startup, codec: p.FrontendReader, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> Session:
+        if startup.minor > 0 or startup.protocol_options:
+            writer.write(p.negotiate_protocol_version(0, startup.protocol_options))
+        user = startup.parameters.get("user", "")
+        if not user:
+            raise FatalError("28000", "no PostgreSQL user name specified in startup packet")
+        record = await self._blocking(self.users.get, user)
+        verifier = record.verifier if record is not None else scram.fake_verifier(self._secret, user)
+        exchange = scram.ServerExchange(verifier)
+        writer.write(p.auth_sasl([scram.MECHANISM]))
+        try:
+            body = p.BodyReader((await self._password_message(codec, reader, writer)).body)
+            mechanism = body.cstring()
+            if mechanism != scram.MECHANISM:
+                raise FatalError("28000", "client selected an invalid SASL authentication mechanism")
+            length = body.int32()
+            writer.write(p.auth_sasl_continue(exchange.first(body.bytes(length))))
+            final = exchange.final((await self._password_message(codec, reader, writer)).body)
+        except scram.ScramError as exc:
+            if exc.malformed:
+                raise p.ProtocolViolation(str(exc)) from None
+            raise FatalError("28P01", f'password authentication failed for user "{user}"') from None
+        if record is None:  # unreachable with a fake verifier; kept so no path can ever log in without an account
+            raise FatalError("28P01", f'password authentication failed for user "{user}"')
+        database = startup.parameters.get("database") or user
+        if database != self.settings.database:
+            raise FatalError("3D000", f'database "{database}" does not exist (this server serves "{self.settings.database}")')
+        writer.write(p.auth_sasl_final(final))
+        return Session(self.gateway, record.name, is_admin=record.is_admin, client=startup.parameters)
+
+    async def _password_message(
+        self, codec: p.FrontendReader, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> p.Message:
+        await writer.drain()
+        while True:
+            message = codec.next_message()
+            if message is not None:
+                break
+            await self._read(codec, reader)
+        if message.type != b"p":
+            raise p.ProtocolViolation(f"expected SASL response, got message type {message.type!r}")
+        return message
+
+    async def _messages(
+        self, session: Session, codec: p.FrontendReader, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        pending: list[bytes] = []
+        while True:
+            message = codec.next_message()
+            if message is None:
+                if pending:
+                    writer.write(b"".join(pending))
+                    pending.clear()
+                await writer.drain()
+                await self._read(codec, reader)
+                continue
+            if message.type == b"X":
+                raise Closed
+            if message.type in (b"Q", b"D", b"E"):
+                pending.extend(await self._blocking(session.handle, message))
+            else:
+                pending.extend(session.handle(message))
+            if sum(map(len, pending)) > WRITE_HIGH_WATER:
+                writer.write(b"".join(pending))
+                pending.clear()
+                await writer.drain()
+
+
+class FatalError(p.ProtocolViolation):
+    """A FATAL error during start-up with its own SQLSTATE; the connection is closed after it."""
+
+    def __init__(self, sqlstate: str, message: str) -> None:
+        super().__init__(message)
+        self.sqlstate = sqlstate
+
+
+async def _send_and_close(writer: asyncio.StreamWriter, data: bytes) -> None:
+    with contextlib.suppress(Exception):
+        writer.write(data)
+        await asyncio.wait_for(writer.drain(), 1.0)
+
+
+# ---- TLS ----------------------------------------------------------------------------------------------------
+
+
+def tls_context(cert: str | Path, key: str | Path) -> ssl.SSLContext:
+    """A server TLS context (TLS 1.2 or later) from PEM files."""
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        context.load_cert_chain(str(cert), str(key))
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(f"server.tls_cert/tls_key: cannot load {cert} and {key}: {exc.strerror or exc}") from None
+    return context
+
+
+def self_signed_context(folder: Path, host: str) -> ssl.SSLContext:
+    """Generate (once, kept in ``folder``) a self-signed certificate for ``host`` and return its context."""
+    cert, key = folder / "server.crt", folder / "server.key"
+    if not (cert.exists() and key.exists()):
+        try:
+            from cryptography import x509
+            from cryptography.hazmat.primitives import hashes, serialization
+            from cryptography.hazmat.primitives.asymmetric import ec
+            from cryptography.x509.oid import NameOID
+        except ImportError:
+            raise ConfigError(
+                "--tls-self-signed needs the `cryptography` package (pip install cryptography); "
+                "or set server.tls_cert and server.tls_key to a certificate and key"
+            ) from None
+        import datetime as dt
+
+        private = ec.generate_private_key(ec.SECP256R1())
+        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, host)])
+        now = dt.datetime.now(dt.timezone.utc)
+        certificate = (
+            x509.CertificateBuilder()
+            .subject_name(name)
+            .issuer_name(name)
+            .public_key(private.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - dt.timedelta(minutes=5))
+            .not_valid_after(now + dt.timedelta(days=365))
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName(host)]), critical=False)
+            .sign(private, hashes.SHA256())
+        )
+        folder.mkdir(parents=True, exist_ok=True)
+        key.write_bytes(
+            private.private_bytes(
+                serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+            )
+        )
+        key.chmod(0o600)
+        cert.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
+    return tls_context(cert, key)
+
+
