@@ -65,6 +65,7 @@ class Server:
         self._pool = ThreadPoolExecutor(max_workers=self.settings.workers, thread_name_prefix="dpgateway-query")
         self._sessions: dict[int, tuple[bytes, Session]] = {}
         self._server: asyncio.Server | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
 
     async def start(self) -> asyncio.Server:
         """Listen; the bound port is ``self.port`` (useful with port 0)."""
@@ -79,6 +80,10 @@ class Server:
     async def close(self) -> None:
         if self._server is not None:
             self._server.close()
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._server is not None:
             await self._server.wait_closed()
         self._pool.shutdown(wait=False, cancel_futures=True)
 
@@ -91,6 +96,9 @@ class Server:
         writer.transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
         codec = p.FrontendReader(max_message=self.settings.max_message)
         key: int | None = None
+        task = asyncio.current_task()
+        if task is not None:
+            self._tasks.add(task)
         try:
             session = await asyncio.wait_for(self._startup(codec, reader, writer), self.settings.startup_timeout)
             if session is None:
@@ -113,6 +121,8 @@ class Server:
             log.exception("internal error in a connection")  # the client gets no detail
             await _send_and_close(writer, p.error_response("XX000", "internal error", severity="FATAL"))
         finally:
+            if task is not None:
+                self._tasks.discard(task)
             if key is not None:
                 self._sessions.pop(key, None)
             writer.close()
