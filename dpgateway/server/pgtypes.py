@@ -38,7 +38,9 @@ DATE = PgType("date", 1082, 4)
 UNKNOWN = PgType("unknown", 705, -2)
 BY_OID = {t.oid: t for t in (BOOL, INT2, INT4, INT8, FLOAT4, FLOAT8, NUMERIC, TEXT, VARCHAR, DATE, UNKNOWN)}
 INTEGERS = frozenset({INT2.oid, INT4.oid, INT8.oid})
-BINARY_RESULTS = frozenset({BOOL.oid, INT2.oid, INT4.oid, INT8.oid, FLOAT4.oid, FLOAT8.oid, TEXT.oid, VARCHAR.oid})
+BINARY_RESULTS = frozenset(
+    {BOOL.oid, INT2.oid, INT4.oid, INT8.oid, FLOAT4.oid, FLOAT8.oid, NUMERIC.oid, TEXT.oid, VARCHAR.oid}
+)
 
 POLICY_TYPES = {"int": INT8, "float": FLOAT8, "str": TEXT, "bool": BOOL, "date": DATE}
 """A policy column type as PostgreSQL types it (int columns are int8: the policy does not say narrower)."""
@@ -60,6 +62,8 @@ def encode_value(value: Any, oid: int, fmt: int) -> bytes | None:
     if oid == BOOL.oid:
         flag = bool(value)
         return (b"\x01" if flag else b"\x00") if fmt else (b"t" if flag else b"f")
+    if fmt and oid == NUMERIC.oid:
+        return numeric_binary(Decimal(str(value)))
     if fmt:
         if oid in (TEXT.oid, VARCHAR.oid, UNKNOWN.oid):
             return _text(value).encode()
@@ -161,3 +165,31 @@ def _numeric_binary(data: bytes) -> Decimal:
         value += Decimal(d).scaleb(4 * (weight - i))
     value = value.quantize(Decimal(1).scaleb(-dscale)) if dscale >= 0 else value
     return -value if sign == 0x4000 else value
+
+
+def numeric_binary(value: Decimal) -> bytes:
+    """PostgreSQL's binary numeric of ``value`` (the inverse of :func:`_numeric_binary`)."""
+    if not value.is_finite():
+        return struct.pack("!hhHh", 0, 0, 0xC000, 0)
+    sign, digits, exponent = value.as_tuple()
+    assert isinstance(exponent, int)
+    text = "".join(map(str, digits))
+    dscale = max(0, -exponent)
+    if exponent > 0:
+        text, exponent = text + "0" * exponent, 0
+    text = text.rjust(-exponent + 1, "0")
+    whole, fraction = text[: len(text) + exponent], text[len(text) + exponent :]
+    whole = whole.rjust(-(-len(whole) // 4) * 4, "0")
+    fraction = fraction.ljust(-(-len(fraction) // 4) * 4, "0")
+    groups = [int(whole[i : i + 4]) for i in range(0, len(whole), 4)]
+    weight = len(groups) - 1
+    groups += [int(fraction[i : i + 4]) for i in range(0, len(fraction), 4)]
+    while groups and groups[0] == 0:
+        groups.pop(0)
+        weight -= 1
+    while groups and groups[-1] == 0:
+        groups.pop()
+    if not groups:
+        weight = 0
+    header = struct.pack("!hhHh", len(groups), weight, 0x4000 if sign else 0, dscale)
+    return header + struct.pack(f"!{len(groups)}h", *groups)

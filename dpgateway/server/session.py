@@ -301,7 +301,7 @@ class Session:
         """The row shape of a statement without running it (Describe): planning only, nothing spent."""
         word = prepared.statement.keyword
         if word == "SHOW":
-            return [Field(st.parse_show(prepared.sql), t.TEXT.oid, t.TEXT.length)]
+            return [_show_field(st.parse_show(prepared.sql))]
         if word == "EXPLAIN":
             return [Field("QUERY PLAN", t.TEXT.oid, t.TEXT.length)]
         if prepared.tree is None or not isinstance(prepared.tree, exp.Query):
