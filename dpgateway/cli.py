@@ -218,6 +218,10 @@ def _register_admin_commands() -> None:
 
     cli.add_command(budget)
     cli.add_command(audit)
+    from dpgateway.server_cli import serve, user
+
+    cli.add_command(serve)
+    cli.add_command(user)
 
 
 _register_admin_commands()

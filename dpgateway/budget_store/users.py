@@ -55,6 +55,12 @@ class UserStore:
     def open(cls, url: str) -> UserStore:
         return cls(sa.create_engine(url))
 
+    @classmethod
+    def beside(cls, store: object, url: str) -> UserStore:
+        """The users of the ledger ``store`` (its engine, so an in-memory ledger shares one database)."""
+        engine = getattr(store, "engine", None)
+        return cls(engine) if isinstance(engine, Engine) else cls.open(url)
+
     def get(self, name: str) -> User | None:
         with self.engine.connect() as conn:
             row = conn.execute(sa.select(users_table).where(users_table.c.name == name)).first()

@@ -13,7 +13,7 @@ from typing import Any
 import yaml
 
 from dpgateway.errors import ConfigError
-from dpgateway.policies.model import Budget, Cap, Column, Config, Table
+from dpgateway.policies.model import Budget, Cap, Column, Config, ServerConfig, Table
 
 CONFIG_ENV = "DPGATEWAY_CONFIG"
 DEFAULT_CONFIG_NAME = "dpgateway.yaml"
@@ -22,7 +22,8 @@ DEFAULT_CACHE_DIR = ".dpgateway-cache"
 TABLE_KEYS = {"source", "privacy_unit", "max_rows_per_unit", "columns", "public", "domain"}
 COLUMN_KEYS = {"type", "bounds", "public_values"}
 COLUMN_TYPES = ("int", "float", "str", "bool", "date")
-TOP_KEYS = {"tables", "budget", "ledger", "admins", "cache_dir"}
+TOP_KEYS = {"tables", "budget", "ledger", "admins", "cache_dir", "server"}
+SERVER_KEYS = {"host", "port", "tls_cert", "tls_key", "database"}
 BUDGET_KEYS = {
     "window_days",
     "per_subject",
@@ -81,7 +82,29 @@ def parse_config(raw: Any, *, base_dir: Path) -> Config:
         admins=tuple(admins),
         base_dir=base_dir,
         cache_dir=base_dir / cache_dir,
+        server=_server(raw.get("server", {}), base_dir),
     )
+
+
+def _server(spec: Any, base_dir: Path) -> ServerConfig:
+    spec = _mapping(spec, "server")
+    _no_unknown(spec, SERVER_KEYS, "server")
+    host, port, database = spec.get("host", "127.0.0.1"), spec.get("port", 6432), spec.get("database", "dpgateway")
+    if not isinstance(host, str) or not host:
+        raise ConfigError("server.host: must be a host name or address such as 127.0.0.1")
+    if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
+        raise ConfigError("server.port: must be a port number from 0 to 65535, such as 6432")
+    if not isinstance(database, str) or not database:
+        raise ConfigError("server.database: must be the database name clients connect to, such as dpgateway")
+    paths = {}
+    for key in ("tls_cert", "tls_key"):
+        value = spec.get(key)
+        if value is not None and (not isinstance(value, str) or not value):
+            raise ConfigError(f"server.{key}: must be the path of a PEM file")
+        paths[key] = None if value is None else base_dir / value
+    if (paths["tls_cert"] is None) != (paths["tls_key"] is None):
+        raise ConfigError("server: set both tls_cert and tls_key, or neither")
+    return ServerConfig(host, port, paths["tls_cert"], paths["tls_key"], database)
 
 
 def _ledger_url(url: str, base_dir: Path) -> str:

@@ -82,6 +82,17 @@ class Budget:
 
 
 @dataclass(frozen=True)
+class ServerConfig:
+    """The ``server:`` section: where ``dpgateway serve`` listens and what it serves."""
+
+    host: str = "127.0.0.1"
+    port: int = 6432
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    database: str = "dpgateway"  # the database name clients connect to
+
+
+@dataclass(frozen=True)
 class Config:
     """A whole ``dpgateway.yaml``."""
 
@@ -91,6 +102,7 @@ class Config:
     admins: tuple[str, ...] = ()
     base_dir: Path = Path(".")
     cache_dir: Path | None = None  # prepared copies (`dpgateway prepare`); None: .dpgateway-cache in base_dir
+    server: ServerConfig = field(default_factory=ServerConfig)
 
     @property
     def cache_folder(self) -> Path:

@@ -1,0 +1,1 @@
+"""The PostgreSQL wire-protocol server: codec (protocol.py), SCRAM (scram.py), sessions, the asyncio loop."""

@@ -153,7 +153,9 @@ class ServerExchange:
         auth_message = f"{self._client_first_bare},{self._server_first},{without_proof}".encode()
         v = self.verifier
         signature = _hmac(v.stored_key, auth_message)
-        client_key = bytes(a ^ b for a, b in zip(proof, signature, strict=True)) if len(proof) == len(signature) else b""
+        client_key = (
+            bytes(a ^ b for a, b in zip(proof, signature, strict=True)) if len(proof) == len(signature) else b""
+        )
         if not hmac.compare_digest(hashlib.sha256(client_key).digest(), v.stored_key):
             raise ScramError("password authentication failed")
         return f"v={_b64(_hmac(v.server_key, auth_message))}".encode()

@@ -69,7 +69,13 @@ class Server:
 
     async def start(self) -> asyncio.Server:
         """Listen; the bound port is ``self.port`` (useful with port 0)."""
-        self._server = await asyncio.start_server(self._connection, self.settings.host, self.settings.port)
+        host, port = self.settings.host, self.settings.port
+        try:
+            self._server = await asyncio.start_server(self._connection, host, port)
+        except OSError as exc:
+            raise ConfigError(
+                f"cannot listen on {host}:{port}: {exc.strerror}; choose another --port or --host"
+            ) from None
         return self._server
 
     @property
@@ -127,7 +133,8 @@ class Server:
                 self._sessions.pop(key, None)
             writer.close()
             with contextlib.suppress(Exception):
-                await writer.wait_closed()
+                await asyncio.wait_for(writer.wait_closed(), 2.0)  # a TLS peer may never answer close_notify
+            writer.transport.abort()
 
     async def _read(self, codec: p.FrontendReader, reader: asyncio.StreamReader) -> None:
         data = await reader.read(READ_SIZE)
@@ -199,7 +206,9 @@ class Server:
             raise FatalError("28P01", f'password authentication failed for user "{user}"')
         database = startup.parameters.get("database") or user
         if database != self.settings.database:
-            raise FatalError("3D000", f'database "{database}" does not exist (this server serves "{self.settings.database}")')
+            raise FatalError(
+                "3D000", f'database "{database}" does not exist (this server serves "{self.settings.database}")'
+            )
         writer.write(p.auth_sasl_final(final))
         return Session(self.gateway, record.name, is_admin=record.is_admin, client=startup.parameters)
 
@@ -308,5 +317,3 @@ def self_signed_context(folder: Path, host: str) -> ssl.SSLContext:
         key.chmod(0o600)
         cert.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
     return tls_context(cert, key)
-
-

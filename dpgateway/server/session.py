@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import math
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 from sqlglot import exp
 
@@ -64,7 +65,9 @@ SETTINGS: dict[str, tuple[str, str, bool]] = {
     "transaction_isolation": ("transaction_isolation", "read committed", False),
     "max_identifier_length": ("max_identifier_length", "63", False),
 }
-READ_ONLY = frozenset({"server_version", "server_encoding", "integer_datetimes", "in_hot_standby", "max_identifier_length"})
+READ_ONLY = frozenset(
+    {"server_version", "server_encoding", "integer_datetimes", "in_hot_standby", "max_identifier_length"}
+)
 DP_SETTINGS = ("dp.epsilon", "dp.delta")
 
 
@@ -218,7 +221,7 @@ class Session:
             prepared = self._statement(message.name)
             fields = self._shape(prepared, None)
             described = [p.parameter_description(prepared.param_types)]
-            return described + [p.row_description(fields) if fields is not None else p.NO_DATA]
+            return [*described, p.row_description(fields) if fields is not None else p.NO_DATA]
         portal = self._portal(message.name)
         fields = portal.outcome.fields if portal.outcome is not None else self._shape(portal.prepared, portal.sql)
         if fields is None:
@@ -252,7 +255,13 @@ class Session:
         (self.statements if message.kind == "S" else self.portals).pop(message.name, None)  # type: ignore[attr-defined]
         return [p.CLOSE_COMPLETE]
 
-    _EXTENDED = {b"P": _parse, b"B": _bind, b"D": _describe, b"E": _execute, b"C": _close}
+    _EXTENDED: ClassVar[dict[bytes, Callable[[Session, bytes], list[bytes]]]] = {
+        b"P": _parse,
+        b"B": _bind,
+        b"D": _describe,
+        b"E": _execute,
+        b"C": _close,
+    }
 
     # ---- statements ---------------------------------------------------------------------------------------
 
@@ -280,7 +289,9 @@ class Session:
         notices = []
         plan = explanation.plan
         if plan is not None and not plan.passthrough:
-            notices.append(_spend_notice(result.epsilon, result.delta, result.remaining, result.replayed, explanation.accuracy))
+            notices.append(
+                _spend_notice(result.epsilon, result.delta, result.remaining, result.replayed, explanation.accuracy)
+            )
         return Outcome(f"SELECT {len(result.rows)}", fields, result.rows, notices)
 
     def _explain(self, sql: str) -> Outcome:
@@ -293,8 +304,7 @@ class Session:
                 f"noise scale {m.noise_scale:g}{threshold}"
             )
         lines += [f"accuracy (95%) {name}: {value}" for name, value in e.accuracy.items()]
-        lines += [f"note: {note}" for note in e.notes]
-        lines.append(f"bounded SQL: {e.bounded_sql}")
+        lines += [f"note: {note}" for note in e.notes]  # no bounded SQL: it names server files and hosts
         return Outcome("EXPLAIN", [Field("QUERY PLAN", t.TEXT.oid, t.TEXT.length)], [[line] for line in lines])
 
     def _shape(self, prepared: Prepared, sql: str | None) -> list[Field] | None:
@@ -324,7 +334,10 @@ class Session:
             return Outcome("BEGIN" if word == "BEGIN" else "START TRANSACTION", notices=notices)
         if word in ("SAVEPOINT", "RELEASE") or rollback_to:
             if self.status == "I":
-                raise SessionError("25P01", f"{'ROLLBACK TO SAVEPOINT' if rollback_to else word} can only be used in transaction blocks")
+                raise SessionError(
+                    "25P01",
+                    f"{'ROLLBACK TO SAVEPOINT' if rollback_to else word} can only be used in transaction blocks",
+                )
             self.status = "T"
             return Outcome("ROLLBACK" if rollback_to else word)
         failed = self.status == "E"

@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime as dt
 import math
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
@@ -199,7 +200,7 @@ def parameter_types(tree: exp.Expr, declared: tuple[int, ...], config: Config) -
     return tuple(oid or t.TEXT.oid for oid in types)
 
 
-def _inferred(node: exp.Parameter, columns: dict[str, str]) -> int:
+def _inferred(node: exp.Parameter, columns: Mapping[str, str]) -> int:
     parent = node.parent
     if isinstance(parent, (exp.Limit, exp.Offset)):
         return t.INT8.oid
@@ -249,15 +250,15 @@ def result_fields(sql: str, plan: DPPlan | None, config: Config) -> list[Field]:
             if pg is None and output.kind == "key":
                 pg = _key_type(keys.get(output.name), plan)
             if pg is None:
-                pg = types[i] if i < len(types) and types[i] is not None else t.FLOAT8
+                pg = (types[i] if i < len(types) else None) or t.FLOAT8
             fields.append(Field(output.name, pg.oid, pg.length))
         return fields
     names = [s.alias_or_name or "?column?" for s in tree.selects] if isinstance(tree, exp.Query) else []
-    return [
-        Field(name, (types[i] or t.TEXT).oid, (types[i] or t.TEXT).length)
-        for i, name in enumerate(names)
-        if i < len(types)
-    ]
+    fields = []
+    for name, pg in zip(names, types, strict=False):
+        pg = pg or t.TEXT  # an untyped NULL is text, as in PostgreSQL
+        fields.append(Field(name, pg.oid, pg.length))
+    return fields
 
 
 def _key_type(expr: exp.Expr | None, plan: DPPlan) -> t.PgType | None:
@@ -266,7 +267,14 @@ def _key_type(expr: exp.Expr | None, plan: DPPlan) -> t.PgType | None:
             if column.name.lower() == expr.name.lower():
                 return t.POLICY_TYPES[column.type]
     if isinstance(expr, exp.Case):
-        return t.TEXT if any(isinstance(i.args.get("true"), exp.Literal) and i.args["true"].is_string for i in expr.args.get("ifs", [])) else None
+        return (
+            t.TEXT
+            if any(
+                isinstance(i.args.get("true"), exp.Literal) and i.args["true"].is_string
+                for i in expr.args.get("ifs", [])
+            )
+            else None
+        )
     return None
 
 
@@ -274,13 +282,18 @@ def _annotated(tree: exp.Expr, config: Config) -> list[t.PgType | None]:
     """sqlglot's types of the SELECT list over the policy schema (None where it cannot tell)."""
     if not isinstance(tree, exp.Query):
         return []
-    schema = {
-        table.name: {c.name: {"int": "BIGINT", "float": "DOUBLE", "str": "TEXT", "bool": "BOOLEAN", "date": "DATE"}[c.type] for c in table.columns}
+    schema: dict[str, object] = {
+        table.name: {
+            c.name: {"int": "BIGINT", "float": "DOUBLE", "str": "TEXT", "bool": "BOOLEAN", "date": "DATE"}[c.type]
+            for c in table.columns
+        }
         for table in config.tables
     }
     try:
         typed = annotate_types(
-            qualify(tree.copy(), schema=schema, dialect=DIALECT, validate_qualify_columns=False, quote_identifiers=False),
+            qualify(
+                tree.copy(), schema=schema, dialect=DIALECT, validate_qualify_columns=False, quote_identifiers=False
+            ),
             schema=schema,
             dialect=DIALECT,
         )

@@ -30,7 +30,7 @@ class Running:
 
 
 def start_server(gateway: Gateway, settings: ServerSettings) -> Iterator[Running]:
-    users = UserStore(gateway.store.engine)
+    users = UserStore.beside(gateway.store, gateway.config.ledger)
     if users.get("alice") is None:
         users.add("alice", PASSWORD)
         users.add("bob", PASSWORD)

@@ -30,7 +30,7 @@ def test_psycopg3_server_side_binding_and_prepared_statements(wire: Running) -> 
 
 def test_psycopg3_error_then_rollback(wire: Running) -> None:
     with psycopg.connect(wire.dsn()) as conn:
-        with pytest.raises(psycopg.errors.InsufficientPrivilege, match="."):
+        with pytest.raises(psycopg.errors.InsufficientPrivilege, match="would release raw rows"):
             conn.execute("SELECT * FROM pums")
         with pytest.raises(psycopg.errors.InFailedSqlTransaction, match="current transaction is aborted"):
             conn.execute("SELECT 1")
@@ -52,6 +52,10 @@ def test_asyncpg_describe_before_bind_and_binary_results(wire: Running) -> None:
             rows = await statement.fetch(30)
             assert isinstance(rows[0]["n"], int)
             assert await conn.fetchval("SELECT 1") == 1
+            async with conn.transaction():  # a cursor with prefetch=1: Execute max_rows 1, PortalSuspended
+                sql = "SELECT sex, COUNT(*) AS n FROM pums GROUP BY sex ORDER BY sex"
+                keys = [r["sex"] async for r in conn.cursor(sql, prefetch=1)]
+            assert keys == [0, 1]
         finally:
             await conn.close()
 
@@ -79,7 +83,11 @@ def test_psql(wire: Running) -> None:
     command = ["psql", "-X", "-h", wire.host, "-p", str(wire.port), "-U", "alice", "-d", "dpgateway"]
     done = subprocess.run(
         [*command, "-A", "-t", "-c", "SELECT COUNT(*) AS n FROM pums WHERE age > 30"],
-        env=env, capture_output=True, text=True, timeout=30, check=False,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip().isdigit() and "dp: spent epsilon" in done.stderr

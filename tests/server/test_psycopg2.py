@@ -36,7 +36,7 @@ def test_refusal_has_its_sqlstate_and_the_session_goes_on(wire: Running) -> None
     conn = psycopg2.connect(wire.dsn())
     conn.autocommit = True
     with conn.cursor() as cur:
-        with pytest.raises(psycopg2.Error, match="SELECT \\*|identif|raw rows") as info:
+        with pytest.raises(psycopg2.Error, match="would release raw rows") as info:
             cur.execute("SELECT * FROM pums")
         assert info.value.pgcode == "42501"
         cur.execute("SELECT COUNT(*) FROM pums")
@@ -47,7 +47,7 @@ def test_refusal_has_its_sqlstate_and_the_session_goes_on(wire: Running) -> None
 def test_failed_transaction_is_25P02_until_rollback(wire: Running) -> None:
     conn = psycopg2.connect(wire.dsn())
     with conn.cursor() as cur:
-        with pytest.raises(psycopg2.Error, match="pums_nope|does not exist") as info:
+        with pytest.raises(psycopg2.Error, match='relation "pums_nope" does not exist') as info:
             cur.execute("SELECT COUNT(*) FROM pums_nope")
         assert info.value.pgcode == "42P01"
         with pytest.raises(psycopg2.Error, match="current transaction is aborted") as info:
@@ -71,7 +71,7 @@ def test_set_and_show_dp_settings(wire: Running) -> None:
         cur.execute("SELECT COUNT(*) FROM pums WHERE age > 40")
         cur.execute("SHOW dp.budget")
         assert float(cur.fetchone()[0]) == pytest.approx(before - 0.25)
-        with pytest.raises(psycopg2.Error, match="dp.epsilon must be a positive") as info:
+        with pytest.raises(psycopg2.Error, match=r"dp\.epsilon must be a positive") as info:
             cur.execute("SET dp.epsilon = -1")
         assert info.value.pgcode == "22023"
         cur.execute("SET application_name = 'tests'")

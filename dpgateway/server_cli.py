@@ -1,0 +1,129 @@
+"""``dpgateway serve`` and ``dpgateway user add|list|passwd|remove``."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import sys
+from datetime import datetime, timezone
+
+import click
+
+from dpgateway.budget_store.users import UserStore
+from dpgateway.cli_common import config_option, render_rows, reports_errors
+from dpgateway.errors import InvalidParameterError
+from dpgateway.gateway import Gateway
+from dpgateway.policies.loader import load_config
+
+
+@click.command()
+@config_option
+@click.option("--host", default=None, help="Address to listen on (default: server.host, else 127.0.0.1).")
+@click.option("--port", type=int, default=None, help="TCP port (default: server.port, else 6432).")
+@click.option(
+    "--tls-self-signed",
+    is_flag=True,
+    help="Serve TLS with a self-signed certificate generated once into .dpgateway-tls/ beside the config.",
+)
+@reports_errors
+def serve(config_path: str | None, host: str | None, port: int | None, tls_self_signed: bool) -> None:
+    """Serve the gateway to PostgreSQL clients (psql, psycopg, JDBC, ...) with SCRAM-SHA-256 logins.
+
+    Add users first with `dpgateway user add NAME`; each one's budget is spent as that analyst.
+    """
+    from dpgateway.server.server import Server, ServerSettings, self_signed_context, tls_context
+
+    config = load_config(config_path)
+    section = config.server
+    listen = host or section.host
+    tls = None
+    if tls_self_signed:
+        tls = self_signed_context(config.base_dir / ".dpgateway-tls", listen)
+    elif section.tls_cert is not None and section.tls_key is not None:
+        tls = tls_context(section.tls_cert, section.tls_key)
+    settings = ServerSettings(
+        host=listen, port=section.port if port is None else port, database=section.database, tls=tls
+    )
+    with Gateway(config) as gateway:
+        users = UserStore.beside(gateway.store, config.ledger)
+        if not users.list():
+            click.echo("No users yet: nobody can log in. Add one with `dpgateway user add NAME`.", err=True)
+        server = Server(gateway, users, settings)
+
+        async def run() -> None:
+            await server.start()
+            click.echo(
+                f"dpgateway listening on {settings.host}:{server.port} (database {settings.database!r}, "
+                f"TLS {'on' if tls else 'off'}); Ctrl-C stops",
+                err=True,
+            )
+            try:
+                await asyncio.Event().wait()
+            finally:
+                await server.close()
+
+        with contextlib.suppress(KeyboardInterrupt):
+            asyncio.run(run())
+
+
+@click.group()
+def user() -> None:
+    """Manage the users who log in to `dpgateway serve` (SCRAM-SHA-256 verifiers in the ledger database)."""
+
+
+def _users(config_path: str | None) -> UserStore:
+    return UserStore.open(load_config(config_path).ledger)
+
+
+def _password(from_stdin: bool) -> str:
+    if from_stdin:
+        return sys.stdin.readline().rstrip("\r\n")
+    first = click.prompt("Password", hide_input=True)
+    if click.prompt("Repeat password", hide_input=True) != first:
+        raise InvalidParameterError("the two passwords differ; nothing was changed")
+    return str(first)
+
+
+@user.command("add")
+@click.argument("name")
+@click.option("--admin", is_flag=True, help="The user may run admin actions.")
+@click.option("--password-stdin", is_flag=True, help="Read the password from the first line of stdin.")
+@config_option
+@reports_errors
+def user_add(name: str, admin: bool, password_stdin: bool, config_path: str | None) -> None:
+    """Add user NAME (only a SCRAM-SHA-256 verifier of the password is stored)."""
+    _users(config_path).add(name, _password(password_stdin), admin=admin)
+    click.echo(f"added {'admin' if admin else 'user'} {name}")
+
+
+@user.command("passwd")
+@click.argument("name")
+@click.option("--password-stdin", is_flag=True, help="Read the new password from the first line of stdin.")
+@config_option
+@reports_errors
+def user_passwd(name: str, password_stdin: bool, config_path: str | None) -> None:
+    """Change the password of user NAME."""
+    _users(config_path).set_password(name, _password(password_stdin))
+    click.echo(f"changed the password of {name}")
+
+
+@user.command("remove")
+@click.argument("name")
+@config_option
+@reports_errors
+def user_remove(name: str, config_path: str | None) -> None:
+    """Remove user NAME (their ledger history stays)."""
+    _users(config_path).remove(name)
+    click.echo(f"removed {name}")
+
+
+@user.command("list")
+@config_option
+@reports_errors
+def user_list(config_path: str | None) -> None:
+    """List the users and their roles."""
+    rows = [
+        [u.name, "admin" if u.is_admin else "analyst", datetime.fromtimestamp(u.created, timezone.utc).isoformat()]
+        for u in _users(config_path).list()
+    ]
+    render_rows(["name", "role", "created"], rows, "table")
