@@ -55,7 +55,9 @@ class DuckDBHooks(SQLHooks):
         }
         if not table.public:  # column types of public data may be detected: they reveal nobody
             names = self.csv_columns(path, dialect, table)
-            columns = [exp.PropertyEQ(this=exp.Literal.string(n), expression=exp.Literal.string("VARCHAR")) for n in names]
+            columns = [
+                exp.PropertyEQ(this=exp.Literal.string(n), expression=exp.Literal.string("VARCHAR")) for n in names
+            ]
             options |= {
                 "auto_detect": exp.false(),
                 "columns": exp.Struct(expressions=columns),
@@ -94,11 +96,15 @@ def _header(path: Path, dialect: CsvDialect, table: str) -> tuple[str, ...]:
             line = next((x for x in handle if not (dialect.comment and x.startswith(dialect.comment))), "")
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{where}: cannot read the header line of {path.name}: {type(exc).__name__}") from None
-    quoting = {"quoting": _csv.QUOTE_MINIMAL, "quotechar": dialect.quote} if dialect.quote else {"quoting": _csv.QUOTE_NONE}
-    escape = {"doublequote": dialect.escape == dialect.quote, "escapechar": None}
-    if dialect.escape and dialect.escape != dialect.quote:
-        escape["escapechar"] = dialect.escape
-    fields = next(_csv.reader([line.rstrip("\r\n")], delimiter=dialect.delimiter, **quoting, **escape), [])  # type: ignore[call-overload]
+    reader = _csv.reader(
+        [line.rstrip("\r\n")],
+        delimiter=dialect.delimiter,
+        quoting=_csv.QUOTE_MINIMAL if dialect.quote else _csv.QUOTE_NONE,
+        quotechar=dialect.quote or None,
+        doublequote=dialect.escape == dialect.quote,
+        escapechar=dialect.escape if dialect.escape and dialect.escape != dialect.quote else None,
+    )
+    fields = next(reader, [])
     names = tuple(f.strip() for f in fields)
     lowered = [n.lower() for n in names]
     duplicate = next((n for i, n in enumerate(lowered) if n in lowered[:i] or not n), None)

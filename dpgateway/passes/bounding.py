@@ -314,7 +314,12 @@ def _rendered(
     for literal in [n for n in shown.find_all(exp.Literal) if n.is_string and n.this == key]:
         literal.replace(exp.Literal.string(ROW_ORDER_KEY))
     dialect = ctx.hooks.DIALECT
-    return plan.with_(bounded=bounded, bounded_sql=bounded.sql(dialect=dialect), shown_sql=shown.sql(dialect=dialect), settings=settings)
+    return plan.with_(
+        bounded=bounded,
+        bounded_sql=bounded.sql(dialect=dialect),
+        shown_sql=shown.sql(dialect=dialect),
+        settings=settings,
+    )
 
 
 def _and_unit_not_null(condition: exp.Expr | None, table: Table) -> exp.Expr:

@@ -226,7 +226,7 @@ def _coerce(value: Any, ctype: str, where: str) -> Any:
         return value
     if isinstance(value, bool) != (ctype == "bool"):
         raise ConfigError(f"{where}: {value!r} is not a valid {ctype}")
-    if isinstance(value, float) and math.isnan(value) or ctype == "float" and str(value).strip().lower() == "nan":
+    if (isinstance(value, float) and math.isnan(value)) or (ctype == "float" and str(value).strip().lower() == "nan"):
         raise ConfigError(f"{where}: NaN is not a value a row can have (the gateway reads NaN as NULL); remove it")
     try:
         converted = converters[ctype](value)
