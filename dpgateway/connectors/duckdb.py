@@ -15,7 +15,9 @@ from sqlglot import exp
 
 from dpgateway.connectors.base import Connector, ExactAggregates, SQLHooks
 from dpgateway.errors import BackendError, ConfigError
-from dpgateway.policies.model import CsvDialect, Table
+from dpgateway.policies.model import Column, CsvDialect, Table
+
+INTEGER_TYPES = ("TINYINT", "SMALLINT", "INTEGER", "BIGINT", "HUGEINT", "UTINYINT", "USMALLINT", "UINTEGER", "UBIGINT")
 
 
 class DuckDBHooks(SQLHooks):
@@ -69,6 +71,17 @@ class DuckDBHooks(SQLHooks):
             }
         kwargs = [exp.Kwarg(this=exp.var(k), expression=v) for k, v in options.items()]
         return _call("read_csv", exp.Literal.string(str(path)), *kwargs)
+
+    def unit(self, column: Column) -> exp.Expr:
+        """As :meth:`SQLHooks.unit`, with a shortcut where the source column is an integer type already:
+        its cast to BIGINT is exact (or NULL), so the text comparison is skipped (it costs about 0.4 s per
+        million rows of Parquet). ``typeof`` is the column's bound type, the same for every row."""
+        exact = super().unit(column)
+        if column.type != "int":
+            return exact
+        kind = exp.func("typeof", exp.column(column.name, quoted=True))
+        integer = exp.In(this=kind, expressions=[exp.Literal.string(t) for t in INTEGER_TYPES])
+        return exp.If(this=integer, true=self.typed(column), false=exact)
 
     def csv_columns(self, path: Path, dialect: CsvDialect, table: Table) -> tuple[str, ...]:
         """The file's column names in order: its header line (read once), else the declared columns."""
