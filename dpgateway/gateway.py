@@ -7,9 +7,11 @@ import getpass
 import hashlib
 import math
 import os
+import tempfile
 from dataclasses import dataclass, field
 from decimal import Decimal
 from functools import cached_property
+from pathlib import Path
 from typing import Any
 
 import pandas as pd
@@ -134,7 +136,6 @@ class Gateway:
                 self.connector.check_table(table)
         self._ctx = PlanContext(config=config, hooks=self.connector.hooks, seed=self.store.secret_seed())
         self._plans = PlanCache()
-        self._sources = self._ctx.hooks.state()
 
     @classmethod
     def from_config(cls, path: str | os.PathLike[str] | None = None, **kwargs: Any) -> Gateway:
@@ -200,12 +201,13 @@ class Gateway:
         if state is None:
             raise InvalidParameterError(f"table {policy.name}: only file sources (CSV, Parquet) can be prepared")
         digest = prepare.policy_digest(policy, self._ctx.seed)
-        folder = self.config.cache_folder
-        folder.mkdir(parents=True, exist_ok=True)
+        folder = prepare.private_folder(self.config.cache_folder)
         target = folder / f"{policy.name}-{digest[:16]}.parquet"
-        partial = target.with_suffix(".parquet.tmp")
-        rows = self.connector.materialize(prepared_copy_sql(policy, self._ctx), str(partial))
-        os.replace(partial, target)
+        with tempfile.TemporaryDirectory(dir=folder, prefix=".prepare-") as scratch:  # 0700: nobody else can open it
+            partial = Path(scratch) / target.name
+            rows = self.connector.materialize(prepared_copy_sql(policy, self._ctx), str(partial))
+            os.chmod(partial, 0o600)  # DuckDB creates it with the umask; private before it is moved into place
+            os.replace(partial, target)
         prepare.write_manifest(folder, policy, file=target, source=state, policy=digest, rows=rows)
         return PreparedCopy(table=policy.name, path=str(target), k=policy.max_rows_per_unit)
 
@@ -239,9 +241,8 @@ class Gateway:
     def _context(self) -> PlanContext:
         """The planning context, with the prepared copies that are valid right now."""
         copies = prepare.valid_copies(self.config, self._ctx.seed)
-        sources = self._ctx.hooks.state()  # e.g. a CSV whose sniffed dialect no longer applies
-        if copies != self._ctx.prepared or sources != self._sources:
-            self._ctx, self._sources = dataclasses.replace(self._ctx, prepared=copies), sources
+        if copies != self._ctx.prepared:
+            self._ctx = dataclasses.replace(self._ctx, prepared=copies)
         return self._ctx
 
     def _plan(self, sql: str, epsilon: float, delta: float) -> DPPlan:
@@ -301,7 +302,8 @@ def _spend(analyst: str, plan: DPPlan | None, sql: str, key: str) -> Spend:
         delta=plan.delta,
         query_key=key,
         sql=sql,
-        rewritten_sha256=hashlib.sha256(plan.bounded_sql.encode()).hexdigest(),
+        # the placeholder rendering: the same hash wherever the source lives (no host path, key or option)
+        rewritten_sha256=hashlib.sha256(plan.shown_sql.encode()).hexdigest(),
     )
 
 
@@ -355,7 +357,7 @@ def _explain(plan: DPPlan) -> Explanation:
     if plan.selects_partitions:
         notes.append("group keys are private: only groups whose noisy count passes the threshold are released")
     return Explanation(
-        plan.sql, plan.bounded_sql, plan.spent_epsilon, plan.delta, mechanisms, accuracy, tuple(notes), plan
+        plan.sql, plan.shown_sql, plan.spent_epsilon, plan.delta, mechanisms, accuracy, tuple(notes), plan
     )
 
 

@@ -83,6 +83,7 @@ class DPPlan:
     offset: int | None = None
     passthrough: bool = False  # the query touches only public tables: answered exactly, no cost
     bounded_sql: str = ""
+    shown_sql: str = ""  # bounded_sql with each source and the row-order key as placeholders (explain, audit hash)
     bounded: exp.Expr | None = None
     settings: tuple[tuple[str, Any], ...] = ()  # per-query backend settings
     prepared: str | None = None  # path of a valid prepared (pre-bounded) copy to read instead of the source

@@ -47,8 +47,8 @@ def build_plan(sql: str, *, epsilon: float, delta: float, ctx: PlanContext) -> D
 class PlanCache:
     """A small LRU of built plans.
 
-    The key is the context's fingerprint (policy, secret seed, backend hooks and the state of the
-    sources and prepared copies, see :attr:`PlanContext.fingerprint`), the normalized SQL (the same
+    The key is the context's fingerprint (policy, secret seed, backend hooks and the valid
+    prepared copies, see :attr:`PlanContext.fingerprint`), the normalized SQL (the same
     normalization as the replay key, memoized, so it costs nothing extra), epsilon and delta: any
     policy, config or source change gives new keys, so a stale plan is never reused. Plans are frozen
     and never mutated after building, so sharing them between queries is safe. Refusals are not cached.

@@ -25,7 +25,7 @@ import yaml
 from dpgateway import Gateway
 from dpgateway.connectors.duckdb import DuckDBConnector, DuckDBHooks
 from dpgateway.errors import BackendError, InternalError
-from dpgateway.passes.bounding import _row_bounded, bound_contributions
+from dpgateway.passes.bounding import _row_bounded
 from dpgateway.passes.context import PlanContext
 from dpgateway.plan import DPPlan
 from dpgateway.planner import PlanCache, build_plan
@@ -261,28 +261,6 @@ def test_commit_and_remaining_is_one_debit_then_the_budget_left(tmp_path: Path) 
     with pytest.raises(InternalError, match="already committed"):
         store.commit_and_remaining(reservation, epsilon=0.5, delta=0.0, analyst="ann", domains=["pid"])
     store.close()
-
-
-def test_csv_dialect_is_sniffed_once_and_forgotten_when_the_file_changes(tmp_path: Path) -> None:
-    source = tmp_path / "t.csv"
-    _people(2).to_csv(source, index=False)
-    (tmp_path / "dpgateway.yaml").write_text(yaml.safe_dump(_policy(source)))
-    sql = "SELECT sex, COUNT(*), SUM(income) FROM t WHERE age > 20 GROUP BY sex"
-    with Gateway.from_config(tmp_path / "dpgateway.yaml") as gw:
-        plan = gw.explain(sql).plan
-        assert plan is not None and "auto_detect => FALSE" in plan.bounded_sql
-        auto = bound_contributions(plan, ctx=dataclasses.replace(gw._ctx, hooks=DuckDBHooks()))
-        assert "all_varchar => TRUE" in auto.bounded_sql
-        assert sorted(gw.connector.execute(plan.bounded_sql).rows) == sorted(
-            gw.connector.execute(auto.bounded_sql).rows
-        )
-        before = dict((r[0], r[1]) for r in gw.connector.execute(plan.bounded_sql).rows)
-        with source.open("a") as f:
-            f.write("9999,50,100.5,1,2\n")  # the file changed: auto-detection again, and the new row counts
-        changed = gw.explain(sql).plan
-        assert changed is not None and "all_varchar => TRUE" in changed.bounded_sql
-        after = dict((r[0], r[1]) for r in gw.connector.execute(changed.bounded_sql).rows)
-        assert after[1] == before[1] + 10**6  # a new person with one row: weight 1, COUNT_SCALE per row
 
 
 def test_prepared_statements_follow_the_file(tmp_path: Path) -> None:

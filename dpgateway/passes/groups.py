@@ -7,7 +7,13 @@ from typing import Any
 
 from sqlglot import exp
 
-from dpgateway.errors import PrivacyViolationError, QuerySyntaxError, UnknownColumnError, UnsupportedError
+from dpgateway.errors import (
+    InternalError,
+    PrivacyViolationError,
+    QuerySyntaxError,
+    UnknownColumnError,
+    UnsupportedError,
+)
 from dpgateway.passes.context import PlanContext
 from dpgateway.plan import DPPlan, GroupKey
 from dpgateway.policies.model import Table
@@ -44,7 +50,13 @@ def public_cells(keys: tuple[GroupKey, ...]) -> list[tuple[Any, ...]] | None:
         size *= len(d)  # type: ignore[arg-type]
     if size > MAX_PUBLIC_CELLS:
         return None
-    return list(itertools.product(*domains))  # type: ignore[arg-type]
+    cells = list(itertools.product(*domains))  # type: ignore[arg-type]
+    # Proof note: each public cell is released once, with its own noise; a repeated cell would be
+    # released twice with independent noise (averaging it away). Domains are distinct by construction
+    # (policies/loader.py, _public_domain), so a repeat is a bug. Test: tests/test_sources.py.
+    if len(set(cells)) != len(cells):
+        raise InternalError("public group key values repeat: a group would be released twice with independent noise")
+    return cells
 
 
 def _resolve_item(item: exp.Expr, select: exp.Select, table: Table) -> exp.Expr:
