@@ -56,8 +56,8 @@ def test_query_table_and_csv(run, demo_config_path: Path) -> None:
         "csv",
         "SELECT COUNT(*) AS n FROM pums WHERE age > 3",
     )
-    lines = csv_out.output.strip().splitlines()
-    assert lines[0] == "n" and lines[1].lstrip("-").isdigit()
+    lines = csv_out.stdout.strip().splitlines()
+    assert lines[0] == "n,n ±95%" and lines[1].split(",")[0].lstrip("-").isdigit()
 
 
 def test_query_from_stdin(run, demo_config_path: Path) -> None:
