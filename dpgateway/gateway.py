@@ -13,7 +13,6 @@ from functools import cached_property
 from typing import Any
 
 import pandas as pd
-from sqlglot import exp
 
 from dpgateway import prepare
 from dpgateway.budget_store.base import BudgetStore, Spend
@@ -27,13 +26,14 @@ from dpgateway.errors import (
 )
 from dpgateway.mechanisms import laplace_half_width
 from dpgateway.noise import add_noise
-from dpgateway.passes.bounding import prepared_copy_sql
+from dpgateway.passes.bounding import prepared_copy_tree
 from dpgateway.passes.context import PlanContext, PreparedCopy
 from dpgateway.plan import DPPlan
 from dpgateway.planner import PlanCache
 from dpgateway.policies.loader import load_config
 from dpgateway.policies.model import Config
 from dpgateway.postprocess import Released, post_process, run_sandboxed
+from dpgateway.sqlcheck import VerifiedSQL, verify
 from dpgateway.sqlparse import query_key
 
 ANALYST_ENV = "DPGATEWAY_ANALYST"
@@ -123,7 +123,7 @@ class Gateway:
 
     def __init__(self, config: Config, *, connector: Connector | None = None, store: BudgetStore | None = None):
         self.config = config
-        self.connector = connector or DuckDBConnector()
+        self.connector = connector or DuckDBConnector.for_config(config)
         if store is None:
             from dpgateway.budget_store import open_store
 
@@ -204,7 +204,9 @@ class Gateway:
         folder.mkdir(parents=True, exist_ok=True)
         target = folder / f"{policy.name}-{digest[:16]}.parquet"
         partial = target.with_suffix(".parquet.tmp")
-        rows = self.connector.materialize(prepared_copy_sql(policy, self._ctx), str(partial))
+        hooks = self._ctx.hooks
+        copy_sql = verify(prepared_copy_tree(policy, self._ctx), hooks.DIALECT, sources=[hooks.source(policy)])
+        rows = self.connector.materialize(copy_sql, str(partial))
         os.replace(partial, target)
         prepare.write_manifest(folder, policy, file=target, source=state, policy=digest, rows=rows)
         return PreparedCopy(table=policy.name, path=str(target), k=policy.max_rows_per_unit)
@@ -257,7 +259,7 @@ class Gateway:
     def _run(self, plan: DPPlan, reservation: str) -> Released:
         """Execute, noise and post-process. A failure after the backend ran is still charged."""
         try:
-            exact = self.connector.execute(plan.bounded_sql, plan.settings)
+            exact = self.connector.execute(_backend_sql(plan), plan.settings)
         except DPGatewayError:
             # Proof note: the backend may have failed because of the data; charging keeps the failure
             # itself inside the budget. Test: tests/test_gateway.py::test_backend_failure_is_charged.
@@ -272,15 +274,17 @@ class Gateway:
             raise InternalError(f"noise or post-processing failed: {type(exc).__name__}") from exc
 
     def _passthrough(self, plan: DPPlan) -> Released:
+        """Public data only: constants in the sandbox, or the verified statement over the public table."""
         if plan.table is None:
-            return run_sandboxed(plan.tree)
-        tree = plan.tree.copy()
-        for table in tree.find_all(exp.Table):
-            source = self.connector.hooks.source(plan.table)
-            source.set("alias", exp.TableAlias(this=exp.to_identifier(table.alias_or_name)))
-            table.replace(source)
-        exact = self.connector.execute(tree.sql(dialect=self.connector.hooks.DIALECT))
+            return run_sandboxed(plan.post_sql, what="the constant expressions")
+        exact = self.connector.execute(_backend_sql(plan))
         return Released(exact.columns, list(exact.rows))
+
+
+def _backend_sql(plan: DPPlan) -> VerifiedSQL:
+    if plan.backend_sql is None:
+        raise InternalError("the plan has no verified backend SQL; this is a bug")
+    return plan.backend_sql
 
 
 def resolve_analyst(analyst: str | None) -> str:

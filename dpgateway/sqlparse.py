@@ -159,29 +159,32 @@ def row_expression(node: exp.Expr, where: str) -> exp.Expr:
     :data:`DATE_PARTS`, so what the generator writes is our keywords, quoted strings and identifiers, and
     numbers. Tests: tests/attacks/test_injection.py.
     """
-    return _allowlisted(node, where, ROW_SAFE, columns=True)
+    return allowlisted(node, where, ROW_SAFE, columns=True)
 
 
 def constant_expression(node: exp.Expr, where: str) -> exp.Expr:
     """An allowlisted copy of ``node`` with no column at all (a table-less SELECT)."""
-    return _allowlisted(node, where, POST_SAFE, columns=False)
+    return allowlisted(node, where, POST_SAFE, columns=False)
 
 
 def post_expression(node: exp.Expr, where: str) -> exp.Expr:
     """An allowlisted copy of a post-processing expression (its columns are noisy values or output aliases)."""
-    return _allowlisted(node, where, POST_SAFE, columns=True)
+    return allowlisted(node, where, POST_SAFE, columns=True)
 
 
-def _allowlisted(node: exp.Expr, where: str, allowed: tuple[type[exp.Expr], ...], *, columns: bool) -> exp.Expr:
+def allowlisted(
+    node: exp.Expr, where: str, allowed: tuple[type[exp.Expr], ...], *, columns: bool, aggregates: bool = False
+) -> exp.Expr:
+    """A copy of ``node`` whose every node kind is in ``allowed`` and every text argument checked, units rebuilt."""
     checked = node.copy()
     for sub in checked.walk():
         if isinstance(sub, (exp.Subquery, exp.Select, exp.Exists)):
             raise UnsupportedError(f"subqueries are not supported (in {where})")
-        if isinstance(sub, exp.AggFunc):
+        if isinstance(sub, exp.AggFunc) and not aggregates:
             raise GroupingError(f"aggregate functions are not allowed in {where}")
         if isinstance(sub, exp.Window):
             raise UnsupportedError(f"window functions are not supported (in {where})")
-        if isinstance(sub, exp.Star):
+        if isinstance(sub, exp.Star) and not aggregates:
             raise PrivacyViolationError(f"* is not allowed in {where}")
         if isinstance(sub, exp.Column) and not columns:
             raise UnsupportedError(f"columns need a FROM clause naming a table (in {where})")
@@ -212,7 +215,8 @@ def check_args(node: exp.Expr, where: str) -> None:
         raise UnsupportedError(f"TRIM is not supported in {where} with that position")
     if isinstance(node, exp.Var):
         parent = node.parent
-        if type(parent) not in _UNIT_OF or parent.args.get(_UNIT_OF[type(parent)]) is not node:
+        unit = _UNIT_OF.get(type(parent)) if parent is not None else None
+        if parent is None or unit is None or parent.args.get(unit) is not node:
             raise UnsupportedError(f"the keyword {node.name!r} is not supported in {where}")
         _date_part(node.name, where)
     if isinstance(node, exp.Extract) and isinstance(node.this, exp.Literal):
