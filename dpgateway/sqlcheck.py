@@ -146,7 +146,14 @@ def _check_relations(parsed: exp.Expr, dialect: str, sources: Sequence[exp.Expr]
         if not isinstance(node, BACKEND_NODES) or (
             isinstance(node, exp.Anonymous) and node.name.upper() not in ANONYMOUS_FUNCTIONS
         ):
-            _refuse(f"it uses {node.sql_name() if isinstance(node, exp.Func) else node.key.upper()}")
+            name = (
+                node.name
+                if isinstance(node, exp.Anonymous)
+                else node.sql_name()
+                if isinstance(node, exp.Func)
+                else node.key
+            )
+            _refuse(f"it uses {name.upper()}")
     if selects != len(ctes) + 1:
         _refuse("it holds a subquery")
 

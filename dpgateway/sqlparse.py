@@ -189,7 +189,13 @@ def allowlisted(
         if isinstance(sub, exp.Column) and not columns:
             raise UnsupportedError(f"columns need a FROM clause naming a table (in {where})")
         if not isinstance(sub, allowed):
-            name = sub.sql_name() if isinstance(sub, exp.Func) else sub.key.upper()
+            name = (
+                sub.name.upper()
+                if isinstance(sub, exp.Anonymous)
+                else sub.sql_name()
+                if isinstance(sub, exp.Func)
+                else sub.key.upper()
+            )
             raise UnsupportedError(
                 f"{name} is not supported in {where}; allowed are comparisons, arithmetic (+ - *), CASE, "
                 "COALESCE, CAST, string and rounding functions"
