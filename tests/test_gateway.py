@@ -235,7 +235,7 @@ def test_python_post_processing_agrees_with_duckdb(demo_gateway: Gateway, sql: s
         edges.append(Noisy(noisy.columns, values, noisy.counts))
     for case in edges:
         try:
-            expected = run_sandboxed(post_processing_sql(plan), case.frame()).frame()
+            expected = run_sandboxed(post_processing_sql(plan), case.frame(), what="the outputs").frame()
         except DPGatewayError as exc:
             with pytest.raises(DPGatewayError, match=exc.sqlstate):
                 post_process(plan, case)
