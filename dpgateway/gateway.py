@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
-from sqlglot import exp
 
 from dpgateway import prepare
 from dpgateway.budget_store.base import BudgetStore, Spend
@@ -30,13 +29,14 @@ from dpgateway.errors import (
 )
 from dpgateway.mechanisms import laplace_half_width
 from dpgateway.noise import Noisy, add_noise
-from dpgateway.passes.bounding import prepared_copy_sql
+from dpgateway.passes.bounding import prepared_copy_tree
 from dpgateway.passes.context import PlanContext, PreparedCopy
 from dpgateway.plan import DPPlan
 from dpgateway.planner import PlanCache
 from dpgateway.policies.loader import load_config
 from dpgateway.policies.model import Config
 from dpgateway.postprocess import Released, post_process, run_sandboxed
+from dpgateway.sqlcheck import VerifiedSQL, verify
 from dpgateway.sqlparse import query_key
 
 ANALYST_ENV = "DPGATEWAY_ANALYST"
@@ -138,7 +138,7 @@ class Gateway:
 
     def __init__(self, config: Config, *, connector: Connector | None = None, store: BudgetStore | None = None):
         self.config = config
-        self.connector = connector or DuckDBConnector()
+        self.connector = connector or DuckDBConnector.for_config(config)
         if store is None:
             from dpgateway.budget_store import open_store
 
@@ -245,9 +245,11 @@ class Gateway:
                 "the config to a folder dpgateway may write"
             ) from None
         target = folder / f"{policy.name}-{digest[:16]}.parquet"
+        hooks = self._ctx.hooks
+        copy_sql = verify(prepared_copy_tree(policy, self._ctx), hooks.DIALECT, sources=[hooks.source(policy)])
         with tempfile.TemporaryDirectory(dir=folder, prefix=".prepare-") as scratch:  # 0700: nobody else can open it
             partial = Path(scratch) / target.name
-            rows = self.connector.materialize(prepared_copy_sql(policy, self._ctx), str(partial))
+            rows = self.connector.materialize(copy_sql, str(partial))
             os.chmod(partial, 0o600)  # DuckDB creates it with the umask; private before it is moved into place
             os.replace(partial, target)
         prepare.write_manifest(folder, policy, file=target, source=state, policy=digest, rows=rows)
@@ -306,7 +308,7 @@ class Gateway:
         """Execute, noise and post-process, with warnings about noisy values. A failure after the backend ran
         is still charged."""
         try:
-            exact = self.connector.execute(plan.bounded_sql, plan.settings)
+            exact = self.connector.execute(_backend_sql(plan), plan.settings)
         except DPGatewayError:
             # Proof note: the backend may have failed because of the data; charging keeps the failure
             # itself inside the budget. Test: tests/test_gateway.py::test_backend_failure_is_charged.
@@ -322,15 +324,17 @@ class Gateway:
             raise InternalError(f"noise or post-processing failed: {type(exc).__name__}") from exc
 
     def _passthrough(self, plan: DPPlan) -> Released:
+        """Public data only: constants in the sandbox, or the verified statement over the public table."""
         if plan.table is None:
-            return run_sandboxed(plan.tree)
-        tree = plan.tree.copy()
-        for table in tree.find_all(exp.Table):
-            source = self.connector.hooks.source(plan.table)
-            source.set("alias", exp.TableAlias(this=exp.to_identifier(table.alias_or_name)))
-            table.replace(source)
-        exact = self.connector.execute(tree.sql(dialect=self.connector.hooks.DIALECT))
+            return run_sandboxed(plan.post_sql, what="the constant expressions")
+        exact = self.connector.execute(_backend_sql(plan))
         return Released(exact.columns, list(exact.rows))
+
+
+def _backend_sql(plan: DPPlan) -> VerifiedSQL:
+    if plan.backend_sql is None:
+        raise InternalError("the plan has no verified backend SQL; this is a bug")
+    return plan.backend_sql
 
 
 def resolve_analyst(analyst: str | None) -> str:

@@ -9,6 +9,7 @@ from typing import Any, Literal
 from sqlglot import exp
 
 from dpgateway.policies.model import Table
+from dpgateway.sqlcheck import VerifiedSQL
 
 MeasureKind = Literal["count", "sum"]
 
@@ -85,6 +86,7 @@ class DPPlan:
     bounded_sql: str = ""
     shown_sql: str = ""  # bounded_sql with each source and the row-order key as placeholders (explain, audit hash)
     bounded: exp.Expr | None = None
+    backend_sql: VerifiedSQL | None = None  # bounded_sql parsed back and verified (the only SQL a backend runs)
     settings: tuple[tuple[str, Any], ...] = ()  # per-query backend settings
     prepared: str | None = None  # path of a valid prepared (pre-bounded) copy to read instead of the source
     rewrite: str = ""  # bounding rewrite (passes/rewrite.py): 'weighted', 'unit_count' or 'rows'

@@ -4,7 +4,7 @@
 unit's row count, each row's keyed-hash rank within its unit and each row's weighted contribution to
 every measurement a weighted query can make of the table (what the weighted and row-bounding rewrites
 compute on the fly for an unfiltered query; SQL:
-:func:`dpgateway.passes.bounding.prepared_copy_sql`), as Parquet in the config's ``cache_dir``, with a
+:func:`dpgateway.passes.bounding.prepared_copy_tree`), as Parquet in the config's ``cache_dir``, with a
 manifest beside it::
 
     <cache_dir>/<table>.json      {"version", "table", "file", "source", "policy", "rows"}

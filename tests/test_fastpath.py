@@ -21,12 +21,14 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
+from helpers import trusted_sql
 
 from dpgateway import Gateway
 from dpgateway.connectors.duckdb import DuckDBConnector, DuckDBHooks
 from dpgateway.errors import BackendError, InternalError
 from dpgateway.passes.bounding import _row_bounded
 from dpgateway.passes.context import PlanContext
+from dpgateway.passes.verify import verify_backend_sql
 from dpgateway.plan import DPPlan
 from dpgateway.planner import PlanCache, build_plan
 from dpgateway.policies.loader import parse_config
@@ -77,9 +79,10 @@ def _ctx(source: Path, k: int = K) -> PlanContext:
     return PlanContext(config=config, hooks=DuckDBHooks(), seed=b"fastpath-seed")
 
 
-def _exact(sql: str) -> list[tuple]:
-    with DuckDBConnector() as con:
-        return sorted(con.execute(sql).rows, key=repr)
+def _exact(plan: DPPlan) -> list[tuple]:
+    assert plan.table is not None and plan.backend_sql is not None
+    with DuckDBConnector(allowed_paths=[plan.table.source]) as con:
+        return sorted(con.execute(plan.backend_sql).rows, key=repr)
 
 
 @pytest.mark.parametrize("seed", range(6))
@@ -92,9 +95,9 @@ def test_unit_count_equals_row_bounded_count(tmp_path: Path, seed: int, where: s
         plan = build_plan(f"SELECT COUNT(*) FROM t{where}", epsilon=1.0, delta=0.0, ctx=ctx)
         assert plan.rewrite == "unit_count"
         assert plan.table is not None
-        row_bounded = _row_bounded(plan, plan.table, ctx)
+        row_bounded = verify_backend_sql(_row_bounded(plan, plan.table, ctx), ctx=ctx)
         assert "__rn" in row_bounded.bounded_sql and "__rn" not in plan.bounded_sql
-        assert _exact(plan.bounded_sql) == _exact(row_bounded.bounded_sql)
+        assert _exact(plan) == _exact(row_bounded)
 
 
 def _weighted_reference(frame: pd.DataFrame, policy: dict, sql_where: str, plan: DPPlan) -> dict[tuple, list[int]]:
@@ -146,7 +149,7 @@ def test_weighted_rewrite_matches_an_independent_reference(tmp_path: Path, seed:
     plan = build_plan(sql, epsilon=1.0, delta=0.0, ctx=PlanContext(config=config, hooks=DuckDBHooks(), seed=b"s"))
     assert plan.rewrite == "weighted" and "__rn" not in plan.bounded_sql
     n_keys = len(plan.group_keys)
-    got = {row[:n_keys]: [int(v or 0) for v in row[n_keys:]] for row in _exact(plan.bounded_sql)}
+    got = {row[:n_keys]: [int(v or 0) for v in row[n_keys:]] for row in _exact(plan)}
     reference = _weighted_reference(pd.read_csv(source), policy, where, plan)
     assert got == reference
 
@@ -159,7 +162,7 @@ def test_weighting_truncates_toward_zero(v: int, n: int, k: int, expected: int) 
     """``SIGN(v) * ((ABS(v) * k) // GREATEST(n, k))`` on DuckDB is ``trunc(v * k / max(n, k))``."""
     with DuckDBConnector() as con:
         (row,) = con.execute(
-            f"SELECT SIGN({v}::BIGINT) * ((ABS({v}::BIGINT)::HUGEINT * {k}) // GREATEST({n}, {k}))"
+            trusted_sql(f"SELECT SIGN({v}::BIGINT) * ((ABS({v}::BIGINT)::HUGEINT * {k}) // GREATEST({n}, {k}))")
         ).rows
     assert row[0] == expected == int(v * k / max(n, k))
 
@@ -208,7 +211,7 @@ def test_one_person_with_many_rows_moves_each_aggregate_by_at_most_its_sensitivi
             expected = "rows" if "region" in sql else "unit_count" if scalar_count else "weighted"
             assert plan.rewrite == expected
             assert (plan.prepared is not None) == (prepared and plan.where is None)
-            exact = gw.connector.execute(plan.bounded_sql)
+            exact = gw.connector.execute(plan.backend_sql)
         n_keys = len(plan.group_keys)
         results.append((plan, {row[:n_keys]: row[n_keys:] for row in exact.rows}))
     (plan, before), (_, after) = results
@@ -268,12 +271,12 @@ def test_prepared_statements_follow_the_file(tmp_path: Path) -> None:
     (new rows, reordered columns), a changed type is an error and the next query recovers, each thread
     prepares on its own cursor, and only the most recent statements stay prepared."""
     source = tmp_path / "t.parquet"
-    sql = f"SELECT SUM(a), SUM(b) FROM read_parquet('{source}')"
+    sql = trusted_sql(f"SELECT SUM(a), SUM(b) FROM read_parquet('{source}')")
 
     def write(select: str) -> None:
         duckdb.execute(f"COPY ({select}) TO '{source}' (FORMAT parquet)")
 
-    connector = DuckDBConnector()
+    connector = DuckDBConnector(allowed_paths=[source])
     write("SELECT 1 AS a, 10 AS b")
     assert connector.execute(sql).rows == ((1, 10),)
     write("SELECT * FROM (VALUES (2, 20), (3, 30)) v(a, b)")
@@ -287,11 +290,11 @@ def test_prepared_statements_follow_the_file(tmp_path: Path) -> None:
     assert connector.execute(sql).rows == ((4, 40),)
 
     with ThreadPoolExecutor(4) as pool:
-        answers = list(pool.map(lambda i: connector.execute(f"{sql} WHERE a <> {i % 5}").rows, range(40)))
+        answers = list(pool.map(lambda i: connector.execute(trusted_sql(f"{sql} WHERE a <> {i % 5}")).rows, range(40)))
     assert answers == [((4, 40),) if i % 5 != 4 else ((None, None),) for i in range(40)]
 
     connector.PREPARED = 3
     for i in range(10):
-        assert connector.execute(f"SELECT {i} + SUM(a) FROM read_parquet('{source}')").rows == ((i + 4,),)
+        assert connector.execute(trusted_sql(f"SELECT {i} + SUM(a) FROM read_parquet('{source}')")).rows == ((i + 4,),)
     assert len(connector._local.prepared) == 3
     connector.close()

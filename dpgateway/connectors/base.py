@@ -17,6 +17,7 @@ from sqlglot import exp
 
 from dpgateway.errors import UnsupportedError
 from dpgateway.policies.model import Column, Table
+from dpgateway.sqlcheck import VerifiedSQL, require_verified
 
 SQL_TYPES = {"int": "BIGINT", "float": "DOUBLE", "str": "VARCHAR", "bool": "BOOLEAN", "date": "DATE"}
 _DATA_TYPES = {kind: exp.DataType.build(name) for kind, name in SQL_TYPES.items()}  # built (parsed) once
@@ -92,16 +93,28 @@ class SQLHooks:
 
 
 class Connector(ABC):
-    """Runs bounded SQL on one backend. Use as a context manager to close it."""
+    """Runs bounded SQL on one backend. Use as a context manager to close it.
+
+    :meth:`execute` and :meth:`materialize` accept only :class:`~dpgateway.sqlcheck.VerifiedSQL` (checked
+    at run time too), so no string the round-trip check has not seen reaches a backend; subclasses
+    implement :meth:`_execute` and :meth:`_materialize`.
+    """
 
     hooks: SQLHooks = SQLHooks()
 
+    def execute(self, sql: VerifiedSQL, settings: tuple[tuple[str, Any], ...] = ()) -> ExactAggregates:
+        """Run the verified bounded SQL and return its rows exactly."""
+        return self._execute(require_verified(sql), settings)
+
+    def materialize(self, sql: VerifiedSQL, path: str) -> int:
+        """Write the rows of verified ``sql`` to the Parquet file ``path``; return how many (``dpgateway prepare``)."""
+        return self._materialize(require_verified(sql), path)
+
     @abstractmethod
-    def execute(self, sql: str, settings: tuple[tuple[str, Any], ...] = ()) -> ExactAggregates:
+    def _execute(self, sql: VerifiedSQL, settings: tuple[tuple[str, Any], ...]) -> ExactAggregates:
         """Run the bounded SQL and return its rows exactly."""
 
-    def materialize(self, sql: str, path: str) -> int:
-        """Write the rows of ``sql`` to the Parquet file ``path``; return how many (``dpgateway prepare``)."""
+    def _materialize(self, sql: VerifiedSQL, path: str) -> int:
         raise UnsupportedError(f"the {type(self).__name__} backend cannot write prepared copies")
 
     def check_table(self, table: Table) -> None:  # noqa: B027 - optional hook
@@ -122,8 +135,8 @@ class MockConnector(Connector):
 
     def __init__(self, answer: Callable[[str], ExactAggregates]) -> None:
         self.answer = answer
-        self.statements: list[str] = []
+        self.statements: list[VerifiedSQL] = []
 
-    def execute(self, sql: str, settings: tuple[tuple[str, Any], ...] = ()) -> ExactAggregates:
+    def _execute(self, sql: VerifiedSQL, settings: tuple[tuple[str, Any], ...] = ()) -> ExactAggregates:
         self.statements.append(sql)
         return self.answer(sql)

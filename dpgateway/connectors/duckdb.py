@@ -5,8 +5,10 @@ from __future__ import annotations
 import contextlib
 import csv as _csv
 import itertools
+import os
 import threading
 from collections import OrderedDict
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +17,8 @@ from sqlglot import exp
 
 from dpgateway.connectors.base import Connector, ExactAggregates, SQLHooks
 from dpgateway.errors import BackendError, ConfigError
-from dpgateway.policies.model import Column, CsvDialect, Table
+from dpgateway.policies.model import Column, Config, CsvDialect, Table
+from dpgateway.sqlcheck import VerifiedSQL
 
 INTEGER_TYPES = ("TINYINT", "SMALLINT", "INTEGER", "BIGINT", "HUGEINT", "UTINYINT", "USMALLINT", "UINTEGER", "UBIGINT")
 
@@ -142,15 +145,28 @@ class DuckDBConnector(Connector):
     PREPARED = 256
     """Statements each thread keeps prepared; the least recently run one is dropped first."""
 
-    def __init__(self, *, threads: int | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        threads: int | None = None,
+        allowed_paths: Sequence[str | os.PathLike[str]] = (),
+        allowed_directories: Sequence[str | os.PathLike[str]] = (),
+    ) -> None:
         self.hooks = DuckDBHooks()  # per connector: it remembers the CSV headers it read
         self._con = duckdb.connect(":memory:")
         if threads:
             self._con.execute("SET threads = ?", [threads])
+        _lock_down(self._con, allowed_paths, allowed_directories)
         self._lock = threading.Lock()
         self._local = threading.local()  # .cursor, and .prepared: SQL text -> statement name, oldest first
 
-    def execute(self, sql: str, settings: tuple[tuple[str, Any], ...] = ()) -> ExactAggregates:
+    @classmethod
+    def for_config(cls, config: Config, *, threads: int | None = None) -> DuckDBConnector:
+        """A connector that may read the policy's file sources and the cache folder (prepared copies), nothing else."""
+        files = [t.source for t in config.tables if not isinstance(t.source, dict)]
+        return cls(threads=threads, allowed_paths=files, allowed_directories=[config.cache_folder])
+
+    def _execute(self, sql: VerifiedSQL, settings: tuple[tuple[str, Any], ...] = ()) -> ExactAggregates:
         try:
             if settings:  # settings stay with a cursor: use a fresh one, closed after
                 with self._lock:
@@ -198,7 +214,7 @@ class DuckDBConnector(Connector):
             with contextlib.suppress(duckdb.Error):
                 cursor.close()
 
-    def materialize(self, sql: str, path: str) -> int:
+    def _materialize(self, sql: VerifiedSQL, path: str) -> int:
         with self._lock:
             cursor = self._con.cursor()
         try:
@@ -245,8 +261,32 @@ class DuckDBConnector(Connector):
 _names = itertools.count()
 
 
+def _lock_down(
+    con: duckdb.DuckDBPyConnection,
+    paths: Sequence[str | os.PathLike[str]],
+    directories: Sequence[str | os.PathLike[str]],
+) -> None:
+    """Only the listed files and folders are readable (or writable), no extension loads, and no SQL can undo it.
+
+    Proof note (locked engine, the third layer after the parser allowlist and the round-trip check):
+    with external access disabled DuckDB opens only ``allowed_paths`` / ``allowed_directories``, so a
+    statement that somehow called ``read_text('/etc/passwd')``, another table's file, ``ATTACH`` or
+    ``INSTALL`` fails with a permission error; ``lock_configuration`` refuses every later ``SET``, so no
+    statement can widen this. ``allowed_paths`` must be set after connecting (DuckDB 2.0 refuses it in the
+    connect config). Test: tests/attacks/test_injection.py::test_locked_engine_refuses_other_files.
+    """
+    files = sorted({form for p in paths for form in (str(p), str(Path(p).resolve()))})
+    folders = sorted({form for d in directories for form in (f"{d}{os.sep}", f"{Path(d).resolve()}{os.sep}")})
+    con.execute("SET allowed_paths = ?", [files])
+    con.execute("SET allowed_directories = ?", [folders])
+    for setting in ("enable_external_access", "autoinstall_known_extensions", "autoload_known_extensions"):
+        con.execute(_set(setting, False))
+    con.execute(_set("lock_configuration", True))
+
+
 def _set(name: str, value: Any) -> str:
-    item = exp.SetItem(this=exp.EQ(this=exp.var(name), expression=exp.Literal.string(value)))
+    literal = exp.Boolean(this=value) if isinstance(value, bool) else exp.Literal.string(value)
+    item = exp.SetItem(this=exp.EQ(this=exp.var(name), expression=literal))
     return exp.Set(expressions=[item]).sql("duckdb")
 
 

@@ -124,7 +124,7 @@ def _row_bounded(plan: DPPlan, table: Table, ctx: PlanContext) -> DPPlan:
     return _rendered(plan, bounded, table.name, ctx, settings=hooks.settings(k) if table.privacy_unit else ())
 
 
-def prepared_copy_sql(table: Table, ctx: PlanContext) -> str:
+def prepared_copy_tree(table: Table, ctx: PlanContext) -> exp.Select:
     """The rows a prepared copy stores: every row with a unit, typed, clustered by unit, with two columns more.
 
     The unit's unfiltered row count ``n_u`` (the weight input of the weighted rewrite), the row's rank
@@ -160,9 +160,7 @@ def prepared_copy_sql(table: Table, ctx: PlanContext) -> str:
         .from_("ranked", copy=False)
         .order_by(unit.copy(), exp.column(rn, quoted=True), copy=False)
     )
-    return (
-        stored.with_("typed", as_=typed, copy=False).with_("ranked", as_=ranked, copy=False).sql(dialect=hooks.DIALECT)
-    )
+    return stored.with_("typed", as_=typed, copy=False).with_("ranked", as_=ranked, copy=False)
 
 
 ContributionKey = tuple[str, str | None, float, bool, float]

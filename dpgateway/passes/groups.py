@@ -17,7 +17,7 @@ from dpgateway.errors import (
 from dpgateway.passes.context import PlanContext
 from dpgateway.plan import DPPlan, GroupKey
 from dpgateway.policies.model import Table
-from dpgateway.sqlparse import check_row_expression
+from dpgateway.sqlparse import row_expression
 
 MAX_PUBLIC_CELLS = 10_000
 
@@ -35,7 +35,7 @@ def plan_groups(plan: DPPlan, *, ctx: PlanContext) -> DPPlan:
     for i, item in enumerate(group.expressions):
         expr = _resolve_item(item, select, plan.table)
         _refuse_identifier(expr, plan.table)
-        check_row_expression(expr, "GROUP BY")
+        expr = row_expression(expr, "GROUP BY")
         keys.append(GroupKey(name=f"__g{i}", expr=expr, public_values=_public_domain(expr, plan.table)))
     return plan.with_(group_keys=tuple(keys))
 

@@ -13,7 +13,7 @@ from typing import Any
 import yaml
 
 from dpgateway.errors import ConfigError
-from dpgateway.policies.model import Budget, Cap, Column, Config, CsvDialect, Table
+from dpgateway.policies.model import Budget, Cap, Column, Config, CsvDialect, Table, table_key
 
 CONFIG_ENV = "DPGATEWAY_CONFIG"
 DEFAULT_CONFIG_NAME = "dpgateway.yaml"
@@ -67,6 +67,11 @@ def parse_config(raw: Any, *, base_dir: Path) -> Config:
     if not tables_raw:
         raise ConfigError("tables: declare at least one table")
     tables = tuple(_table(str(name), spec, base_dir) for name, spec in tables_raw.items())
+    seen: dict[str, str] = {}
+    for table in tables:
+        other = seen.setdefault(table_key(table.name), table.name)
+        if other != table.name:
+            raise ConfigError(f"tables.{table.name}: the same table as tables.{other} (`public.x` is `x`); keep one")
     admins = raw.get("admins", [])
     if not isinstance(admins, list) or not all(isinstance(a, str) for a in admins):
         raise ConfigError("admins: must be a list of analyst names")

@@ -115,8 +115,20 @@ class Config:
         return self.cache_dir if self.cache_dir is not None else self.base_dir / ".dpgateway-cache"
 
     def table(self, name: str) -> Table | None:
-        lowered = name.lower()
+        """The table named ``name`` (case-insensitive; see :func:`table_key` for schema prefixes)."""
+        wanted = table_key(name)
         for table in self.tables:
-            if table.name.lower() == lowered:
+            if table_key(table.name) == wanted:
                 return table
         return None
+
+
+def table_key(name: str) -> str:
+    """How table names are matched: case-insensitive, and ``public.x`` is ``x`` (PostgreSQL's default schema).
+
+    ``clinic.visits`` matches only ``clinic.visits``; an unqualified ``visits`` matches a policy table
+    ``visits`` or ``public.visits``, never ``clinic.visits``, so tables of one name in two schemas never
+    collide.
+    """
+    lowered = name.lower()
+    return lowered.removeprefix("public.")
