@@ -332,9 +332,9 @@ class Gateway:
 
 
 def _backend_sql(plan: DPPlan) -> VerifiedSQL:
-    if plan.backend_sql is None:
+    if plan.bounded_sql is None:
         raise InternalError("the plan has no verified backend SQL; this is a bug")
-    return plan.backend_sql
+    return plan.bounded_sql
 
 
 def resolve_analyst(analyst: str | None) -> str:

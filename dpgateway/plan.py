@@ -83,10 +83,11 @@ class DPPlan:
     limit: int | None = None
     offset: int | None = None
     passthrough: bool = False  # the query touches only public tables: answered exactly, no cost
-    bounded_sql: str = ""
+    bounded: exp.Expr | None = None  # the statement for the backend, as the planner built it
+    bounded_sql: VerifiedSQL | None = (
+        None  # ``bounded`` rendered, parsed back and verified (the only SQL a backend runs)
+    )
     shown_sql: str = ""  # bounded_sql with each source and the row-order key as placeholders (explain, audit hash)
-    bounded: exp.Expr | None = None
-    backend_sql: VerifiedSQL | None = None  # bounded_sql parsed back and verified (the only SQL a backend runs)
     settings: tuple[tuple[str, Any], ...] = ()  # per-query backend settings
     prepared: str | None = None  # path of a valid prepared (pre-bounded) copy to read instead of the source
     rewrite: str = ""  # bounding rewrite (passes/rewrite.py): 'weighted', 'unit_count' or 'rows'

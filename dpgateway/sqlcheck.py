@@ -59,6 +59,7 @@ BACKEND_NODES: tuple[type[exp.Expr], ...] = (
     exp.Try,
     exp.IntDiv,
     exp.Nullif,
+    exp.Typeof,  # the unit rule: an integer-typed source column skips the text round trip (DuckDBHooks.unit)
     exp.Anonymous,  # only the names in ANONYMOUS_FUNCTIONS
     exp.Count,
     exp.Sum,

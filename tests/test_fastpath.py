@@ -80,9 +80,9 @@ def _ctx(source: Path, k: int = K) -> PlanContext:
 
 
 def _exact(plan: DPPlan) -> list[tuple]:
-    assert plan.table is not None and plan.backend_sql is not None
+    assert plan.table is not None and plan.bounded_sql is not None
     with DuckDBConnector(allowed_paths=[plan.table.source]) as con:
-        return sorted(con.execute(plan.backend_sql).rows, key=repr)
+        return sorted(con.execute(plan.bounded_sql).rows, key=repr)
 
 
 @pytest.mark.parametrize("seed", range(6))
@@ -211,7 +211,7 @@ def test_one_person_with_many_rows_moves_each_aggregate_by_at_most_its_sensitivi
             expected = "rows" if "region" in sql else "unit_count" if scalar_count else "weighted"
             assert plan.rewrite == expected
             assert (plan.prepared is not None) == (prepared and plan.where is None)
-            exact = gw.connector.execute(plan.backend_sql)
+            exact = gw.connector.execute(plan.bounded_sql)
         n_keys = len(plan.group_keys)
         results.append((plan, {row[:n_keys]: row[n_keys:] for row in exact.rows}))
     (plan, before), (_, after) = results

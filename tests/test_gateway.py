@@ -221,7 +221,7 @@ def test_python_post_processing_agrees_with_duckdb(demo_gateway: Gateway, sql: s
 
     plan = demo_gateway.explain(sql, epsilon=1.0, delta=1e-7).plan
     assert plan is not None
-    noisy = add_noise(plan, demo_gateway.connector.execute(plan.backend_sql, plan.settings))
+    noisy = add_noise(plan, demo_gateway.connector.execute(plan.bounded_sql, plan.settings))
     assert (_python_outputs(plan, noisy) is not None) == in_python
     edges = [noisy]
     keys = {k.name for k in plan.group_keys}

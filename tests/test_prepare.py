@@ -101,7 +101,7 @@ def _exact(gw: Gateway, sql: str) -> tuple[str, list[tuple]]:
     """('prepared' or the on-the-fly rewrite, the exact bounded aggregates)."""
     plan = gw.explain(sql, epsilon=1.0, delta=1e-6).plan
     assert plan is not None
-    return "prepared" if plan.prepared else plan.rewrite, sorted(gw.connector.execute(plan.backend_sql).rows, key=repr)
+    return "prepared" if plan.prepared else plan.rewrite, sorted(gw.connector.execute(plan.bounded_sql).rows, key=repr)
 
 
 @pytest.mark.parametrize("sql", UNFILTERED)

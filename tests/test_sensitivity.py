@@ -90,7 +90,7 @@ def gateway(tmp_path: Path) -> Iterator[Gateway]:
 def exact(gw: Gateway, plan: DPPlan, data: pd.DataFrame) -> dict[str, dict[tuple[Any, ...], int]]:
     """Each measurement's exact bounded value per group, on ``data`` (written over the gateway's CSV)."""
     write_csv(gw.config.tables[0].source, data)
-    by_group = exact_by_group(gw.connector.execute(plan.backend_sql, plan.settings), len(plan.group_keys))
+    by_group = exact_by_group(gw.connector.execute(plan.bounded_sql, plan.settings), len(plan.group_keys))
     return {m.name: {key: row[i] for key, row in by_group.items()} for i, m in enumerate(plan.measurements)}
 
 
@@ -191,7 +191,7 @@ def test_messy_values_are_nulled_or_clamped_never_an_error(gateway: Gateway) -> 
     sql = "SELECT educ, COUNT(*) AS n, COUNT(income) AS ni, SUM(income) AS si, SUM(age) AS sa FROM t GROUP BY educ"
     plan = gateway.explain(sql, epsilon=1.0, delta=1e-6).plan
     assert plan is not None
-    by_group = exact_by_group(gateway.connector.execute(plan.backend_sql, plan.settings), 1)
+    by_group = exact_by_group(gateway.connector.execute(plan.bounded_sql, plan.settings), 1)
     income_scale = fixed_point_scale(INCOME[1])
     age_scale = fixed_point_scale(100)
     expected = {

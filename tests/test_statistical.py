@@ -108,7 +108,7 @@ def _released_noise(gw: Gateway, data: pd.DataFrame) -> dict[str, np.ndarray]:
     """(released - exact) in the integer units the noise is added in, per measurement, over all queries."""
     plan = _plan(gw)
     _, total = plan.measurements
-    exact = exact_by_group(gw.connector.execute(plan.backend_sql, plan.settings), 1)
+    exact = exact_by_group(gw.connector.execute(plan.bounded_sql, plan.settings), 1)
     # Bounding keeps every row here, so the bounded aggregates are the raw ones (independent check).
     raw = data.groupby("g").agg(n=("x", "size"), s=("x", "sum"))
     assert exact == {(g,): (int(r.n), int(r.s) * int(total.scale)) for g, r in raw.iterrows()}

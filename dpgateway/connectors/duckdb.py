@@ -84,7 +84,7 @@ class DuckDBHooks(SQLHooks):
             return exact
         kind = exp.func("typeof", exp.column(column.name, quoted=True))
         integer = exp.In(this=kind, expressions=[exp.Literal.string(t) for t in INTEGER_TYPES])
-        return exp.If(this=integer, true=self.typed(column), false=exact)
+        return exp.Case(ifs=[exp.If(this=integer, true=self.typed(column))], default=exact)
 
     def csv_columns(self, path: Path, dialect: CsvDialect, table: Table) -> tuple[str, ...]:
         """The file's column names in order: its header line (read once), else the declared columns."""

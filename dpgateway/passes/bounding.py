@@ -314,7 +314,6 @@ def _rendered(
     dialect = ctx.hooks.DIALECT
     return plan.with_(
         bounded=bounded,
-        bounded_sql=bounded.sql(dialect=dialect),
         shown_sql=shown.sql(dialect=dialect),
         settings=settings,
     )

@@ -70,7 +70,7 @@ def render_passthrough(plan: DPPlan, *, ctx: PlanContext) -> DPPlan:
         value = _count(select, clause)
         if value is not None:
             query = getattr(query, clause)(value, copy=False)
-    return plan.with_(bounded=query, bounded_sql=query.sql(dialect=ctx.hooks.DIALECT))
+    return plan.with_(bounded=query)
 
 
 def _public(node: exp.Expr) -> exp.Expr:

@@ -11,10 +11,10 @@ from dpgateway.sqlcheck import verify
 
 
 def verify_backend_sql(plan: DPPlan, *, ctx: PlanContext) -> DPPlan:
-    """Set ``plan.backend_sql`` from ``plan.bounded``; the sources allowed are the table's and a prepared copy."""
+    """Set ``plan.bounded_sql`` from ``plan.bounded``; the sources allowed are the table's and a prepared copy."""
     if plan.bounded is None or plan.table is None:
         return plan
     sources = [ctx.hooks.source(plan.table)]
     if plan.prepared is not None:
         sources.append(ctx.hooks.file_source(plan.prepared))
-    return plan.with_(backend_sql=verify(plan.bounded, ctx.hooks.DIALECT, sources=sources))
+    return plan.with_(bounded_sql=verify(plan.bounded, ctx.hooks.DIALECT, sources=sources))

@@ -41,7 +41,7 @@ def exact_and_plan(tmp_path: Path, rows: list[dict[str, Any]], sql: str, epsilon
     with attack_gateway(tmp_path, rows, COLUMNS, k=K) as gw:
         plan = gw.explain(sql, epsilon=epsilon, delta=delta).plan
         assert plan is not None
-        exact = gw.connector.execute(plan.backend_sql)
+        exact = gw.connector.execute(plan.bounded_sql)
     return exact, plan
 
 
@@ -126,7 +126,7 @@ def test_audit_end_to_end_through_the_gateway(tmp_path: Path) -> None:
             m = plan.measurements[0]
             answers = [gw.query(sql, analyst=ATTACKER, epsilon=eps).rows[0][0] for _ in range(runs)]
             released.append(np.round(np.array(answers) * m.scale).astype(np.int64))
-            exact = int(gw.connector.execute(plan.backend_sql).rows[0][0])
+            exact = int(gw.connector.execute(plan.bounded_sql).rows[0][0])
     # Released sums are clamped at 0 (post-processing); the exact ones are far above 0 here.
     thresholds = [int(t) for t in np.linspace(exact - 2 * m.sensitivity, exact + 3 * m.sensitivity, 7)]
     found = epsilon_lower_bound(released[0], released[1], thresholds, 0.0, ALPHA)
