@@ -176,8 +176,7 @@ class Gateway:
             released = Released(tuple(cached["columns"]), [tuple(row) for row in cached["rows"]])
             return Result(released, 0.0, 0.0, self.store.remaining(who, spend.domains).as_dict(), replayed=True)
         reservation = self.store.reserve(spend)  # refusals are audited by the store
-        result = Result(self._run(plan, reservation), spend.epsilon, spend.delta, {})
-        answer = {"columns": result.columns, "rows": result.rows}
+        result, answer = self._run(plan, reservation)
         remaining = self.store.commit_and_remaining(
             reservation, epsilon=spend.epsilon, delta=spend.delta, answer=answer, analyst=who, domains=spend.domains
         )
@@ -254,22 +253,31 @@ class Gateway:
         except Exception as exc:  # a planner bug must surface as XX000, never as a traceback
             raise InternalError(f"planning failed: {type(exc).__name__}: {exc}") from exc
 
-    def _run(self, plan: DPPlan, reservation: str) -> Released:
-        """Execute, noise and post-process. A failure after the backend ran is still charged."""
+    def _run(self, plan: DPPlan, reservation: str) -> tuple[Result, dict[str, Any]]:
+        """Execute, noise and post-process: the result and the answer to commit. A failure is charged.
+
+        Proof note: from the backend call on, whether and how the query fails may depend on the data, so a
+        failure is debited like an answer (the failure itself stays inside the budget) and audited ``error``
+        with its SQLSTATE only, never the backend's text. Nothing that can fail runs between the reservation
+        and the backend call, so the gateway never releases a reservation uncharged. Tests (tests/test_gateway.py):
+        test_backend_failure_is_charged_and_hides_values, test_any_failure_after_the_backend_ran_is_charged.
+        """
         try:
             exact = self.connector.execute(plan.bounded_sql, plan.settings)
-        except DPGatewayError:
-            # Proof note: the backend may have failed because of the data; charging keeps the failure
-            # itself inside the budget. Test: tests/test_gateway.py::test_backend_failure_is_charged.
-            self.store.commit(reservation, epsilon=plan.spent_epsilon, delta=plan.delta)
-            raise
-        try:
-            return post_process(plan, add_noise(plan, exact))
+            result = Result(post_process(plan, add_noise(plan, exact)), plan.spent_epsilon, plan.delta, {})
+            return result, {"columns": result.columns, "rows": result.rows}  # rows made plain inside the charge
         except Exception as exc:
-            self.store.commit(reservation, epsilon=plan.spent_epsilon, delta=plan.delta)
-            if isinstance(exc, DPGatewayError):
+            error = exc if isinstance(exc, DPGatewayError) else InternalError(f"the query failed: {type(exc).__name__}")
+            self.store.commit(
+                reservation,
+                epsilon=plan.spent_epsilon,
+                delta=plan.delta,
+                outcome="error",
+                message=f"the query failed after the backend was called (SQLSTATE {error.sqlstate})",
+            )
+            if error is exc:
                 raise
-            raise InternalError(f"noise or post-processing failed: {type(exc).__name__}") from exc
+            raise error from exc
 
     def _passthrough(self, plan: DPPlan) -> Released:
         if plan.table is None:
