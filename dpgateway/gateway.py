@@ -210,11 +210,7 @@ class Gateway:
                 warnings=tuple(cached.get("warnings", ())),
             )
         reservation = self.store.reserve(spend)  # refusals are audited by the store
-        released, warnings = self._run(plan, reservation)
-        result = Result(
-            released, spend.epsilon, spend.delta, {}, accuracy=accuracy, half_width=half_width, warnings=warnings
-        )
-        answer = {key: value for key, value in result.to_dict().items() if key in CACHED}
+        result, answer = self._run(plan, reservation, accuracy=accuracy, half_width=half_width)
         remaining = self.store.commit_and_remaining(
             reservation, epsilon=spend.epsilon, delta=spend.delta, answer=answer, analyst=who, domains=spend.domains
         )
@@ -304,24 +300,45 @@ class Gateway:
         except Exception as exc:  # a planner bug must surface as XX000, never as a traceback
             raise InternalError(f"planning failed: {type(exc).__name__}: {exc}") from exc
 
-    def _run(self, plan: DPPlan, reservation: str) -> tuple[Released, tuple[str, ...]]:
-        """Execute, noise and post-process, with warnings about noisy values. A failure after the backend ran
-        is still charged."""
+    def _run(
+        self, plan: DPPlan, reservation: str, *, accuracy: dict[str, str], half_width: dict[str, float | None]
+    ) -> tuple[Result, dict[str, Any]]:
+        """Execute, noise and post-process: the result and the answer to commit. A failure is charged.
+
+        Proof note: from the backend call on, whether and how the query fails may depend on the data, so a
+        failure is debited like an answer (the failure itself stays inside the budget) and audited ``error``
+        with its SQLSTATE only, never the backend's text. Nothing that can fail runs between the reservation
+        and the backend call, so the gateway never releases a reservation uncharged. Tests (tests/test_gateway.py):
+        test_backend_failure_is_charged_and_hides_values, test_any_failure_after_the_backend_ran_is_charged.
+        """
         try:
             exact = self.connector.execute(_backend_sql(plan), plan.settings)
-        except DPGatewayError:
-            # Proof note: the backend may have failed because of the data; charging keeps the failure
-            # itself inside the budget. Test: tests/test_gateway.py::test_backend_failure_is_charged.
-            self.store.commit(reservation, epsilon=plan.spent_epsilon, delta=plan.delta)
-            raise
-        try:
             noisy = add_noise(plan, exact)
-            return post_process(plan, noisy), _avg_warnings(plan, noisy)
+            released, warnings = post_process(plan, noisy), _avg_warnings(plan, noisy)
+            result = Result(
+                released,
+                plan.spent_epsilon,
+                plan.delta,
+                {},
+                accuracy=accuracy,
+                half_width=half_width,
+                warnings=warnings,
+            )
+            return result, {
+                key: value for key, value in result.to_dict().items() if key in CACHED
+            }  # rows made plain inside the charge
         except Exception as exc:
-            self.store.commit(reservation, epsilon=plan.spent_epsilon, delta=plan.delta)
-            if isinstance(exc, DPGatewayError):
+            error = exc if isinstance(exc, DPGatewayError) else InternalError(f"the query failed: {type(exc).__name__}")
+            self.store.commit(
+                reservation,
+                epsilon=plan.spent_epsilon,
+                delta=plan.delta,
+                outcome="error",
+                message=f"the query failed after the backend was called (SQLSTATE {error.sqlstate})",
+            )
+            if error is exc:
                 raise
-            raise InternalError(f"noise or post-processing failed: {type(exc).__name__}") from exc
+            raise error from exc
 
     def _passthrough(self, plan: DPPlan) -> Released:
         """Public data only: constants in the sandbox, or the verified statement over the public table."""
