@@ -140,18 +140,30 @@ ROW_BOUNDED = {"COUNT(*) BY age (private keys)": "SELECT age, COUNT(*) AS {alias
 
 
 def settings_effect(gw: Gateway, reps: int) -> dict[str, Any]:
-    """The bounded SQL of each row-bounded shape with and without DuckDB's top-N window rewrite."""
+    """The bounded SQL of each row-bounded shape with and without DuckDB's top-N window rewrite.
+
+    Run on a plain DuckDB connection: the gateway's data connection has its configuration locked.
+    """
     out = {}
-    off = (("disabled_optimizers", "top_n_window_elimination"),)
+    raw = duckdb.connect()
+
+    def run(sql: str, disabled: bool) -> None:
+        cursor = raw.cursor()
+        if disabled:
+            cursor.execute("SET disabled_optimizers = 'top_n_window_elimination'")
+        cursor.execute(sql).fetchall()
+        cursor.close()
+
     for name, dp_sql in ROW_BOUNDED.items():
         plan = gw.explain(dp_sql.format(alias="v"), epsilon=1.0).plan
         if plan is None or plan.rewrite != "rows":
             continue
         default_ms, disabled_ms = [], []
         for _ in range(reps):
-            default_ms.append(timed(lambda p=plan: gw.connector.execute(p.bounded_sql)))
-            disabled_ms.append(timed(lambda p=plan: gw.connector.execute(p.bounded_sql, off)))
+            default_ms.append(timed(lambda p=plan: run(p.bounded_sql, False)))
+            disabled_ms.append(timed(lambda p=plan: run(p.bounded_sql, True)))
         out[name] = {"default_ms": statistics.median(default_ms), "disabled_ms": statistics.median(disabled_ms)}
+    raw.close()
     return out
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import sys
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import datetime, timezone
@@ -20,12 +21,13 @@ from typing import Any, TypeVar
 import click
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from dpgateway.budget_store import open_store
 from dpgateway.budget_store.base import Charge, ScopeKind, Usage, scope_name, split_scope
 from dpgateway.budget_store.sql import SQLBudgetStore
-from dpgateway.cli_common import config_option, format_option, print_csv, reports_errors
-from dpgateway.errors import AuthenticationError, InvalidParameterError, UnsupportedError
+from dpgateway.cli_common import NUMBER, config_option, format_option, print_csv, reports_errors
+from dpgateway.errors import AuthenticationError, FileAccessError, InvalidParameterError, UnsupportedError
 from dpgateway.gateway import ANALYST_ENV, resolve_analyst
 from dpgateway.policies.loader import find_config, load_config
 from dpgateway.policies.model import Config
@@ -43,15 +45,55 @@ SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 def _admin_option(func: F) -> F:
     return click.option(
         "--analyst",
-        default=lambda: resolve_analyst(None),
-        show_default=f"${ANALYST_ENV} or the OS user",
-        help="Who is acting; must be listed under `admins:` in the config.",
+        default=None,
+        help=f"Who is acting (default: ${ANALYST_ENV}, else the OS user); must be listed under `admins:`.",
     )(func)
 
 
 def _scope_arguments(func: F) -> F:
     func = click.argument("name")(func)
     return click.argument("kind", type=click.Choice(["analyst", "domain"]))(func)
+
+
+def _scope(kind: ScopeKind, name: str) -> str:
+    """The ledger scope of KIND NAME, the name normalized as everywhere else (surrounding spaces stripped)."""
+    if kind == "analyst":
+        return scope_name(kind, resolve_analyst(name))
+    if not name.strip():
+        raise InvalidParameterError("a domain name must not be empty")
+    return scope_name(kind, name.strip())
+
+
+def _confirm_unknown(store: SQLBudgetStore, config: Config, scope: str, yes: bool) -> None:
+    """Ask before changing the cap of a scope nobody has used: likely a typo (``alcie``) that would grant nothing.
+
+    Known are the analysts and domains with charges or caps in the ledger, analysts with audit records,
+    the config's admins and the policy's subject domains. Without a terminal the command refuses unless
+    ``--yes`` is given, so scripts never hang on a prompt.
+    """
+    kind, name = split_scope(scope)
+    known = {u.scope for u in store.usage(kind)}
+    if kind == "analyst":
+        known |= {scope_name("analyst", a) for a in config.admins}
+        if store.audit_log(analyst=name, limit=1):
+            known.add(scope)
+    else:
+        known |= {scope_name("domain", t.subject_domain) for t in config.tables if not t.public}
+    if yes or scope in known:
+        return
+    question = f"{scope} matches no {kind} in the ledger or the policy (a typo?)"
+    if not _interactive():
+        raise InvalidParameterError(f"{question}; pass --yes to change its cap anyway")
+    click.confirm(f"{question}. Change its cap anyway?", abort=True)
+
+
+def _interactive() -> bool:
+    """True when a person can answer a prompt (stdin is a terminal)."""
+    return sys.stdin.isatty()
+
+
+def _yes_option(func: F) -> F:
+    return click.option("--yes", is_flag=True, help="Do not ask for confirmation.")(func)
 
 
 @contextmanager
@@ -63,12 +105,15 @@ def _open(config: Config) -> Iterator[SQLBudgetStore]:
         store.close()
 
 
-def _require_admin(config: Config, analyst: str, config_path: str | None) -> None:
+def _require_admin(config: Config, analyst: str | None, config_path: str | None) -> str:
+    """The acting analyst (normalized), if the config lists them under ``admins:``."""
+    analyst = resolve_analyst(analyst)
     if analyst not in config.admins:
         raise AuthenticationError(
             f"Analyst {analyst!r} may not change budgets: only the admins listed under `admins:` in "
             f"{str(find_config(config_path))!r} may; pass --analyst NAME or set {ANALYST_ENV}"
         )
+    return analyst
 
 
 def _parse_since(value: str | None, now: float) -> float | None:
@@ -105,11 +150,12 @@ def _show_num(value: float) -> str:
 
 
 def _print_table(title: str, headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
-    table = Table(title=title)
+    """A rich table of literal text: names such as ``[red]x[/]`` print as typed, never as markup."""
+    table = Table(title=Text(title))
     for header in headers:
-        table.add_column(header, overflow="fold")
+        table.add_column(Text(header), overflow="fold")
     for row in rows:
-        table.add_row(*("" if cell is None else str(cell) for cell in row))
+        table.add_row(*(Text("" if cell is None else str(cell)) for cell in row))
     Console(width=max(120, Console().width)).print(table)
 
 
@@ -236,7 +282,12 @@ def _terminal_chart(times: Sequence[float], values: Sequence[float], cap: float 
     return str(plt.uncolorize(str(figure.build())))
 
 
-def _png_chart(path: str, times: Sequence[float], values: Sequence[float], cap: float | None, title: str) -> None:
+def _pyplot() -> Any:
+    """matplotlib's pyplot (headless), or a clear error naming the extra to install.
+
+    ``pip install .`` does not install matplotlib (it is the ``plot`` extra: a large dependency only the PNG
+    chart needs). Test: tests/ledger/test_admin_cli.py::test_png_without_matplotlib_is_a_clear_error.
+    """
     try:
         import matplotlib
 
@@ -244,19 +295,30 @@ def _png_chart(path: str, times: Sequence[float], values: Sequence[float], cap: 
         import matplotlib.pyplot as pyplot
     except ImportError:
         raise UnsupportedError(
-            "--png needs matplotlib, which is not installed; run `pip install 'dpgateway[plot]'`"
+            "--png needs matplotlib, which `pip install .` does not install; run `pip install 'dpgateway[plot]'` "
+            "(or `pip install '.[plot]'` from a checkout), or leave out --png for the terminal chart"
         ) from None
+    return pyplot
+
+
+def _png_chart(
+    pyplot: Any, path: str, times: Sequence[float], values: Sequence[float], cap: float | None, title: str
+) -> None:
     fig, ax = pyplot.subplots(figsize=(9, 4))
     moments = [datetime.fromtimestamp(t, tz=timezone.utc) for t in times]
-    ax.plot(moments, values, label="epsilon in window")  # type: ignore[arg-type]  # matplotlib takes datetimes
+    ax.plot(moments, values, label="epsilon in window")
     if cap is not None:
         ax.axhline(cap, color="red", linestyle="--", label="cap")
     ax.set_title(title)
     ax.set_ylabel("epsilon")
     ax.legend()
     fig.autofmt_xdate()
-    fig.savefig(path, dpi=100)
-    pyplot.close(fig)
+    try:
+        fig.savefig(path, dpi=100)
+    except OSError as exc:
+        raise FileAccessError(f"--png {path!r}: cannot write the chart there ({exc.strerror})") from None
+    finally:
+        pyplot.close(fig)
 
 
 @budget.command("history")
@@ -273,10 +335,11 @@ def history(
     """Charges over time, of everyone or of one analyst or domain (KIND NAME), with a spend chart."""
     if (kind is None) != (name is None):
         raise InvalidParameterError("give both KIND and NAME (e.g. `analyst alice`), or neither")
+    pyplot = None if png_path is None else _pyplot()  # before any work: a missing extra is said at once
     config = load_config(config_path)
     with _open(config) as store:
         now = store.clock()
-        scope = None if kind is None or name is None else scope_name(kind, name)
+        scope = None if kind is None or name is None else _scope(kind, name)
         charges = store.history(scope, since=_parse_since(since, now))
         cap = None if scope is None else store.cap(scope).epsilon
     headers = ["time (UTC)", "analyst", "scopes", "epsilon", "delta", "state"]
@@ -286,7 +349,7 @@ def history(
     title = f"epsilon spent in the rolling {config.budget.window_days:g}-day window" + (f" ({scope})" if scope else "")
     cap = None if cap is None or math.isinf(cap) else cap
     if png_path is not None:
-        _png_chart(png_path, times, values, cap, title)
+        _png_chart(pyplot, png_path, times, values, cap, title)
     if fmt == "json":
         records = [
             dict(zip(["at", "analyst", "scopes", "epsilon", "delta", "state"], row, strict=True)) for row in rows
@@ -312,29 +375,44 @@ def _cap_changed(fmt: str, scope: str, epsilon: float, delta: float, verb: str) 
 
 @budget.command("grant")
 @_scope_arguments
-@click.option("--epsilon", type=float, default=0.0, help="Epsilon to add to the cap.")
-@click.option("--delta", type=float, default=0.0, help="Delta to add to the cap.")
+@click.option("--epsilon", type=NUMBER, default=0.0, help="Epsilon to add to the cap.")
+@click.option("--delta", type=NUMBER, default=0.0, help="Delta to add to the cap.")
+@_yes_option
 @_admin_option
 @config_option
 @format_option("table", "json")
 @reports_errors
 def grant(
-    kind: ScopeKind, name: str, epsilon: float, delta: float, analyst: str, config_path: str | None, fmt: str
+    kind: ScopeKind,
+    name: str,
+    epsilon: float,
+    delta: float,
+    yes: bool,
+    analyst: str | None,
+    config_path: str | None,
+    fmt: str,
 ) -> None:
-    """Raise the cap of an analyst or a subject domain by +epsilon / +delta (admins only)."""
+    """Raise the cap of an analyst or a subject domain by +epsilon / +delta (admins only).
+
+    A NAME with no charges, cap, audit record or policy domain asks first (refuses without a terminal) unless --yes.
+    """
+    epsilon, delta = _amount("grant", epsilon, default=0.0), _amount("grant", delta, default=0.0)
     if epsilon == 0 and delta == 0:
         raise InvalidParameterError("nothing to grant: pass --epsilon E and/or --delta D")
+    scope = _scope(kind, name)
     config = load_config(config_path)
-    _require_admin(config, analyst, config_path)
+    admin = _require_admin(config, analyst, config_path)
     with _open(config) as store:
-        cap = store.grant(scope_name(kind, name), epsilon=epsilon, delta=delta, by=analyst)
-    _cap_changed(fmt, scope_name(kind, name), cap.epsilon, cap.delta, "Granted")
+        _confirm_unknown(store, config, scope, yes)
+        cap = store.grant(scope, epsilon=epsilon, delta=delta, by=admin)
+    _cap_changed(fmt, scope, cap.epsilon, cap.delta, "Granted")
 
 
 @budget.command("set-cap")
 @_scope_arguments
-@click.option("--epsilon", type=float, default=None, help="New epsilon cap.")
-@click.option("--delta", type=float, default=None, help="New delta cap.")
+@click.option("--epsilon", type=NUMBER, default=None, help="New epsilon cap.")
+@click.option("--delta", type=NUMBER, default=None, help="New delta cap.")
+@_yes_option
 @_admin_option
 @config_option
 @format_option("table", "json")
@@ -344,36 +422,52 @@ def set_cap(
     name: str,
     epsilon: float | None,
     delta: float | None,
-    analyst: str,
+    yes: bool,
+    analyst: str | None,
     config_path: str | None,
     fmt: str,
 ) -> None:
-    """Override the cap of one analyst or subject domain (admins only; the config holds the defaults)."""
+    """Override the cap of one analyst or subject domain (admins only; the config holds the defaults).
+
+    A NAME with no charges, cap, audit record or policy domain asks first (refuses without a terminal) unless --yes.
+    """
     if epsilon is None and delta is None:
         raise InvalidParameterError("nothing to set: pass --epsilon E and/or --delta D")
+    epsilon, delta = _amount("set-cap", epsilon), _amount("set-cap", delta)
+    scope = _scope(kind, name)
     config = load_config(config_path)
-    _require_admin(config, analyst, config_path)
+    admin = _require_admin(config, analyst, config_path)
     with _open(config) as store:
-        cap = store.set_cap(scope_name(kind, name), epsilon=epsilon, delta=delta, by=analyst)
-    _cap_changed(fmt, scope_name(kind, name), cap.epsilon, cap.delta, "Set")
+        _confirm_unknown(store, config, scope, yes)
+        cap = store.set_cap(scope, epsilon=epsilon, delta=delta, by=admin)
+    _cap_changed(fmt, scope, cap.epsilon, cap.delta, "Set")
+
+
+def _amount(command: str, value: Any, default: float | None = None) -> Any:
+    """A finite non-negative number (or None when not given); the ledger checks its own limits too."""
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value >= 0):
+        raise InvalidParameterError(f"budget {command}: --epsilon and --delta take finite numbers >= 0, not {value!r}")
+    return float(value)
 
 
 @budget.command("reset")
 @_scope_arguments
-@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+@_yes_option
 @_admin_option
 @config_option
 @format_option("table", "json")
 @reports_errors
-def reset(kind: ScopeKind, name: str, yes: bool, analyst: str, config_path: str | None, fmt: str) -> None:
+def reset(kind: ScopeKind, name: str, yes: bool, analyst: str | None, config_path: str | None, fmt: str) -> None:
     """Forget every charge of an analyst or subject domain, freeing its whole cap (admins only)."""
-    scope = scope_name(kind, name)
+    scope = _scope(kind, name)
     config = load_config(config_path)
-    _require_admin(config, analyst, config_path)
+    admin = _require_admin(config, analyst, config_path)
     with _open(config) as store:
         if not yes:
             click.confirm(f"Forget every charge of {scope}? Its whole cap becomes available again", abort=True)
-        count = store.reset(scope, by=analyst)
+        count = store.reset(scope, by=admin)
     if fmt == "json":
         click.echo(json.dumps({"scope": scope, "charges_reset": count}))
     else:
@@ -397,7 +491,7 @@ def audit(
     """The audit log, newest first: every query's outcome and every admin action."""
     with _open(load_config(config_path)) as store:
         records = store.audit_log(
-            analyst=analyst,
+            analyst=None if analyst is None else resolve_analyst(analyst),
             since=_parse_since(since, store.clock()),
             outcome=outcome,  # type: ignore[arg-type]
             limit=limit,

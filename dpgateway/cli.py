@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import shutil
 import sys
 import tempfile
 from collections.abc import Callable
@@ -13,9 +12,11 @@ from typing import Any, TypeVar
 
 import click
 from rich.panel import Panel
+from rich.text import Text
 
 from dpgateway import __version__
 from dpgateway.cli_common import (
+    NUMBER,
     analyst_option,
     config_option,
     console,
@@ -23,7 +24,8 @@ from dpgateway.cli_common import (
     render_rows,
     reports_errors,
 )
-from dpgateway.gateway import Explanation, Gateway, Result
+from dpgateway.errors import FileAccessError, InvalidParameterError
+from dpgateway.gateway import PUBLIC, Explanation, Gateway, Result
 from dpgateway.policies.loader import load_config
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -50,11 +52,11 @@ DEMO_QUERIES: tuple[tuple[str, str], ...] = (
 )
 
 epsilon_option = click.option(
-    "--epsilon", type=float, default=None, help="Privacy budget to spend (default: budget.default_query_epsilon)."
+    "--epsilon", type=NUMBER, default=None, help="Privacy budget to spend (default: budget.default_query_epsilon)."
 )
 delta_option = click.option(
     "--delta",
-    type=float,
+    type=NUMBER,
     default=None,
     help="Delta for partition selection of private group keys (default: budget.default_query_delta).",
 )
@@ -129,7 +131,7 @@ def prepare(table: str, config_path: str | None) -> None:
 
 
 @cli.command()
-@click.option("--epsilon", type=float, default=0.5, show_default=True, help="Budget per demo query.")
+@click.option("--epsilon", type=NUMBER, default=0.5, show_default=True, help="Budget per demo query.")
 @click.option(
     "--init",
     "init_dir",
@@ -146,13 +148,7 @@ def demo(epsilon: float, init_dir: str | None, fmt: str) -> None:
     """
     data = resources.files("dpgateway") / "data"
     if init_dir:
-        target = Path(init_dir)
-        target.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(str(data / "pums.csv"), target / "pums.csv")
-        shutil.copyfile(str(data / "demo.yaml"), target / "dpgateway.yaml")
-        click.echo(
-            f'Wrote {target / "dpgateway.yaml"} and {target / "pums.csv"}; try:\n  cd {target} && dpgateway query "SELECT COUNT(*) FROM pums"'
-        )
+        _init_demo(Path(init_dir), data)
         return
     with resources.as_file(data / "demo.yaml") as config_file, tempfile.TemporaryDirectory() as tmp:
         config = load_config(config_file)
@@ -162,32 +158,96 @@ def demo(epsilon: float, init_dir: str | None, fmt: str) -> None:
             out = console()
             for title, sql in DEMO_QUERIES:
                 with out.status(f"[dim]{title}"):
-                    plan = gw.explain(sql, analyst="demo", epsilon=epsilon)
                     result = gw.query(sql, analyst="demo", epsilon=epsilon)
                 if fmt == "json":
-                    documents.append({"title": title, "sql": sql, **result.to_dict(), "accuracy_95": plan.accuracy})
+                    documents.append({"title": title, "sql": sql, **result.to_dict()})
                     continue
-                out.print(Panel(sql, title=title, title_align="left", border_style="cyan"))
-                _print_result(result, fmt, accuracy=plan.accuracy)
+                out.print(Panel(Text(sql), title=title, title_align="left", border_style="cyan"))
+                _print_result(result, fmt)
         if fmt == "json":
             render_rows([], [], "json", extra=documents)
+
+
+def _init_demo(target: Path, data: Any) -> None:
+    """Copy the sample policy and data into ``target``; never overwrite a file that is already there."""
+    files = {"pums.csv": data / "pums.csv", "dpgateway.yaml": data / "demo.yaml"}
+    existing = [name for name in files if (target / name).exists()]
+    if existing:
+        raise InvalidParameterError(
+            f"{target} already holds {' and '.join(existing)}; demo --init never overwrites files: "
+            "choose another folder or move them away"
+        )
+    try:
+        target.mkdir(parents=True, exist_ok=True)
+        for name, source in files.items():
+            with open(target / name, "xb") as out:  # "x": fails rather than replace a file created meanwhile
+                out.write(source.read_bytes())
+    except OSError as exc:
+        raise FileAccessError(
+            f"demo --init cannot write into {str(target)!r} ({exc.strerror}); choose a folder you may write"
+        ) from None
+    click.echo(
+        f"Wrote {target / 'dpgateway.yaml'} and {target / 'pums.csv'}; try:\n"
+        f'  cd {target} && dpgateway query "SELECT COUNT(*) FROM pums"'
+    )
 
 
 def _sql_arg(sql: str) -> str:
     return sys.stdin.read() if sql == "-" else sql
 
 
-def _print_result(result: Result, fmt: str, *, accuracy: dict[str, str] | None = None) -> None:
-    if fmt != "table":
-        render_rows(result.columns, result.rows, fmt, extra=result.to_dict() if fmt == "json" else None)
+def _print_result(result: Result, fmt: str) -> None:
+    """The rows with each column's 95% accuracy (JSON keys, CSV companion columns, table header lines);
+    warnings on stderr."""
+    for warning in result.warnings:
+        click.echo(f"WARNING: {warning}", err=True)
+    if fmt == "json":
+        render_rows(result.columns, result.rows, fmt, extra=result.to_dict())
         return
-    render_rows(result.columns, result.rows, fmt)
+    if fmt == "csv":
+        columns, rows = _with_accuracy_columns(result)
+        render_rows(columns, rows, fmt)
+        return
+    render_rows(result.columns, result.rows, fmt, subtitles=[_subtitle(result, c) for c in result.columns])
     analyst = result.remaining.get("analyst", {})
-    cost = "replayed from cache: no cost" if result.replayed else f"spent ε={result.epsilon:.4g}, δ={result.delta:.3g}"
-    line = f"[dim]{cost}; analyst budget left ε={analyst.get('epsilon', float('nan')):.4g}"
-    if accuracy:
-        line += "; 95% ± " + ", ".join(f"{name} {hw}" for name, hw in accuracy.items() if hw.startswith(("±", "≈")))
-    console().print(line + "[/dim]")
+    if result.replayed:
+        cost = "replayed from cache: no cost; the values and their accuracy are those of the first answer"
+    elif result.epsilon == 0 and result.accuracy and set(result.accuracy.values()) == {PUBLIC}:
+        cost = "public data: exact, no cost"
+    else:
+        cost = f"spent ε={result.epsilon:.4g}, δ={result.delta:.3g}"
+    left = f"analyst budget left ε={analyst.get('epsilon', float('nan')):.4g}"
+    console().print(Text(f"{cost}; {left}; under each column: its 95% accuracy", style="dim"))
+
+
+def _subtitle(result: Result, column: str) -> str:
+    accuracy = result.accuracy.get(column, "")
+    return accuracy if not accuracy or accuracy.startswith(("exact", "depends")) else f"95% {accuracy}"
+
+
+def _with_accuracy_columns(result: Result) -> tuple[list[str], list[list[Any]]]:
+    """CSV stays one plain table: after each column that is not an exact key comes ``<name> ±95%``, the
+    95% half-width (a number where exact, 0 for exact values, else the accuracy text) on every row."""
+    columns: list[str] = []
+    extra: list[tuple[int, Any]] = []
+    for i, name in enumerate(result.columns):
+        columns.append(name)
+        accuracy = result.accuracy.get(name, "")
+        if accuracy.startswith("exact key"):
+            continue
+        width = result.half_width.get(name)
+        columns.append(f"{name} ±95%")
+        extra.append((i, width if width is not None else accuracy))
+    pending = dict(extra)
+    rows = []
+    for row in result.rows:
+        out: list[Any] = []
+        for i, value in enumerate(row):
+            out.append(value)
+            if i in pending:
+                out.append(pending[i])
+        rows.append(out)
+    return columns, rows
 
 
 def _print_explanation(plan: Explanation, fmt: str) -> None:
@@ -201,7 +261,7 @@ def _print_explanation(plan: Explanation, fmt: str) -> None:
         render_rows(["measurement", "mechanism", "epsilon", "sensitivity", "noise_scale", "threshold"], rows, fmt)
         return
     out = console()
-    out.print(Panel(plan.bounded_sql, title="bounded SQL pushed to the backend", title_align="left"))
+    out.print(Panel(Text(plan.bounded_sql), title="bounded SQL pushed to the backend", title_align="left"))
     render_rows(
         ["measurement", "mechanism", "epsilon", "sensitivity", "noise scale", "threshold"],
         rows,
@@ -210,7 +270,7 @@ def _print_explanation(plan: Explanation, fmt: str) -> None:
     )
     render_rows(["column", "95% accuracy"], list(plan.accuracy.items()), fmt)
     for note in plan.notes:
-        out.print(f"[dim]- {note}[/dim]")
+        out.print(Text(f"- {note}", style="dim"))
 
 
 def _register_admin_commands() -> None:

@@ -13,8 +13,9 @@ from typing import Any, TypeVar
 import click
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
-from dpgateway.errors import DPGatewayError, InternalError
+from dpgateway.errors import DPGatewayError, FileAccessError, InternalError
 
 F = TypeVar("F", bound=Callable[..., Any])
 FORMATS = ("table", "json", "csv")
@@ -29,6 +30,24 @@ config_option = click.option(
 analyst_option = click.option(
     "--analyst", default=None, help="Who is asking (default: $DPGATEWAY_ANALYST, else the OS user)."
 )
+
+
+class _Number(click.ParamType):
+    """A float when the text is one; otherwise the text itself, so the command refuses it with SQLSTATE 22023
+    (click's own usage error would carry no SQLSTATE and ignore ``--format json``)."""
+
+    name = "number"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        if isinstance(value, float):
+            return value
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            return value
+
+
+NUMBER = _Number()
 
 
 def format_option(*choices: str) -> Callable[[F], F]:
@@ -59,6 +78,9 @@ def reports_errors(command: F) -> F:
             fail(exc, kwargs.get("fmt", "table"))
         except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
             raise
+        except OSError as exc:  # a file or folder the command writes or reads: name it, no traceback
+            where = f" {exc.filename!r}" if exc.filename else ""
+            fail(FileAccessError(f"cannot use{where}: {exc.strerror or exc}"), kwargs.get("fmt", "table"))
         except Exception as exc:  # a bug: still report it the same way, as XX000
             fail(InternalError(f"{type(exc).__name__}: {exc}"), kwargs.get("fmt", "table"))
 
@@ -75,19 +97,32 @@ def fail(exc: DPGatewayError, fmt: str = "table") -> None:
 
 
 def render_rows(
-    columns: Sequence[str], rows: Sequence[Sequence[Any]], fmt: str, *, title: str | None = None, extra: Any = None
+    columns: Sequence[str],
+    rows: Sequence[Sequence[Any]],
+    fmt: str,
+    *,
+    title: str | None = None,
+    extra: Any = None,
+    subtitles: Sequence[str] | None = None,
 ) -> None:
-    """Print rows as a rich table, CSV, or JSON (``extra`` is the JSON document when given)."""
+    """Print rows as a rich table, CSV, or JSON (``extra`` is the JSON document when given).
+
+    Table headers and cells are literal text, never rich markup: a value such as ``[red]x[/]`` prints as is.
+    ``subtitles`` adds a dim second header line under each column (e.g. its 95% accuracy).
+    """
     if fmt == "json":
         click.echo(json.dumps(extra if extra is not None else {"columns": list(columns), "rows": rows}, default=str))
     elif fmt == "csv":
         print_csv(columns, rows)
     else:
-        table = Table(title=title, title_justify="left")
-        for name in columns:
-            table.add_column(str(name))
+        table = Table(title=None if title is None else Text(title), title_justify="left")
+        for i, name in enumerate(columns):
+            header = Text(str(name))
+            if subtitles is not None and subtitles[i]:
+                header.append("\n" + subtitles[i], style="dim")
+            table.add_column(header)
         for row in rows:
-            table.add_row(*(format_value(v) for v in row))
+            table.add_row(*(Text(format_value(v)) for v in row))
         console().print(table)
 
 

@@ -15,6 +15,7 @@
     │   └── QueryCapError               53400  one query asks for more than the per-query cap
     ├── AuthenticationError             28P01  unknown analyst or not allowed (e.g. not an admin)
     ├── BackendError                    58000  the data backend failed (message never echoes data)
+    ├── FileAccessError                 58030  a file or folder dpgateway must write or read is not usable
     └── InternalError                   XX000  a bug in dpgateway: please report it
 
 Messages name the object, the rule that was broken and the fix.
@@ -108,6 +109,12 @@ class BackendError(DPGatewayError):
     sqlstate = "58000"
 
 
+class FileAccessError(DPGatewayError):
+    """A file or folder that dpgateway writes or reads (ledger, chart, cache, demo files) is not usable."""
+
+    sqlstate = "58030"
+
+
 class InternalError(DPGatewayError):
     """A bug in dpgateway."""
 
@@ -130,5 +137,6 @@ ALL_ERRORS: tuple[type[DPGatewayError], ...] = (
     QueryCapError,
     AuthenticationError,
     BackendError,
+    FileAccessError,
     InternalError,
 )

@@ -7,13 +7,14 @@ import getpass
 import hashlib
 import math
 import os
+import tempfile
 from dataclasses import dataclass, field
 from decimal import Decimal
 from functools import cached_property
+from pathlib import Path
 from typing import Any
 
 import pandas as pd
-from sqlglot import exp
 
 from dpgateway import prepare
 from dpgateway.budget_store.base import BudgetStore, Spend
@@ -21,22 +22,27 @@ from dpgateway.connectors.base import Connector, ExactAggregates
 from dpgateway.connectors.duckdb import DuckDBConnector
 from dpgateway.errors import (
     DPGatewayError,
+    FileAccessError,
     InternalError,
     InvalidParameterError,
     UnknownTableError,
 )
 from dpgateway.mechanisms import laplace_half_width
-from dpgateway.noise import add_noise
-from dpgateway.passes.bounding import prepared_copy_sql
+from dpgateway.noise import Noisy, add_noise
+from dpgateway.passes.bounding import prepared_copy_tree
 from dpgateway.passes.context import PlanContext, PreparedCopy
 from dpgateway.plan import DPPlan
 from dpgateway.planner import PlanCache
 from dpgateway.policies.loader import load_config
 from dpgateway.policies.model import Config
 from dpgateway.postprocess import Released, post_process, run_sandboxed
+from dpgateway.sqlcheck import VerifiedSQL, verify
 from dpgateway.sqlparse import query_key
 
 ANALYST_ENV = "DPGATEWAY_ANALYST"
+MIN_EPSILON = 1e-9
+PUBLIC = "exact (public data)"
+CACHED = ("columns", "rows", "accuracy_95", "half_width_95", "warnings")  # what a replay returns
 REWRITE_NOTES = {
     "weighted": "bounding: each matching row weighted by k / max(rows of its unit, k) (at most k rows' worth per unit)",
     "rows": "bounding: each unit's rows ranked by a keyed hash, the first k kept",
@@ -46,9 +52,12 @@ REWRITE_NOTES = {
 
 @dataclass(frozen=True)
 class Result:
-    """A released answer and exactly what it cost.
+    """A released answer, exactly what it cost, and how far each column may be from the truth.
 
     ``frame`` (pandas) and ``rows`` (plain, JSON-friendly values) are built from ``released`` when first read.
+    ``accuracy`` describes each output column's 95% error (``"±18"``, ``"exact (public data)"``, ...);
+    ``half_width`` is that half-width as a number where it is exact (COUNT and SUM; 0 for exact columns),
+    else None; ``warnings`` flag values that are mostly noise (see :func:`_avg_warnings`).
     """
 
     released: Released
@@ -56,6 +65,9 @@ class Result:
     delta: float
     remaining: dict[str, Any]
     replayed: bool = False
+    accuracy: dict[str, str] = field(default_factory=dict)
+    half_width: dict[str, float | None] = field(default_factory=dict)
+    warnings: tuple[str, ...] = ()
 
     @property
     def columns(self) -> list[str]:
@@ -74,6 +86,9 @@ class Result:
         return {
             "columns": self.columns,
             "rows": self.rows,
+            "accuracy_95": self.accuracy,
+            "half_width_95": self.half_width,
+            "warnings": list(self.warnings),
             "epsilon": self.epsilon,
             "delta": self.delta,
             "remaining": self.remaining,
@@ -123,7 +138,7 @@ class Gateway:
 
     def __init__(self, config: Config, *, connector: Connector | None = None, store: BudgetStore | None = None):
         self.config = config
-        self.connector = connector or DuckDBConnector()
+        self.connector = connector or DuckDBConnector.for_config(config)
         if store is None:
             from dpgateway.budget_store import open_store
 
@@ -134,7 +149,6 @@ class Gateway:
                 self.connector.check_table(table)
         self._ctx = PlanContext(config=config, hooks=self.connector.hooks, seed=self.store.secret_seed())
         self._plans = PlanCache()
-        self._sources = self._ctx.hooks.state()
 
     @classmethod
     def from_config(cls, path: str | os.PathLike[str] | None = None, **kwargs: Any) -> Gateway:
@@ -145,6 +159,7 @@ class Gateway:
         self, sql: str, *, analyst: str | None = None, epsilon: float | None = None, delta: float | None = None
     ) -> Explanation:
         """The plan, its cost and 95% accuracy per output column; spends nothing, reads no data."""
+        resolve_analyst(analyst)
         plan = self._plan(sql, *self._parameters(epsilon, delta))
         return _explain(plan)
 
@@ -164,20 +179,38 @@ class Gateway:
         if plan.passthrough:
             released = self._passthrough(plan)
             self.store.audit_event(spend, outcome="released", message="public data: no privacy cost")
-            return Result(released, 0.0, 0.0, self.store.remaining(who, []).as_dict())
+            exact = {str(c): PUBLIC for c in released.columns}
+            return Result(
+                released,
+                0.0,
+                0.0,
+                self.store.remaining(who, []).as_dict(),
+                accuracy=exact,
+                half_width=dict.fromkeys(exact, 0.0),
+            )
+        accuracy, half_width = _accuracies(plan)
         if not plan.measurements:  # only public key values are listed: the data is not read
             keys_only = ExactAggregates(columns=tuple(k.name for k in plan.group_keys), rows=())
             released = post_process(plan, add_noise(plan, keys_only))
             self.store.audit_event(spend, outcome="released", message="public key domain only: no privacy cost")
-            return Result(released, 0.0, 0.0, self.store.remaining(who, spend.domains).as_dict())
+            left = self.store.remaining(who, spend.domains).as_dict()
+            return Result(released, 0.0, 0.0, left, accuracy=accuracy, half_width=half_width)
         cached = self.store.cached_answer(who, key)
         if cached is not None:
             self.store.audit_event(spend, outcome="replayed")
             released = Released(tuple(cached["columns"]), [tuple(row) for row in cached["rows"]])
-            return Result(released, 0.0, 0.0, self.store.remaining(who, spend.domains).as_dict(), replayed=True)
+            return Result(
+                released,
+                0.0,
+                0.0,
+                self.store.remaining(who, spend.domains).as_dict(),
+                replayed=True,
+                accuracy=cached.get("accuracy_95", accuracy),  # the first release's noise is what applies
+                half_width=cached.get("half_width_95", half_width),
+                warnings=tuple(cached.get("warnings", ())),
+            )
         reservation = self.store.reserve(spend)  # refusals are audited by the store
-        result = Result(self._run(plan, reservation), spend.epsilon, spend.delta, {})
-        answer = {"columns": result.columns, "rows": result.rows}
+        result, answer = self._run(plan, reservation, accuracy=accuracy, half_width=half_width)
         remaining = self.store.commit_and_remaining(
             reservation, epsilon=spend.epsilon, delta=spend.delta, answer=answer, analyst=who, domains=spend.domains
         )
@@ -200,12 +233,21 @@ class Gateway:
         if state is None:
             raise InvalidParameterError(f"table {policy.name}: only file sources (CSV, Parquet) can be prepared")
         digest = prepare.policy_digest(policy, self._ctx.seed)
-        folder = self.config.cache_folder
-        folder.mkdir(parents=True, exist_ok=True)
+        try:
+            folder = prepare.private_folder(self.config.cache_folder)
+        except OSError as exc:
+            raise FileAccessError(
+                f"cache_dir {str(self.config.cache_folder)!r} cannot be created ({exc.strerror}); set `cache_dir:` in "
+                "the config to a folder dpgateway may write"
+            ) from None
         target = folder / f"{policy.name}-{digest[:16]}.parquet"
-        partial = target.with_suffix(".parquet.tmp")
-        rows = self.connector.materialize(prepared_copy_sql(policy, self._ctx), str(partial))
-        os.replace(partial, target)
+        hooks = self._ctx.hooks
+        copy_sql = verify(prepared_copy_tree(policy, self._ctx), hooks.DIALECT, sources=[hooks.source(policy)])
+        with tempfile.TemporaryDirectory(dir=folder, prefix=".prepare-") as scratch:  # 0700: nobody else can open it
+            partial = Path(scratch) / target.name
+            rows = self.connector.materialize(copy_sql, str(partial))
+            os.chmod(partial, 0o600)  # DuckDB creates it with the umask; private before it is moved into place
+            os.replace(partial, target)
         prepare.write_manifest(folder, policy, file=target, source=state, policy=digest, rows=rows)
         return PreparedCopy(table=policy.name, path=str(target), k=policy.max_rows_per_unit)
 
@@ -231,17 +273,21 @@ class Gateway:
         eps = budget.default_query_epsilon if epsilon is None else epsilon
         dlt = budget.default_query_delta if delta is None else delta
         if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not (eps > 0 and math.isfinite(eps)):
-            raise InvalidParameterError(f"epsilon must be a positive finite number, not {epsilon!r}")
+            raise InvalidParameterError(f"epsilon must be a positive finite number, not {eps!r}")
+        if eps < MIN_EPSILON:  # its noise would be astronomically large, and splitting it would underflow to 0
+            raise InvalidParameterError(
+                f"epsilon {eps!r} is below the smallest epsilon dpgateway accepts ({MIN_EPSILON:g}): the answer "
+                "would be pure noise; ask for a larger epsilon"
+            )
         if isinstance(dlt, bool) or not isinstance(dlt, (int, float)) or not 0 <= dlt < 1:
-            raise InvalidParameterError(f"delta must be a number in [0, 1), not {delta!r}")
+            raise InvalidParameterError(f"delta must be a number in [0, 1), not {dlt!r}")
         return float(eps), float(dlt)
 
     def _context(self) -> PlanContext:
         """The planning context, with the prepared copies that are valid right now."""
         copies = prepare.valid_copies(self.config, self._ctx.seed)
-        sources = self._ctx.hooks.state()  # e.g. a CSV whose sniffed dialect no longer applies
-        if copies != self._ctx.prepared or sources != self._sources:
-            self._ctx, self._sources = dataclasses.replace(self._ctx, prepared=copies), sources
+        if copies != self._ctx.prepared:
+            self._ctx = dataclasses.replace(self._ctx, prepared=copies)
         return self._ctx
 
     def _plan(self, sql: str, epsilon: float, delta: float) -> DPPlan:
@@ -254,40 +300,74 @@ class Gateway:
         except Exception as exc:  # a planner bug must surface as XX000, never as a traceback
             raise InternalError(f"planning failed: {type(exc).__name__}: {exc}") from exc
 
-    def _run(self, plan: DPPlan, reservation: str) -> Released:
-        """Execute, noise and post-process. A failure after the backend ran is still charged."""
+    def _run(
+        self, plan: DPPlan, reservation: str, *, accuracy: dict[str, str], half_width: dict[str, float | None]
+    ) -> tuple[Result, dict[str, Any]]:
+        """Execute, noise and post-process: the result and the answer to commit. A failure is charged.
+
+        Proof note: from the backend call on, whether and how the query fails may depend on the data, so a
+        failure is debited like an answer (the failure itself stays inside the budget) and audited ``error``
+        with its SQLSTATE only, never the backend's text. Nothing that can fail runs between the reservation
+        and the backend call, so the gateway never releases a reservation uncharged. Tests (tests/test_gateway.py):
+        test_backend_failure_is_charged_and_hides_values, test_any_failure_after_the_backend_ran_is_charged.
+        """
         try:
-            exact = self.connector.execute(plan.bounded_sql, plan.settings)
-        except DPGatewayError:
-            # Proof note: the backend may have failed because of the data; charging keeps the failure
-            # itself inside the budget. Test: tests/test_gateway.py::test_backend_failure_is_charged.
-            self.store.commit(reservation, epsilon=plan.spent_epsilon, delta=plan.delta)
-            raise
-        try:
-            return post_process(plan, add_noise(plan, exact))
+            exact = self.connector.execute(_backend_sql(plan), plan.settings)
+            noisy = add_noise(plan, exact)
+            released, warnings = post_process(plan, noisy), _avg_warnings(plan, noisy)
+            result = Result(
+                released,
+                plan.spent_epsilon,
+                plan.delta,
+                {},
+                accuracy=accuracy,
+                half_width=half_width,
+                warnings=warnings,
+            )
+            return result, {
+                key: value for key, value in result.to_dict().items() if key in CACHED
+            }  # rows made plain inside the charge
         except Exception as exc:
-            self.store.commit(reservation, epsilon=plan.spent_epsilon, delta=plan.delta)
-            if isinstance(exc, DPGatewayError):
+            error = exc if isinstance(exc, DPGatewayError) else InternalError(f"the query failed: {type(exc).__name__}")
+            self.store.commit(
+                reservation,
+                epsilon=plan.spent_epsilon,
+                delta=plan.delta,
+                outcome="error",
+                message=f"the query failed after the backend was called (SQLSTATE {error.sqlstate})",
+            )
+            if error is exc:
                 raise
-            raise InternalError(f"noise or post-processing failed: {type(exc).__name__}") from exc
+            raise error from exc
 
     def _passthrough(self, plan: DPPlan) -> Released:
+        """Public data only: constants in the sandbox, or the verified statement over the public table."""
         if plan.table is None:
-            return run_sandboxed(plan.tree)
-        tree = plan.tree.copy()
-        for table in tree.find_all(exp.Table):
-            source = self.connector.hooks.source(plan.table)
-            source.set("alias", exp.TableAlias(this=exp.to_identifier(table.alias_or_name)))
-            table.replace(source)
-        exact = self.connector.execute(tree.sql(dialect=self.connector.hooks.DIALECT))
+            return run_sandboxed(plan.post_sql, what="the constant expressions")
+        exact = self.connector.execute(_backend_sql(plan))
         return Released(exact.columns, list(exact.rows))
 
 
+def _backend_sql(plan: DPPlan) -> VerifiedSQL:
+    if plan.bounded_sql is None:
+        raise InternalError("the plan has no verified backend SQL; this is a bug")
+    return plan.bounded_sql
+
+
 def resolve_analyst(analyst: str | None) -> str:
-    """The analyst: explicit, else ``$DPGATEWAY_ANALYST``, else the OS user."""
-    name = analyst or os.environ.get(ANALYST_ENV) or getpass.getuser()
-    if not isinstance(name, str) or not name.strip() or len(name) > 200:
-        raise InvalidParameterError("analyst must be a non-empty name of at most 200 characters")
+    """The analyst: explicit, else ``$DPGATEWAY_ANALYST``, else the OS user; surrounding whitespace stripped.
+
+    Every way a name enters (Python, CLI options, admin commands) goes through here, so ``" alice "`` and
+    ``"alice"`` are one analyst with one budget. Test: tests/test_cli.py::test_analyst_names_are_normalized.
+    """
+    name = analyst if analyst is not None else (os.environ.get(ANALYST_ENV) or getpass.getuser())
+    if not isinstance(name, str):
+        raise InvalidParameterError(f"analyst must be a name (a string), not {type(name).__name__}")
+    name = name.strip()
+    if not name or len(name) > 200 or not name.isprintable():
+        raise InvalidParameterError(
+            f"analyst {name!r} is not a usable name: give 1 to 200 printable characters (no control characters)"
+        )
     return name
 
 
@@ -301,7 +381,8 @@ def _spend(analyst: str, plan: DPPlan | None, sql: str, key: str) -> Spend:
         delta=plan.delta,
         query_key=key,
         sql=sql,
-        rewritten_sha256=hashlib.sha256(plan.bounded_sql.encode()).hexdigest(),
+        # the placeholder rendering: the same hash wherever the source lives (no host path, key or option)
+        rewritten_sha256=hashlib.sha256(plan.shown_sql.encode()).hexdigest(),
     )
 
 
@@ -348,15 +429,30 @@ def _explain(plan: DPPlan) -> Explanation:
         )
         for m in plan.measurements
     )
-    accuracy = {o.name: _accuracy(plan, o.kind, o.measurements) for o in plan.outputs}
+    accuracy = _accuracies(plan)[0]
     notes = [f"each privacy unit contributes at most {k} row(s)' worth; values are clamped to the declared bounds"]
     notes.append(REWRITE_NOTES.get(plan.rewrite, plan.rewrite))
     notes.extend(plan.notes)  # e.g. reads a prepared copy
     if plan.selects_partitions:
         notes.append("group keys are private: only groups whose noisy count passes the threshold are released")
     return Explanation(
-        plan.sql, plan.bounded_sql, plan.spent_epsilon, plan.delta, mechanisms, accuracy, tuple(notes), plan
+        plan.sql, plan.shown_sql, plan.spent_epsilon, plan.delta, mechanisms, accuracy, tuple(notes), plan
     )
+
+
+def _accuracies(plan: DPPlan) -> tuple[dict[str, str], dict[str, float | None]]:
+    """Each output column's 95% accuracy as text, and as a number where the half-width is exact."""
+    text = {o.name: _accuracy(plan, o.kind, o.measurements) for o in plan.outputs}
+    number: dict[str, float | None] = {}
+    for o in plan.outputs:
+        if o.kind == "key" or not o.measurements:
+            number[o.name] = 0.0
+        elif o.kind in ("count", "sum") and len(o.measurements) == 1:
+            m = plan.measurement(o.measurements[0])
+            number[o.name] = laplace_half_width(m.noise_scale) / m.scale
+        else:
+            number[o.name] = None
+    return text, number
 
 
 def _accuracy(plan: DPPlan, kind: str, used: tuple[str, ...]) -> str:
@@ -365,9 +461,50 @@ def _accuracy(plan: DPPlan, kind: str, used: tuple[str, ...]) -> str:
     widths = {m.name: laplace_half_width(m.noise_scale) / m.scale for m in ms}
     if kind == "key":
         return "exact key" if not plan.selects_partitions else "exact key (released by partition selection)"
+    if not ms:
+        return "exact (no noisy value)"
     if kind in ("count", "sum") and len(ms) == 1:
         return f"±{widths[ms[0].name]:.6g}"
     if kind == "avg" and len(ms) == 2:
         total = next(m for m in ms if m.kind == "sum")
         return f"≈ ±{widths[total.name]:.6g} / n (n = rows in the group)"
     return "depends on the data (derived from several noisy measurements)"
+
+
+def _avg_warnings(plan: DPPlan, noisy: Noisy) -> tuple[str, ...]:
+    """Warnings for AVG values that are mostly noise; computed from the noisy release only (post-processing).
+
+    AVG(x) is ``clamp(mid + S / n, lo, hi)`` with S the noisy centred sum and n the noisy count. With W_n
+    and W_S their 95% half-widths (real units) and h = (hi - lo) / 2, a group warns when
+    ``n <= max(W_n, W_S / h)``: then either the count is within its own noise of zero, or the sum's noise
+    divided by n spans the whole declared range, so the released average says little about the data.
+    Test: tests/test_cli.py::test_avg_over_a_tiny_group_warns.
+    """
+    position = {name: i for i, name in enumerate(noisy.columns)}
+    keys = [k.expr.sql(dialect="postgres") for k in plan.group_keys]
+    warnings = []
+    for output in plan.outputs:
+        if output.kind != "avg" or len(output.measurements) != 2:
+            continue
+        count, total = sorted((plan.measurement(n) for n in output.measurements), key=lambda m: m.kind)
+        w_count = laplace_half_width(count.noise_scale) / count.scale
+        w_sum = laplace_half_width(total.noise_scale) / total.scale
+        floor = max(w_count, w_sum / total.bound) if total.bound > 0 else w_count
+        counts = noisy.values[position[count.name]]
+        tiny = [i for i, n in enumerate(counts) if n <= floor]
+        if not tiny:
+            continue
+        if keys:
+            shown = ", ".join(
+                "(" + ", ".join(f"{k}={noisy.values[j][i]!r}" for j, k in enumerate(keys)) + f"; noisy n={counts[i]})"
+                for i in tiny[:5]
+            )
+            where = f"in {len(tiny)} of {len(counts)} group(s): {shown}" + (" ..." if len(tiny) > 5 else "")
+        else:
+            where = f"(noisy n={counts[0]})"
+        warnings.append(
+            f"column {output.name!r} (AVG) is mostly noise {where}; an AVG warns when its noisy count n is at most "
+            f"{floor:.6g}, where the count's 95% noise, or the sum's divided by n, spans the declared range. "
+            "Widen the filter or spend more epsilon"
+        )
+    return tuple(warnings)

@@ -51,6 +51,11 @@ def laplace_scale(sensitivity: int, epsilon: float) -> tuple[float, float]:
     if not (epsilon > 0 and math.isfinite(epsilon)):
         raise InvalidParameterError(f"epsilon must be a positive finite number, not {epsilon!r}")
     scale = sensitivity / epsilon
+    if not math.isfinite(scale):  # e.g. epsilon 5e-324: no noise distribution exists, so nothing to release
+        raise InvalidParameterError(
+            f"epsilon {epsilon!r} is too small: the noise scale for sensitivity {sensitivity} would be infinite; "
+            "ask for a larger epsilon"
+        )
     for _ in range(64):
         cost = _vector_laplace(scale).map(sensitivity)
         if cost <= epsilon:
@@ -81,7 +86,12 @@ def partition_threshold(scale: float, k: int, delta: float) -> tuple[int, float,
     guess = k + max(1, math.ceil(scale * (math.log(k) - math.log(delta))))
     lo, hi = max(k + 1, guess // 2), guess
     previous = math.inf
-    while (reached := _threshold_laplace(scale, hi).map(d_in)[1]) > delta:
+    while hi >= I64_MAX or (reached := _threshold_laplace(scale, hi).map(d_in)[1]) > delta:
+        if hi >= I64_MAX:  # the counts are i64: a threshold this large could never be reached
+            raise InvalidParameterError(
+                f"epsilon is too small for partition selection (noise scale {scale:.3g}): the release threshold "
+                "would not fit in 64 bits; ask for a larger epsilon, or declare public_values for the group keys"
+            )
         if reached >= previous:  # the map's delta stopped falling: it cannot certify one this small
             raise InvalidParameterError(
                 f"delta {delta!r} is below the smallest delta partition selection can certify ({reached:.3g}); "

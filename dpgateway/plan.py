@@ -9,6 +9,7 @@ from typing import Any, Literal
 from sqlglot import exp
 
 from dpgateway.policies.model import Table
+from dpgateway.sqlcheck import VerifiedSQL
 
 MeasureKind = Literal["count", "sum"]
 
@@ -82,8 +83,11 @@ class DPPlan:
     limit: int | None = None
     offset: int | None = None
     passthrough: bool = False  # the query touches only public tables: answered exactly, no cost
-    bounded_sql: str = ""
-    bounded: exp.Expr | None = None
+    bounded: exp.Expr | None = None  # the statement for the backend, as the planner built it
+    bounded_sql: VerifiedSQL | None = (
+        None  # ``bounded`` rendered, parsed back and verified (the only SQL a backend runs)
+    )
+    shown_sql: str = ""  # bounded_sql with each source and the row-order key as placeholders (explain, audit hash)
     settings: tuple[tuple[str, Any], ...] = ()  # per-query backend settings
     prepared: str | None = None  # path of a valid prepared (pre-bounded) copy to read instead of the source
     rewrite: str = ""  # bounding rewrite (passes/rewrite.py): 'weighted', 'unit_count' or 'rows'

@@ -58,7 +58,7 @@ def post_process(plan: DPPlan, noisy: Noisy) -> Released:
     names = tuple(o.name for o in plan.outputs)
     rows = _python_outputs(plan, noisy)
     if rows is None:
-        rows = run_sandboxed(plan.post_sql or post_processing_sql(plan), noisy.frame()).rows
+        rows = run_sandboxed(plan.post_sql or post_processing_sql(plan), noisy.frame(), what="the outputs").rows
     return Released(names, rows)
 
 
@@ -169,17 +169,22 @@ def post_processing_sql(plan: DPPlan) -> str:
     return query.sql(dialect="duckdb")
 
 
-def run_sandboxed(query: exp.Expr | str, noisy: pd.DataFrame | None = None) -> Released:
-    """Run ``query`` where only ``noisy`` (as table ``__noisy``) exists and no file can be read."""
+def run_sandboxed(query: str, noisy: pd.DataFrame | None = None, *, what: str) -> Released:
+    """Run ``query`` where only ``noisy`` (as table ``__noisy``) exists and no file can be read.
+
+    A failure names ``what`` was computed and the likely causes; the engine's own message is never shown.
+    """
     con = _sandbox_cursor()
     try:
         if noisy is not None:
             con.register(NOISY, noisy)
-        result = con.execute(query if isinstance(query, str) else query.sql(dialect="duckdb"))
+        result = con.execute(query)
         return Released(tuple(d[0] for d in result.description or ()), result.fetchall())
     except duckdb.Error as exc:
-        # Only released values are involved, so the message is safe to show.
-        raise InvalidParameterError(f"could not compute the outputs from the released values: {exc}") from None
+        raise InvalidParameterError(
+            f"could not compute {what} ({type(exc).__name__}): check for operations the values' types do not "
+            "support (e.g. arithmetic on text), division by zero or out-of-range casts"
+        ) from None
     finally:
         con.close()
 

@@ -4,20 +4,23 @@
 unit's row count, each row's keyed-hash rank within its unit and each row's weighted contribution to
 every measurement a weighted query can make of the table (what the weighted and row-bounding rewrites
 compute on the fly for an unfiltered query; SQL:
-:func:`dpgateway.passes.bounding.prepared_copy_sql`), as Parquet in the config's ``cache_dir``, with a
+:func:`dpgateway.passes.bounding.prepared_copy_tree`), as Parquet in the config's ``cache_dir``, with a
 manifest beside it::
 
     <cache_dir>/<table>.json      {"version", "table", "file", "source", "policy", "rows"}
     <cache_dir>/<table>-<policy hash>.parquet
 
-A copy is *valid* only while the source file has the same path, mtime and size as when the copy was
-taken (captured *before* it was read, so a change during ``prepare`` invalidates it) and the table's
+A copy is *valid* only while the source file has the same path, device, inode, size, mtime and ctime as
+when the copy was taken (captured *before* it was read, so a change during ``prepare`` invalidates it;
+``os.utime`` can restore an mtime but sets the ctime to now, and a file replaced by rename has a new
+inode, so a rewrite is always seen; a content hash would read the whole file per query) and the table's
 policy, the ledger's secret seed and the fixed-point constants (the stored contributions depend on the
 bounds and on ``passes/budget.py``'s scales) hash to the same value. :func:`valid_copies` checks this for every
 query (a ``stat`` and a small JSON read per prepared table); the plan cache is keyed by the result, so
 a stale copy is never read. Which queries may read a copy, and why that is private: proof note in
-``dpgateway/passes/prepared.py``. The copy holds person-level rows: keep ``cache_dir`` as private as the
-data itself.
+``dpgateway/passes/prepared.py``. The copy holds person-level rows: the gateway creates ``cache_dir``
+0700 and the copy and its manifest 0600 whatever the umask (written in a private scratch folder, then
+moved into place).
 """
 
 from __future__ import annotations
@@ -32,8 +35,9 @@ from dpgateway.passes.budget import COUNT_SCALE, FIXED_POINT_DIGITS
 from dpgateway.passes.context import PreparedCopy
 from dpgateway.policies.model import Config, Table
 
-# 3: also each row's weighted contributions; 2: all rows with unit row count and rank; 1: only the k kept rows
-MANIFEST_VERSION = 3
+# 4: source inode and ctime, units on their exact identity; 3: also each row's weighted contributions;
+# 2: all rows with unit row count and rank; 1: only the k kept rows
+MANIFEST_VERSION = 4
 
 
 def policy_digest(table: Table, seed: bytes) -> str:
@@ -44,8 +48,16 @@ def policy_digest(table: Table, seed: bytes) -> str:
     return hashlib.sha256(f"{MANIFEST_VERSION}\x1f{table!r}\x1f{seed_id}\x1f{scales}".encode()).hexdigest()
 
 
+def private_folder(folder: Path) -> Path:
+    """``folder``, created 0700 (whatever the umask) when the gateway creates it."""
+    if not folder.is_dir():
+        folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+        os.chmod(folder, 0o700)
+    return folder
+
+
 def source_state(table: Table) -> dict[str, Any] | None:
-    """Path, mtime and size of a file source; None for sources that are not files."""
+    """Path, device, inode, size, mtime and ctime of a file source; None for sources that are not files."""
     if isinstance(table.source, dict):
         return None
     path = Path(table.source).resolve()
@@ -53,7 +65,14 @@ def source_state(table: Table) -> dict[str, Any] | None:
         stat = path.stat()
     except OSError:
         return None
-    return {"path": str(path), "mtime_ns": stat.st_mtime_ns, "size": stat.st_size}
+    return {
+        "path": str(path),
+        "device": stat.st_dev,
+        "inode": stat.st_ino,
+        "size": stat.st_size,
+        "mtime_ns": stat.st_mtime_ns,
+        "ctime_ns": stat.st_ctime_ns,
+    }
 
 
 def manifest_path(folder: Path, table: Table) -> Path:
@@ -61,12 +80,16 @@ def manifest_path(folder: Path, table: Table) -> Path:
 
 
 def write_manifest(folder: Path, table: Table, *, file: Path, source: dict[str, Any], policy: str, rows: int) -> None:
-    """Write the manifest atomically (after the Parquet file is complete)."""
+    """Write the manifest atomically (after the Parquet file is complete), readable by the owner only."""
     document = {"version": MANIFEST_VERSION, "table": table.name, "file": file.name, "source": source}
     document |= {"policy": policy, "rows": rows}
     target = manifest_path(folder, table)
     temporary = target.with_suffix(".json.tmp")
-    temporary.write_text(json.dumps(document, sort_keys=True))
+    temporary.unlink(missing_ok=True)  # a leftover could carry another mode
+    descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(descriptor, "w", encoding="utf-8") as handle:
+        os.fchmod(handle.fileno(), 0o600)  # O_CREAT's mode is reduced by the umask; fchmod is not
+        handle.write(json.dumps(document, sort_keys=True))
     os.replace(temporary, target)
 
 

@@ -59,7 +59,7 @@ ROW_SAFE: tuple[type[exp.Expr], ...] = (
     exp.TryCast,
     exp.DataType,
     exp.DataTypeParam,
-    exp.Var,
+    exp.Var,  # a date-part unit only, rebuilt from DATE_PARTS (check_args)
     exp.Lower,
     exp.Upper,
     exp.Abs,
@@ -124,23 +124,135 @@ def normalize(sql: str) -> str:
         return " ".join(sql.split())
 
 
-def check_row_expression(node: exp.Expr, where: str) -> None:
-    """Refuse nodes that are unsafe or unsupported over raw rows (aggregates, subqueries, functions)."""
-    for sub in node.walk():
+# Post-processing (over released values only) also divides, and takes roots and powers.
+POST_SAFE: tuple[type[exp.Expr], ...] = (*ROW_SAFE, exp.Div, exp.Sqrt, exp.Pow)
+
+# Date-part units: the analyst's text is looked up here and replaced by our own constant (never kept).
+DATE_PARTS: dict[str, str] = {
+    p: p
+    for p in (
+        "YEAR", "QUARTER", "MONTH", "WEEK", "DAY", "DOW", "DOY", "ISODOW", "ISOYEAR", "HOUR", "MINUTE",
+        "SECOND", "MILLISECOND", "MICROSECOND", "EPOCH", "DECADE", "CENTURY", "MILLENNIUM",
+    )
+}  # fmt: skip
+_UNIT_OF: dict[type[exp.Expr], str] = {exp.Extract: "this", exp.DateTrunc: "unit", exp.TimestampTrunc: "unit"}
+TYPE_NAMES = frozenset(
+    exp.DataType.Type[name]
+    for name in (
+        "TINYINT", "SMALLINT", "INT", "BIGINT", "INT128", "FLOAT", "DOUBLE", "DECIMAL", "VARCHAR", "CHAR",
+        "TEXT", "BOOLEAN", "DATE", "TIMESTAMP", "TIMESTAMPTZ", "TIME",
+    )
+)  # fmt: skip
+TRIM_POSITIONS = frozenset({"BOTH", "LEADING", "TRAILING"})
+NUMBER = re.compile(r"(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?")
+# The only arguments that may hold text rather than a node; every other argument is a node, a list of
+# nodes, a flag or empty. Text in a Literal is quoted by the generator (strings) or checked against
+# NUMBER; an Identifier is a declared column name (resolve_table) or an alias, quoted when generated.
+TEXT_ARGS = frozenset({(exp.Identifier, "this"), (exp.Literal, "this"), (exp.Var, "this"), (exp.Trim, "position")})
+
+
+def row_expression(node: exp.Expr, where: str) -> exp.Expr:
+    """An allowlisted copy of ``node`` for raw rows (WHERE, GROUP BY keys): columns, no aggregate, no subquery.
+
+    Proof note (no analyst text in SQL): every node kind is in :data:`ROW_SAFE`, every text argument is
+    one of :data:`TEXT_ARGS` (checked by :func:`check_args`), and date-part units are rebuilt from
+    :data:`DATE_PARTS`, so what the generator writes is our keywords, quoted strings and identifiers, and
+    numbers. Tests: tests/attacks/test_injection.py.
+    """
+    return allowlisted(node, where, ROW_SAFE, columns=True)
+
+
+def constant_expression(node: exp.Expr, where: str) -> exp.Expr:
+    """An allowlisted copy of ``node`` with no column at all (a table-less SELECT)."""
+    return allowlisted(node, where, POST_SAFE, columns=False)
+
+
+def post_expression(node: exp.Expr, where: str) -> exp.Expr:
+    """An allowlisted copy of a post-processing expression (its columns are noisy values or output aliases)."""
+    return allowlisted(node, where, POST_SAFE, columns=True)
+
+
+def allowlisted(
+    node: exp.Expr, where: str, allowed: tuple[type[exp.Expr], ...], *, columns: bool, aggregates: bool = False
+) -> exp.Expr:
+    """A copy of ``node`` whose every node kind is in ``allowed`` and every text argument checked, units rebuilt."""
+    checked = node.copy()
+    for sub in checked.walk():
         if isinstance(sub, (exp.Subquery, exp.Select, exp.Exists)):
             raise UnsupportedError(f"subqueries are not supported (in {where})")
-        if isinstance(sub, exp.AggFunc):
+        if isinstance(sub, exp.AggFunc) and not aggregates:
             raise GroupingError(f"aggregate functions are not allowed in {where}")
         if isinstance(sub, exp.Window):
             raise UnsupportedError(f"window functions are not supported (in {where})")
-        if isinstance(sub, exp.Star):
+        if isinstance(sub, exp.Star) and not aggregates:
             raise PrivacyViolationError(f"* is not allowed in {where}")
-        if not isinstance(sub, ROW_SAFE):
-            name = sub.sql_name() if isinstance(sub, exp.Func) else sub.key.upper()
+        if isinstance(sub, exp.Column) and not columns:
+            raise UnsupportedError(f"columns need a FROM clause naming a table (in {where})")
+        if not isinstance(sub, allowed):
+            name = (
+                sub.name.upper()
+                if isinstance(sub, exp.Anonymous)
+                else sub.sql_name()
+                if isinstance(sub, exp.Func)
+                else sub.key.upper()
+            )
             raise UnsupportedError(
                 f"{name} is not supported in {where}; allowed are comparisons, arithmetic (+ - *), CASE, "
                 "COALESCE, CAST, string and rounding functions"
             )
+        check_args(sub, where)
+    return checked.transform(_rebuild_unit, copy=False)
+
+
+def check_args(node: exp.Expr, where: str) -> None:
+    """Refuse free text: only :data:`TEXT_ARGS` hold text, and each of those is checked for its kind."""
+    for key, value in node.args.items():
+        if value is None or isinstance(value, (bool, exp.Expr)):
+            continue
+        if isinstance(value, list) and all(isinstance(v, exp.Expr) for v in value):
+            continue
+        if isinstance(node, exp.DataType) and key == "this" and value in TYPE_NAMES:
+            continue
+        if (type(node), key) not in TEXT_ARGS or not isinstance(value, str):
+            raise UnsupportedError(f"{node.key.upper()} is not supported in {where} (argument {key})")
+    if isinstance(node, exp.Literal) and not node.is_string and not NUMBER.fullmatch(node.this):
+        raise UnsupportedError(f"the number {node.this!r} is not supported in {where}")
+    if isinstance(node, exp.Trim) and str(node.args.get("position") or "BOTH").upper() not in TRIM_POSITIONS:
+        raise UnsupportedError(f"TRIM is not supported in {where} with that position")
+    if isinstance(node, exp.Var):
+        parent = node.parent
+        unit = _UNIT_OF.get(type(parent)) if parent is not None else None
+        if parent is None or unit is None or parent.args.get(unit) is not node:
+            raise UnsupportedError(f"the keyword {node.name!r} is not supported in {where}")
+        _date_part(node.name, where)
+    if isinstance(node, exp.Extract) and isinstance(node.this, exp.Literal):
+        _date_part(node.this.name, where)  # EXTRACT('year' FROM x): rebuilt as a keyword
+    if isinstance(node, exp.DataType) and (node.args.get("kind") or node.args.get("nested")):
+        raise UnsupportedError(f"the type {node.sql(READ_DIALECT)!r} is not supported in {where}")
+    if isinstance(node, exp.DataType) and any(not isinstance(e, exp.DataTypeParam) for e in node.expressions):
+        raise UnsupportedError(f"the type {node.sql(READ_DIALECT)!r} is not supported in {where}")
+    if isinstance(node, exp.DataTypeParam) and not (
+        isinstance(node.this, exp.Literal) and not node.this.is_string and node.this.name.isdigit()
+    ):
+        raise UnsupportedError(f"type parameters must be integers (in {where})")
+    if isinstance(node, exp.Identifier) and not isinstance(node.parent, exp.Column):
+        raise UnsupportedError(f"the name {node.name!r} is not supported in {where}")
+
+
+def _date_part(text: str, where: str) -> str:
+    part = DATE_PARTS.get(text.strip().upper())
+    if part is None:
+        raise UnsupportedError(f"unknown date part {text!r} in {where}; use one of: {', '.join(DATE_PARTS)}")
+    return part
+
+
+def _rebuild_unit(node: exp.Expr) -> exp.Expr:
+    """Date-part units rebuilt from our own constant: the analyst's text is never kept."""
+    unit = _UNIT_OF.get(type(node))
+    value = node.args.get(unit) if unit else None
+    if unit and isinstance(value, (exp.Var, exp.Literal)):
+        node.set(unit, exp.var(_date_part(value.name, "a date part")))
+    return node
 
 
 def number(value: float) -> exp.Expr:

@@ -18,6 +18,7 @@ from dpgateway.budget_store import open_store
 from dpgateway.budget_store.base import ReplayScope
 from dpgateway.connectors.base import ExactAggregates
 from dpgateway.policies.loader import load_config
+from dpgateway.sqlcheck import _TOKEN, VerifiedSQL
 
 TABLE = "t"
 GENEROUS_BUDGET: dict[str, Any] = {
@@ -149,3 +150,8 @@ def run_concurrently(work: Callable[[int], Any], workers: int) -> list[Any]:
     """``work(0) ... work(workers - 1)``, each on its own thread at once; their results, and their errors raised."""
     with ThreadPoolExecutor(workers) as pool:
         return list(pool.map(work, range(workers)))
+
+
+def trusted_sql(text: str) -> VerifiedSQL:
+    """Test-only: hand-written SQL marked as verified, to drive a connector directly (the package never does this)."""
+    return VerifiedSQL(text, _TOKEN)

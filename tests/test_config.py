@@ -55,7 +55,28 @@ BAD = [
     ("tables.t.columns.x.bounds", ["a", "b"], "finite numbers"),
     ("tables.t.columns.x.shade", 1, "unknown key 'shade'"),
     ("tables.t.columns.pid.public_values", [], "non-empty list"),
-    ("tables.t.columns.pid.public_values", [1, 1], "distinct values"),
+    ("tables.t.columns.pid.public_values", [1, 1], "1 is listed twice once read as int"),
+    ("tables.t.source", "t.parquet", None),
+    ("tables.t.columns.pid.public_values", [1, 1.0], "1 is listed twice once read as int"),
+    ("tables.t.columns.x.public_values", [1, 1.0], "1.0 is listed twice once read as float"),
+    ("tables.t.columns.x.public_values", [0.5, float("nan")], "NaN is not a value a row can have"),
+    ("tables.t.columns.x.public_values", ["nan"], "NaN is not a value a row can have"),
+    ("tables.t.columns.pid.public_values", [True], "True is not a valid int"),
+    ("tables.t.columns.pid.type", "float", "a privacy unit must be int or str"),
+    ("tables.t.columns.pid.type", "date", "declare it `type: str` under tables.t.columns.pid"),
+    ("tables.t.columns.pid.type", "bool", "a privacy unit must be int or str"),
+    ("tables.t.csv", {"delimiter": ";", "quote": "'", "escape": "\\", "header": False, "comment": "#"}, None),
+    ("tables.t.csv", {"quote": "", "null": "NA"}, None),
+    ("tables.t.csv", {"sep": ";"}, "tables.t.csv: unknown key 'sep'"),
+    ("tables.t.csv", {"delimiter": ";;"}, "tables.t.csv.delimiter: must be one character"),
+    ("tables.t.csv", {"delimiter": ""}, "tables.t.csv.delimiter: must be one character"),
+    ("tables.t.csv", {"quote": "\n"}, "tables.t.csv.quote: must be one character"),
+    ("tables.t.csv", {"comment": 1}, "tables.t.csv.comment: must be one character"),
+    ("tables.t.csv", {"header": "yes"}, "tables.t.csv.header: must be true or false"),
+    ("tables.t.csv", {"null": 0}, "tables.t.csv.null: must be a string"),
+    ("tables.t.csv", {"delimiter": ";", "comment": ";"}, "delimiter, quote and comment must be different"),
+    ("tables.t.csv", {"quote": "", "escape": "\\"}, "escape: needs a quote character"),
+    ("tables.t.csv", [","], "tables.t.csv: must be a mapping"),
     ("tables.t.columns.pid.bounds", None, None),  # explicit null bounds are fine
     ("tables.t.columns.pid.public_values", ["one"], "'one' is not a valid int"),
     ("tables.t.columns.pid.public_values", [1.5], "1.5 is not a valid int"),
@@ -125,3 +146,10 @@ def test_replay_scope_reaches_the_ledger(demo_config_path: Path) -> None:
         first = gw.query("SELECT COUNT(*) FROM pums", analyst="rita")
         again = gw.query("SELECT COUNT(*) FROM pums", analyst="rita")
     assert not again.replayed and again.epsilon == first.epsilon > 0
+
+
+def test_csv_options_only_for_csv_sources() -> None:
+    spec = _with("tables.t.source", "t.parquet")
+    spec["tables"]["t"]["csv"] = {"delimiter": ";"}
+    with pytest.raises(ConfigError, match=r"tables\.t\.csv: only a CSV file source takes csv options"):
+        parse_config(spec, base_dir=Path("."))

@@ -50,3 +50,14 @@ def test_readme_python_example_runs(demo_config_path: Path, monkeypatch: pytest.
     monkeypatch.chdir(demo_config_path.parent)
     namespace: dict[str, object] = {}
     exec(compile(block.group(1), "README.md", "exec"), namespace)
+
+
+def test_readme_documents_the_query_json_shape() -> None:
+    from dpgateway.gateway import Result
+    from dpgateway.postprocess import Released
+
+    keys = Result(Released(("n",), [(1,)]), 0.5, 0.0, {}).to_dict()
+    shape = re.search(r"- JSON: `(\{.*?\})`", README, re.S)
+    assert shape is not None, "README.md lost the JSON shape of `dpgateway query --format json`"
+    for key in keys:
+        assert f'"{key}"' in shape.group(1), f"JSON key {key!r} of a query answer is not in README.md's JSON shape"

@@ -21,12 +21,14 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
+from helpers import trusted_sql
 
 from dpgateway import Gateway
 from dpgateway.connectors.duckdb import DuckDBConnector, DuckDBHooks
 from dpgateway.errors import BackendError, InternalError
-from dpgateway.passes.bounding import _row_bounded, bound_contributions
+from dpgateway.passes.bounding import _row_bounded
 from dpgateway.passes.context import PlanContext
+from dpgateway.passes.verify import verify_backend_sql
 from dpgateway.plan import DPPlan
 from dpgateway.planner import PlanCache, build_plan
 from dpgateway.policies.loader import parse_config
@@ -77,9 +79,10 @@ def _ctx(source: Path, k: int = K) -> PlanContext:
     return PlanContext(config=config, hooks=DuckDBHooks(), seed=b"fastpath-seed")
 
 
-def _exact(sql: str) -> list[tuple]:
-    with DuckDBConnector() as con:
-        return sorted(con.execute(sql).rows, key=repr)
+def _exact(plan: DPPlan) -> list[tuple]:
+    assert plan.table is not None and plan.bounded_sql is not None
+    with DuckDBConnector(allowed_paths=[plan.table.source]) as con:
+        return sorted(con.execute(plan.bounded_sql).rows, key=repr)
 
 
 @pytest.mark.parametrize("seed", range(6))
@@ -92,9 +95,9 @@ def test_unit_count_equals_row_bounded_count(tmp_path: Path, seed: int, where: s
         plan = build_plan(f"SELECT COUNT(*) FROM t{where}", epsilon=1.0, delta=0.0, ctx=ctx)
         assert plan.rewrite == "unit_count"
         assert plan.table is not None
-        row_bounded = _row_bounded(plan, plan.table, ctx)
+        row_bounded = verify_backend_sql(_row_bounded(plan, plan.table, ctx), ctx=ctx)
         assert "__rn" in row_bounded.bounded_sql and "__rn" not in plan.bounded_sql
-        assert _exact(plan.bounded_sql) == _exact(row_bounded.bounded_sql)
+        assert _exact(plan) == _exact(row_bounded)
 
 
 def _weighted_reference(frame: pd.DataFrame, policy: dict, sql_where: str, plan: DPPlan) -> dict[tuple, list[int]]:
@@ -146,7 +149,7 @@ def test_weighted_rewrite_matches_an_independent_reference(tmp_path: Path, seed:
     plan = build_plan(sql, epsilon=1.0, delta=0.0, ctx=PlanContext(config=config, hooks=DuckDBHooks(), seed=b"s"))
     assert plan.rewrite == "weighted" and "__rn" not in plan.bounded_sql
     n_keys = len(plan.group_keys)
-    got = {row[:n_keys]: [int(v or 0) for v in row[n_keys:]] for row in _exact(plan.bounded_sql)}
+    got = {row[:n_keys]: [int(v or 0) for v in row[n_keys:]] for row in _exact(plan)}
     reference = _weighted_reference(pd.read_csv(source), policy, where, plan)
     assert got == reference
 
@@ -159,7 +162,7 @@ def test_weighting_truncates_toward_zero(v: int, n: int, k: int, expected: int) 
     """``SIGN(v) * ((ABS(v) * k) // GREATEST(n, k))`` on DuckDB is ``trunc(v * k / max(n, k))``."""
     with DuckDBConnector() as con:
         (row,) = con.execute(
-            f"SELECT SIGN({v}::BIGINT) * ((ABS({v}::BIGINT)::HUGEINT * {k}) // GREATEST({n}, {k}))"
+            trusted_sql(f"SELECT SIGN({v}::BIGINT) * ((ABS({v}::BIGINT)::HUGEINT * {k}) // GREATEST({n}, {k}))")
         ).rows
     assert row[0] == expected == int(v * k / max(n, k))
 
@@ -263,39 +266,17 @@ def test_commit_and_remaining_is_one_debit_then_the_budget_left(tmp_path: Path) 
     store.close()
 
 
-def test_csv_dialect_is_sniffed_once_and_forgotten_when_the_file_changes(tmp_path: Path) -> None:
-    source = tmp_path / "t.csv"
-    _people(2).to_csv(source, index=False)
-    (tmp_path / "dpgateway.yaml").write_text(yaml.safe_dump(_policy(source)))
-    sql = "SELECT sex, COUNT(*), SUM(income) FROM t WHERE age > 20 GROUP BY sex"
-    with Gateway.from_config(tmp_path / "dpgateway.yaml") as gw:
-        plan = gw.explain(sql).plan
-        assert plan is not None and "auto_detect => FALSE" in plan.bounded_sql
-        auto = bound_contributions(plan, ctx=dataclasses.replace(gw._ctx, hooks=DuckDBHooks()))
-        assert "all_varchar => TRUE" in auto.bounded_sql
-        assert sorted(gw.connector.execute(plan.bounded_sql).rows) == sorted(
-            gw.connector.execute(auto.bounded_sql).rows
-        )
-        before = dict((r[0], r[1]) for r in gw.connector.execute(plan.bounded_sql).rows)
-        with source.open("a") as f:
-            f.write("9999,50,100.5,1,2\n")  # the file changed: auto-detection again, and the new row counts
-        changed = gw.explain(sql).plan
-        assert changed is not None and "all_varchar => TRUE" in changed.bounded_sql
-        after = dict((r[0], r[1]) for r in gw.connector.execute(changed.bounded_sql).rows)
-        assert after[1] == before[1] + 10**6  # a new person with one row: weight 1, COUNT_SCALE per row
-
-
 def test_prepared_statements_follow_the_file(tmp_path: Path) -> None:
     """The connector runs bounded SQL as prepared statements: a rewritten file is read as it is now
     (new rows, reordered columns), a changed type is an error and the next query recovers, each thread
     prepares on its own cursor, and only the most recent statements stay prepared."""
     source = tmp_path / "t.parquet"
-    sql = f"SELECT SUM(a), SUM(b) FROM read_parquet('{source}')"
+    sql = trusted_sql(f"SELECT SUM(a), SUM(b) FROM read_parquet('{source}')")
 
     def write(select: str) -> None:
         duckdb.execute(f"COPY ({select}) TO '{source}' (FORMAT parquet)")
 
-    connector = DuckDBConnector()
+    connector = DuckDBConnector(allowed_paths=[source])
     write("SELECT 1 AS a, 10 AS b")
     assert connector.execute(sql).rows == ((1, 10),)
     write("SELECT * FROM (VALUES (2, 20), (3, 30)) v(a, b)")
@@ -309,11 +290,11 @@ def test_prepared_statements_follow_the_file(tmp_path: Path) -> None:
     assert connector.execute(sql).rows == ((4, 40),)
 
     with ThreadPoolExecutor(4) as pool:
-        answers = list(pool.map(lambda i: connector.execute(f"{sql} WHERE a <> {i % 5}").rows, range(40)))
+        answers = list(pool.map(lambda i: connector.execute(trusted_sql(f"{sql} WHERE a <> {i % 5}")).rows, range(40)))
     assert answers == [((4, 40),) if i % 5 != 4 else ((None, None),) for i in range(40)]
 
     connector.PREPARED = 3
     for i in range(10):
-        assert connector.execute(f"SELECT {i} + SUM(a) FROM read_parquet('{source}')").rows == ((i + 4,),)
+        assert connector.execute(trusted_sql(f"SELECT {i} + SUM(a) FROM read_parquet('{source}')")).rows == ((i + 4,),)
     assert len(connector._local.prepared) == 3
     connector.close()

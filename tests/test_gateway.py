@@ -10,7 +10,7 @@ import pytest
 
 from dpgateway import Gateway
 from dpgateway.connectors.base import ExactAggregates, MockConnector
-from dpgateway.errors import BackendError, BudgetError, DPGatewayError, QueryCapError
+from dpgateway.errors import BackendError, BudgetError, DPGatewayError, InternalError, QueryCapError
 from dpgateway.policies.loader import load_config
 
 
@@ -126,6 +126,31 @@ def test_backend_failure_is_charged_and_hides_values(demo_config_path: Path) -> 
         with pytest.raises(BackendError, match="could not run"):
             gw.query("SELECT COUNT(*) FROM pums", analyst="ivan", epsilon=0.5)
         assert gw.remaining("ivan")["analyst"]["epsilon"] == pytest.approx(before - 0.5)
+        records = gw.store.audit_log(analyst="ivan")
+    assert [(r.outcome, r.epsilon, r.message) for r in records] == [
+        ("error", 0.5, "charged, no answer released: the query failed after the backend was called (SQLSTATE 58000)")
+    ]
+
+
+def _not_a_count(sql: str) -> ExactAggregates:
+    return ExactAggregates(columns=("__m0",), rows=(("secret 1234",),))  # not a count: noise cannot be added
+
+
+def _crash(sql: str) -> ExactAggregates:
+    raise RuntimeError("secret 1234")  # a connector bug, not a BackendError
+
+
+@pytest.mark.parametrize("answer", [_not_a_count, _crash], ids=["post-processing", "connector bug"])
+def test_any_failure_after_the_backend_ran_is_charged(demo_config_path: Path, answer) -> None:
+    with Gateway(load_config(demo_config_path), connector=MockConnector(answer)) as gw:
+        with pytest.raises(InternalError, match=r"this is a bug.*: the query failed: \w+Error$"):
+            gw.query("SELECT COUNT(*) FROM pums", analyst="ivan", epsilon=0.5)
+        records = gw.store.audit_log(analyst="ivan")
+        charges = gw.store.history("analyst:ivan")
+    assert [(c.state, c.epsilon) for c in charges] == [("committed", 0.5)]
+    assert [(r.outcome, r.message) for r in records] == [
+        ("error", "charged, no answer released: the query failed after the backend was called (SQLSTATE XX000)")
+    ]
 
 
 def test_mock_connector_sees_only_bounded_sql(demo_config_path: Path) -> None:
@@ -235,7 +260,7 @@ def test_python_post_processing_agrees_with_duckdb(demo_gateway: Gateway, sql: s
         edges.append(Noisy(noisy.columns, values, noisy.counts))
     for case in edges:
         try:
-            expected = run_sandboxed(post_processing_sql(plan), case.frame()).frame()
+            expected = run_sandboxed(post_processing_sql(plan), case.frame(), what="the outputs").frame()
         except DPGatewayError as exc:
             with pytest.raises(DPGatewayError, match=exc.sqlstate):
                 post_process(plan, case)

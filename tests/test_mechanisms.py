@@ -203,3 +203,12 @@ def test_saturation_end_to_end(tmp_path: Path) -> None:
         res = gw.query("SELECT COUNT(*) AS n FROM t", analyst="sat", epsilon=1.0)
     (n,) = res.rows[0]
     assert I64_MAX - 60 < n <= I64_MAX  # noise scale 1: P(|Z| >= 60) < 1e-25
+
+
+def test_tiny_epsilon_is_a_parameter_error_not_a_crash() -> None:
+    """Defence in depth under Gateway's MIN_EPSILON: OpenDP would fail (XX000) on an infinite scale or an
+    i64 overflow of the partition-selection threshold."""
+    with pytest.raises(InvalidParameterError, match="noise scale for sensitivity 3 would be infinite"):
+        laplace_scale(3, 5e-324)
+    with pytest.raises(InvalidParameterError, match="threshold would not fit in 64 bits"):
+        partition_threshold(3e30, 3, 1e-7)

@@ -13,6 +13,7 @@ import pandas as pd
 import pytest
 import yaml
 from click.testing import CliRunner
+from helpers import trusted_sql
 
 from dpgateway import Gateway
 from dpgateway.cli import cli
@@ -140,7 +141,7 @@ def test_prepared_copy_stores_every_row_with_unit_counts_and_ranks_clustered(fol
     with Gateway.from_config(folder / "dpgateway.yaml") as gw:
         copy = gw.prepare("t")
         stored = pd.DataFrame(
-            gw.connector.execute(f"SELECT pid, __n, __rn FROM read_parquet('{copy.path}')").rows,
+            gw.connector.execute(trusted_sql(f"SELECT pid, __n, __rn FROM read_parquet('{copy.path}')")).rows,
             columns=["pid", "n", "rn"],
         )
     assert len(stored) == len(source)  # every row (no NULL units in this file), unclamped values

@@ -1,7 +1,8 @@
 """Golden rewrites: analyst SQL -> bounded SQL, compared as text and executed for meaning.
 
 Each case in tests/fixtures/rewrite/*.sql is a comment line ``-- name``, the analyst SQL, and the
-expected bounded SQL (each ending with ``;``). The bounded SQL is also run on DuckDB and compared with
+expected bounded SQL as ``explain`` shows it (``plan.shown_sql``: the source read as relation ``pums``,
+the row-order key as a placeholder; each ending with ``;``). The bounded SQL is also run on DuckDB and compared with
 an independent pandas computation: row bounding keeps every row (the policy keeps 4 rows per person,
 the most anyone has, so only clamping and fixed-point rounding apply); for weighted plans the reference
 computes each person's matching row count ``n`` and sums ``trunc(v * k / max(n, k))`` per row itself, with
@@ -20,6 +21,7 @@ import duckdb
 import pandas as pd
 import pytest
 import yaml
+from sqlglot import exp
 
 from dpgateway.connectors.duckdb import DuckDBHooks
 from dpgateway.passes.context import PlanContext
@@ -27,6 +29,7 @@ from dpgateway.planner import build_plan
 from dpgateway.policies.loader import parse_config
 
 FIXTURES = Path(__file__).parent / "fixtures" / "rewrite"
+DATA = Path(str(resources.files("dpgateway") / "data"))  # the header is read when the SQL is rendered
 POLICY = """
 tables:
   pums:
@@ -45,7 +48,7 @@ tables:
 def _plan(sql: str, k: int = 4):
     policy = yaml.safe_load(POLICY)
     policy["tables"]["pums"]["max_rows_per_unit"] = k
-    config = parse_config(policy, base_dir=Path("."))
+    config = parse_config(policy, base_dir=DATA)
     ctx = PlanContext(config=config, hooks=DuckDBHooks(), seed=b"golden-seed")
     return build_plan(sql, epsilon=1.0, delta=1e-6, ctx=ctx)
 
@@ -63,7 +66,7 @@ def _cases() -> list[tuple[str, str, str, Path]]:
 def _update_golden() -> None:
     for path in sorted(FIXTURES.glob("*.sql")):
         cases = [c for c in _cases() if c[3] == path]
-        path.write_text("".join(f"-- {name}\n{sql};\n{_plan(sql).bounded_sql};\n" for name, sql, _, _ in cases))
+        path.write_text("".join(f"-- {name}\n{sql};\n{_plan(sql).shown_sql};\n" for name, sql, _, _ in cases))
 
 
 CASES = _cases()
@@ -83,7 +86,7 @@ def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.mark.parametrize(("name", "sql", "expected", "path"), CASES, ids=[c[0] for c in CASES])
 def test_rewrite_text(name: str, sql: str, expected: str, path: Path) -> None:
-    assert _plan(sql).bounded_sql == expected
+    assert _plan(sql).shown_sql == expected
 
 
 @pytest.mark.parametrize(("name", "sql", "expected", "path"), CASES, ids=[c[0] for c in CASES])
@@ -94,6 +97,8 @@ def test_rewrite_meaning(
     k = plan.table.max_rows_per_unit
     monkeypatch.chdir(workdir)
     con = duckdb.connect()  # its own connection: the default one may hold another test's unfinished result
+    source = exp.select(exp.Star()).from_(DuckDBHooks().source(plan.table)).sql("duckdb")
+    con.execute(f'CREATE VIEW "pums" AS {source}')  # the relation the shown SQL reads
     result = con.sql(plan.bounded_sql if k != 4 else expected)
     got = pd.DataFrame(result.fetchall(), columns=[d[0] for d in result.description])
     raw = pd.read_csv(workdir / "pums.csv")

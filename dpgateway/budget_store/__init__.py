@@ -34,6 +34,7 @@ def open_store(
     budget: Budget,
     *,
     clock: Clock = time.time,
+    database_clock: Clock | None = None,
     replay: ReplayScope = "analyst",
     lease_seconds: float = DEFAULT_LEASE_SECONDS,
 ) -> SQLBudgetStore:
@@ -42,22 +43,24 @@ def open_store(
     ``sqlite:///path.db`` (default backend), ``sqlite:///:memory:`` (tests) or ``postgresql://...``.
     ``replay`` is who may get a free replay of a released answer: the same ``analyst``, anyone
     (``global``) or nobody (``off``). A reservation older than ``lease_seconds`` is ``abandoned``.
+    Charges are stamped with the database's clock; ``clock`` is this host's, and a reservation is refused
+    when the two differ by more than ``MAX_CLOCK_SKEW_SECONDS`` (``ledger_time.py``). ``database_clock``
+    (tests) stands in for the database's clock, so that a fake clock drives the windows.
     """
     try:
         backend = sa.make_url(url).get_backend_name()
     except sa.exc.ArgumentError:
         backend = ""
+    kind: type[SQLBudgetStore]
     if backend == "sqlite":
-        from dpgateway.budget_store.sqlite import SQLiteBudgetStore
-
-        return SQLiteBudgetStore(url, budget, clock=clock, replay=replay, lease_seconds=lease_seconds)
-    if backend == "postgresql":
-        from dpgateway.budget_store.postgres import PostgresBudgetStore
-
-        return PostgresBudgetStore(url, budget, clock=clock, replay=replay, lease_seconds=lease_seconds)
-    raise ConfigError(
-        f"ledger: unsupported URL {url!r}; use sqlite:///path.db, sqlite:///:memory: or postgresql://user@host/db"
-    )
+        from dpgateway.budget_store.sqlite import SQLiteBudgetStore as kind
+    elif backend == "postgresql":
+        from dpgateway.budget_store.postgres import PostgresBudgetStore as kind
+    else:
+        raise ConfigError(
+            f"ledger: unsupported URL {url!r}; use sqlite:///path.db, sqlite:///:memory: or postgresql://user@host/db"
+        )
+    return kind(url, budget, clock=clock, database_clock=database_clock, replay=replay, lease_seconds=lease_seconds)
 
 
 __all__ = [

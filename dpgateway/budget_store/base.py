@@ -5,8 +5,12 @@ The gateway calls, per query::
     rid = store.reserve(Spend(...))     # atomic cap check; raises BudgetError / QueryCapError
     ... execute on the backend, add noise ...
     store.commit(rid, epsilon=..., delta=..., answer=...)   # debit before release
-    # or, if the query failed before touching data:
-    store.release(rid, outcome="error", message=...)
+    # or, if anything failed once the backend was called (the failure may depend on the data):
+    store.commit(rid, epsilon=..., delta=..., outcome="error", message="... SQLSTATE ...")   # charged
+
+:meth:`BudgetStore.release` drops a reservation without charging it. It is only safe when nothing
+data-dependent happened since the reservation; the gateway never calls it, since nothing that can fail
+runs between its reservation and the backend call.
 
 A reservation counts against every cap while pending, so concurrent queries can never overspend.
 Scopes are named ``analyst:<name>`` and ``domain:<name>`` (see :func:`scope_name`).
@@ -25,8 +29,11 @@ from dpgateway.policies.model import ReplayScope as ReplayScope  # re-exported f
 
 Clock = Callable[[], float]
 Outcome = Literal["released", "replayed", "refused", "error"]
+CommitOutcome = Literal["released", "error"]
+"""A debit releases its answer, or (``error``) the query failed after the backend ran: charged, nothing released."""
 AuditOutcome = Literal["released", "replayed", "refused", "error", "abandoned", "admin"]
-"""``abandoned``: a reservation never committed within its lease (charged); ``admin``: a cap change or reset."""
+"""``error``: a failed query, charged when it failed after the backend ran (its message says which);
+``abandoned``: a reservation never committed within its lease (charged); ``admin``: a cap change or reset."""
 ScopeKind = Literal["analyst", "domain"]
 SCOPE_KINDS: tuple[ScopeKind, ...] = ("analyst", "domain")
 
@@ -84,7 +91,7 @@ class Charge:
     """One entry of the spending history: a debit, a pending or an abandoned reservation."""
 
     id: str
-    at: float  # unix time the charge started counting (commit time, else reservation time)
+    at: float  # ledger (database) time the charge started counting (commit time, else reservation time)
     analyst: str
     scopes: tuple[str, ...]
     epsilon: float
@@ -136,8 +143,22 @@ class BudgetStore(ABC):
         """
 
     @abstractmethod
-    def commit(self, reservation_id: str, *, epsilon: float, delta: float, answer: Any = None) -> None:
-        """Debit what the mechanisms consumed (at most what was reserved); store the answer for replay."""
+    def commit(
+        self,
+        reservation_id: str,
+        *,
+        epsilon: float,
+        delta: float,
+        answer: Any = None,
+        outcome: CommitOutcome = "released",
+        message: str = "",
+    ) -> None:
+        """Debit what the mechanisms consumed (at most what was reserved); store the answer for replay.
+
+        ``outcome="error"``: the query failed after the backend ran; the debit stands, no answer is stored, and
+        the audit record (outcome ``error``) says it was charged, followed by ``message`` (a SQLSTATE, never
+        backend text).
+        """
 
     def commit_and_remaining(
         self,
@@ -155,7 +176,7 @@ class BudgetStore(ABC):
 
     @abstractmethod
     def release(self, reservation_id: str, *, outcome: Outcome, message: str = "") -> None:
-        """Drop a reservation of a query that failed before touching data."""
+        """Drop a reservation, uncharged: only for a caller that did nothing data-dependent since reserving it."""
 
     @abstractmethod
     def cached_answer(self, analyst: str, query_key: str) -> Any | None:

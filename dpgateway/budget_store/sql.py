@@ -4,7 +4,8 @@ Tables (created on first open, idempotently, under a lock so that many processes
 
 - ``dp_charges``: one row per *counting* charge: a pending reservation (``reserved``), a debit
   (``committed``) or a reservation never committed within its lease (``abandoned``). ``at`` is when it
-  started counting; the charge counts against a cap while ``now - at < window``. A released
+  started counting, in ledger time (the database's clock, ``ledger_time.py``); the charge counts against
+  a cap while ``now - at < window``. A released
   reservation is deleted (its outcome stays in the audit log).
 - ``dp_charge_scopes``: which scopes (``analyst:<name>``, ``domain:<name>``) a charge counts against,
   with a copy of the charge's ``epsilon``, ``delta`` and ``at`` so that the usage sums read one index
@@ -18,6 +19,8 @@ Tables (created on first open, idempotently, under a lock so that many processes
 
 Proof note (no overspend). Invariant: for every scope ``s`` and time ``t``, the charges counting
 against ``s`` at ``t`` sum to at most ``cap(s)`` (as it was when the last of them was reserved).
+Times are ledger time: the database's clock, with the stamps of each scope non-decreasing in the order
+the transactions holding its lock commit (``ledger_time.py``), whatever the writers' own clocks.
 
 1. ``reserve`` reads the sums and inserts the new charge inside one transaction that holds the
    lock of every scope it touches (SQLite: the database write lock of ``BEGIN IMMEDIATE``;
@@ -63,6 +66,7 @@ from dpgateway.budget_store.base import (
     BudgetStore,
     Charge,
     Clock,
+    CommitOutcome,
     Outcome,
     Remaining,
     ReplayScope,
@@ -72,6 +76,7 @@ from dpgateway.budget_store.base import (
     scope_name,
     split_scope,
 )
+from dpgateway.budget_store.ledger_time import ClockSkewError, check_skew, database_now, stamp
 from dpgateway.errors import (
     BackendError,
     BudgetError,
@@ -185,6 +190,16 @@ USAGES = sa.union_all(
         sa.literal_column("1").label("kind"),
     ).where(caps.c.scope.in_(_SCOPES)),
 )
+DATABASE_NOW = sa.select(database_now())
+_LATEST = sa.select(sa.func.max(charge_scopes.c.at))  # the latest stamp of a charge of some scopes
+RESERVE_TIME = sa.select(database_now(), _LATEST.where(charge_scopes.c.scope.in_(_SCOPES)).scalar_subquery())
+_OWN = charge_scopes.alias("own")
+COMMIT_TIME = sa.select(  # ... of every scope of the charge, its own reservation included
+    database_now(),
+    _LATEST.where(
+        charge_scopes.c.scope.in_(sa.select(_OWN.c.scope).where(_OWN.c.charge_id == sa.bindparam("charge")))
+    ).scalar_subquery(),
+)
 INSERT_CHARGE = sa.insert(charges)
 INSERT_SCOPE = sa.insert(charge_scopes)
 INSERT_AUDIT = sa.insert(audit)
@@ -226,7 +241,7 @@ AUDIT_COMMIT = sa.insert(audit).from_select(
         charges.c.rewritten_sha256,
         _DEBIT[0],
         _DEBIT[1],
-        sa.literal("released", sa.String),
+        sa.bindparam("outcome", type_=sa.String),
         sa.bindparam("audit_message", type_=sa.Text),
         charges.c.query_key,
         charges.c.id,
@@ -244,6 +259,9 @@ CACHED_ANSWER = {
 }
 PREBUILT: tuple[ClauseElement, ...] = (
     USAGES,
+    DATABASE_NOW,
+    RESERVE_TIME,
+    COMMIT_TIME,
     INSERT_CHARGE,
     INSERT_SCOPE,
     INSERT_AUDIT,
@@ -330,10 +348,12 @@ class SQLBudgetStore(BudgetStore):
         budget: Budget,
         *,
         clock: Clock = time.time,
+        database_clock: Clock | None = None,
         replay: ReplayScope = "analyst",
         lease_seconds: float = DEFAULT_LEASE_SECONDS,
     ) -> None:
         super().__init__(budget, clock=clock)
+        self.database_clock = database_clock
         if replay not in ("analyst", "global", "off"):
             raise InvalidParameterError(f"replay scope {replay!r} is unknown; use 'analyst', 'global' or 'off'")
         if not lease_seconds > 0:
@@ -433,12 +453,28 @@ class SQLBudgetStore(BudgetStore):
         kind, _ = split_scope(scope)
         return self.budget.per_analyst if kind == "analyst" else self.budget.per_subject
 
-    def _usage(self, conn: Executor, scope: str, now: float) -> Usage:
-        """Spend of ``scope`` counting at ``now``: every charge (pending or not) inside the window."""
-        return self._usages(conn, [scope], now)[scope]
+    def _now(self, conn: Executor) -> float:
+        """Ledger time: the database's clock (or the test's ``database_clock``); see ``ledger_time.py``."""
+        if self.database_clock is not None:
+            return self.database_clock()
+        return float(conn.execute(DATABASE_NOW).fetchone()[0])
+
+    def _stamp(self, conn: Executor, statement: sa.Select[Any], params: dict[str, Any], *, check: bool) -> float:
+        """A charge's stamp, by ``RESERVE_TIME`` or ``COMMIT_TIME``: the database's clock (or ``database_clock``),
+        never before the latest charge of its scopes. ``check``: refuse when this host's clock is too far off.
+
+        Proof note: see ``ledger_time.py``; tests/ledger/test_time.py fails without either part.
+        """
+        database, latest = conn.execute(statement, params).fetchone()
+        if self.database_clock is not None:
+            database = self.database_clock()
+        if check:
+            check_skew(self.clock(), float(database))
+        return stamp(float(database), None if latest is None else float(latest))
 
     def _usages(self, conn: Executor, scopes: Sequence[str], now: float) -> dict[str, Usage]:
-        """:meth:`_usage` of several scopes in one statement (sums grouped by scope, and their cap overrides)."""
+        """Spend of each scope counting at ``now`` (every charge, pending or not, inside the window), in one
+        statement (sums grouped by scope, and their cap overrides)."""
         wanted = sorted(set(scopes))
         sums: dict[str, tuple[float, float, float | None]] = {}
         overrides: dict[str, Cap] = {}
@@ -496,7 +532,7 @@ class SQLBudgetStore(BudgetStore):
         def work(conn: Executor) -> None:
             self._audit(
                 conn,
-                at=self.clock(),
+                at=self._now(conn),
                 analyst=spend.analyst,
                 sql=spend.sql,
                 rewritten_sha256=spend.rewritten_sha256,
@@ -551,7 +587,8 @@ class SQLBudgetStore(BudgetStore):
 
         def work(conn: Executor) -> None:
             self._lock(conn, scopes)
-            now = self.clock()  # read under the lock: the window is evaluated at the insertion time
+            # read under the locks: the window is evaluated at the insertion time
+            now = self._stamp(conn, RESERVE_TIME, {"scopes": scopes}, check=True)
             usages = self._usages(conn, scopes, now)
             for scope in scopes:
                 usage = usages[scope]
@@ -587,13 +624,24 @@ class SQLBudgetStore(BudgetStore):
 
         try:
             self._run_prebuilt(work)
-        except BudgetError as exc:
+        except (BudgetError, ClockSkewError) as exc:
             self._audit_spend(spend, "refused", exc.message)
             raise
         return charge_id
 
-    def commit(self, reservation_id: str, *, epsilon: float, delta: float, answer: Any = None) -> None:
-        work = self._commit_work(reservation_id, epsilon=epsilon, delta=delta, answer=answer)
+    def commit(
+        self,
+        reservation_id: str,
+        *,
+        epsilon: float,
+        delta: float,
+        answer: Any = None,
+        outcome: CommitOutcome = "released",
+        message: str = "",
+    ) -> None:
+        work = self._commit_work(
+            reservation_id, epsilon=epsilon, delta=delta, answer=answer, outcome=outcome, message=message
+        )
         self._run_prebuilt(work)
 
     def commit_and_remaining(
@@ -607,39 +655,55 @@ class SQLBudgetStore(BudgetStore):
         domains: Sequence[str],
     ) -> Remaining:
         """The debit and the budget left after it, in one transaction (the debit is committed when this returns)."""
-        commit = self._commit_work(reservation_id, epsilon=epsilon, delta=delta, answer=answer)
+        commit = self._commit_work(
+            reservation_id, epsilon=epsilon, delta=delta, answer=answer, outcome="released", message=""
+        )
 
         def work(conn: Executor) -> Remaining:
-            commit(conn)
-            return self._remaining(conn, analyst, domains)
+            return self._remaining(conn, analyst, domains, commit(conn))
 
         return self._run_prebuilt(work)
 
     def _commit_work(
-        self, reservation_id: str, *, epsilon: float, delta: float, answer: Any
-    ) -> Callable[[Executor], None]:
-        """Validate the arguments; return the transaction body of :meth:`commit`."""
+        self,
+        reservation_id: str,
+        *,
+        epsilon: float,
+        delta: float,
+        answer: Any,
+        outcome: CommitOutcome,
+        message: str,
+    ) -> Callable[[Executor], float]:
+        """Validate the arguments; return the transaction body of :meth:`commit` (it returns the debit's stamp)."""
         if not (math.isfinite(epsilon) and epsilon >= 0 and math.isfinite(delta) and delta >= 0):
             raise InternalError(f"commit of {reservation_id}: epsilon={epsilon!r}, delta={delta!r} must be >= 0")
+        if outcome not in ("released", "error") or (outcome == "error" and answer is not None):
+            raise InternalError(
+                f"commit of {reservation_id} with outcome {outcome!r}"
+                f"{' and an answer, which a failed query does not release' if answer is not None else ''}: this is a bug"
+            )
+        failure = f"charged, no answer released: {message}" if outcome == "error" else message
         try:
             answer_json = None if answer is None else json.dumps(answer, separators=(",", ":"))
         except (TypeError, ValueError) as exc:
             raise InternalError(f"commit of {reservation_id}: the answer is not JSON-serializable ({exc})") from None
 
-        def work(conn: Executor) -> None:
-            now = self.clock()
+        def work(conn: Executor) -> float:
+            now = self._stamp(conn, COMMIT_TIME, {"charge": reservation_id}, check=False)
             params = {"charge": reservation_id, "debit_epsilon": epsilon, "debit_delta": delta, "now": now}
             # Fast path: one UPDATE that only matches a pending reservation whose debit fits and that is
             # still in the window; the checks below run only when it matched nothing.
             fast = conn.execute(COMMIT_RESERVED, {**params, "slack": SLACK, "window": self.window_seconds})
-            message = ""
+            late = ""
             if fast.rowcount != 1:
-                message = self._commit_slow(conn, reservation_id, epsilon=epsilon, delta=delta, now=now)
+                late = self._commit_slow(conn, reservation_id, epsilon=epsilon, delta=delta, now=now)
                 conn.execute(COMMIT_ANY, params)
             conn.execute(COMMIT_SCOPES, params)
             if answer_json is not None:
                 conn.execute(INSERT_ANSWER, {"charge": reservation_id, "answer_json": answer_json, "now": now})
-            conn.execute(AUDIT_COMMIT, {**params, "audit_message": message})
+            audit_message = "; ".join(part for part in (failure, late) if part)
+            conn.execute(AUDIT_COMMIT, {**params, "outcome": outcome, "audit_message": audit_message})
+            return now
 
         return work
 
@@ -678,14 +742,16 @@ class SQLBudgetStore(BudgetStore):
             conn.execute(sa.delete(charges).where(charges.c.id == reservation_id))
             self._audit(
                 conn,
-                at=self.clock(),
+                at=self._now(conn),
                 analyst=row.analyst,
                 sql=row.sql,
                 rewritten_sha256=row.rewritten_sha256,
                 epsilon=row.reserved_epsilon,
                 delta=row.reserved_delta,
                 outcome=outcome,
-                message=message,
+                message=f"not charged, reservation released: {message}"
+                if message
+                else "not charged, reservation released",
                 query_key=row.query_key,
                 charge_id=reservation_id,
             )
@@ -700,10 +766,10 @@ class SQLBudgetStore(BudgetStore):
         return None if found is None else json.loads(found[0])
 
     def remaining(self, analyst: str, domains: Sequence[str]) -> Remaining:
-        return self._run_prebuilt(lambda conn: self._remaining(conn, analyst, domains), write=None)  # one statement
+        # two reads, the clock then the sums: no explicit transaction needed
+        return self._run_prebuilt(lambda conn: self._remaining(conn, analyst, domains, self._now(conn)), write=None)
 
-    def _remaining(self, conn: Executor, analyst: str, domains: Sequence[str]) -> Remaining:
-        now = self.clock()
+    def _remaining(self, conn: Executor, analyst: str, domains: Sequence[str], now: float) -> Remaining:
         mine = scope_name("analyst", analyst)
         usages = self._usages(conn, [mine, *(scope_name("domain", d) for d in domains)], now)
         return Remaining(analyst=usages[mine], domains={d: usages[scope_name("domain", d)] for d in domains})
@@ -722,7 +788,7 @@ class SQLBudgetStore(BudgetStore):
 
         def work(conn: Connection) -> int:
             self._lock(conn, ["#reaper"])
-            now = self.clock()
+            now = self._now(conn)
             stale = charges.c.state == "reserved", charges.c.reserved_at <= now - self.lease_seconds
             rows = conn.execute(sa.select(charges).where(*stale)).all()
             for row in rows:
@@ -760,7 +826,7 @@ class SQLBudgetStore(BudgetStore):
         self.reap_abandoned()
 
         def work(conn: Connection) -> list[Usage]:
-            now = self.clock()
+            now = self._now(conn)
             known = sa.union(sa.select(charge_scopes.c.scope), sa.select(caps.c.scope)).subquery()
             scopes = sorted(conn.execute(sa.select(known.c.scope)).scalars())
             if kind is not None:
@@ -807,7 +873,7 @@ class SQLBudgetStore(BudgetStore):
 
         def work(conn: Connection) -> Cap:
             self._lock(conn, [scope])
-            now = self.clock()
+            now = self._now(conn)
             old = self._cap(conn, scope)
             cap = new(old)
             if not (cap.epsilon >= 0 and 0 <= cap.delta <= 1 and not math.isnan(cap.epsilon)):
@@ -860,7 +926,7 @@ class SQLBudgetStore(BudgetStore):
             conn.execute(sa.delete(charge_scopes).where(charge_scopes.c.scope == scope))
             self._audit(
                 conn,
-                at=self.clock(),
+                at=self._now(conn),
                 analyst=by,
                 sql="",
                 rewritten_sha256="",

@@ -8,10 +8,15 @@ a reservation's cap check and its insert are atomic against every other process 
 The hot path (``_run_prebuilt``: reserve, commit, replay lookup, remaining) runs the prebuilt statements
 on one sqlite3 connection of the store, held under a lock, as the SQL text SQLAlchemy compiled for them
 (:class:`DriverStatements`); SQLAlchemy's per-execution work was most of a query's ledger time.
+
+A new ledger file is created with mode 0600 whatever the umask (it holds the secret seed, analysts' SQL
+and released answers); SQLite gives its ``-wal``, ``-shm`` and ``-journal`` files the database file's
+mode. An existing file keeps its mode, so an admin may share a ledger with a group on purpose.
 """
 
 from __future__ import annotations
 
+import os
 import sqlite3
 import threading
 from collections.abc import Iterator, Mapping
@@ -87,6 +92,13 @@ class DriverStatements:
         return prepared
 
 
+def create_private(path: str) -> None:
+    """Create ``path`` empty with mode 0600 unless it exists (the umask can only remove bits); SQLite reads an
+    empty file as an empty database."""
+    with suppress(OSError):  # it exists; or e.g. its folder is missing, which SQLite's open reports as a BackendError
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600))
+
+
 class SQLiteBudgetStore(SQLBudgetStore):
     """The ledger in one SQLite file (or in memory, for tests)."""
 
@@ -100,6 +112,9 @@ class SQLiteBudgetStore(SQLBudgetStore):
 
     def _create_engine(self, url: str) -> Engine:
         in_memory = self._in_memory
+        parsed = sa.make_url(url)
+        if not in_memory and not parsed.query.get("uri") and parsed.database:
+            create_private(parsed.database)
         engine = sa.create_engine(
             url,
             connect_args={"timeout": BUSY_TIMEOUT_SECONDS, "check_same_thread": False},

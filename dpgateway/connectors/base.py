@@ -17,6 +17,7 @@ from sqlglot import exp
 
 from dpgateway.errors import UnsupportedError
 from dpgateway.policies.model import Column, Table
+from dpgateway.sqlcheck import VerifiedSQL, require_verified
 
 SQL_TYPES = {"int": "BIGINT", "float": "DOUBLE", "str": "VARCHAR", "bool": "BOOLEAN", "date": "DATE"}
 _DATA_TYPES = {kind: exp.DataType.build(name) for kind, name in SQL_TYPES.items()}  # built (parsed) once
@@ -57,10 +58,30 @@ class SQLHooks:
         safe = expr.copy().transform(lambda n: exp.TryCast(**n.args) if type(n) is exp.Cast else n)
         return exp.Try(this=safe)
 
-    def row_hash(self, seed: bytes, columns: Sequence[exp.Expr]) -> exp.Expr:
+    def unit(self, column: Column) -> exp.Expr:
+        """The privacy unit on its exact identity: NULL (the row is then dropped) unless it round-trips.
+
+        Proof note: casting first would merge distinct raw ids into one unit ('7', '07', '7.0', ' 7',
+        '0x10' and '1_0' all cast to an int), so one person's rows could be bounded as another's and
+        the real sensitivity double. An int unit is kept only where the text of the cast value equals
+        the raw value's text (so exactly one raw spelling maps to each id; a typed integer source
+        always passes); a str unit is the text itself. The rule reads the row's own value only.
+        Tests: tests/test_sources.py::test_near_equal_ids_stay_two_people.
+        """
+        value = self.typed(column)
+        if column.type == "str":
+            return value
+        raw = exp.cast(exp.column(column.name, quoted=True), "VARCHAR")
+        same = exp.EQ(this=exp.cast(value.copy(), "VARCHAR"), expression=raw)
+        return exp.Case(ifs=[exp.If(this=same, true=value)])
+
+    def row_order_key(self, seed: bytes) -> str:
+        """The secret key of :meth:`row_hash`, derived from the ledger's seed (never shown by ``explain``)."""
+        return hashlib.sha256(b"dpgateway-row-order" + seed).hexdigest()[:32]
+
+    def row_hash(self, key: exp.Expr, columns: Sequence[exp.Expr]) -> exp.Expr:
         """A keyed, deterministic hash of a row's content (orders each unit's rows data-independently)."""
-        key = hashlib.sha256(b"dpgateway-row-order" + seed).hexdigest()[:32]
-        return exp.func("hash", exp.Literal.string(key), *columns)
+        return exp.func("hash", key, *columns)
 
     def settings(self, k: int) -> tuple[tuple[str, Any], ...]:
         """Per-query engine settings for a plan that keeps ``k`` rows per unit."""
@@ -70,22 +91,30 @@ class SQLHooks:
         """The relation reading a Parquet file written by the gateway (a prepared copy)."""
         return exp.to_table(path)
 
-    def state(self) -> str:
-        """Anything besides the policy that changes the SQL these hooks render (keys the plan cache)."""
-        return ""
-
 
 class Connector(ABC):
-    """Runs bounded SQL on one backend. Use as a context manager to close it."""
+    """Runs bounded SQL on one backend. Use as a context manager to close it.
+
+    :meth:`execute` and :meth:`materialize` accept only :class:`~dpgateway.sqlcheck.VerifiedSQL` (checked
+    at run time too), so no string the round-trip check has not seen reaches a backend; subclasses
+    implement :meth:`_execute` and :meth:`_materialize`.
+    """
 
     hooks: SQLHooks = SQLHooks()
 
+    def execute(self, sql: VerifiedSQL, settings: tuple[tuple[str, Any], ...] = ()) -> ExactAggregates:
+        """Run the verified bounded SQL and return its rows exactly."""
+        return self._execute(require_verified(sql), settings)
+
+    def materialize(self, sql: VerifiedSQL, path: str) -> int:
+        """Write the rows of verified ``sql`` to the Parquet file ``path``; return how many (``dpgateway prepare``)."""
+        return self._materialize(require_verified(sql), path)
+
     @abstractmethod
-    def execute(self, sql: str, settings: tuple[tuple[str, Any], ...] = ()) -> ExactAggregates:
+    def _execute(self, sql: VerifiedSQL, settings: tuple[tuple[str, Any], ...]) -> ExactAggregates:
         """Run the bounded SQL and return its rows exactly."""
 
-    def materialize(self, sql: str, path: str) -> int:
-        """Write the rows of ``sql`` to the Parquet file ``path``; return how many (``dpgateway prepare``)."""
+    def _materialize(self, sql: VerifiedSQL, path: str) -> int:
         raise UnsupportedError(f"the {type(self).__name__} backend cannot write prepared copies")
 
     def check_table(self, table: Table) -> None:  # noqa: B027 - optional hook
@@ -106,8 +135,8 @@ class MockConnector(Connector):
 
     def __init__(self, answer: Callable[[str], ExactAggregates]) -> None:
         self.answer = answer
-        self.statements: list[str] = []
+        self.statements: list[VerifiedSQL] = []
 
-    def execute(self, sql: str, settings: tuple[tuple[str, Any], ...] = ()) -> ExactAggregates:
+    def _execute(self, sql: VerifiedSQL, settings: tuple[tuple[str, Any], ...] = ()) -> ExactAggregates:
         self.statements.append(sql)
         return self.answer(sql)

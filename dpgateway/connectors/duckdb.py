@@ -3,25 +3,39 @@
 from __future__ import annotations
 
 import contextlib
+import csv as _csv
 import itertools
+import os
 import threading
 from collections import OrderedDict
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import duckdb
-import sqlglot
 from sqlglot import exp
 
 from dpgateway.connectors.base import Connector, ExactAggregates, SQLHooks
 from dpgateway.errors import BackendError, ConfigError
-from dpgateway.policies.model import Table
+from dpgateway.policies.model import Column, Config, CsvDialect, Table
+from dpgateway.sqlcheck import VerifiedSQL
+
+INTEGER_TYPES = ("TINYINT", "SMALLINT", "INTEGER", "BIGINT", "HUGEINT", "UTINYINT", "USMALLINT", "UINTEGER", "UBIGINT")
 
 
 class DuckDBHooks(SQLHooks):
-    """DuckDB reads files directly; private CSV columns arrive as text and are cast by the policy's types.
+    """DuckDB reads files directly, CSV with the policy's dialect; private CSV columns arrive as text and
+    are cast by the policy's types.
 
-    Reading as text keeps type sniffing (which depends on the data) from ever failing a query.
+    Proof note (no data-dependent dialect): a private CSV is read with ``auto_detect = false``, the
+    dialect of ``tables.<name>.csv`` and every column of the file as VARCHAR, so the SQL (and so
+    ``explain`` and the audited hash) never depends on a value. A record that does not parse (too few
+    fields, bad UTF-8, a line over DuckDB's 2 MB limit, text after a closing quote) is dropped or
+    read leniently by a rule of that record alone (``ignore_errors``, ``strict_mode = false``: extra
+    fields are ignored, a lone CR ends a record), and no record makes the query fail. One case is beyond
+    any RFC 4180 reader: a quoted value may span lines, so an opening quote never closed swallows the
+    following lines; ``quote: ""`` (one record per line) confines that too (README.md, "csv").
+    Tests: tests/test_sources.py::test_parse_problems_stay_in_their_row.
     """
 
     DIALECT = "duckdb"
@@ -29,37 +43,93 @@ class DuckDBHooks(SQLHooks):
     # rules) made no measurable difference on DuckDB 2.0 (bench/RESULTS.md), so the default plan is kept.
 
     def __init__(self) -> None:
-        # CSV dialects sniffed once per file (path -> ((mtime_ns, size) when sniffed, read_csv options)):
-        # sniffing costs about 10 ms per query even on a 1,000-row file.
-        self._csv: dict[str, tuple[tuple[int, int], tuple[exp.Expr, ...]]] = {}
+        # A CSV's column names, read from its header line once (schema metadata, not a person's value).
+        self._headers: dict[tuple[str, CsvDialect], tuple[str, ...]] = {}
 
     def source(self, table: Table) -> exp.Expr:
         path = Path(table.source)
         if path.suffix.lower() in (".parquet", ".pq"):
-            return exp.Table(this=exp.Anonymous(this="read_parquet", expressions=[exp.Literal.string(str(path))]))
-        options: list[exp.Expr] = [exp.Literal.string(str(path))]
-        known = None if table.public else self._csv_options(str(path))
-        if known is not None:  # the dialect sniffed when the gateway opened, every column as text
-            return exp.Table(this=exp.Anonymous(this="read_csv", expressions=[*options, *(o.copy() for o in known)]))
-        if not table.public:  # private columns arrive as text and are cast by the policy's types
-            options.append(exp.Kwarg(this=exp.var("all_varchar"), expression=exp.true()))
-        options.append(exp.Kwarg(this=exp.var("header"), expression=exp.true()))
-        return exp.Table(this=exp.Anonymous(this="read_csv", expressions=options))
+            return _call("read_parquet", exp.Literal.string(str(path)))
+        dialect = table.csv
+        options = {
+            "delim": exp.Literal.string(dialect.delimiter),
+            "quote": exp.Literal.string(dialect.quote),
+            "escape": exp.Literal.string(dialect.escape),
+            "comment": exp.Literal.string(dialect.comment),
+            "header": exp.Boolean(this=dialect.header),
+        }
+        if not table.public:  # column types of public data may be detected: they reveal nobody
+            names = self.csv_columns(path, dialect, table)
+            columns = [
+                exp.PropertyEQ(this=exp.Literal.string(n), expression=exp.Literal.string("VARCHAR")) for n in names
+            ]
+            options |= {
+                "auto_detect": exp.false(),
+                "columns": exp.Struct(expressions=columns),
+                "nullstr": exp.Literal.string(dialect.null),
+                "allow_quoted_nulls": exp.false(),
+                "ignore_errors": exp.true(),
+                "strict_mode": exp.false(),
+                "null_padding": exp.false(),
+            }
+        kwargs = [exp.Kwarg(this=exp.var(k), expression=v) for k, v in options.items()]
+        return _call("read_csv", exp.Literal.string(str(path)), *kwargs)
 
-    def remember_csv(self, path: str, stamp: tuple[int, int], options: tuple[exp.Expr, ...]) -> None:
-        """Use ``options`` (no auto-detection) for ``path`` while its (mtime_ns, size) is ``stamp``."""
-        self._csv[path] = (stamp, options)
+    def unit(self, column: Column) -> exp.Expr:
+        """As :meth:`SQLHooks.unit`, with a shortcut where the source column is an integer type already:
+        its cast to BIGINT is exact (or NULL), so the text comparison is skipped (it costs about 0.4 s per
+        million rows of Parquet). ``typeof`` is the column's bound type, the same for every row."""
+        exact = super().unit(column)
+        if column.type != "int":
+            return exact
+        kind = exp.func("typeof", exp.column(column.name, quoted=True))
+        integer = exp.In(this=kind, expressions=[exp.Literal.string(t) for t in INTEGER_TYPES])
+        return exp.Case(ifs=[exp.If(this=integer, true=self.typed(column))], default=exact)
 
-    def _csv_options(self, path: str) -> tuple[exp.Expr, ...] | None:
-        known = self._csv.get(path)
-        return known[1] if known is not None and _stamp(path) == known[0] else None
-
-    def state(self) -> str:
-        """Which sniffed CSV dialects are still current: a changed file is read with auto-detection again."""
-        return repr([(path, self._csv_options(path) is not None) for path in sorted(self._csv)])
+    def csv_columns(self, path: Path, dialect: CsvDialect, table: Table) -> tuple[str, ...]:
+        """The file's column names in order: its header line (read once), else the declared columns."""
+        if not dialect.header:
+            return tuple(c.name for c in table.columns)
+        key = (str(path), dialect)
+        names = self._headers.get(key)
+        if names is None:
+            names = self._headers[key] = _header(path, dialect, table.name)
+        return names
 
     def file_source(self, path: str) -> exp.Expr:
-        return exp.Table(this=exp.Anonymous(this="read_parquet", expressions=[exp.Literal.string(path)]))
+        return _call("read_parquet", exp.Literal.string(path))
+
+
+def _call(name: str, *args: exp.Expr) -> exp.Expr:
+    return exp.Table(this=exp.Anonymous(this=name, expressions=list(args)))
+
+
+def _header(path: Path, dialect: CsvDialect, table: str) -> tuple[str, ...]:
+    """The first non-comment line of ``path`` parsed with ``dialect``: the file's column names."""
+    where = f"tables.{table}.source"
+    try:
+        with path.open(encoding="utf-8-sig", newline="") as handle:
+            line = next((x for x in handle if not (dialect.comment and x.startswith(dialect.comment))), "")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{where}: cannot read the header line of {path.name}: {type(exc).__name__}") from None
+    reader = _csv.reader(
+        [line.rstrip("\r\n")],
+        delimiter=dialect.delimiter,
+        quoting=_csv.QUOTE_MINIMAL if dialect.quote else _csv.QUOTE_NONE,
+        quotechar=dialect.quote or None,
+        doublequote=dialect.escape == dialect.quote,
+        escapechar=dialect.escape if dialect.escape and dialect.escape != dialect.quote else None,
+    )
+    fields = next(reader, [])
+    names = tuple(f.strip() for f in fields)
+    lowered = [n.lower() for n in names]
+    duplicate = next((n for i, n in enumerate(lowered) if n in lowered[:i] or not n), None)
+    if not names or duplicate is not None:
+        raise ConfigError(
+            f"{where}: the header line of {path.name} must name every column once "
+            f"(found {duplicate!r} twice or empty); fix the header, or set tables.{table}.csv.header: false"
+        )
+    return names
 
 
 class DuckDBConnector(Connector):
@@ -75,15 +145,28 @@ class DuckDBConnector(Connector):
     PREPARED = 256
     """Statements each thread keeps prepared; the least recently run one is dropped first."""
 
-    def __init__(self, *, threads: int | None = None) -> None:
-        self.hooks = DuckDBHooks()  # per connector: it remembers the CSV dialects this connector sniffed
+    def __init__(
+        self,
+        *,
+        threads: int | None = None,
+        allowed_paths: Sequence[str | os.PathLike[str]] = (),
+        allowed_directories: Sequence[str | os.PathLike[str]] = (),
+    ) -> None:
+        self.hooks = DuckDBHooks()  # per connector: it remembers the CSV headers it read
         self._con = duckdb.connect(":memory:")
         if threads:
             self._con.execute("SET threads = ?", [threads])
+        _lock_down(self._con, allowed_paths, allowed_directories)
         self._lock = threading.Lock()
         self._local = threading.local()  # .cursor, and .prepared: SQL text -> statement name, oldest first
 
-    def execute(self, sql: str, settings: tuple[tuple[str, Any], ...] = ()) -> ExactAggregates:
+    @classmethod
+    def for_config(cls, config: Config, *, threads: int | None = None) -> DuckDBConnector:
+        """A connector that may read the policy's file sources and the cache folder (prepared copies), nothing else."""
+        files = [t.source for t in config.tables if not isinstance(t.source, dict)]
+        return cls(threads=threads, allowed_paths=files, allowed_directories=[config.cache_folder])
+
+    def _execute(self, sql: VerifiedSQL, settings: tuple[tuple[str, Any], ...] = ()) -> ExactAggregates:
         try:
             if settings:  # settings stay with a cursor: use a fresh one, closed after
                 with self._lock:
@@ -131,7 +214,7 @@ class DuckDBConnector(Connector):
             with contextlib.suppress(duckdb.Error):
                 cursor.close()
 
-    def materialize(self, sql: str, path: str) -> int:
+    def _materialize(self, sql: VerifiedSQL, path: str) -> int:
         with self._lock:
             cursor = self._con.cursor()
         try:
@@ -170,33 +253,6 @@ class DuckDBConnector(Connector):
                 f"tables.{table.name}.columns: {', '.join(missing)} not found in {path.name}; "
                 f"the file has: {', '.join(sorted(found))}"
             )
-        if not table.public and path.suffix.lower() not in (".parquet", ".pq"):
-            self._sniff_once(table, found)
-
-    def _sniff_once(self, table: Table, found: set[str]) -> None:
-        """Remember the CSV's sniffed dialect, so queries read it without sniffing again (while it is unchanged).
-
-        The options are exactly those auto-detection chose (DuckDB's ``sniff_csv``), with every column as
-        text as ``all_varchar`` would; they are kept only if they give the same columns.
-        """
-        path = str(Path(table.source))
-        stamp = _stamp(path)
-        with self._lock:
-            cursor = self._con.cursor()
-        try:
-            row = cursor.execute("SELECT Prompt FROM sniff_csv(?)", [path]).fetchone()
-            options = _all_text(str(row[0])) if row else None
-            if stamp is None or options is None:
-                return
-            hooks = DuckDBHooks()
-            hooks.remember_csv(path, stamp, options)
-            relation = exp.select(exp.Star()).from_(hooks.source(table)).limit(0)
-            if {d[0].lower() for d in cursor.execute(relation.sql("duckdb")).description or ()} == found:
-                self.hooks.remember_csv(path, stamp, options)
-        except duckdb.Error:
-            return  # queries keep auto-detecting
-        finally:
-            cursor.close()
 
     def close(self) -> None:
         self._con.close()
@@ -205,45 +261,35 @@ class DuckDBConnector(Connector):
 _names = itertools.count()
 
 
+def _lock_down(
+    con: duckdb.DuckDBPyConnection,
+    paths: Sequence[str | os.PathLike[str]],
+    directories: Sequence[str | os.PathLike[str]],
+) -> None:
+    """Only the listed files and folders are readable (or writable), no extension loads, and no SQL can undo it.
+
+    Proof note (locked engine, the third layer after the parser allowlist and the round-trip check):
+    with external access disabled DuckDB opens only ``allowed_paths`` / ``allowed_directories``, so a
+    statement that somehow called ``read_text('/etc/passwd')``, another table's file, ``ATTACH`` or
+    ``INSTALL`` fails with a permission error; ``lock_configuration`` refuses every later ``SET``, so no
+    statement can widen this. ``allowed_paths`` must be set after connecting (DuckDB 2.0 refuses it in the
+    connect config). Test: tests/attacks/test_injection.py::test_locked_engine_refuses_other_files.
+    """
+    files = sorted({form for p in paths for form in (str(p), str(Path(p).resolve()))})
+    folders = sorted({form for d in directories for form in (f"{d}{os.sep}", f"{Path(d).resolve()}{os.sep}")})
+    con.execute("SET allowed_paths = ?", [files])
+    con.execute("SET allowed_directories = ?", [folders])
+    for setting in ("enable_external_access", "autoinstall_known_extensions", "autoload_known_extensions"):
+        con.execute(_set(setting, False))
+    con.execute(_set("lock_configuration", True))
+
+
 def _set(name: str, value: Any) -> str:
-    item = exp.SetItem(this=exp.EQ(this=exp.var(name), expression=exp.Literal.string(value)))
+    literal = exp.Boolean(this=value) if isinstance(value, bool) else exp.Literal.string(value)
+    item = exp.SetItem(this=exp.EQ(this=exp.var(name), expression=literal))
     return exp.Set(expressions=[item]).sql("duckdb")
 
 
 def _exact(result: duckdb.DuckDBPyConnection) -> ExactAggregates:
     columns = tuple(d[0] for d in result.description or ())
     return ExactAggregates(columns=columns, rows=tuple(tuple(r) for r in result.fetchall()))
-
-
-def _stamp(path: str) -> tuple[int, int] | None:
-    try:
-        stat = Path(path).stat()
-    except OSError:
-        return None
-    return (stat.st_mtime_ns, stat.st_size)
-
-
-def _all_text(prompt: str) -> tuple[exp.Expr, ...] | None:
-    """The options of DuckDB's sniffed ``read_csv`` call (its ``Prompt``) with every column read as text."""
-    try:
-        call = sqlglot.parse_one(f"SELECT * {prompt.strip().rstrip(';')}", read="duckdb").find(exp.ReadCSV)
-    except sqlglot.errors.SqlglotError:
-        return None
-    if call is None:
-        return None
-    options = []
-    for option in call.expressions:
-        if not isinstance(option, exp.EQ) or not isinstance(option.this, exp.Column):
-            return None
-        value = option.expression
-        if option.this.name.lower() == "columns":
-            if not isinstance(value, exp.Struct):
-                return None
-            value = exp.Struct(
-                expressions=[
-                    exp.PropertyEQ(this=field.this.copy(), expression=exp.Literal.string("VARCHAR"))
-                    for field in value.expressions
-                ]
-            )
-        options.append(exp.Kwarg(this=exp.var(option.this.name), expression=value.copy()))
-    return tuple(options)

@@ -15,7 +15,7 @@ from dpgateway.errors import GroupingError, PrivacyViolationError, UnsupportedEr
 from dpgateway.passes.context import PlanContext
 from dpgateway.plan import DPPlan, GroupKey, MeasureKind, Measurement, Output
 from dpgateway.policies.model import Column, Table
-from dpgateway.sqlparse import check_row_expression, number
+from dpgateway.sqlparse import number, post_expression, row_expression
 
 VARIANCES = (exp.Variance, exp.VariancePop, exp.Stddev, exp.StddevSamp, exp.StddevPop)
 ANONYMOUS_AGGREGATES = {"VAR": exp.Variance, "STDEV": exp.Stddev, "VARP": exp.VariancePop, "STDEVP": exp.StddevPop}
@@ -40,8 +40,7 @@ def plan_aggregates(plan: DPPlan, *, ctx: PlanContext) -> DPPlan:
     if select.find(exp.Window):
         raise UnsupportedError("window functions are not supported")
     where = select.args.get("where")
-    if where is not None:
-        check_row_expression(where.this, "WHERE")
+    condition = row_expression(where.this, "WHERE") if where is not None else None
     if any(_is_star(e) for e in select.expressions):
         raise PrivacyViolationError("SELECT * would release raw rows; select aggregates and GROUP BY columns")
     if not plan.group_keys and not any(_is_aggregate(n) for e in select.expressions for n in e.walk()):
@@ -54,14 +53,18 @@ def plan_aggregates(plan: DPPlan, *, ctx: PlanContext) -> DPPlan:
     outputs = tuple(_output(e, plan.group_keys, registry, plan.table) for e in select.expressions)
     having = select.args.get("having")
     order = select.args.get("order")
+    # HAVING and ORDER BY may register measurements the SELECT list does not use: build them before
+    # the measurements are read (they were read first, so HAVING COUNT(*) failed after the spend).
+    post_having = _post(having.this, plan.group_keys, registry, plan.table, "HAVING", aliases) if having else None
+    post_order = (
+        tuple(_ordered(o, plan.group_keys, registry, plan.table, aliases) for o in order.expressions) if order else ()
+    )
     return plan.with_(
-        where=where.this if where is not None else None,
+        where=condition,
         outputs=outputs,
         measurements=tuple(registry.measurements),
-        having=_post(having.this, plan.group_keys, registry, plan.table, "HAVING", aliases) if having else None,
-        order=tuple(_ordered(o, plan.group_keys, registry, plan.table, aliases) for o in order.expressions)
-        if order
-        else (),
+        having=post_having,
+        order=post_order,
         limit=_int_clause(select, "limit"),
         offset=_int_clause(select, "offset"),
     )
@@ -193,7 +196,7 @@ def _post(
             raise UnsupportedError(f"subqueries are not supported (in {clause})")
         return n
 
-    return node.copy().transform(visit)
+    return post_expression(node.copy().transform(visit), clause)
 
 
 def _aggregate(agg: exp.AggFunc, registry: _Registry, table: Table) -> exp.Expr:

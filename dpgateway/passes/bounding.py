@@ -74,7 +74,7 @@ def _weighted(plan: DPPlan, table: Table, ctx: PlanContext) -> DPPlan:
     """Per-unit weighted contributions: each matching row counts ``k / max(n_u, k)`` (proof note above)."""
     hooks = ctx.hooks
     assert table.privacy_unit is not None
-    typed = _typed(_needed_columns(plan, table), hooks.source(table), ctx)
+    typed = _typed(_needed_columns(plan, table), hooks.source(table), table, ctx)
     n, _ = _unit_columns(table)
     keys = [exp.alias_(k.expr.copy(), k.name, quoted=True) for k in plan.group_keys]
     window = exp.Window(this=exp.Count(this=exp.Star()), partition_by=[exp.column(table.privacy_unit, quoted=True)])
@@ -85,7 +85,7 @@ def _weighted(plan: DPPlan, table: Table, ctx: PlanContext) -> DPPlan:
         .with_("typed", as_=typed, copy=False)
         .with_("ranked", as_=rows, copy=False)
     )
-    return plan.with_(bounded=bounded, bounded_sql=bounded.sql(dialect=hooks.DIALECT), settings=())
+    return _rendered(plan, bounded, table.name, ctx)
 
 
 def _unit_columns(table: Table) -> tuple[str, str]:
@@ -100,7 +100,7 @@ def _row_bounded(plan: DPPlan, table: Table, ctx: PlanContext) -> DPPlan:
     # The hash covers every declared column (not only the ones this query reads), so an unfiltered
     # query keeps exactly the rows a prepared copy keeps (passes/prepared.py).
     columns = list(table.columns) if table.privacy_unit else _needed_columns(plan, table)
-    typed = _typed(columns, hooks.source(table), ctx)
+    typed = _typed(columns, hooks.source(table), table, ctx)
     _, rn = _unit_columns(table)
     keys = [exp.alias_(k.expr.copy(), k.name, quoted=True) for k in plan.group_keys]
     ranked = exp.select(exp.Star(), *keys, copy=False).from_("typed", copy=False)
@@ -108,7 +108,8 @@ def _row_bounded(plan: DPPlan, table: Table, ctx: PlanContext) -> DPPlan:
     k = table.max_rows_per_unit
     if table.privacy_unit:
         unit = exp.column(table.privacy_unit, quoted=True)
-        order = hooks.row_hash(ctx.seed, [exp.column(c.name, quoted=True) for c in columns])
+        key = exp.Literal.string(hooks.row_order_key(ctx.seed))
+        order = hooks.row_hash(key, [exp.column(c.name, quoted=True) for c in columns])
         window = exp.Window(
             this=exp.RowNumber(), partition_by=[unit], order=exp.Order(expressions=[exp.Ordered(this=order)])
         )
@@ -120,14 +121,10 @@ def _row_bounded(plan: DPPlan, table: Table, ctx: PlanContext) -> DPPlan:
     if table.privacy_unit:
         final = final.where(exp.LTE(this=exp.column(rn, quoted=True), expression=exp.Literal.number(k)), copy=False)
     bounded = final.with_("typed", as_=typed, copy=False).with_("ranked", as_=ranked, copy=False)
-    return plan.with_(
-        bounded=bounded,
-        bounded_sql=bounded.sql(dialect=hooks.DIALECT),
-        settings=hooks.settings(k) if table.privacy_unit else (),
-    )
+    return _rendered(plan, bounded, table.name, ctx, settings=hooks.settings(k) if table.privacy_unit else ())
 
 
-def prepared_copy_sql(table: Table, ctx: PlanContext) -> str:
+def prepared_copy_tree(table: Table, ctx: PlanContext) -> exp.Select:
     """The rows a prepared copy stores: every row with a unit, typed, clustered by unit, with two columns more.
 
     The unit's unfiltered row count ``n_u`` (the weight input of the weighted rewrite), the row's rank
@@ -141,10 +138,11 @@ def prepared_copy_sql(table: Table, ctx: PlanContext) -> str:
     assert table.privacy_unit is not None
     hooks = ctx.hooks
     columns = list(table.columns)
-    typed = _typed(columns, hooks.source(table), ctx)
+    typed = _typed(columns, hooks.source(table), table, ctx)
     n, rn = _unit_columns(table)
     unit = exp.column(table.privacy_unit, quoted=True)
-    order = hooks.row_hash(ctx.seed, [exp.column(c.name, quoted=True) for c in columns])
+    key = exp.Literal.string(hooks.row_order_key(ctx.seed))
+    order = hooks.row_hash(key, [exp.column(c.name, quoted=True) for c in columns])
     window = exp.Window(
         this=exp.RowNumber(), partition_by=[unit], order=exp.Order(expressions=[exp.Ordered(this=order)])
     )
@@ -162,9 +160,7 @@ def prepared_copy_sql(table: Table, ctx: PlanContext) -> str:
         .from_("ranked", copy=False)
         .order_by(unit.copy(), exp.column(rn, quoted=True), copy=False)
     )
-    return (
-        stored.with_("typed", as_=typed, copy=False).with_("ranked", as_=ranked, copy=False).sql(dialect=hooks.DIALECT)
-    )
+    return stored.with_("typed", as_=typed, copy=False).with_("ranked", as_=ranked, copy=False)
 
 
 ContributionKey = tuple[str, str | None, float, bool, float]
@@ -229,7 +225,7 @@ def _unit_count(plan: DPPlan, table: Table, ctx: PlanContext) -> DPPlan:
     """
     hooks = ctx.hooks
     assert table.privacy_unit is not None
-    typed = _typed(_needed_columns(plan, table), hooks.source(table), ctx)
+    typed = _typed(_needed_columns(plan, table), hooks.source(table), table, ctx)
     unit = exp.column(table.privacy_unit, quoted=True)
     taken = {c.name for c in table.columns}
     n = find_new_name(taken, "__n")
@@ -244,7 +240,7 @@ def _unit_count(plan: DPPlan, table: Table, ctx: PlanContext) -> DPPlan:
     name = plan.measurements[0].name
     bounded = exp.select(exp.alias_(total, name, quoted=True), copy=False).from_("per_unit", copy=False)
     bounded = bounded.with_("typed", as_=typed, copy=False).with_("per_unit", as_=per_unit, copy=False)
-    return plan.with_(bounded=bounded, bounded_sql=bounded.sql(dialect=hooks.DIALECT), settings=())
+    return _rendered(plan, bounded, table.name, ctx)
 
 
 def _over_prepared(plan: DPPlan, table: Table, ctx: PlanContext) -> DPPlan:
@@ -268,7 +264,7 @@ def _over_prepared(plan: DPPlan, table: Table, ctx: PlanContext) -> DPPlan:
     columns = _needed_columns(plan.with_(measurements=unstored), table)
     if not unstored:
         columns = [c for c in columns if c.name != table.privacy_unit or _in_keys(plan, c.name)]
-    typed = _typed(columns, hooks.file_source(plan.prepared), ctx)
+    typed = _typed(columns, hooks.file_source(plan.prepared), table, ctx)
     typed = typed.select(*(exp.column(name, quoted=True) for name in extra), copy=False)
     keys = [exp.alias_(k.expr.copy(), k.name, quoted=True) for k in plan.group_keys]
     rows = exp.select(exp.Star(), *keys, copy=False).from_("typed", copy=False)
@@ -281,12 +277,46 @@ def _over_prepared(plan: DPPlan, table: Table, ctx: PlanContext) -> DPPlan:
         )
         final = _final(plan, table, "kept")
     bounded = final.with_("typed", as_=typed, copy=False).with_("kept", as_=rows, copy=False)
-    return plan.with_(bounded=bounded, bounded_sql=bounded.sql(dialect=hooks.DIALECT), settings=())
+    return _rendered(plan, bounded, f"{table.name} (prepared copy)", ctx)
 
 
-def _typed(columns: list[Column], source: exp.Expr, ctx: PlanContext) -> exp.Select:
-    typed_columns = [exp.alias_(ctx.hooks.typed(c), c.name, quoted=True) for c in columns] or [exp.true()]
-    return exp.select(*typed_columns, copy=False).from_(source, copy=False)
+def _typed(columns: list[Column], source: exp.Expr, table: Table, ctx: PlanContext) -> exp.Select:
+    """The ``typed`` CTE: each column cast to its type, the privacy unit on its exact identity."""
+    hooks = ctx.hooks
+    typed_columns = [
+        exp.alias_(hooks.unit(c) if c.name == table.privacy_unit else hooks.typed(c), c.name, quoted=True)
+        for c in columns
+    ]
+    return exp.select(*(typed_columns or [exp.true()]), copy=False).from_(source, copy=False)
+
+
+ROW_ORDER_KEY = "<row-order key>"
+
+
+def _rendered(
+    plan: DPPlan, bounded: exp.Select, relation: str, ctx: PlanContext, settings: tuple[tuple[str, object], ...] = ()
+) -> DPPlan:
+    """The plan with its bounded SQL, and the same SQL as shown by ``explain`` and hashed by the audit log.
+
+    Proof note (nothing secret or host-specific shown): the shown SQL reads a relation named after the
+    policy table (``relation``) instead of the source (file path and read options), and ``ROW_ORDER_KEY``
+    instead of the keyed hash's secret key; everything else is the executed tree. So ``explain`` is
+    free of paths, options and the key, and the audited hash does not change when the data moves.
+    Tests: tests/test_sources.py::test_explain_shows_no_path_option_or_key.
+    """
+    shown = bounded.copy()
+    for cte in shown.find_all(exp.CTE):
+        if cte.alias == "typed":
+            cte.this.from_(exp.Table(this=exp.to_identifier(relation, quoted=True)), copy=False)
+    key = ctx.hooks.row_order_key(ctx.seed)
+    for literal in [n for n in shown.find_all(exp.Literal) if n.is_string and n.this == key]:
+        literal.replace(exp.Literal.string(ROW_ORDER_KEY))
+    dialect = ctx.hooks.DIALECT
+    return plan.with_(
+        bounded=bounded,
+        shown_sql=shown.sql(dialect=dialect),
+        settings=settings,
+    )
 
 
 def _and_unit_not_null(condition: exp.Expr | None, table: Table) -> exp.Expr:

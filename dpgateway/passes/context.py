@@ -35,7 +35,7 @@ class PlanContext:
     @cached_property
     def fingerprint(self) -> str:
         """Identifies everything a plan depends on besides the query: keys the plan cache."""
-        parts = (repr(self.config), type(self.hooks).__qualname__, self.hooks.state(), repr(self.prepared))
+        parts = (repr(self.config), type(self.hooks).__qualname__, repr(self.prepared))
         digest = hashlib.sha256(self.seed)
         for part in parts:
             digest.update(b"\x1f" + part.encode())

@@ -7,11 +7,17 @@ from typing import Any
 
 from sqlglot import exp
 
-from dpgateway.errors import PrivacyViolationError, QuerySyntaxError, UnknownColumnError, UnsupportedError
+from dpgateway.errors import (
+    InternalError,
+    PrivacyViolationError,
+    QuerySyntaxError,
+    UnknownColumnError,
+    UnsupportedError,
+)
 from dpgateway.passes.context import PlanContext
 from dpgateway.plan import DPPlan, GroupKey
 from dpgateway.policies.model import Table
-from dpgateway.sqlparse import check_row_expression
+from dpgateway.sqlparse import row_expression
 
 MAX_PUBLIC_CELLS = 10_000
 
@@ -29,7 +35,7 @@ def plan_groups(plan: DPPlan, *, ctx: PlanContext) -> DPPlan:
     for i, item in enumerate(group.expressions):
         expr = _resolve_item(item, select, plan.table)
         _refuse_identifier(expr, plan.table)
-        check_row_expression(expr, "GROUP BY")
+        expr = row_expression(expr, "GROUP BY")
         keys.append(GroupKey(name=f"__g{i}", expr=expr, public_values=_public_domain(expr, plan.table)))
     return plan.with_(group_keys=tuple(keys))
 
@@ -44,7 +50,13 @@ def public_cells(keys: tuple[GroupKey, ...]) -> list[tuple[Any, ...]] | None:
         size *= len(d)  # type: ignore[arg-type]
     if size > MAX_PUBLIC_CELLS:
         return None
-    return list(itertools.product(*domains))  # type: ignore[arg-type]
+    cells = list(itertools.product(*domains))  # type: ignore[arg-type]
+    # Proof note: each public cell is released once, with its own noise; a repeated cell would be
+    # released twice with independent noise (averaging it away). Domains are distinct by construction
+    # (policies/loader.py, _public_domain), so a repeat is a bug. Test: tests/test_sources.py.
+    if len(set(cells)) != len(cells):
+        raise InternalError("public group key values repeat: a group would be released twice with independent noise")
+    return cells
 
 
 def _resolve_item(item: exp.Expr, select: exp.Select, table: Table) -> exp.Expr:

@@ -9,7 +9,7 @@ exact bounded aggregates over the copy equal the on-the-fly ones, and the sensit
 ``passes/bounding.py`` and ``passes/budget.py`` apply unchanged. A query with WHERE computes weights and
 ranks over the *matching* rows on the fly; the stored ones count all rows, so using them would be a
 different (still bounded, but less accurate) estimator: filtered queries do not use the copy. A copy is
-only offered here when the gateway found it valid for the current source file (mtime and size) and
+only offered here when the gateway found it valid for the current source file (inode, size, mtime, ctime) and
 policy (policy hash, secret seed identity and fixed-point constants). Tests: tests/test_prepare.py,
 tests/test_fastpath.py.
 

@@ -13,13 +13,15 @@ from typing import Any
 import yaml
 
 from dpgateway.errors import ConfigError
-from dpgateway.policies.model import Budget, Cap, Column, Config, ServerConfig, Table
+from dpgateway.policies.model import Budget, Cap, Column, Config, CsvDialect, ServerConfig, Table, table_key
 
 CONFIG_ENV = "DPGATEWAY_CONFIG"
 DEFAULT_CONFIG_NAME = "dpgateway.yaml"
 DEFAULT_CACHE_DIR = ".dpgateway-cache"
 
-TABLE_KEYS = {"source", "privacy_unit", "max_rows_per_unit", "columns", "public", "domain"}
+TABLE_KEYS = {"source", "privacy_unit", "max_rows_per_unit", "columns", "public", "domain", "csv"}
+CSV_KEYS = {"delimiter", "quote", "escape", "header", "comment", "null"}
+UNIT_TYPES = ("int", "str")  # identifiers whose text round-trips exactly (docs: README.md, docs/privacy.md)
 COLUMN_KEYS = {"type", "bounds", "public_values"}
 COLUMN_TYPES = ("int", "float", "str", "bool", "date")
 TOP_KEYS = {"tables", "budget", "ledger", "admins", "cache_dir", "server"}
@@ -66,6 +68,11 @@ def parse_config(raw: Any, *, base_dir: Path) -> Config:
     if not tables_raw:
         raise ConfigError("tables: declare at least one table")
     tables = tuple(_table(str(name), spec, base_dir) for name, spec in tables_raw.items())
+    seen: dict[str, str] = {}
+    for table in tables:
+        other = seen.setdefault(table_key(table.name), table.name)
+        if other != table.name:
+            raise ConfigError(f"tables.{table.name}: the same table as tables.{other} (`public.x` is `x`); keep one")
     admins = raw.get("admins", [])
     if not isinstance(admins, list) or not all(isinstance(a, str) for a in admins):
         raise ConfigError("admins: must be a list of analyst names")
@@ -139,8 +146,17 @@ def _table(name: str, spec: Any, base_dir: Path) -> Table:
     if unit is not None:
         if not isinstance(unit, str):
             raise ConfigError(f"{where}.privacy_unit: must be a column name")
-        if not any(c.name == unit for c in columns):
+        declared = next((c for c in columns if c.name == unit), None)
+        if declared is None:
             raise ConfigError(f"{where}.privacy_unit: column {unit!r} is not declared under {where}.columns")
+        if declared.type not in UNIT_TYPES:
+            # Proof note: a float, bool or date unit merges distinct raw ids into one person (two float
+            # ids above 2**53, '1' and 'yes'), which multiplies the real sensitivity. Test:
+            # tests/test_sources.py::test_unit_type_must_round_trip.
+            raise ConfigError(
+                f"{where}.privacy_unit: column {unit!r} is {declared.type}; a privacy unit must be int or str "
+                f"(identifiers that round-trip exactly); declare it `type: str` under {where}.columns.{unit}"
+            )
     k = spec.get("max_rows_per_unit", 1)
     if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= MAX_ROWS_PER_UNIT:
         raise ConfigError(f"{where}.max_rows_per_unit: must be an integer from 1 to {MAX_ROWS_PER_UNIT}")
@@ -149,6 +165,9 @@ def _table(name: str, spec: Any, base_dir: Path) -> Table:
     domain = spec.get("domain", "")
     if not isinstance(domain, str):
         raise ConfigError(f"{where}.domain: must be a name")
+    csv = _csv(spec.get("csv"), f"{where}.csv")
+    if "csv" in spec and (not isinstance(source, Path) or source.suffix.lower() in (".parquet", ".pq")):
+        raise ConfigError(f"{where}.csv: only a CSV file source takes csv options; remove {where}.csv")
     return Table(
         name=name,
         source=source,
@@ -157,7 +176,36 @@ def _table(name: str, spec: Any, base_dir: Path) -> Table:
         max_rows_per_unit=k,
         public=public,
         domain=domain,
+        csv=csv,
     )
+
+
+def _csv(raw: Any, where: str) -> CsvDialect:
+    """The CSV dialect: RFC 4180 defaults, each key a single character (or "" for none) or a boolean."""
+    if raw is None:
+        return CsvDialect()
+    raw = _mapping(raw, where)
+    _no_unknown(raw, CSV_KEYS, where)
+    default = CsvDialect()
+    chars = {}
+    for key in ("delimiter", "quote", "escape", "comment"):
+        value = raw.get(key, raw.get("quote", default.quote) if key == "escape" else getattr(default, key))
+        if not isinstance(value, str) or len(value) > 1 or value in ("\n", "\r") or (key == "delimiter" and not value):
+            what = "one character" if key == "delimiter" else 'one character, or "" for none'
+            raise ConfigError(f"{where}.{key}: must be {what} (not a line break), not {value!r}")
+        chars[key] = value
+    used = [chars[k] for k in ("delimiter", "quote", "comment") if chars[k]]
+    if len(set(used)) != len(used):
+        raise ConfigError(f"{where}: delimiter, quote and comment must be different characters")
+    if chars["escape"] and not chars["quote"]:
+        raise ConfigError(f'{where}.escape: needs a quote character; set {where}.escape to ""')
+    header = raw.get("header", default.header)
+    if not isinstance(header, bool):
+        raise ConfigError(f"{where}.header: must be true or false, not {header!r}")
+    null = raw.get("null", default.null)
+    if not isinstance(null, str) or "\n" in null or "\r" in null:
+        raise ConfigError(f"{where}.null: must be a string without line breaks, not {null!r}")
+    return CsvDialect(header=header, null=null, **chars)
 
 
 def _column(where: str, name: str, spec: Any) -> Column:
@@ -183,17 +231,31 @@ def _column(where: str, name: str, spec: Any) -> Column:
         bounds = (float(bounds[0]), float(bounds[1]))
     values = spec.get("public_values")
     if values is not None:
-        if not isinstance(values, list) or not values or len(set(map(repr, values))) != len(values):
+        if not isinstance(values, list) or not values:
             raise ConfigError(f"{where}.public_values: must be a non-empty list of distinct values")
         values = tuple(_coerce(v, ctype, f"{where}.public_values") for v in values)
+        # Proof note: distinct *after* coercion to the column type, so no group is released twice with
+        # independent noise ([1, 1.0] is one int). Test: tests/test_sources.py::test_public_values_distinct_after_coercion.
+        duplicate = next((v for i, v in enumerate(values) if v in values[:i]), _NONE)
+        if duplicate is not _NONE:
+            raise ConfigError(
+                f"{where}.public_values: {duplicate!r} is listed twice once read as {ctype}; list each value once"
+            )
     return Column(name=name, type=ctype, bounds=bounds, public_values=values)
 
 
+_NONE = object()
+
+
 def _coerce(value: Any, ctype: str, where: str) -> Any:
-    """A public value as the column's type, so it matches what the backend returns."""
+    """A public value as the column's type, so it matches what the backend returns; NaN is refused."""
     converters: dict[str, Any] = {"int": int, "float": float, "str": str, "bool": bool}
     if ctype not in converters or value is None:
         return value
+    if isinstance(value, bool) != (ctype == "bool"):
+        raise ConfigError(f"{where}: {value!r} is not a valid {ctype}")
+    if (isinstance(value, float) and math.isnan(value)) or (ctype == "float" and str(value).strip().lower() == "nan"):
+        raise ConfigError(f"{where}: NaN is not a value a row can have (the gateway reads NaN as NULL); remove it")
     try:
         converted = converters[ctype](value)
     except (TypeError, ValueError):

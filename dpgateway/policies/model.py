@@ -30,11 +30,28 @@ class Column:
 
 
 @dataclass(frozen=True)
+class CsvDialect:
+    """How a CSV source is read: fixed by the policy, never sniffed from the data (RFC 4180 defaults).
+
+    ``quote`` and ``escape`` may be ``""`` (no quoting / escaping); ``comment`` ``""`` means no comment
+    lines; an unquoted field equal to ``null`` is NULL (a quoted field is always a value).
+    """
+
+    delimiter: str = ","
+    quote: str = '"'
+    escape: str = '"'
+    header: bool = True
+    comment: str = ""
+    null: str = ""
+
+
+@dataclass(frozen=True)
 class Table:
     """A table, its source and its privacy policy.
 
-    ``privacy_unit`` is the column identifying the person; ``None`` means each row is a person
-    (row-level privacy, ``max_rows_per_unit`` is then 1). ``public`` tables carry no privacy.
+    ``privacy_unit`` is the column identifying the person (an ``int`` or ``str`` column: identifiers
+    that round-trip exactly); ``None`` means each row is a person (row-level privacy,
+    ``max_rows_per_unit`` is then 1). ``public`` tables carry no privacy.
     """
 
     name: str
@@ -44,6 +61,7 @@ class Table:
     max_rows_per_unit: int = 1
     public: bool = False
     domain: str = ""
+    csv: CsvDialect = CsvDialect()  # read options of a CSV source (ignored for Parquet)
 
     def column(self, name: str) -> Column | None:
         lowered = name.lower()
@@ -109,8 +127,20 @@ class Config:
         return self.cache_dir if self.cache_dir is not None else self.base_dir / ".dpgateway-cache"
 
     def table(self, name: str) -> Table | None:
-        lowered = name.lower()
+        """The table named ``name`` (case-insensitive; see :func:`table_key` for schema prefixes)."""
+        wanted = table_key(name)
         for table in self.tables:
-            if table.name.lower() == lowered:
+            if table_key(table.name) == wanted:
                 return table
         return None
+
+
+def table_key(name: str) -> str:
+    """How table names are matched: case-insensitive, and ``public.x`` is ``x`` (PostgreSQL's default schema).
+
+    ``clinic.visits`` matches only ``clinic.visits``; an unqualified ``visits`` matches a policy table
+    ``visits`` or ``public.visits``, never ``clinic.visits``, so tables of one name in two schemas never
+    collide.
+    """
+    lowered = name.lower()
+    return lowered.removeprefix("public.")

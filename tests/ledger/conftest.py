@@ -92,7 +92,7 @@ def make_store(ledger_url: str, clock: FakeClock) -> Iterator[Callable[..., SQLB
     stores: list[SQLBudgetStore] = []
 
     def make(budget: Budget = BUDGET, **options: Any) -> SQLBudgetStore:
-        store = open_store(ledger_url, budget, clock=clock, **options)
+        store = open_store(ledger_url, budget, clock=clock, database_clock=clock, **options)
         stores.append(store)
         return store
 

@@ -173,7 +173,11 @@ def test_png_without_matplotlib_is_a_clear_error(config_path, tmp_path, monkeypa
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     result = run("budget", "history", "--png", str(tmp_path / "x.png"), "--config", config_path)
     assert result.exit_code == 1
-    assert "ERROR 0A000: --png needs matplotlib" in result.output
+    assert (
+        "ERROR 0A000: --png needs matplotlib, which `pip install .` does not install; run `pip install 'dpgateway[plot]'`"
+        in result.output
+    )
+    assert not (tmp_path / "x.png").exists()
 
 
 def test_audit_filters_and_formats(config_path):
@@ -201,3 +205,48 @@ def test_missing_config_is_a_config_error(tmp_path):
     result = run("audit", "--config", str(tmp_path / "absent.yaml"), "--format", "json")
     assert result.exit_code == 1
     assert json.loads(result.output)["error"]["sqlstate"] == "F0000"
+
+
+def test_grant_or_set_cap_on_an_unknown_name_needs_confirmation(config_path, monkeypatch):
+    typo = run("budget", "grant", "analyst", "alcie", "--epsilon", "1", "--config", config_path)
+    assert typo.exit_code == 1
+    assert "ERROR 22023: analyst:alcie matches no analyst in the ledger or the policy" in typo.output
+    assert "pass --yes" in typo.output
+    domain = run("budget", "set-cap", "domain", "pdi", "--epsilon", "5", "--config", config_path)
+    assert domain.exit_code == 1 and "domain:pdi matches no domain" in domain.output
+    assert '"alcie"' not in run("budget", "show", "--config", config_path, "--format", "json").output
+    forced = run("budget", "grant", "analyst", "carol", "--epsilon", "1", "--yes", "--config", config_path)
+    assert forced.exit_code == 0 and "Granted analyst:carol: cap is now epsilon=3" in forced.output
+    assert run("budget", "grant", "analyst", "carol", "--epsilon", "1", "--config", config_path).exit_code == 0
+    for known in (["analyst", "bob"], ["analyst", "boss"], ["domain", "pid"]):  # charged, admin, policy domain
+        assert run("budget", "set-cap", *known, "--epsilon", "9", "--config", config_path).exit_code == 0
+    monkeypatch.setattr("dpgateway.admin_cli._interactive", lambda: True)
+    declined = run("budget", "grant", "analyst", "dave", "--epsilon", "1", "--config", config_path, stdin="n\n")
+    assert declined.exit_code == 1 and "Aborted" in declined.output
+    asked = run("budget", "grant", "analyst", "dave", "--epsilon", "1", "--config", config_path, stdin="y\n")
+    assert "matches no analyst in the ledger or the policy (a typo?). Change its cap anyway?" in asked.output
+    assert asked.exit_code == 0 and "Granted analyst:dave" in asked.output
+
+
+def test_admin_names_are_normalized(config_path):
+    spaced = run(
+        "budget", "grant", "analyst", "  bob ", "--epsilon", "1", "--analyst", " boss ", "--config", config_path
+    )
+    assert spaced.exit_code == 0 and "Granted analyst:bob: cap is now epsilon=3" in spaced.output
+    history = json.loads(
+        run("budget", "history", "analyst", " alice", "--config", config_path, "--format", "json").output
+    )
+    assert history["scope"] == "analyst:alice" and len(history["charges"]) == 2
+    assert len(json.loads(run("audit", "--analyst", "bob ", "--config", config_path, "--format", "json").output)) == 2
+    empty = run("budget", "grant", "analyst", "   ", "--epsilon", "1", "--config", config_path)
+    assert empty.exit_code == 1 and "ERROR 22023: analyst '' is not a usable name" in empty.output
+    blank_admin = run("budget", "grant", "analyst", "bob", "--epsilon", "1", "--config", config_path, user="  ")
+    assert blank_admin.exit_code == 1 and "ERROR 22023" in blank_admin.output and "Traceback" not in blank_admin.output
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-1", "abc"])
+def test_absurd_cap_amounts_are_refused(config_path, value):
+    for command in ("grant", "set-cap"):
+        result = run("budget", command, "analyst", "bob", "--epsilon", value, "--config", config_path)
+        assert result.exit_code == 1 and result.output.startswith("ERROR 22023: budget "), result.output
+        assert "finite numbers >= 0" in result.output

@@ -40,7 +40,9 @@ def after_the_lease() -> float:
 
 def test_killed_before_commit_the_reservation_is_charged_as_abandoned(ledger_url):
     (rid,) = run_and_kill(workers.reserve_and_hang, ledger_url, BUDGET, 0.7)
-    store = open_store(ledger_url, BUDGET, clock=after_the_lease, lease_seconds=LEASE)  # the restart
+    store = open_store(
+        ledger_url, BUDGET, clock=after_the_lease, database_clock=after_the_lease, lease_seconds=LEASE
+    )  # the restart
     assert [(c.id, c.state, c.epsilon) for c in store.history()] == [(rid, "abandoned", 0.7)]
     assert [r.outcome for r in store.audit_log()] == ["abandoned"]
     assert store.remaining("alice", ["pid"]).analyst.spent_epsilon == pytest.approx(0.7)
@@ -52,7 +54,7 @@ def test_killed_before_commit_the_reservation_is_charged_as_abandoned(ledger_url
 
 def test_killed_after_commit_before_release_the_debit_stands(ledger_url):
     (rid,) = run_and_kill(workers.commit_and_hang, ledger_url, BUDGET)
-    store = open_store(ledger_url, BUDGET, clock=after_the_lease, lease_seconds=LEASE)
+    store = open_store(ledger_url, BUDGET, clock=after_the_lease, database_clock=after_the_lease, lease_seconds=LEASE)
     assert [(c.id, c.state) for c in store.history()] == [(rid, "committed")]
     assert store.remaining("alice", []).analyst.spent_epsilon == pytest.approx(workers.STEP)
     assert store.cached_answer("alice", "alice-q") == {"columns": ["n"], "rows": [[42]]}
@@ -62,7 +64,7 @@ def test_killed_after_commit_before_release_the_debit_stands(ledger_url):
 
 def test_killed_at_an_arbitrary_point_keeps_every_invariant(ledger_url):
     reported = run_and_kill(workers.churn, ledger_url, BUDGET, reports=30)
-    store = open_store(ledger_url, BUDGET, clock=after_the_lease, lease_seconds=LEASE)
+    store = open_store(ledger_url, BUDGET, clock=after_the_lease, database_clock=after_the_lease, lease_seconds=LEASE)
     charges = {c.id: c for c in store.history()}
     assert {charges[rid].state for rid in reported} == {"committed"}  # every reported debit survived
     assert {c.state for c in charges.values()} <= {"committed", "abandoned"}  # nothing dangles

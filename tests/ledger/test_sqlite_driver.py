@@ -77,7 +77,7 @@ def test_the_driver_path_keeps_the_same_ledger_as_sqlalchemy(tmp_path):
     runs = []
     for name, kind in (("driver", SQLiteBudgetStore), ("sqlalchemy", SQLAlchemyPathStore)):
         clock = FakeClock()
-        store = kind(f"sqlite:///{tmp_path / name}.db", BUDGET, clock=clock, lease_seconds=60)
+        store = kind(f"sqlite:///{tmp_path / name}.db", BUDGET, clock=clock, database_clock=clock, lease_seconds=60)
         runs.append(scenario(store, clock))
         assert (store._driver is not None) == (kind is SQLiteBudgetStore)
         store.close()

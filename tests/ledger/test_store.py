@@ -100,7 +100,7 @@ def test_pending_reservations_count_until_released(make_store):
     store.release(held[0], outcome="error", message="backend timed out")
     store.commit(store.reserve(make_spend(epsilon=0.5)), epsilon=0.5, delta=0)
     error = store.audit_log(outcome="error")
-    assert [(r.message, r.epsilon) for r in error] == [("backend timed out", 1.0)]
+    assert [(r.message, r.epsilon) for r in error] == [("not charged, reservation released: backend timed out", 1.0)]
 
 
 def test_a_charge_stops_counting_when_it_leaves_the_window(make_store, clock: FakeClock):
@@ -327,3 +327,19 @@ def test_an_unreachable_ledger_is_a_backend_error_without_traceback_details():
         open_store("postgresql://nobody:secret@127.0.0.1:1/x", BUDGET)
     assert "secret" not in info.value.message
     assert info.value.sqlstate == "58000"
+
+
+def test_a_charged_failure_is_audited_as_error_and_stores_no_answer(make_store):
+    store = make_store()
+    why = "the query failed after the backend ran (SQLSTATE 58000)"
+    store.commit(store.reserve(make_spend(epsilon=0.5, key="k")), epsilon=0.5, delta=1e-7, outcome="error", message=why)
+    assert [(r.outcome, r.epsilon, r.delta, r.message) for r in store.audit_log()] == [
+        ("error", 0.5, 1e-7, f"charged, no answer released: {why}")
+    ]
+    assert [c.state for c in store.history()] == ["committed"]
+    assert store.remaining("alice", ["pid"]).analyst.spent_epsilon == 0.5
+    assert store.cached_answer("alice", "k") is None
+    with pytest.raises(InternalError, match="outcome 'error' and an answer, which a failed query does not release"):
+        store.commit(store.reserve(make_spend()), epsilon=0.5, delta=0, answer={"rows": [[1]]}, outcome="error")
+    with pytest.raises(InternalError, match="outcome 'refused': this is a bug"):
+        store.commit(store.reserve(make_spend()), epsilon=0.5, delta=0, outcome="refused")  # type: ignore[arg-type]
