@@ -18,7 +18,7 @@ from sqlglot import exp
 from dpgateway import prepare
 from dpgateway.budget_store.base import BudgetStore, Spend
 from dpgateway.connectors.base import Connector, ExactAggregates
-from dpgateway.connectors.duckdb import DuckDBConnector
+from dpgateway.connectors.routing import connector_for
 from dpgateway.errors import (
     DPGatewayError,
     InternalError,
@@ -123,7 +123,7 @@ class Gateway:
 
     def __init__(self, config: Config, *, connector: Connector | None = None, store: BudgetStore | None = None):
         self.config = config
-        self.connector = connector or DuckDBConnector()
+        self.connector = connector or connector_for(config)
         if store is None:
             from dpgateway.budget_store import open_store
 

@@ -70,6 +70,10 @@ class SQLHooks:
         """The relation reading a Parquet file written by the gateway (a prepared copy)."""
         return exp.to_table(path)
 
+    def render(self, tree: exp.Expr) -> str:
+        """The bounded query's text in this engine's dialect (a backend may adjust a node's semantics)."""
+        return tree.sql(dialect=self.DIALECT)
+
     def state(self) -> str:
         """Anything besides the policy that changes the SQL these hooks render (keys the plan cache)."""
         return ""

@@ -85,7 +85,7 @@ def _weighted(plan: DPPlan, table: Table, ctx: PlanContext) -> DPPlan:
         .with_("typed", as_=typed, copy=False)
         .with_("ranked", as_=rows, copy=False)
     )
-    return plan.with_(bounded=bounded, bounded_sql=bounded.sql(dialect=hooks.DIALECT), settings=())
+    return plan.with_(bounded=bounded, bounded_sql=hooks.render(bounded), settings=())
 
 
 def _unit_columns(table: Table) -> tuple[str, str]:
@@ -122,7 +122,7 @@ def _row_bounded(plan: DPPlan, table: Table, ctx: PlanContext) -> DPPlan:
     bounded = final.with_("typed", as_=typed, copy=False).with_("ranked", as_=ranked, copy=False)
     return plan.with_(
         bounded=bounded,
-        bounded_sql=bounded.sql(dialect=hooks.DIALECT),
+        bounded_sql=hooks.render(bounded),
         settings=hooks.settings(k) if table.privacy_unit else (),
     )
 
@@ -162,9 +162,7 @@ def prepared_copy_sql(table: Table, ctx: PlanContext) -> str:
         .from_("ranked", copy=False)
         .order_by(unit.copy(), exp.column(rn, quoted=True), copy=False)
     )
-    return (
-        stored.with_("typed", as_=typed, copy=False).with_("ranked", as_=ranked, copy=False).sql(dialect=hooks.DIALECT)
-    )
+    return hooks.render(stored.with_("typed", as_=typed, copy=False).with_("ranked", as_=ranked, copy=False))
 
 
 ContributionKey = tuple[str, str | None, float, bool, float]
@@ -244,7 +242,7 @@ def _unit_count(plan: DPPlan, table: Table, ctx: PlanContext) -> DPPlan:
     name = plan.measurements[0].name
     bounded = exp.select(exp.alias_(total, name, quoted=True), copy=False).from_("per_unit", copy=False)
     bounded = bounded.with_("typed", as_=typed, copy=False).with_("per_unit", as_=per_unit, copy=False)
-    return plan.with_(bounded=bounded, bounded_sql=bounded.sql(dialect=hooks.DIALECT), settings=())
+    return plan.with_(bounded=bounded, bounded_sql=hooks.render(bounded), settings=())
 
 
 def _over_prepared(plan: DPPlan, table: Table, ctx: PlanContext) -> DPPlan:
@@ -281,7 +279,7 @@ def _over_prepared(plan: DPPlan, table: Table, ctx: PlanContext) -> DPPlan:
         )
         final = _final(plan, table, "kept")
     bounded = final.with_("typed", as_=typed, copy=False).with_("kept", as_=rows, copy=False)
-    return plan.with_(bounded=bounded, bounded_sql=bounded.sql(dialect=hooks.DIALECT), settings=())
+    return plan.with_(bounded=bounded, bounded_sql=hooks.render(bounded), settings=())
 
 
 def _typed(columns: list[Column], source: exp.Expr, ctx: PlanContext) -> exp.Select:
