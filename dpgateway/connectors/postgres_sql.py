@@ -20,7 +20,7 @@ the edge inputs against a real server and checks none raises):
     at most 20 such characters) within ``[-2^63, 2^63-1]``, then the cast;
   * ``float``: 16+ ``pg_input_is_valid(t, 'double precision')``. Before 16: ``nan``/``inf``/``infinity``
     with an optional sign (case-insensitive, as ``float8in`` spells them); or a plain decimal of at most
-    300 digits before and after the point, whose magnitude is 0 or in ``[1e-300, 1e300)`` so neither
+    255 digits before and after the point, whose magnitude is 0 or in ``[1e-255, 1e255)`` so neither
     overflows nor underflows; or a mantissa of at most 20+20 digits with a 1-3 digit exponent, checked as
     NUMERIC (total: ``|exponent| <= 999``) to be 0 or within ``[1e-307, 1e308]``. NaN becomes NULL;
   * ``bool``: no cast at all, ``lower(t)`` compared with the spellings ``boolin`` accepts;
@@ -74,7 +74,7 @@ TRUE_SPELLINGS = ("t", "true", "y", "yes", "on", "1")
 FALSE_SPELLINGS = ("f", "false", "n", "no", "off", "0")
 INT_PATTERN = "^[+-]?[0-9]{1,19}$"
 FLOAT_SPECIAL = "^(nan|[+-]?inf|[+-]?infinity)$"
-FLOAT_PLAIN = r"^[+-]?([0-9]{1,300}(\.[0-9]{0,300})?|\.[0-9]{1,300})$"
+FLOAT_PLAIN = r"^[+-]?([0-9]{1,255}(\.[0-9]{0,255})?|\.[0-9]{1,255})$"  # 255: the largest count PostgreSQL regexes take
 FLOAT_EXPONENT = r"^[+-]?([0-9]{1,20}(\.[0-9]{0,20})?|\.[0-9]{1,20})[eE][+-]?[0-9]{1,3}$"
 DATE_PATTERN = "^([0-9]{4})-(0[1-9]|1[0-2])-(0[1-9]|[12][0-9]|3[01])$"
 EXTRACT_FIELDS = frozenset({"YEAR", "MONTH", "DAY", "QUARTER", "DOW", "DOY", "WEEK", "ISOYEAR", "ISODOW"})

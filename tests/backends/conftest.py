@@ -19,6 +19,7 @@ import pandas as pd
 import psycopg2
 import psycopg2.extras
 import pytest
+import sqlalchemy as sa
 from pg_server import SystemPostgres, WheelPostgres
 
 from dpgateway import Gateway
@@ -28,7 +29,7 @@ from dpgateway.policies.loader import parse_config
 PUMS = resources.files("dpgateway") / "data" / "pums.csv"
 URL_ENV = "DPGATEWAY_TEST_BACKEND_URL"
 READER = "dpgateway_reader"
-PG_TYPES = {"int64": "bigint", "float64": "double precision", "object": "text", "bool": "boolean"}
+PG_TYPES = {"int64": "bigint", "float64": "double precision", "object": "text", "str": "text", "bool": "boolean"}
 PUMS_COLUMNS = {
     "pid": {"type": "int"},
     "age": {"type": "int", "bounds": [0, 100]},
@@ -68,9 +69,10 @@ def pg_database(postgres_server: SystemPostgres | WheelPostgres) -> PostgresData
         cur.execute(f"CREATE DATABASE {name}")
         cur.execute(f"DO $$ BEGIN CREATE ROLE {READER} LOGIN; EXCEPTION WHEN duplicate_object THEN NULL; END $$")
     admin.close()
-    base = postgres_server.url.rsplit("/", 1)[0]
+    url = sa.make_url(postgres_server.url).set(database=name)
     database = PostgresDatabase(
-        admin_url=f"{base}/{name}", reader_url=f"{base}/{name}".replace("://postgres@", f"://{READER}@")
+        admin_url=url.render_as_string(hide_password=False),
+        reader_url=url.set(username=READER, password=None).render_as_string(hide_password=False),
     )
     with psycopg2.connect(database.admin_url) as conn, conn.cursor() as cur:
         cur.execute(
