@@ -19,7 +19,7 @@ import pandas as pd
 from dpgateway import prepare
 from dpgateway.budget_store.base import BudgetStore, Spend
 from dpgateway.connectors.base import Connector, ExactAggregates
-from dpgateway.connectors.duckdb import DuckDBConnector
+from dpgateway.connectors.routing import connector_for
 from dpgateway.errors import (
     DPGatewayError,
     FileAccessError,
@@ -138,7 +138,7 @@ class Gateway:
 
     def __init__(self, config: Config, *, connector: Connector | None = None, store: BudgetStore | None = None):
         self.config = config
-        self.connector = connector or DuckDBConnector.for_config(config)
+        self.connector = connector or connector_for(config)
         if store is None:
             from dpgateway.budget_store import open_store
 
@@ -242,7 +242,9 @@ class Gateway:
             ) from None
         target = folder / f"{policy.name}-{digest[:16]}.parquet"
         hooks = self._ctx.hooks
-        copy_sql = verify(prepared_copy_tree(policy, self._ctx), hooks.DIALECT, sources=[hooks.source(policy)])
+        copy_sql = verify(
+            hooks.finish(prepared_copy_tree(policy, self._ctx)), hooks.DIALECT, sources=[hooks.source(policy)]
+        )
         with tempfile.TemporaryDirectory(dir=folder, prefix=".prepare-") as scratch:  # 0700: nobody else can open it
             partial = Path(scratch) / target.name
             rows = self.connector.materialize(copy_sql, str(partial))

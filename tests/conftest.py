@@ -1,13 +1,16 @@
-"""Shared fixtures: a gateway over the bundled PUMS sample with a throwaway ledger."""
+"""Shared fixtures: a gateway over the bundled PUMS sample with a throwaway ledger; one throwaway PostgreSQL
+server per session (the ledger and backend tests share it)."""
 
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Iterator
 from importlib import resources
 from pathlib import Path
 
 import pytest
+from pg_server import PostgresUnavailable, SystemPostgres, WheelPostgres, start_postgres
 
 from dpgateway import Gateway
 from dpgateway.policies.loader import load_config
@@ -35,3 +38,16 @@ def demo_gateway(demo_config_path: Path) -> Iterator[Gateway]:
     )
     with Gateway(dataclasses.replace(config, budget=budget)) as gw:
         yield gw
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[SystemPostgres | WheelPostgres]:
+    """A throwaway PostgreSQL server for the whole session (see pg_server.py)."""
+    try:
+        server = start_postgres()
+    except PostgresUnavailable as exc:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"PostgreSQL could not start, and CI must run the PostgreSQL tests: {exc}")
+        pytest.skip(f"PostgreSQL could not start: {exc}")
+    yield server
+    server.stop()

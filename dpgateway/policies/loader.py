@@ -13,6 +13,7 @@ from typing import Any
 import yaml
 
 from dpgateway.errors import ConfigError
+from dpgateway.policies.connections import connector_source
 from dpgateway.policies.model import Budget, Cap, Column, Config, CsvDialect, ServerConfig, Table, table_key
 
 CONFIG_ENV = "DPGATEWAY_CONFIG"
@@ -131,7 +132,9 @@ def _table(name: str, spec: Any, base_dir: Path) -> Table:
     source = spec["source"]
     if isinstance(source, str):
         source = base_dir / source
-    elif not isinstance(source, dict):
+    elif isinstance(source, dict):
+        source = connector_source(source, f"{where}.source")
+    else:
         raise ConfigError(f"{where}.source: must be a file path or a connector mapping")
     public = spec.get("public", False)
     if not isinstance(public, bool):

@@ -1,15 +1,15 @@
-"""Ledger fixtures: an injectable clock, a small budget, SQLite and a throwaway PostgreSQL server."""
+"""Ledger fixtures: an injectable clock, a small budget, SQLite and a database on the throwaway PostgreSQL
+server (``postgres_server``, tests/conftest.py)."""
 
 from __future__ import annotations
 
-import os
 import uuid
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
 import sqlalchemy as sa
-from pg_server import PostgresUnavailable, SystemPostgres, WheelPostgres, start_postgres
+from pg_server import SystemPostgres, WheelPostgres
 
 from dpgateway.budget_store import Spend, open_store
 from dpgateway.budget_store.sql import SQLBudgetStore
@@ -51,19 +51,6 @@ def make_spend(
 @pytest.fixture
 def clock() -> FakeClock:
     return FakeClock()
-
-
-@pytest.fixture(scope="session")
-def postgres_server() -> Iterator[SystemPostgres | WheelPostgres]:
-    """A throwaway PostgreSQL server for the whole session (see pg_server.py)."""
-    try:
-        server = start_postgres()
-    except PostgresUnavailable as exc:
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"PostgreSQL could not start, and CI must run the PostgreSQL tests: {exc}")
-        pytest.skip(f"PostgreSQL could not start: {exc}")
-    yield server
-    server.stop()
 
 
 @pytest.fixture

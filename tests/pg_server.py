@@ -1,4 +1,4 @@
-"""A throwaway PostgreSQL server for the ledger tests.
+"""A throwaway PostgreSQL server for the ledger and backend tests.
 
 Where the binaries come from, first found wins:
 

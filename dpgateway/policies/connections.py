@@ -1,0 +1,79 @@
+"""Connector sources in the config, and secrets by reference: ``{$env: NAME}`` reads ``NAME`` from the environment.
+
+A :class:`Secret` never shows its value: ``repr`` and ``str`` name only where it came from, so a config
+printed, logged, audited or hashed into a cache key cannot carry a password. Only a connector calls
+:meth:`Secret.reveal`, to open its connection. Test: tests/backends/test_postgres_config.py.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+from dpgateway.errors import ConfigError
+
+ENV_KEY = "$env"
+
+
+@dataclass(frozen=True)
+class Secret:
+    """A value read from the environment variable ``name`` (``""``: written inline in the config); never shown."""
+
+    name: str
+    value: str = field(repr=False, compare=False)
+
+    def reveal(self) -> str:
+        return self.value
+
+    def __str__(self) -> str:
+        return f"{{{ENV_KEY}: {self.name}}}" if self.name else "<inline secret>"
+
+    def __repr__(self) -> str:
+        return f"Secret({ENV_KEY}={self.name!r})" if self.name else "Secret(inline)"
+
+
+def resolve_secret(value: Any, where: str) -> Secret:
+    """An inline string or ``{$env: NAME}`` read now, as a Secret (a ConfigError names the variable, never a value)."""
+    if isinstance(value, str):
+        return Secret(name="", value=value)
+    if isinstance(value, dict) and set(value) == {ENV_KEY} and isinstance(value[ENV_KEY], str):
+        name = value[ENV_KEY]
+        found = os.environ.get(name)
+        if not found:
+            raise ConfigError(f"{where}: environment variable {name} is not set; export it before starting the gateway")
+        return Secret(name=name, value=found)
+    raise ConfigError(f"{where}: must be a string or {{{ENV_KEY}: VARIABLE_NAME}}")
+
+
+POSTGRES_KEYS = {"connector", "url", "table", "statement_timeout_ms"}
+DEFAULT_STATEMENT_TIMEOUT_MS = 60_000
+_IDENTIFIER_PART = "a schema or table name without dots or double quotes"
+
+
+def connector_source(spec: dict[str, Any], where: str) -> dict[str, Any]:
+    """Validate a connector mapping; return it with ``url`` resolved to a :class:`Secret`.
+
+    Only ``connector: postgres`` exists so far: ``{connector: postgres, url: ..., table: schema.table}``
+    with an optional ``statement_timeout_ms`` (default 60000).
+    """
+    kind = spec.get("connector")
+    if kind != "postgres":
+        raise ConfigError(f"{where}.connector: must be postgres (or give the source as a CSV or Parquet path)")
+    unknown = sorted(set(map(str, spec)) - POSTGRES_KEYS)
+    if unknown:
+        raise ConfigError(f"{where}: unknown key {unknown[0]!r}; allowed keys are {', '.join(sorted(POSTGRES_KEYS))}")
+    if "url" not in spec:
+        raise ConfigError(f"{where}.url: missing; give a postgresql:// URL, best as {{{ENV_KEY}: VARIABLE_NAME}}")
+    url = resolve_secret(spec["url"], f"{where}.url")
+    if not url.reveal().startswith(("postgresql://", "postgres://")):
+        origin = f"environment variable {url.name}" if url.name else "the URL"
+        raise ConfigError(f"{where}.url: {origin} must start with postgresql://")
+    table = spec.get("table")
+    parts = table.split(".") if isinstance(table, str) else []
+    if not 1 <= len(parts) <= 2 or not all(p and '"' not in p and "\x00" not in p for p in parts):
+        raise ConfigError(f"{where}.table: must be table or schema.table, each {_IDENTIFIER_PART}")
+    timeout = spec.get("statement_timeout_ms", DEFAULT_STATEMENT_TIMEOUT_MS)
+    if isinstance(timeout, bool) or not isinstance(timeout, int) or not 1 <= timeout <= 86_400_000:
+        raise ConfigError(f"{where}.statement_timeout_ms: must be an integer from 1 to 86400000 (milliseconds)")
+    return {"connector": kind, "url": url, "table": table, "statement_timeout_ms": timeout}

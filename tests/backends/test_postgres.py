@@ -1,0 +1,158 @@
+"""PostgreSQL specifics: the guarded casts never raise, errors hide values, secrets stay secret,
+the gateway's role only reads, and the catalog check runs before any query."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pandas as pd
+import psycopg2
+import pytest
+from conftest import PUMS_COLUMNS, URL_ENV, PostgresDatabase, exact, pums_frame, sorted_rows
+
+from dpgateway import Gateway
+from dpgateway.connectors.postgres import PostgresConnector
+from dpgateway.connectors.postgres_sql import TARGETS, PostgresHooks
+from dpgateway.errors import BackendError, ConfigError
+from dpgateway.policies.loader import parse_config
+from dpgateway.policies.model import Column
+
+pytestmark = pytest.mark.postgres
+
+TRICKY = [
+    "0", "-0", "+7", "9223372036854775807", "-9223372036854775808", "9223372036854775808", "-9223372036854775809",
+    "99999999999999999999", " 5", "5 ", "1_000", "0x1F", "", "abc", "1.5", "-1.5e3", "1e308", "1e309", "1e-320",
+    "2e-308", "NaN", "nan", "-inf", "Infinity", "+infinity", "+NaN", "1" * 400, "." + "1" * 255, "." + "1" * 256, "1.", ".5",
+    "2023-02-28", "2023-02-30", "2024-02-29", "0000-01-01", "9999-12-31", "2023-13-01", "true", "YES", "off", "2",
+]  # fmt: skip
+
+
+@pytest.fixture
+def strings(pg_database: PostgresDatabase) -> PostgresDatabase:
+    pg_database.load("strings", pd.DataFrame({"s": TRICKY}))
+    return pg_database
+
+
+@pytest.mark.parametrize("input_is_valid", [False, True])
+@pytest.mark.parametrize("kind", ["int", "float", "bool", "date"])
+def test_guarded_casts_never_raise_and_agree_with_the_cast(
+    strings: PostgresDatabase, kind: str, input_is_valid: bool
+) -> None:
+    """Each guarded value is NULL or exactly what the plain cast gives; the plain cast raises on some inputs."""
+    with psycopg2.connect(strings.admin_url) as conn, conn.cursor() as cur:
+        cur.execute("SHOW server_version_num")
+        if input_is_valid and int(cur.fetchone()[0]) < 160000:
+            pytest.skip("pg_input_is_valid needs PostgreSQL 16+ (this server is older)")
+        hooks = PostgresHooks(input_is_valid=input_is_valid)
+        guarded = hooks.typed(Column(name="s", type=kind)).sql("postgres")  # type: ignore[arg-type]
+        cur.execute(f"SELECT s, {guarded} FROM census.strings")
+        got = dict(cur.fetchall())
+        failures = 0
+        for s in TRICKY:
+            cur.execute("SAVEPOINT p")
+            try:
+                cur.execute(f"SELECT CAST(%s AS {TARGETS[kind]})", (s,))
+                plain = cur.fetchone()[0]
+            except psycopg2.Error:
+                cur.execute("ROLLBACK TO SAVEPOINT p")
+                failures += 1
+                assert got[s] is None, s
+                continue
+            if got[s] is not None:
+                assert got[s] == plain, s
+            elif kind == "float" and isinstance(plain, float) and math.isnan(plain):
+                continue  # NaN is read as missing
+    assert failures > 0  # the inputs include ones the plain cast rejects
+    assert sum(v is not None for v in got.values()) >= 3
+
+
+def test_text_columns_give_the_same_aggregates_as_native_ones(
+    pg_database: PostgresDatabase, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    frame = pums_frame()
+    pg_database.load("pums_text", frame.astype(str))
+    pg_database.load("pums_native", frame)
+    monkeypatch.setenv(URL_ENV, pg_database.reader_url)
+    results = []
+    for name in ("pums_text", "pums_native"):
+        source = {"connector": "postgres", "url": {"$env": URL_ENV}, "table": f"census.{name}"}
+        raw = {
+            "tables": {
+                "pums": {"source": source, "privacy_unit": "pid", "max_rows_per_unit": 2, "columns": PUMS_COLUMNS}
+            }
+        }
+        with Gateway(parse_config({**raw, "ledger": f"sqlite:///{tmp_path / name}.db"}, base_dir=tmp_path)) as gw:
+            plan = gw.explain("SELECT educ, COUNT(*), SUM(income) FROM pums GROUP BY educ").plan
+            guarded = 'CAST("pid" AS TEXT)' in plan.bounded_sql  # text columns are guarded, native ones cast directly
+            assert guarded == (name == "pums_text")
+            results.append(sorted_rows(exact(gw, "SELECT educ, COUNT(*), SUM(income) FROM pums GROUP BY educ")))
+    assert results[0] == results[1]
+
+
+def test_backend_error_hides_values(pg_database: PostgresDatabase) -> None:
+    pg_database.load("secret_values", pd.DataFrame({"s": ["the-secret-value"]}))
+    with PostgresConnector(pg_database.reader_url) as connector:
+        with pytest.raises(BackendError, match=r"withheld.*") as raised:
+            connector.execute("SELECT CAST(s AS BIGINT) FROM census.secret_values")
+        assert "the-secret-value" not in str(raised.value) and "22P02" in str(raised.value)
+        assert connector.execute("SELECT 1 AS one").rows == ((1,),)  # the pool recovered
+
+
+def test_every_query_is_read_only(pg_database: PostgresDatabase) -> None:
+    """Even a role that may write cannot: each transaction is READ ONLY (the admin URL is a superuser)."""
+    with PostgresConnector(pg_database.admin_url) as connector:
+        with pytest.raises(BackendError, match="SQLSTATE 25006"):
+            connector.execute("CREATE TABLE census.written (a int)")
+        assert connector.execute("SHOW transaction_read_only").rows == (("on",),)
+
+
+def test_statement_timeout_applies(pg_database: PostgresDatabase) -> None:
+    connector = PostgresConnector(pg_database.reader_url, statement_timeout_ms=50)
+    with connector, pytest.raises(BackendError, match="SQLSTATE 57014"):
+        connector.execute("SELECT pg_sleep(2)")
+
+
+def test_url_secret_never_shown(pg_database: PostgresDatabase, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    bad = "postgresql://someone:hunter2@127.0.0.1:1/nothing"
+    monkeypatch.setenv(URL_ENV, bad)
+    source = {"connector": "postgres", "url": {"$env": URL_ENV}, "table": "census.pums"}
+    config = parse_config({"tables": {"t": {"source": source, "columns": {"a": {"type": "int"}}}}}, base_dir=tmp_path)
+    assert "hunter2" not in repr(config) and URL_ENV in repr(config)
+    with pytest.raises(ConfigError, match=f"cannot connect to the database of {{\\$env: {URL_ENV}}}") as raised:
+        Gateway(config, store=None)
+    assert "hunter2" not in str(raised.value)
+    monkeypatch.delenv(URL_ENV)
+    with pytest.raises(ConfigError, match=f"environment variable {URL_ENV} is not set"):
+        parse_config({"tables": {"t": {"source": source, "columns": {"a": {"type": "int"}}}}}, base_dir=tmp_path)
+
+
+def test_a_gateway_reads_one_backend(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(URL_ENV, "postgresql://x@127.0.0.1:1/x")
+    tables = {
+        "a": {
+            "source": {"connector": "postgres", "url": {"$env": URL_ENV}, "table": "s.a"},
+            "columns": {"x": {"type": "int"}},
+        },
+        "b": {"source": "b.csv", "columns": {"x": {"type": "int"}}},
+    }
+    with pytest.raises(ConfigError, match="a gateway reads one backend"):
+        Gateway(parse_config({"tables": tables}, base_dir=tmp_path))
+
+
+def test_catalog_check_names_missing_columns_and_privileges(
+    pg_database: PostgresDatabase, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pg_database.load("checked", pd.DataFrame({"a": [1]}))
+    with psycopg2.connect(pg_database.admin_url) as conn, conn.cursor() as cur:
+        cur.execute("CREATE TABLE IF NOT EXISTS census.hidden (a int)")  # no GRANT to the reader
+    monkeypatch.setenv(URL_ENV, pg_database.reader_url)
+    for table, columns, message in (
+        ("census.checked", {"a": {"type": "int"}, "b": {"type": "int"}}, "b not found in census.checked"),
+        ("census.hidden", {"a": {"type": "int"}}, "has no SELECT on census.hidden"),
+        ("census.absent", {"a": {"type": "int"}}, "census.absent does not exist"),
+    ):
+        source = {"connector": "postgres", "url": {"$env": URL_ENV}, "table": table}
+        raw = {"tables": {"t": {"source": source, "columns": columns}}, "ledger": f"sqlite:///{tmp_path / 'l.db'}"}
+        with pytest.raises(ConfigError, match=message):
+            Gateway(parse_config(raw, base_dir=tmp_path))
