@@ -60,7 +60,7 @@ BACKEND_NODES: tuple[type[exp.Expr], ...] = (
     exp.IntDiv,
     exp.Nullif,
     exp.Typeof,  # the unit rule: an integer-typed source column skips the text round trip (DuckDBHooks.unit)
-    exp.Anonymous,  # only the names in ANONYMOUS_FUNCTIONS
+    exp.Anonymous,  # only the names in ANONYMOUS_FUNCTIONS (and the backend hooks' BACKEND_FUNCTIONS)
     exp.Count,
     exp.Sum,
     exp.Avg,
@@ -100,11 +100,20 @@ def require_verified(sql: object) -> VerifiedSQL:
     return sql
 
 
-def verify(built: exp.Expr, dialect: str, *, sources: Sequence[exp.Expr]) -> VerifiedSQL:
+def verify(
+    built: exp.Expr,
+    dialect: str,
+    *,
+    sources: Sequence[exp.Expr],
+    nodes: tuple[type[exp.Expr], ...] = (),
+    functions: frozenset[str] = frozenset(),
+) -> VerifiedSQL:
     """Render ``built`` for ``dialect`` and return it verified, or refuse (see the module docstring).
 
     ``sources`` are the relations the statement may read (the backend hooks' rendering of the one
-    declared source, or of a prepared copy's file).
+    declared source, or of a prepared copy's file); ``nodes`` and ``functions`` are the node kinds and
+    function names the backend's hooks build besides :data:`BACKEND_NODES` (``SQLHooks.BACKEND_NODES``,
+    ``SQLHooks.BACKEND_FUNCTIONS``: never analyst input, which the parser allowlist has already checked).
     """
     text = built.sql(dialect=dialect)
     try:
@@ -116,7 +125,7 @@ def verify(built: exp.Expr, dialect: str, *, sources: Sequence[exp.Expr]) -> Ver
     parsed = statements[0]
     if _canonical(parsed, dialect) != _canonical(built, dialect):
         _refuse("it parses back to a different statement")
-    _check_relations(parsed, dialect, sources)
+    _check_relations(parsed, dialect, sources, (*BACKEND_NODES, *nodes), ANONYMOUS_FUNCTIONS | functions)
     return VerifiedSQL(text, _TOKEN)
 
 
@@ -127,7 +136,13 @@ def _refuse(why: str) -> Any:
     )
 
 
-def _check_relations(parsed: exp.Expr, dialect: str, sources: Sequence[exp.Expr]) -> None:
+def _check_relations(
+    parsed: exp.Expr,
+    dialect: str,
+    sources: Sequence[exp.Expr],
+    allowed: tuple[type[exp.Expr], ...],
+    functions: frozenset[str],
+) -> None:
     """Only the planner's CTEs and the declared sources; only CTE bodies and the main query; allowed nodes."""
     with_ = parsed.args.get("with_") or parsed.args.get("with")
     ctes = {cte.alias for cte in with_.expressions} if with_ is not None else set()
@@ -144,8 +159,8 @@ def _check_relations(parsed: exp.Expr, dialect: str, sources: Sequence[exp.Expr]
             selects += 1
             if not (node is parsed or isinstance(node.parent, exp.CTE)):
                 _refuse("it holds a subquery")
-        if not isinstance(node, BACKEND_NODES) or (
-            isinstance(node, exp.Anonymous) and node.name.upper() not in ANONYMOUS_FUNCTIONS
+        if not isinstance(node, allowed) or (
+            isinstance(node, exp.Anonymous) and node.name.upper() not in functions
         ):
             name = (
                 node.name

@@ -39,6 +39,10 @@ class SQLHooks:
     """Engine-specific pieces of the bounded SQL. Subclasses override a few methods, never the planner."""
 
     DIALECT = "duckdb"
+    BACKEND_NODES: tuple[type[exp.Expr], ...] = ()
+    """Node kinds these hooks build beyond :data:`dpgateway.sqlcheck.BACKEND_NODES` (allowed in verified SQL)."""
+    BACKEND_FUNCTIONS: frozenset[str] = frozenset()
+    """Names of untyped (anonymous) functions these hooks call besides ``HASH`` (allowed in verified SQL)."""
 
     def source(self, table: Table) -> exp.Expr:
         """The relation to read ``table`` from."""

@@ -104,6 +104,8 @@ class PostgresHooks(SQLHooks):
     """PostgreSQL rendering. ``input_is_valid``: the server has ``pg_input_is_valid`` (PostgreSQL 16+)."""
 
     DIALECT = "postgres"
+    BACKEND_NODES = (exp.RegexpLike, exp.RegexpILike, exp.Sign, exp.Trunc)  # guarded casts, exact ROUND
+    BACKEND_FUNCTIONS = frozenset({"HASHTEXTEXTENDED", "ROW", "PG_INPUT_IS_VALID", "MAKE_DATE"})
 
     def __init__(self, *, input_is_valid: bool = False) -> None:
         self.input_is_valid = input_is_valid

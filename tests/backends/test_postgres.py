@@ -10,6 +10,7 @@ import pandas as pd
 import psycopg2
 import pytest
 from conftest import PUMS_COLUMNS, URL_ENV, PostgresDatabase, exact, pums_frame, sorted_rows
+from helpers import trusted_sql
 
 from dpgateway import Gateway
 from dpgateway.connectors.postgres import PostgresConnector
@@ -94,23 +95,23 @@ def test_backend_error_hides_values(pg_database: PostgresDatabase) -> None:
     pg_database.load("secret_values", pd.DataFrame({"s": ["the-secret-value"]}))
     with PostgresConnector(pg_database.reader_url) as connector:
         with pytest.raises(BackendError, match=r"withheld.*") as raised:
-            connector.execute("SELECT CAST(s AS BIGINT) FROM census.secret_values")
+            connector.execute(trusted_sql("SELECT CAST(s AS BIGINT) FROM census.secret_values"))
         assert "the-secret-value" not in str(raised.value) and "22P02" in str(raised.value)
-        assert connector.execute("SELECT 1 AS one").rows == ((1,),)  # the pool recovered
+        assert connector.execute(trusted_sql("SELECT 1 AS one")).rows == ((1,),)  # the pool recovered
 
 
 def test_every_query_is_read_only(pg_database: PostgresDatabase) -> None:
     """Even a role that may write cannot: each transaction is READ ONLY (the admin URL is a superuser)."""
     with PostgresConnector(pg_database.admin_url) as connector:
         with pytest.raises(BackendError, match="SQLSTATE 25006"):
-            connector.execute("CREATE TABLE census.written (a int)")
-        assert connector.execute("SHOW transaction_read_only").rows == (("on",),)
+            connector.execute(trusted_sql("CREATE TABLE census.written (a int)"))
+        assert connector.execute(trusted_sql("SHOW transaction_read_only")).rows == (("on",),)
 
 
 def test_statement_timeout_applies(pg_database: PostgresDatabase) -> None:
     connector = PostgresConnector(pg_database.reader_url, statement_timeout_ms=50)
     with connector, pytest.raises(BackendError, match="SQLSTATE 57014"):
-        connector.execute("SELECT pg_sleep(2)")
+        connector.execute(trusted_sql("SELECT pg_sleep(2)"))
 
 
 def test_url_secret_never_shown(pg_database: PostgresDatabase, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
