@@ -159,9 +159,7 @@ def _check_relations(
             selects += 1
             if not (node is parsed or isinstance(node.parent, exp.CTE)):
                 _refuse("it holds a subquery")
-        if not isinstance(node, allowed) or (
-            isinstance(node, exp.Anonymous) and node.name.upper() not in functions
-        ):
+        if not isinstance(node, allowed) or (isinstance(node, exp.Anonymous) and node.name.upper() not in functions):
             name = (
                 node.name
                 if isinstance(node, exp.Anonymous)

@@ -17,10 +17,12 @@ def verify_backend_sql(plan: DPPlan, *, ctx: PlanContext) -> DPPlan:
     sources = [ctx.hooks.source(plan.table)]
     if plan.prepared is not None:
         sources.append(ctx.hooks.file_source(plan.prepared))
-    return plan.with_(bounded_sql=verify(
-        ctx.hooks.finish(plan.bounded),
-        ctx.hooks.DIALECT,
-        sources=sources,
-        nodes=ctx.hooks.BACKEND_NODES,
-        functions=ctx.hooks.BACKEND_FUNCTIONS,
-    ))
+    return plan.with_(
+        bounded_sql=verify(
+            ctx.hooks.finish(plan.bounded),
+            ctx.hooks.DIALECT,
+            sources=sources,
+            nodes=ctx.hooks.BACKEND_NODES,
+            functions=ctx.hooks.BACKEND_FUNCTIONS,
+        )
+    )
