@@ -155,6 +155,11 @@ def _extreme(pick: Callable[..., Any], values: list[Any]) -> Any:
 
 def post_processing_sql(plan: DPPlan) -> str:
     """The sandbox query over ``__noisy`` (rendered by passes/post.py, or on demand when the Python form declines)."""
+    return post_processing_query(plan).sql(dialect="duckdb")
+
+
+def post_processing_query(plan: DPPlan) -> exp.Select:
+    """The tree of :func:`post_processing_sql`."""
     query = exp.select(*(exp.alias_(o.expr.copy(), o.name, quoted=True) for o in plan.outputs), copy=False).from_(
         NOISY, copy=False
     )
@@ -166,7 +171,7 @@ def post_processing_sql(plan: DPPlan) -> str:
         query = query.limit(plan.limit, copy=False)
     if plan.offset is not None:
         query = query.offset(plan.offset, copy=False)
-    return query.sql(dialect="duckdb")
+    return query
 
 
 def run_sandboxed(query: str, noisy: pd.DataFrame | None = None, *, what: str) -> Released:

@@ -22,6 +22,7 @@ what made the generated SQL differ from the plan, and it is not run. The check r
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Sequence
 from typing import Any
 
@@ -81,6 +82,15 @@ _IGNORED: dict[type[exp.Expr], frozenset[str]] = {
 }
 _TEXT_TYPES = frozenset({"TEXT", "VARCHAR", "CHAR"})
 
+VERIFIED_CACHE = 1024
+"""Statement texts remembered as verified, with the allowances they passed under (oldest dropped first).
+
+What a backend runs is the text, and whether a text passes depends only on the text, the dialect and the
+allowances (sources, node kinds, functions): a text that passed once is safe to run again without parsing
+it back. Plans differing only in output aliases (post-processing) share one bounded statement."""
+_verified: dict[tuple[object, ...], None] = {}
+_verified_lock = threading.Lock()
+
 
 class VerifiedSQL(str):
     """SQL text that :func:`verify` parsed back and found to be the planned tree; nothing else creates one."""
@@ -116,6 +126,9 @@ def verify(
     ``SQLHooks.BACKEND_FUNCTIONS``: never analyst input, which the parser allowlist has already checked).
     """
     text = built.sql(dialect=dialect)
+    key = (text, dialect, tuple(s.sql(dialect=dialect) for s in sources), nodes, functions)
+    if key in _verified:  # this very text already passed with the same allowances
+        return VerifiedSQL(text, _TOKEN)
     try:
         statements = [s for s in sqlglot.parse(text, read=dialect) if s is not None]
     except SqlglotError:
@@ -126,6 +139,10 @@ def verify(
     if _canonical(parsed, dialect) != _canonical(built, dialect):
         _refuse("it parses back to a different statement")
     _check_relations(parsed, dialect, sources, (*BACKEND_NODES, *nodes), ANONYMOUS_FUNCTIONS | functions)
+    with _verified_lock:
+        _verified[key] = None
+        while len(_verified) > VERIFIED_CACHE:
+            _verified.pop(next(iter(_verified)))
     return VerifiedSQL(text, _TOKEN)
 
 
