@@ -68,7 +68,11 @@ POLICY: dict[str, Any] = {
     },
 }
 BIG = {"epsilon": 1e9, "delta": 0.5}
-SQL_PASSES = ("bound_contributions", "render_post_processing")  # the passes that build and render SQL
+PASS_STAGES = {  # passes timed apart from "plan": bounded SQL, post-processing (rendered and bound), verification
+    "bound_contributions": "rewrite + SQL generation",
+    "render_post_processing": "post-processing render + bind",
+    "verify_backend_sql": "verify (round trip)",
+}
 
 
 def generate(rows: int) -> Path:
@@ -217,9 +221,7 @@ def stage_timers(gw: Gateway) -> Iterator[dict[str, list[float]]]:
     saved_passes, saved_parse = planner.PASSES, planner.parse
     saved = {name: getattr(gateway, name) for name in ("add_noise", "post_process")}
     planner.parse = wrap("parse", saved_parse)
-    planner.PASSES = tuple(
-        wrap("rewrite + SQL generation" if p.__name__ in SQL_PASSES else "plan", p) for p in saved_passes
-    )
+    planner.PASSES = tuple(wrap(PASS_STAGES.get(p.__name__, "plan"), p) for p in saved_passes)
     gateway.add_noise = wrap("noise", saved["add_noise"])
     gateway.post_process = wrap("post-process", saved["post_process"])
     connector_execute = gw.connector.execute
