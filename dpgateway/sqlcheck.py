@@ -31,7 +31,7 @@ from sqlglot import exp
 from sqlglot.errors import SqlglotError
 
 from dpgateway.errors import InternalError, PrivacyViolationError
-from dpgateway.sqlparse import POST_SAFE
+from dpgateway.sqlparse import AGGREGATES, POST_SAFE
 
 _TOKEN = object()
 
@@ -62,16 +62,7 @@ BACKEND_NODES: tuple[type[exp.Expr], ...] = (
     exp.Nullif,
     exp.Typeof,  # the unit rule: an integer-typed source column skips the text round trip (DuckDBHooks.unit)
     exp.Anonymous,  # only the names in ANONYMOUS_FUNCTIONS (and the backend hooks' BACKEND_FUNCTIONS)
-    exp.Count,
-    exp.Sum,
-    exp.Avg,
-    exp.Min,
-    exp.Max,
-    exp.Variance,
-    exp.VariancePop,
-    exp.Stddev,
-    exp.StddevSamp,
-    exp.StddevPop,
+    *AGGREGATES,
 )
 ANONYMOUS_FUNCTIONS = frozenset({"HASH"})  # the keyed row hash (SQLHooks.row_hash)
 # Flags a dialect's parser sets or drops on its own: they do not change what the statement computes.

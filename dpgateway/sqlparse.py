@@ -261,3 +261,29 @@ def number(value: float) -> exp.Expr:
     text = str(int(abs(as_float))) if as_float.is_integer() else repr(abs(as_float))
     literal = exp.Literal.number(text)
     return exp.Neg(this=literal) if as_float < 0 else literal
+
+
+AGGREGATES: tuple[type[exp.Expr], ...] = (
+    exp.Count,
+    exp.Sum,
+    exp.Avg,
+    exp.Min,
+    exp.Max,
+    exp.Variance,
+    exp.VariancePop,
+    exp.Stddev,
+    exp.StddevSamp,
+    exp.StddevPop,
+)
+"""Aggregates a public-table passthrough may compute (and so a backend statement may hold)."""
+
+
+def int_clause(select: exp.Select, key: str) -> int | None:
+    """The value of ``LIMIT``/``OFFSET`` (``key``): a non-negative integer literal, or None when absent."""
+    clause = select.args.get(key)
+    if clause is None:
+        return None
+    value = clause.expression if isinstance(clause, (exp.Limit, exp.Offset)) else clause
+    if not isinstance(value, exp.Literal) or value.is_string or not value.name.isdigit():
+        raise UnsupportedError(f"{key.upper()} must be a non-negative integer literal")
+    return int(value.name)

@@ -15,7 +15,7 @@ from dpgateway.errors import GroupingError, PrivacyViolationError, UnsupportedEr
 from dpgateway.passes.context import PlanContext
 from dpgateway.plan import DPPlan, GroupKey, MeasureKind, Measurement, Output
 from dpgateway.policies.model import Column, Table
-from dpgateway.sqlparse import number, post_expression, row_expression
+from dpgateway.sqlparse import int_clause, number, post_expression, row_expression
 
 VARIANCES = (exp.Variance, exp.VariancePop, exp.Stddev, exp.StddevSamp, exp.StddevPop)
 ANONYMOUS_AGGREGATES = {"VAR": exp.Variance, "STDEV": exp.Stddev, "VARP": exp.VariancePop, "STDEVP": exp.StddevPop}
@@ -65,8 +65,8 @@ def plan_aggregates(plan: DPPlan, *, ctx: PlanContext) -> DPPlan:
         measurements=tuple(registry.measurements),
         having=post_having,
         order=post_order,
-        limit=_int_clause(select, "limit"),
-        offset=_int_clause(select, "offset"),
+        limit=int_clause(select, "limit"),
+        offset=int_clause(select, "offset"),
     )
 
 
@@ -274,13 +274,3 @@ def _clamp(value: exp.Expr, lo: float | None, hi: float | None) -> exp.Expr:
     if hi is not None:
         value = exp.Least(this=value, expressions=[number(hi)], ignore_nulls=True)
     return value
-
-
-def _int_clause(select: exp.Select, key: str) -> int | None:
-    clause = select.args.get(key)
-    if clause is None:
-        return None
-    value = clause.expression if isinstance(clause, (exp.Limit, exp.Offset)) else clause
-    if not isinstance(value, exp.Literal) or value.is_string or not value.name.isdigit():
-        raise UnsupportedError(f"{key.upper()} must be a non-negative integer literal")
-    return int(value.name)

@@ -19,20 +19,8 @@ from sqlglot import exp
 from dpgateway.errors import UnsupportedError
 from dpgateway.passes.context import PlanContext
 from dpgateway.plan import DPPlan
-from dpgateway.sqlparse import POST_SAFE, allowlisted, constant_expression, row_expression
+from dpgateway.sqlparse import AGGREGATES, POST_SAFE, allowlisted, constant_expression, int_clause, row_expression
 
-AGGREGATES: tuple[type[exp.Expr], ...] = (
-    exp.Count,
-    exp.Sum,
-    exp.Avg,
-    exp.Min,
-    exp.Max,
-    exp.Variance,
-    exp.VariancePop,
-    exp.Stddev,
-    exp.StddevSamp,
-    exp.StddevPop,
-)
 PUBLIC_SAFE: tuple[type[exp.Expr], ...] = (*POST_SAFE, *AGGREGATES, exp.Star)
 
 
@@ -67,7 +55,7 @@ def render_passthrough(plan: DPPlan, *, ctx: PlanContext) -> DPPlan:
     if order is not None:
         query = query.order_by(*(_ordered(o) for o in order.expressions), copy=False)
     for clause in ("limit", "offset"):
-        value = _count(select, clause)
+        value = int_clause(select, clause)
         if value is not None:
             query = getattr(query, clause)(value, copy=False)
     return plan.with_(bounded=query)
@@ -99,13 +87,3 @@ def _ordered(node: exp.Expr) -> exp.Expr:
     else:
         value = _public(target)
     return exp.Ordered(this=value, desc=bool(node.args.get("desc")), nulls_first=bool(node.args.get("nulls_first")))
-
-
-def _count(select: exp.Select, key: str) -> int | None:
-    clause = select.args.get(key)
-    if clause is None:
-        return None
-    value = clause.expression if isinstance(clause, (exp.Limit, exp.Offset)) else clause
-    if not isinstance(value, exp.Literal) or value.is_string or not value.name.isdigit():
-        raise UnsupportedError(f"{key.upper()} must be a non-negative integer literal")
-    return int(value.name)
