@@ -1,4 +1,4 @@
-"""Prepared copies: a one-time, materialized copy of a table that later unfiltered queries read instead.
+"""Prepared copies: a materialized copy of a table that later unfiltered (and ``bound_first`` filtered) queries read.
 
 ``dpgateway prepare TABLE`` writes every row with a privacy unit, typed and clustered by unit, with the
 unit's row count, each row's keyed-hash rank within its unit and each row's weighted contribution to

@@ -4,7 +4,9 @@
   ``w_u = k / max(n_u, k)``, ``n_u`` the unit's matching row count (a window count, no sort);
 - ``unit_count`` (scalar ``COUNT(*)``): per-unit pre-aggregation ``SUM(LEAST(n_u, k))``;
 - ``rows`` (private group keys, row-level tables): hash-ordered row bounding, below;
-- over a prepared copy (``plan.prepared``, unfiltered queries): the same estimators, reading the copy's
+- filtered queries under ``prepare.filtered: bound_first`` (passes/rewrite.py): the window count or rank
+  over all of the unit's rows, the filter in the final aggregate (proof note in passes/prepared.py);
+- over a prepared copy (``plan.prepared``, unfiltered or ``bound_first`` queries): the same estimators, reading the copy's
   stored keyed-hash rank (row bounding) or summing its stored per-row weighted contributions
   (weighted; passes/prepared.py).
 
