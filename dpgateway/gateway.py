@@ -8,6 +8,7 @@ import hashlib
 import math
 import os
 import tempfile
+import threading
 from dataclasses import dataclass, field
 from decimal import Decimal
 from functools import cached_property
@@ -31,6 +32,7 @@ from dpgateway.mechanisms import laplace_half_width
 from dpgateway.noise import Noisy, add_noise
 from dpgateway.passes.bounding import prepared_copy_tree
 from dpgateway.passes.context import PlanContext, PreparedCopy
+from dpgateway.passes.rewrite import bounds_before_filter
 from dpgateway.plan import DPPlan
 from dpgateway.planner import PlanCache
 from dpgateway.policies.loader import load_config
@@ -149,6 +151,8 @@ class Gateway:
                 self.connector.check_table(table)
         self._ctx = PlanContext(config=config, hooks=self.connector.hooks, seed=self.store.secret_seed())
         self._plans = PlanCache()
+        self._prepare_lock = threading.Lock()  # one build at a time (manual and automatic share the scratch names)
+        self.auto_prepare = prepare.AutoPreparer(config.prepare, self.prepare)
 
     @classmethod
     def from_config(cls, path: str | os.PathLike[str] | None = None, **kwargs: Any) -> Gateway:
@@ -215,6 +219,12 @@ class Gateway:
             reservation, epsilon=spend.epsilon, delta=spend.delta, answer=answer, analyst=who, domains=spend.domains
         )
         result.remaining.update(remaining.as_dict())  # known once the debit is committed; rows stay built once
+        if (
+            plan.prepared is None
+            and plan.table is not None
+            and (plan.where is None or bounds_before_filter(plan, self._ctx))
+        ):
+            self.auto_prepare.queried(plan.table)  # starts a background build at most; never waits
         return result
 
     def prepare(self, table: str) -> PreparedCopy:
@@ -245,12 +255,12 @@ class Gateway:
         copy_sql = verify(
             hooks.finish(prepared_copy_tree(policy, self._ctx)), hooks.DIALECT, sources=[hooks.source(policy)]
         )
-        with tempfile.TemporaryDirectory(dir=folder, prefix=".prepare-") as scratch:  # 0700: nobody else can open it
+        with self._prepare_lock, tempfile.TemporaryDirectory(dir=folder, prefix=".prepare-") as scratch:  # 0700
             partial = Path(scratch) / target.name
             rows = self.connector.materialize(copy_sql, str(partial))
             os.chmod(partial, 0o600)  # DuckDB creates it with the umask; private before it is moved into place
             os.replace(partial, target)
-        prepare.write_manifest(folder, policy, file=target, source=state, policy=digest, rows=rows)
+            prepare.write_manifest(folder, policy, file=target, source=state, policy=digest, rows=rows)
         return PreparedCopy(table=policy.name, path=str(target), k=policy.max_rows_per_unit)
 
     def remaining(self, analyst: str | None = None) -> dict[str, Any]:
@@ -259,6 +269,7 @@ class Gateway:
         return self.store.remaining(resolve_analyst(analyst), domains).as_dict()
 
     def close(self) -> None:
+        self.auto_prepare.close()
         self.connector.close()
         self.store.close()
 

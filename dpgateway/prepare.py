@@ -1,4 +1,4 @@
-"""Prepared copies: a one-time, materialized copy of a table that later unfiltered queries read instead.
+"""Prepared copies: a materialized copy of a table that later unfiltered (and ``bound_first`` filtered) queries read.
 
 ``dpgateway prepare TABLE`` writes every row with a privacy unit, typed and clustered by unit, with the
 unit's row count, each row's keyed-hash rank within its unit and each row's weighted contribution to
@@ -21,6 +21,13 @@ a stale copy is never read. Which queries may read a copy, and why that is priva
 ``dpgateway/passes/prepared.py``. The copy holds person-level rows: the gateway creates ``cache_dir``
 0700 and the copy and its manifest 0600 whatever the umask (written in a private scratch folder, then
 moved into place).
+
+Automatic preparation (:class:`AutoPreparer`, config ``prepare: {auto, after_queries}``): after a table has
+been queried ``after_queries`` times without a valid copy, the gateway builds the copy in a background
+thread, exactly as ``dpgateway prepare`` does (same validity rules, same private files). The query that
+triggers it only starts the thread; queries keep bounding on the fly until the copy is valid, and a copy is
+read only when :func:`valid_copies` accepts it, so a source rewritten while the copy is built leaves an
+invalid copy (its manifest records the state captured before the read) that is never used.
 """
 
 from __future__ import annotations
@@ -28,12 +35,14 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from dpgateway.passes.budget import COUNT_SCALE, FIXED_POINT_DIGITS
 from dpgateway.passes.context import PreparedCopy
-from dpgateway.policies.model import Config, Table
+from dpgateway.policies.model import Config, PrepareConfig, Table
 
 # 4: source inode and ctime, units on their exact identity; 3: also each row's weighted contributions;
 # 2: all rows with unit row count and rank; 1: only the k kept rows
@@ -117,3 +126,62 @@ def valid_copies(config: Config, seed: bytes) -> tuple[PreparedCopy, ...]:
             continue
         found.append(PreparedCopy(table=table.name, path=str(file), k=table.max_rows_per_unit))
     return tuple(found)
+
+
+class AutoPreparer:
+    """Builds prepared copies in the background for tables that are queried repeatedly.
+
+    ``build(table_name)`` is :meth:`dpgateway.Gateway.prepare`. :meth:`queried` is called by the query path
+    and never waits: it counts, and at most starts one thread per table. A build that fails (e.g. a
+    read-only ``cache_dir``) is not retried until the source file changes.
+    """
+
+    def __init__(self, settings: PrepareConfig, build: Callable[[str], object]):
+        self._settings = settings
+        self._build = build
+        self._lock = threading.Lock()
+        self._counts: dict[str, int] = {}
+        self._threads: dict[str, threading.Thread] = {}
+        self._failed: dict[str, dict[str, Any]] = {}  # table -> source state of the failed build
+        self._closed = False
+
+    def queried(self, table: Table) -> None:
+        """Count a query of ``table`` that could have read a copy but found none valid."""
+        if not self._settings.auto or table.public or not table.privacy_unit:
+            return
+        with self._lock:
+            running = self._threads.get(table.name)
+            if self._closed or (running is not None and running.is_alive()):
+                return
+            self._counts[table.name] = count = self._counts.get(table.name, 0) + 1
+            if count < self._settings.after_queries:
+                return
+            state = source_state(table)
+            if state is None or self._failed.get(table.name) == state:
+                return
+            self._counts[table.name] = 0
+            thread = threading.Thread(
+                target=self._run, args=(table.name, state), name=f"dpgateway-prepare-{table.name}", daemon=True
+            )
+            self._threads[table.name] = thread
+            thread.start()
+
+    def _run(self, table: str, state: dict[str, Any]) -> None:
+        try:
+            self._build(table)
+        except Exception:  # the copy is only an optimization: queries keep bounding on the fly
+            with self._lock:
+                self._failed[table] = state
+
+    def wait(self, timeout: float | None = None) -> None:
+        """Wait for the builds running now (tests, benchmarks and :meth:`close`)."""
+        with self._lock:
+            threads = list(self._threads.values())
+        for thread in threads:
+            thread.join(timeout)
+
+    def close(self) -> None:
+        """Start no more builds and wait for the running ones (before the backend closes)."""
+        with self._lock:
+            self._closed = True
+        self.wait()

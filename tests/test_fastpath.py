@@ -298,3 +298,60 @@ def test_prepared_statements_follow_the_file(tmp_path: Path) -> None:
         assert connector.execute(trusted_sql(f"SELECT {i} + SUM(a) FROM read_parquet('{source}')")).rows == ((i + 4,),)
     assert len(connector._local.prepared) == 3
     connector.close()
+
+
+@pytest.mark.parametrize(
+    "sql",
+    [
+        "SELECT COUNT(*) FROM t WHERE age > 40",
+        "SELECT sex, COUNT(*), SUM(income), COUNT(income) FROM t WHERE age > 40 GROUP BY sex",
+        "SELECT AVG(income), VAR_POP(income) FROM t WHERE income < 0 OR age > 100",
+        "SELECT region, COUNT(*), AVG(income) FROM t WHERE age BETWEEN 20 AND 60 GROUP BY region",
+        "SELECT CASE WHEN age < 30 THEN 'y' ELSE 'o' END AS band, SUM(income) FROM t WHERE sex = 1 GROUP BY 1",
+    ],
+)
+@pytest.mark.parametrize("prepared", [False, True], ids=["on-the-fly", "prepared"])
+def test_bound_first_moves_each_aggregate_by_at_most_its_sensitivity(tmp_path: Path, sql: str, prepared: bool) -> None:
+    """``prepare.filtered: bound_first``: one person with 1000 rows (negative and NULL values, NULL ages),
+    a filter matching only some of their rows; exact bounded aggregates on D and D plus that person."""
+    base = _people(8)
+    rng = np.random.default_rng(1)
+    big = pd.DataFrame(
+        {
+            "pid": 10_000,
+            "age": pd.array(rng.integers(-10, 120, size=1000), dtype="Int64"),
+            "income": rng.uniform(-1e6, 1e6, size=1000),
+            "sex": rng.integers(0, 2, size=1000),
+            "region": rng.integers(0, 50, size=1000),
+        }
+    )
+    big.loc[rng.random(1000) < 0.2, "income"] = None
+    big.loc[rng.random(1000) < 0.1, "age"] = None
+    results = []
+    for i, frame in enumerate([base, pd.concat([base, big], ignore_index=True)]):
+        folder = tmp_path / f"d{i}"
+        folder.mkdir()
+        frame.to_csv(folder / "t.csv", index=False)
+        policy = _policy(folder / "t.csv") | {"ledger": f"sqlite:///{tmp_path / 'ledger.db'}"}
+        policy["tables"]["t"]["columns"]["income"]["bounds"] = [-500, 1000]
+        policy["prepare"] = {"auto": False, "filtered": "bound_first"}
+        (folder / "dpgateway.yaml").write_text(yaml.safe_dump(policy))
+        with Gateway.from_config(folder / "dpgateway.yaml") as gw:
+            if prepared:
+                gw.prepare("t")
+            plan = gw.explain(sql, epsilon=1.0, delta=1e-6).plan
+            assert plan is not None and (plan.prepared is not None) == prepared
+            assert plan.rewrite == ("rows" if "region" in sql else "weighted")  # a filtered COUNT(*) too
+            assert any("bound first" in note for note in plan.notes)
+            exact = gw.connector.execute(plan.bounded_sql)
+        n_keys = len(plan.group_keys)
+        results.append((plan, {row[:n_keys]: row[n_keys:] for row in exact.rows}))
+    (plan, before), (_, after) = results
+    moves = []
+    for j, m in enumerate(plan.measurements):
+        keys = {*before, *after}
+        moved = sum(abs((after.get(k, (None,) * 9)[j] or 0) - (before.get(k, (None,) * 9)[j] or 0)) for k in keys)
+        assert moved <= m.sensitivity, (m.label, moved, m.sensitivity)
+        moves.append(moved)
+    # Weighted: the person's matching rows always count. Rows: their k kept rows may all fail the filter.
+    assert any(moves) or plan.rewrite == "rows", moves

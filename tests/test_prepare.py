@@ -6,6 +6,7 @@ change of source or policy (a copy built under other bounds is not read)."""
 from __future__ import annotations
 
 import os
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +18,8 @@ from helpers import trusted_sql
 
 from dpgateway import Gateway
 from dpgateway.cli import cli
-from dpgateway.errors import InvalidParameterError, UnknownTableError
+from dpgateway.errors import ConfigError, InvalidParameterError, UnknownTableError
+from dpgateway.policies.loader import load_config
 
 UNFILTERED = [
     "SELECT COUNT(*) FROM t",
@@ -64,7 +66,15 @@ def _write_data(path: Path, seed: int = 3, n_units: int = 300, *, nulls: bool = 
     frame.to_csv(path, index=False)
 
 
-def _config(folder: Path, *, k: int = 3, income_hi: float = 1000, income_lo: float = 0, age: tuple = (0, 100)) -> Path:
+def _config(
+    folder: Path,
+    *,
+    k: int = 3,
+    income_hi: float = 1000,
+    income_lo: float = 0,
+    age: tuple = (0, 100),
+    prepare: dict | None = None,
+) -> Path:
     policy = {
         "tables": {
             "t": {
@@ -84,6 +94,7 @@ def _config(folder: Path, *, k: int = 3, income_hi: float = 1000, income_lo: flo
         "budget": {"per_subject": {"epsilon": 1e6, "delta": 0.5}, "per_analyst": {"epsilon": 1e6, "delta": 0.5}},
         "ledger": "sqlite:///ledger.db",
         "cache_dir": "cache",
+        "prepare": prepare if prepare is not None else {"auto": False},
     }
     path = folder / "dpgateway.yaml"
     path.write_text(yaml.safe_dump(policy))
@@ -150,6 +161,63 @@ def test_prepared_copy_stores_every_row_with_unit_counts_and_ranks_clustered(fol
     assert (stored["n"].to_numpy() == sizes.loc[stored["pid"]].to_numpy()).all()
     ranks = stored.groupby("pid")["rn"].apply(list)
     assert all(r == list(range(1, len(r) + 1)) for r in ranks)
+
+
+FILTERED = [  # every rewrite and every weighted kind, with filters on several columns
+    "SELECT COUNT(*) FROM t WHERE age > 40",
+    "SELECT SUM(income), AVG(income), VARIANCE(income), COUNT(income), COUNT(*) FROM t WHERE sex = 1",
+    "SELECT sex, SUM(age), AVG(age), STDDEV_POP(age), COUNT(age) FROM t WHERE income < 300 GROUP BY sex",
+    "SELECT region, COUNT(*), AVG(income) FROM t WHERE age BETWEEN 20 AND 70 GROUP BY region",
+    "SELECT CASE WHEN age < 30 THEN 'y' ELSE 'o' END AS b, COUNT(*) FROM t WHERE income > 0 OR region = 2 GROUP BY 1",
+    "SELECT sex, COUNT(pid) FROM t WHERE pid * 2 > 150 GROUP BY sex",
+    "SELECT age, SUM(income) FROM t WHERE sex = 0 GROUP BY age",
+]
+
+
+@pytest.mark.parametrize("bounds", BOUNDS[1:3])
+def test_bound_first_filtered_queries_read_the_copy_and_give_the_on_the_fly_aggregates(
+    tmp_path: Path, bounds: tuple
+) -> None:
+    """Under ``prepare.filtered: bound_first`` the cold path computes the estimator a copy answers: a copy
+    changes speed, never the exact bounded aggregates (negative bounds, NULL values and units)."""
+    (age, (income_lo, income_hi)) = bounds
+    _write_data(tmp_path / "t.csv", seed=6, nulls=True)
+    _config(
+        tmp_path, age=age, income_lo=income_lo, income_hi=income_hi, prepare={"filtered": "bound_first", "auto": False}
+    )
+    with Gateway.from_config(tmp_path / "dpgateway.yaml") as gw:
+        on_the_fly = {sql: _exact(gw, sql) for sql in FILTERED}
+        assert [r for r, _ in on_the_fly.values()] == [*["weighted"] * 3, "rows", "weighted", "weighted", "rows"]
+        gw.prepare("t")
+        for sql in FILTERED:
+            plan = gw.explain(sql, epsilon=1.0, delta=1e-6).plan
+            assert plan is not None and plan.prepared
+            assert _exact(gw, sql) == ("prepared", on_the_fly[sql][1]), sql
+
+
+def test_bound_first_differs_from_filter_first_only_for_units_with_more_than_k_rows(tmp_path: Path) -> None:
+    """The two estimators agree when no unit has more than k rows, and bound-first is lower otherwise."""
+    sql = "SELECT COUNT(*), SUM(income) FROM t WHERE age > 30"
+    _write_data(tmp_path / "t.csv")
+    answers = {}
+    for k in (3, 10):  # _write_data gives 1-10 rows per unit
+        for order in ("filter_first", "bound_first"):
+            _config(tmp_path, k=k, prepare={"filtered": order, "auto": False})
+            with Gateway.from_config(tmp_path / "dpgateway.yaml") as gw:
+                answers[k, order] = _exact(gw, sql)[1]
+    assert answers[10, "filter_first"] == answers[10, "bound_first"]
+    ((count_ff, sum_ff),), ((count_bf, sum_bf),) = answers[3, "filter_first"], answers[3, "bound_first"]
+    assert count_bf < count_ff and sum_bf < sum_ff
+
+
+@pytest.mark.parametrize("order", ["filter_first", "bound_first"])
+def test_explain_names_the_estimator_of_a_filtered_query(tmp_path: Path, order: str) -> None:
+    _write_data(tmp_path / "t.csv")
+    _config(tmp_path, prepare={"filtered": order, "auto": False})
+    with Gateway.from_config(tmp_path / "dpgateway.yaml") as gw:
+        notes = gw.explain("SELECT COUNT(*) FROM t WHERE age > 3").notes
+        assert any(f"prepare.filtered: {order}" in n for n in notes), notes
+        assert not any("estimator" in n for n in gw.explain("SELECT COUNT(*) FROM t").notes)
 
 
 def test_filtered_queries_do_not_use_the_copy(folder: Path) -> None:
@@ -232,3 +300,141 @@ def test_cli_prepare(folder: Path) -> None:
     assert "prepared t:" in result.output and (folder / "cache" / "t.json").is_file()
     missing = CliRunner().invoke(cli, ["prepare", "nope", "--config", str(folder / "dpgateway.yaml")])
     assert missing.exit_code == 1 and "42P01" in missing.output
+
+
+def _auto(folder: Path, after: int = 2, **prepare: object) -> Gateway:
+    _config(folder, prepare={"auto": True, "after_queries": after, **prepare})
+    return Gateway.from_config(folder / "dpgateway.yaml")
+
+
+def _copy_used(gw: Gateway, sql: str = "SELECT COUNT(*) FROM t") -> bool:
+    plan = gw.explain(sql, epsilon=1.0, delta=1e-6).plan
+    return plan is not None and plan.prepared is not None
+
+
+def test_a_table_queried_repeatedly_is_prepared_in_the_background(folder: Path) -> None:
+    with _auto(folder, after=2) as gw:
+        gw.query("SELECT COUNT(*) AS a FROM t", analyst="ann", epsilon=0.1)
+        gw.auto_prepare.wait()
+        assert not _copy_used(gw)  # one query: not yet
+        gw.query("SELECT COUNT(*) AS b FROM t", analyst="ann", epsilon=0.1)
+        gw.auto_prepare.wait()
+        assert _copy_used(gw)
+        assert stat_mode(folder / "cache") == 0o700
+        assert {stat_mode(f) for f in (folder / "cache").iterdir()} == {0o600}
+
+
+def stat_mode(path: Path) -> int:
+    return path.stat().st_mode & 0o777
+
+
+def test_auto_false_never_prepares(folder: Path) -> None:
+    with _auto(folder, after=1, auto=False) as gw:
+        for i in range(3):
+            gw.query(f"SELECT COUNT(*) AS a{i} FROM t", analyst="ann", epsilon=0.1)
+        gw.auto_prepare.wait()
+        assert not _copy_used(gw) and not (folder / "cache").exists()
+
+
+def test_filter_first_queries_do_not_trigger_preparation(folder: Path) -> None:
+    with _auto(folder, after=1) as gw:
+        gw.query("SELECT COUNT(*) AS a FROM t WHERE age > 3", analyst="ann", epsilon=0.1)
+        gw.auto_prepare.wait()
+        assert not (folder / "cache").exists()
+    with _auto(folder, after=1, filtered="bound_first") as gw:
+        gw.query("SELECT COUNT(*) AS b FROM t WHERE age > 3", analyst="ann", epsilon=0.1)  # b: not a replay
+        gw.auto_prepare.wait()
+        assert _copy_used(gw, "SELECT COUNT(*) FROM t WHERE age > 4")
+
+
+def test_automatic_preparation_never_blocks_a_query(folder: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The build is held until every query below has been answered: queries never wait for it."""
+    release = threading.Event()
+    with _auto(folder, after=1) as gw:
+        materialize = gw.connector.materialize
+
+        def held(sql: object, path: str) -> int:
+            assert release.wait(30), "the build was never released"
+            return materialize(sql, path)  # type: ignore[arg-type]
+
+        monkeypatch.setattr(gw.connector, "materialize", held)
+        for i in range(5):
+            result = gw.query(f"SELECT sex, COUNT(*) AS n{i} FROM t GROUP BY sex", analyst="ann", epsilon=0.1)
+            assert result.columns == ["sex", f"n{i}"] and not _copy_used(gw)
+        release.set()
+        gw.auto_prepare.wait()
+        assert _copy_used(gw)
+
+
+def test_automatic_preparation_never_changes_an_answer_or_its_cost(folder: Path) -> None:
+    """Same exact bounded aggregates, same mechanisms, same charge, before and after the copy appears."""
+    sqls = [
+        "SELECT sex, COUNT(*) AS n, AVG(income) AS a FROM t GROUP BY sex",
+        "SELECT region, SUM(income) AS s FROM t GROUP BY region",
+        "SELECT COUNT(*) AS n FROM t WHERE age > 30",
+    ]
+    with _auto(folder, after=1, filtered="bound_first") as gw:
+        before = {sql: (_exact(gw, sql)[1], gw.explain(sql, epsilon=0.5).mechanisms) for sql in sqls}
+        charged = [gw.query(sql, analyst="ann", epsilon=0.5).epsilon for sql in sqls]
+        gw.auto_prepare.wait()
+        for sql in sqls:
+            assert _copy_used(gw, sql)
+            assert (_exact(gw, sql)[1], gw.explain(sql, epsilon=0.5).mechanisms) == before[sql]
+        again = [gw.query(sql.replace(" FROM", " , 1 AS one FROM"), analyst="ann", epsilon=0.5) for sql in sqls]
+        assert [r.epsilon for r in again] == charged == [0.5, 0.5, 0.5]
+        assert gw.remaining("ann")["analyst"]["epsilon"] == pytest.approx(1e6 - 3.0)
+
+
+def test_a_source_rewritten_while_the_copy_is_built_is_never_served_stale(
+    folder: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with _auto(folder, after=1) as gw:
+        materialize = gw.connector.materialize
+
+        def rewrite_then_build(sql: object, path: str) -> int:
+            rows = materialize(sql, path)  # type: ignore[arg-type]
+            _write_data(folder / "t.csv", seed=9)  # the source changes after it was read
+            return rows
+
+        monkeypatch.setattr(gw.connector, "materialize", rewrite_then_build)
+        gw.query("SELECT COUNT(*) AS a FROM t", analyst="ann", epsilon=0.1)
+        gw.auto_prepare.wait()
+        assert (folder / "cache" / "t.json").is_file()  # a copy was written ...
+        rewrite, fresh = _exact(gw, "SELECT COUNT(*) FROM t")
+        assert rewrite == "unit_count"  # ... but is never read: it is of the old file
+        monkeypatch.setattr(gw.connector, "materialize", materialize)
+        gw.query("SELECT COUNT(*) AS b FROM t", analyst="ann", epsilon=0.1)  # a later query rebuilds it
+        gw.auto_prepare.wait()
+        assert _exact(gw, "SELECT COUNT(*) FROM t") == ("prepared", fresh)
+
+
+def test_a_failed_build_is_not_retried_until_the_source_changes(folder: Path) -> None:
+    (folder / "cache").write_text("not a folder")  # cache_dir unusable
+    with _auto(folder, after=1) as gw:
+        calls = []
+        build = gw.auto_prepare._build
+        gw.auto_prepare._build = lambda table: (calls.append(table), build(table))  # type: ignore[method-assign]
+        for i in range(3):
+            gw.query(f"SELECT COUNT(*) AS a{i} FROM t", analyst="ann", epsilon=0.1)
+            gw.auto_prepare.wait()
+        assert calls == ["t"]
+        _write_data(folder / "t.csv", seed=10)
+        gw.query("SELECT COUNT(*) AS z FROM t", analyst="ann", epsilon=0.1)
+        gw.auto_prepare.wait()
+        assert calls == ["t", "t"]
+
+
+@pytest.mark.parametrize(
+    ("prepare", "message"),
+    [
+        ({"auto": "yes"}, "prepare.auto: must be true"),
+        ({"after_queries": 0}, "prepare.after_queries: must be a whole number"),
+        ({"after_queries": 1.5}, "prepare.after_queries: must be a whole number"),
+        ({"filtered": "later"}, "prepare.filtered: must be filter_first"),
+        ({"when": 1}, "prepare"),
+    ],
+)
+def test_prepare_settings_are_validated(tmp_path: Path, prepare: dict, message: str) -> None:
+    _config(tmp_path, prepare=prepare)
+    with pytest.raises(ConfigError, match=message):
+        load_config(tmp_path / "dpgateway.yaml")

@@ -4,7 +4,9 @@
   ``w_u = k / max(n_u, k)``, ``n_u`` the unit's matching row count (a window count, no sort);
 - ``unit_count`` (scalar ``COUNT(*)``): per-unit pre-aggregation ``SUM(LEAST(n_u, k))``;
 - ``rows`` (private group keys, row-level tables): hash-ordered row bounding, below;
-- over a prepared copy (``plan.prepared``, unfiltered queries): the same estimators, reading the copy's
+- filtered queries under ``prepare.filtered: bound_first`` (passes/rewrite.py): the window count or rank
+  over all of the unit's rows, the filter in the final aggregate (proof note in passes/prepared.py);
+- over a prepared copy (``plan.prepared``, unfiltered or ``bound_first`` queries): the same estimators, reading the copy's
   stored keyed-hash rank (row bounding) or summing its stored per-row weighted contributions
   (weighted; passes/prepared.py).
 
@@ -52,6 +54,7 @@ from sqlglot.helper import find_new_name
 from dpgateway.passes.aggregates import moment_center, sum_bound
 from dpgateway.passes.budget import COUNT_SCALE, fixed_point_scale
 from dpgateway.passes.context import PlanContext
+from dpgateway.passes.rewrite import bounds_before_filter
 from dpgateway.plan import DPPlan, Measurement
 from dpgateway.policies.model import Column, Table
 from dpgateway.sqlparse import number
@@ -79,12 +82,14 @@ def _weighted(plan: DPPlan, table: Table, ctx: PlanContext) -> DPPlan:
     keys = [exp.alias_(k.expr.copy(), k.name, quoted=True) for k in plan.group_keys]
     window = exp.Window(this=exp.Count(this=exp.Star()), partition_by=[exp.column(table.privacy_unit, quoted=True)])
     rows = exp.select(exp.Star(), *keys, exp.alias_(window, n, quoted=True), copy=False).from_("typed", copy=False)
-    rows = rows.where(_and_unit_not_null(plan.where.copy() if plan.where is not None else None, table), copy=False)
-    bounded = (
-        _final(plan, table, "ranked", weight=n)
-        .with_("typed", as_=typed, copy=False)
-        .with_("ranked", as_=rows, copy=False)
-    )
+    after = bounds_before_filter(plan, ctx)  # n_u over all of the unit's rows, the filter on the weighted rows
+    before = plan.where.copy() if plan.where is not None and not after else None
+    rows = rows.where(_and_unit_not_null(before, table), copy=False)
+    final = _final(plan, table, "ranked", weight=n)
+    if after:
+        assert plan.where is not None
+        final = final.where(plan.where.copy(), copy=False)
+    bounded = final.with_("typed", as_=typed, copy=False).with_("ranked", as_=rows, copy=False)
     return _rendered(plan, bounded, table.name, ctx)
 
 
@@ -104,7 +109,8 @@ def _row_bounded(plan: DPPlan, table: Table, ctx: PlanContext) -> DPPlan:
     _, rn = _unit_columns(table)
     keys = [exp.alias_(k.expr.copy(), k.name, quoted=True) for k in plan.group_keys]
     ranked = exp.select(exp.Star(), *keys, copy=False).from_("typed", copy=False)
-    condition = plan.where.copy() if plan.where is not None else None
+    after = bounds_before_filter(plan, ctx)  # rank over all of the unit's rows, filter the kept ones
+    condition = plan.where.copy() if plan.where is not None and not after else None
     k = table.max_rows_per_unit
     if table.privacy_unit:
         unit = exp.column(table.privacy_unit, quoted=True)
@@ -120,6 +126,9 @@ def _row_bounded(plan: DPPlan, table: Table, ctx: PlanContext) -> DPPlan:
     final = _final(plan, table, "ranked")
     if table.privacy_unit:
         final = final.where(exp.LTE(this=exp.column(rn, quoted=True), expression=exp.Literal.number(k)), copy=False)
+    if after:
+        assert plan.where is not None
+        final = final.where(exp.Paren(this=plan.where.copy()), copy=False)
     bounded = final.with_("typed", as_=typed, copy=False).with_("ranked", as_=ranked, copy=False)
     return _rendered(plan, bounded, table.name, ctx, settings=hooks.settings(k) if table.privacy_unit else ())
 
@@ -246,12 +255,13 @@ def _unit_count(plan: DPPlan, table: Table, ctx: PlanContext) -> DPPlan:
 def _over_prepared(plan: DPPlan, table: Table, ctx: PlanContext) -> DPPlan:
     """The chosen estimator over a prepared copy, from its stored contributions or keyed-hash rank.
 
-    Unfiltered queries only, so the stored (unfiltered) ``n_u``, ranks and weighted contributions are
-    what the on-the-fly rewrite computes (proof note in passes/prepared.py). A weighted measurement the
-    copy does not store (none today) is weighted from the stored ``n_u`` as on the fly.
+    Unfiltered queries, and filtered ones that bound first (``prepare.filtered: bound_first``): the stored
+    (unfiltered) ``n_u``, ranks and weighted contributions are what the on-the-fly rewrite computes, and
+    the filter then drops rows (proof notes in passes/prepared.py). A weighted measurement the copy does not
+    store (none today) is weighted from the stored ``n_u`` as on the fly.
     """
     hooks = ctx.hooks
-    assert plan.prepared is not None and plan.where is None
+    assert plan.prepared is not None and (plan.where is None or bounds_before_filter(plan, ctx))
     n, rn = _unit_columns(table)
     stored: dict[str, str] = {}
     extra = [rn]
@@ -263,7 +273,7 @@ def _over_prepared(plan: DPPlan, table: Table, ctx: PlanContext) -> DPPlan:
     unstored = tuple(m for m in plan.measurements if m.name not in stored)
     columns = _needed_columns(plan.with_(measurements=unstored), table)
     if not unstored:
-        columns = [c for c in columns if c.name != table.privacy_unit or _in_keys(plan, c.name)]
+        columns = [c for c in columns if c.name != table.privacy_unit or _read_by(plan, c.name)]
     typed = _typed(columns, hooks.file_source(plan.prepared), table, ctx)
     typed = typed.select(*(exp.column(name, quoted=True) for name in extra), copy=False)
     keys = [exp.alias_(k.expr.copy(), k.name, quoted=True) for k in plan.group_keys]
@@ -276,6 +286,8 @@ def _over_prepared(plan: DPPlan, table: Table, ctx: PlanContext) -> DPPlan:
             copy=False,
         )
         final = _final(plan, table, "kept")
+    if plan.where is not None:  # bound first, filter after: the filter only drops already-bounded rows
+        rows = rows.where(exp.Paren(this=plan.where.copy()), copy=False)
     bounded = final.with_("typed", as_=typed, copy=False).with_("kept", as_=rows, copy=False)
     return _rendered(plan, bounded, f"{table.name} (prepared copy)", ctx)
 
@@ -358,8 +370,10 @@ def _needed_columns(plan: DPPlan, table: Table) -> list[Column]:
     return [c for c in table.columns if c.name in names]
 
 
-def _in_keys(plan: DPPlan, name: str) -> bool:
-    return any(c.name == name for k in plan.group_keys for c in k.expr.find_all(exp.Column))
+def _read_by(plan: DPPlan, name: str) -> bool:
+    """Whether a group key or the filter reads column ``name``."""
+    exprs = [k.expr for k in plan.group_keys] + ([plan.where] if plan.where is not None else [])
+    return any(c.name == name for e in exprs for c in e.find_all(exp.Column))
 
 
 def _aggregate(m: Measurement, table: Table) -> exp.Expr:

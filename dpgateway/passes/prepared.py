@@ -7,8 +7,9 @@ WHERE* these are exactly what the on-the-fly rewrites compute: the weighted rewr
 unit's count of matching rows, here all of them; row bounding keeps the rows of rank ``<= k``. So the
 exact bounded aggregates over the copy equal the on-the-fly ones, and the sensitivity arguments of
 ``passes/bounding.py`` and ``passes/budget.py`` apply unchanged. A query with WHERE computes weights and
-ranks over the *matching* rows on the fly; the stored ones count all rows, so using them would be a
-different (still bounded, but less accurate) estimator: filtered queries do not use the copy. A copy is
+ranks over the *matching* rows on the fly (``prepare.filtered: filter_first``, the default); the stored
+ones count all rows, so those queries do not read the copy. Under ``bound_first`` a filtered query bounds
+over all of each unit's rows and filters after, on the fly as over the copy (next note). A copy is
 only offered here when the gateway found it valid for the current source file (inode, size, mtime, ctime) and
 policy (policy hash, secret seed identity and fixed-point constants). Tests: tests/test_prepare.py,
 tests/test_fastpath.py.
@@ -31,18 +32,38 @@ aggregates are equal, NULLs included (both skip them); any other measurement is 
 ``n_u`` as before. Equality of the exact aggregates means the sensitivity argument of
 ``passes/bounding.py`` (weighted) applies unchanged; nothing about the stored contributions is released
 other than through those noised sums.
+
+Proof note (bound first, filter after; ``prepare.filtered: bound_first``): the query's filter ``F`` is
+applied to rows that are already bounded by their unit's *unfiltered* rows: row bounding keeps the rows of
+``u`` with stored rank ``<= k`` and then those matching ``F``; the weighted rewrite sums the stored
+``c_m(r)`` (computed with the unfiltered ``n_u``) over the rows of ``u`` matching ``F``. Rank, ``n_u`` and
+``c_m(r)`` are functions of ``u``'s own rows, the secret key and the policy only (the notes above), and
+``F`` is a predicate on one row at a time, so the rows ``u`` contributes are a subset, chosen by ``u``'s own
+rows, of what the unfiltered query takes from ``u``. Adding or removing ``u`` therefore changes no other
+unit's contribution and moves the vector of per-group values by at most what it moves unfiltered: for row
+bounding at most ``k`` kept rows in at most ``k`` groups (each clamped to the bound, so the count and
+partition-selection sensitivities hold), for the weighted rewrite
+``sum_{r in u, F(r)} |c_m(r)| <= sum_{r in u} |c_m(r)| <= min(n_u, k) * ceil(bound * scale) <= k * bound``
+in L1, whatever ``F`` is. The cold path under ``bound_first`` computes the same estimator on the fly (the
+window count and rank over all of the unit's rows, the filter in the final aggregate;
+``passes/bounding.py``), so a copy changes the speed of a query, never its answer or its cost. Tests:
+tests/test_fastpath.py::test_bound_first_moves_each_aggregate_by_at_most_its_sensitivity,
+tests/test_prepare.py::test_bound_first_filtered_queries_read_the_copy_and_give_the_on_the_fly_aggregates.
 """
 
 from __future__ import annotations
 
 from dpgateway.passes.context import PlanContext
+from dpgateway.passes.rewrite import bounds_before_filter
 from dpgateway.plan import DPPlan
 
 
 def use_prepared_copy(plan: DPPlan, *, ctx: PlanContext) -> DPPlan:
-    """Swap the source for a valid prepared copy when the query has no WHERE."""
+    """Swap the source for a valid prepared copy when the query has no WHERE or bounds before filtering."""
     table = plan.table
-    if table is None or not table.privacy_unit or plan.where is not None or not plan.measurements:
+    if table is None or not table.privacy_unit or not plan.measurements:
+        return plan
+    if plan.where is not None and not bounds_before_filter(plan, ctx):
         return plan
     copy = ctx.prepared_copy(table.name)
     if copy is None or copy.k != table.max_rows_per_unit:

@@ -8,6 +8,12 @@
 - ``weighted``: everything else (public or no group keys): each row counts with its unit's weight
   ``k / max(n_u, k)``. Counts become fixed-point sums, so ``passes/budget.py`` reads this choice.
 
+Filtered queries bound in one of two orders, fixed by the config (``prepare.filtered``), never by whether a
+prepared copy exists: ``filter_first`` (default) bounds each unit's *matching* rows; ``bound_first``
+bounds over all of a unit's rows (its ``n_u`` and keyed-hash ranks ignore the filter), then filters, which
+a prepared copy answers from its stored columns. A filtered scalar ``COUNT(*)`` under ``bound_first`` is
+``weighted`` (``SUM(LEAST(n_u, k))`` would need the unfiltered ranks). Proof notes: passes/bounding.py.
+
 The SQL of each, and the proof notes, are in ``passes/bounding.py``.
 """
 
@@ -17,13 +23,35 @@ from dpgateway.passes.context import PlanContext
 from dpgateway.passes.groups import public_cells
 from dpgateway.plan import DPPlan
 
+FILTER_FIRST_NOTE = (
+    "estimator for this filtered query: filter first (prepare.filtered: filter_first): each unit is bounded over "
+    "its matching rows only; prepared copies are not read"
+)
+BOUND_FIRST_NOTE = (
+    "estimator for this filtered query: bound first, filter after (prepare.filtered: bound_first): each unit's "
+    "weight or k kept rows come from all of its rows, then the filter applies; a unit with more than k rows "
+    "counts k / (its rows) of its matching rows, whatever the filter"
+)
+
 
 def choose_rewrite(plan: DPPlan, *, ctx: PlanContext) -> DPPlan:
-    """Set ``plan.rewrite`` to 'rows', 'unit_count' or 'weighted'."""
+    """Set ``plan.rewrite`` to 'rows', 'unit_count' or 'weighted', and say which filtered estimator applies."""
     table = plan.table
     assert table is not None
+    if plan.where is not None and table.privacy_unit:
+        plan = plan.with_(
+            notes=(*plan.notes, BOUND_FIRST_NOTE if bounds_before_filter(plan, ctx) else FILTER_FIRST_NOTE)
+        )
     if not table.privacy_unit or (plan.group_keys and public_cells(plan.group_keys) is None):
         return plan.with_(rewrite="rows")
-    if not plan.group_keys and [(m.kind, m.column) for m in plan.measurements] == [("count", None)]:
+    scalar_count = [(m.kind, m.column) for m in plan.measurements] == [("count", None)]
+    if not plan.group_keys and scalar_count and not bounds_before_filter(plan, ctx):
         return plan.with_(rewrite="unit_count")
     return plan.with_(rewrite="weighted")
+
+
+def bounds_before_filter(plan: DPPlan, ctx: PlanContext) -> bool:
+    """Whether this query bounds over all of each unit's rows and filters after (``prepare.filtered``)."""
+    table = plan.table
+    filtered = plan.where is not None and table is not None and table.privacy_unit is not None
+    return filtered and ctx.config.prepare.filtered == "bound_first"

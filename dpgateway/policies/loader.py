@@ -14,7 +14,17 @@ import yaml
 
 from dpgateway.errors import ConfigError
 from dpgateway.policies.connections import connector_source
-from dpgateway.policies.model import Budget, Cap, Column, Config, CsvDialect, ServerConfig, Table, table_key
+from dpgateway.policies.model import (
+    Budget,
+    Cap,
+    Column,
+    Config,
+    CsvDialect,
+    PrepareConfig,
+    ServerConfig,
+    Table,
+    table_key,
+)
 
 CONFIG_ENV = "DPGATEWAY_CONFIG"
 DEFAULT_CONFIG_NAME = "dpgateway.yaml"
@@ -25,7 +35,8 @@ CSV_KEYS = {"delimiter", "quote", "escape", "header", "comment", "null"}
 UNIT_TYPES = ("int", "str")  # identifiers whose text round-trips exactly (docs: README.md, docs/privacy.md)
 COLUMN_KEYS = {"type", "bounds", "public_values"}
 COLUMN_TYPES = ("int", "float", "str", "bool", "date")
-TOP_KEYS = {"tables", "budget", "ledger", "admins", "cache_dir", "server"}
+TOP_KEYS = {"tables", "budget", "ledger", "admins", "cache_dir", "server", "prepare"}
+PREPARE_KEYS = {"auto", "after_queries", "filtered"}
 SERVER_KEYS = {"host", "port", "tls_cert", "tls_key", "database"}
 BUDGET_KEYS = {
     "window_days",
@@ -91,7 +102,25 @@ def parse_config(raw: Any, *, base_dir: Path) -> Config:
         base_dir=base_dir,
         cache_dir=base_dir / cache_dir,
         server=_server(raw.get("server", {}), base_dir),
+        prepare=_prepare(raw.get("prepare", {})),
     )
+
+
+def _prepare(spec: Any) -> PrepareConfig:
+    spec = _mapping(spec, "prepare")
+    _no_unknown(spec, PREPARE_KEYS, "prepare")
+    default = PrepareConfig()
+    auto, after, filtered = (spec.get(key, getattr(default, key)) for key in ("auto", "after_queries", "filtered"))
+    if not isinstance(auto, bool):
+        raise ConfigError("prepare.auto: must be true (prepare queried tables in the background) or false")
+    if isinstance(after, bool) or not isinstance(after, int) or not 1 <= after <= 1_000_000:
+        raise ConfigError("prepare.after_queries: must be a whole number of queries from 1 to 1000000, such as 2")
+    if filtered not in ("filter_first", "bound_first"):
+        raise ConfigError(
+            "prepare.filtered: must be filter_first (bound each person's matching rows) or bound_first (bound "
+            "each person's rows, then filter; filtered queries can read prepared copies)"
+        )
+    return PrepareConfig(auto=auto, after_queries=after, filtered=filtered)
 
 
 def _server(spec: Any, base_dir: Path) -> ServerConfig:

@@ -12,6 +12,7 @@ from typing import Any, Literal
 
 ColumnType = Literal["int", "float", "str", "bool", "date"]
 ReplayScope = Literal["analyst", "global", "off"]
+FilteredBounding = Literal["filter_first", "bound_first"]
 NUMERIC_TYPES: frozenset[str] = frozenset({"int", "float"})
 
 
@@ -111,6 +112,15 @@ class ServerConfig:
 
 
 @dataclass(frozen=True)
+class PrepareConfig:
+    """The ``prepare:`` section: automatic prepared copies, and how filtered queries bound (docs/privacy.md)."""
+
+    auto: bool = True  # build a table's prepared copy in the background after `after_queries` queries of it
+    after_queries: int = 2
+    filtered: FilteredBounding = "filter_first"  # bound_first: filtered queries bound over all of a unit's rows
+
+
+@dataclass(frozen=True)
 class Config:
     """A whole ``dpgateway.yaml``."""
 
@@ -121,6 +131,7 @@ class Config:
     base_dir: Path = Path(".")
     cache_dir: Path | None = None  # prepared copies (`dpgateway prepare`); None: .dpgateway-cache in base_dir
     server: ServerConfig = field(default_factory=ServerConfig)
+    prepare: PrepareConfig = field(default_factory=PrepareConfig)
 
     @property
     def cache_folder(self) -> Path:
