@@ -141,6 +141,9 @@ class MpcExecutor(Executor):
                 process.wait(timeout=5)
             except subprocess.TimeoutExpired:
                 process.kill()
+                process.wait()
+            if process.stdout is not None:
+                process.stdout.close()
         self._processes.clear()
         self._addresses.clear()
 
