@@ -92,7 +92,7 @@ def test_sensitivity_counts_every_party(data: Any) -> None:
 
 
 def test_gateway_receives_only_shares_and_the_noisy_total(data: Any, monkeypatch: pytest.MonkeyPatch) -> None:
-    folder, parts = data
+    folder, _ = data
     crossed: list[dict[str, Any]] = []
     real = mpc_executor.wire.request
 

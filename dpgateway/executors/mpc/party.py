@@ -185,7 +185,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     party = Party(args.data, collusion_threshold=args.collusion_threshold, timeout=args.timeout)
     with _Server(_address(args.listen), party) as server:
-        host, port = server.server_address[:2]
+        host, port = str(server.server_address[0]), int(server.server_address[1])
         sys.stdout.write(f"listening {host}:{port}\n")
         sys.stdout.flush()
         server.serve_forever()
