@@ -28,8 +28,10 @@ from dpgateway.errors import (
     InvalidParameterError,
     UnknownTableError,
 )
+from dpgateway.executors import ExecutorPool
+from dpgateway.executors.base import Executor, NoisePlan, accept
 from dpgateway.mechanisms import laplace_half_width
-from dpgateway.noise import Noisy, add_noise
+from dpgateway.noise import Noisy, add_noise, release
 from dpgateway.passes.bounding import prepared_copy_tree
 from dpgateway.passes.context import PlanContext, PreparedCopy
 from dpgateway.passes.rewrite import bounds_before_filter
@@ -122,6 +124,7 @@ class Explanation:
     accuracy: dict[str, str]
     notes: tuple[str, ...] = field(default=())
     plan: DPPlan | None = None
+    executor: str = "plain"
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -132,6 +135,7 @@ class Explanation:
             "mechanisms": [m.__dict__ for m in self.mechanisms],
             "accuracy_95": self.accuracy,
             "notes": list(self.notes),
+            "executor": self.executor,
         }
 
 
@@ -153,6 +157,7 @@ class Gateway:
         self._plans = PlanCache()
         self._prepare_lock = threading.Lock()  # one build at a time (manual and automatic share the scratch names)
         self.auto_prepare = prepare.AutoPreparer(config.prepare, self.prepare)
+        self.executors = ExecutorPool(config, self.connector)
 
     @classmethod
     def from_config(cls, path: str | os.PathLike[str] | None = None, **kwargs: Any) -> Gateway:
@@ -160,17 +165,34 @@ class Gateway:
         return cls(load_config(path), **kwargs)
 
     def explain(
-        self, sql: str, *, analyst: str | None = None, epsilon: float | None = None, delta: float | None = None
+        self,
+        sql: str,
+        *,
+        analyst: str | None = None,
+        epsilon: float | None = None,
+        delta: float | None = None,
+        executor: str | None = None,
     ) -> Explanation:
-        """The plan, its cost and 95% accuracy per output column; spends nothing, reads no data."""
+        """The plan, its cost, its executor and 95% accuracy per output column; spends nothing, reads no data."""
         resolve_analyst(analyst)
         plan = self._plan(sql, *self._parameters(epsilon, delta))
-        return _explain(plan)
+        if plan.passthrough:
+            return _explain(plan, None)
+        return _explain(plan, self.executors.choose(plan, executor))
 
     def query(
-        self, sql: str, *, analyst: str | None = None, epsilon: float | None = None, delta: float | None = None
+        self,
+        sql: str,
+        *,
+        analyst: str | None = None,
+        epsilon: float | None = None,
+        delta: float | None = None,
+        executor: str | None = None,
     ) -> Result:
-        """Answer ``sql`` with DP, debiting the ledger before the answer is released."""
+        """Answer ``sql`` with DP, debiting the ledger before the answer is released.
+
+        ``executor`` overrides the table's executor where its policy allows it (``executors_allowed``).
+        """
         who = resolve_analyst(analyst)
         eps, dlt = self._parameters(epsilon, delta)
         key = query_key(sql, eps, dlt)
@@ -192,7 +214,12 @@ class Gateway:
                 accuracy=exact,
                 half_width=dict.fromkeys(exact, 0.0),
             )
-        accuracy, half_width = _accuracies(plan)
+        try:
+            runner = self.executors.choose(plan, executor)
+        except DPGatewayError as exc:
+            self.store.audit_event(spend, outcome="refused", message=_audit_text(exc))
+            raise
+        accuracy, half_width = _accuracies(plan, runner)
         if not plan.measurements:  # only public key values are listed: the data is not read
             keys_only = ExactAggregates(columns=tuple(k.name for k in plan.group_keys), rows=())
             released = post_process(plan, add_noise(plan, keys_only))
@@ -213,11 +240,18 @@ class Gateway:
                 half_width=cached.get("half_width_95", half_width),
                 warnings=tuple(cached.get("warnings", ())),
             )
+        noise = NoisePlan.from_plan(plan)  # fixed before dispatch: the executor only applies it
         reservation = self.store.reserve(spend)  # refusals are audited by the store
-        result, answer = self._run(plan, reservation, accuracy=accuracy, half_width=half_width)
-        remaining = self.store.commit_and_remaining(
-            reservation, epsilon=spend.epsilon, delta=spend.delta, answer=answer, analyst=who, domains=spend.domains
-        )
+        result, answer = self._run(plan, reservation, runner, noise, accuracy=accuracy, half_width=half_width)
+        if runner.name == "plain":
+            remaining = self.store.commit_and_remaining(
+                reservation, epsilon=spend.epsilon, delta=spend.delta, answer=answer, analyst=who, domains=spend.domains
+            )
+        else:  # the audit record names the executor
+            self.store.commit(
+                reservation, epsilon=spend.epsilon, delta=spend.delta, answer=answer, message=runner.describe()
+            )
+            remaining = self.store.remaining(who, spend.domains)
         result.remaining.update(remaining.as_dict())  # known once the debit is committed; rows stay built once
         if (
             plan.prepared is None
@@ -270,6 +304,7 @@ class Gateway:
 
     def close(self) -> None:
         self.auto_prepare.close()
+        self.executors.close()
         self.connector.close()
         self.store.close()
 
@@ -314,9 +349,19 @@ class Gateway:
             raise InternalError(f"planning failed: {type(exc).__name__}: {exc}") from exc
 
     def _run(
-        self, plan: DPPlan, reservation: str, *, accuracy: dict[str, str], half_width: dict[str, float | None]
+        self,
+        plan: DPPlan,
+        reservation: str,
+        executor: Executor,
+        noise: NoisePlan,
+        *,
+        accuracy: dict[str, str],
+        half_width: dict[str, float | None],
     ) -> tuple[Result, dict[str, Any]]:
         """Execute, noise and post-process: the result and the answer to commit. A failure is charged.
+
+        The executor returns noisy integers for ``noise``; :func:`~dpgateway.executors.base.accept` rejects
+        (charged, like any failure here) a result for another noise plan or with more values than planned.
 
         Proof note: from the backend call on, whether and how the query fails may depend on the data, so a
         failure is debited like an answer (the failure itself stays inside the budget) and audited ``error``
@@ -325,9 +370,10 @@ class Gateway:
         test_backend_failure_is_charged_and_hides_values, test_any_failure_after_the_backend_ran_is_charged.
         """
         try:
-            exact = self.connector.execute(_backend_sql(plan), plan.settings)
-            noisy = add_noise(plan, exact)
-            released, warnings = post_process(plan, noisy), _avg_warnings(plan, noisy)
+            outcome = executor.execute(plan, noise)
+            accept(noise, outcome)
+            noisy = release(plan, list(outcome.cells), {k: list(v) for k, v in outcome.values.items()})
+            released, warnings = post_process(plan, noisy), _avg_warnings(plan, noisy, executor)
             result = Result(
                 released,
                 plan.spent_epsilon,
@@ -347,7 +393,8 @@ class Gateway:
                 epsilon=plan.spent_epsilon,
                 delta=plan.delta,
                 outcome="error",
-                message=f"the query failed after the backend was called (SQLSTATE {error.sqlstate})",
+                message=f"the query failed after the backend was called (SQLSTATE {error.sqlstate})"
+                + ("" if executor.name == "plain" else f"; executor {executor.describe()}"),
             )
             if error is exc:
                 raise
@@ -423,7 +470,7 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def _explain(plan: DPPlan) -> Explanation:
+def _explain(plan: DPPlan, executor: Executor | None) -> Explanation:
     if plan.passthrough:
         return Explanation(
             plan.sql, plan.tree.sql(dialect="postgres"), 0.0, 0.0, (), {}, ("public data: exact, no cost",)
@@ -442,36 +489,46 @@ def _explain(plan: DPPlan) -> Explanation:
         )
         for m in plan.measurements
     )
-    accuracy = _accuracies(plan)[0]
+    assert executor is not None
+    accuracy = _accuracies(plan, executor)[0]
     notes = [f"each privacy unit contributes at most {k} row(s)' worth; values are clamped to the declared bounds"]
     notes.append(REWRITE_NOTES.get(plan.rewrite, plan.rewrite))
     notes.extend(plan.notes)  # e.g. reads a prepared copy
+    notes.append(f"executor: {executor.describe()}")
     if plan.selects_partitions:
         notes.append("group keys are private: only groups whose noisy count passes the threshold are released")
     return Explanation(
-        plan.sql, plan.shown_sql, plan.spent_epsilon, plan.delta, mechanisms, accuracy, tuple(notes), plan
+        plan.sql,
+        plan.shown_sql,
+        plan.spent_epsilon,
+        plan.delta,
+        mechanisms,
+        accuracy,
+        tuple(notes),
+        plan,
+        executor.name,
     )
 
 
-def _accuracies(plan: DPPlan) -> tuple[dict[str, str], dict[str, float | None]]:
+def _accuracies(plan: DPPlan, executor: Executor) -> tuple[dict[str, str], dict[str, float | None]]:
     """Each output column's 95% accuracy as text, and as a number where the half-width is exact."""
-    text = {o.name: _accuracy(plan, o.kind, o.measurements) for o in plan.outputs}
+    text = {o.name: _accuracy(plan, executor, o.kind, o.measurements) for o in plan.outputs}
     number: dict[str, float | None] = {}
     for o in plan.outputs:
         if o.kind == "key" or not o.measurements:
             number[o.name] = 0.0
         elif o.kind in ("count", "sum") and len(o.measurements) == 1:
             m = plan.measurement(o.measurements[0])
-            number[o.name] = laplace_half_width(m.noise_scale) / m.scale
+            number[o.name] = executor.half_width(m.noise_scale) / m.scale
         else:
             number[o.name] = None
     return text, number
 
 
-def _accuracy(plan: DPPlan, kind: str, used: tuple[str, ...]) -> str:
+def _accuracy(plan: DPPlan, executor: Executor, kind: str, used: tuple[str, ...]) -> str:
     """95% half-width of one output column (exact for COUNT/SUM, per group size n for AVG)."""
     ms = [plan.measurement(n) for n in used]
-    widths = {m.name: laplace_half_width(m.noise_scale) / m.scale for m in ms}
+    widths = {m.name: executor.half_width(m.noise_scale) / m.scale for m in ms}
     if kind == "key":
         return "exact key" if not plan.selects_partitions else "exact key (released by partition selection)"
     if not ms:
@@ -484,7 +541,7 @@ def _accuracy(plan: DPPlan, kind: str, used: tuple[str, ...]) -> str:
     return "depends on the data (derived from several noisy measurements)"
 
 
-def _avg_warnings(plan: DPPlan, noisy: Noisy) -> tuple[str, ...]:
+def _avg_warnings(plan: DPPlan, noisy: Noisy, executor: Executor | None = None) -> tuple[str, ...]:
     """Warnings for AVG values that are mostly noise; computed from the noisy release only (post-processing).
 
     AVG(x) is ``clamp(mid + S / n, lo, hi)`` with S the noisy centred sum and n the noisy count. With W_n
@@ -500,8 +557,8 @@ def _avg_warnings(plan: DPPlan, noisy: Noisy) -> tuple[str, ...]:
         if output.kind != "avg" or len(output.measurements) != 2:
             continue
         count, total = sorted((plan.measurement(n) for n in output.measurements), key=lambda m: m.kind)
-        w_count = laplace_half_width(count.noise_scale) / count.scale
-        w_sum = laplace_half_width(total.noise_scale) / total.scale
+        width = executor.half_width if executor is not None else laplace_half_width
+        w_count, w_sum = width(count.noise_scale) / count.scale, width(total.noise_scale) / total.scale
         floor = max(w_count, w_sum / total.bound) if total.bound > 0 else w_count
         counts = noisy.values[position[count.name]]
         tiny = [i for i, n in enumerate(counts) if n <= floor]

@@ -42,6 +42,12 @@ def add_noise(plan: DPPlan, exact: ExactAggregates) -> Noisy:
     Public key domains are released whole (missing groups count zero, values outside the domain are
     dropped); private keys only through the threshold of the selecting count.
     """
+    cells, values = noisy_integers(plan, exact)
+    return release(plan, cells, values)
+
+
+def noisy_integers(plan: DPPlan, exact: ExactAggregates) -> tuple[list[Key], dict[str, list[int]]]:
+    """The released cells and each measurement's noisy integers (fixed-point units), in cell order."""
     n_keys = len(plan.group_keys)
     by_key: dict[Key, tuple[Any, ...]] = {tuple(row[:n_keys]): row for row in exact.rows}
     if len(exact.columns) != n_keys + len(plan.measurements):
@@ -50,10 +56,26 @@ def add_noise(plan: DPPlan, exact: ExactAggregates) -> Noisy:
     noisy: dict[str, list[int]] = {}
     if cells is None:
         cells, noisy = _select(plan, by_key)
-    values = {m.name: [_exact(by_key.get(cell), n_keys + i) for cell in cells] for i, m in enumerate(plan.measurements)}
+    values = exact_vectors(by_key, cells, n_keys, [m.name for m in plan.measurements])
+    return cells, {
+        m.name: noisy[m.name] if m.name in noisy else noisy_vector(values[m.name], m.noise_scale)
+        for m in plan.measurements
+    }
+
+
+def exact_vectors(
+    by_key: dict[Key, tuple[Any, ...]], cells: list[Key], n_keys: int, names: list[str]
+) -> dict[str, list[int]]:
+    """Each measurement's exact integer per cell (a missing group or an empty SUM is zero)."""
+    return {name: [_exact(by_key.get(cell), n_keys + i) for cell in cells] for i, name in enumerate(names)}
+
+
+def release(plan: DPPlan, cells: list[Key], noisy: dict[str, list[int]]) -> Noisy:
+    """The noisy integers in real units beside their key columns (post-processing only)."""
+    n_keys = len(plan.group_keys)
     columns: list[list[Any]] = [[cell[j] for cell in cells] for j in range(n_keys)]
     for m in plan.measurements:
-        raw = noisy[m.name] if m.name in noisy else noisy_vector(values[m.name], m.noise_scale)
+        raw = noisy[m.name]
         if m.kind == "count":  # a fixed-point count (weighted rewrite) is presented as an integer
             columns.append(list(raw) if m.scale == 1 else [round(v / m.scale) for v in raw])
         else:

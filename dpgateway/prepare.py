@@ -42,7 +42,7 @@ from typing import Any
 
 from dpgateway.passes.budget import COUNT_SCALE, FIXED_POINT_DIGITS
 from dpgateway.passes.context import PreparedCopy
-from dpgateway.policies.model import Config, PrepareConfig, Table
+from dpgateway.policies.model import Config, PartySources, PrepareConfig, Table
 
 # 4: source inode and ctime, units on their exact identity; 3: also each row's weighted contributions;
 # 2: all rows with unit row count and rank; 1: only the k kept rows
@@ -67,7 +67,7 @@ def private_folder(folder: Path) -> Path:
 
 def source_state(table: Table) -> dict[str, Any] | None:
     """Path, device, inode, size, mtime and ctime of a file source; None for sources that are not files."""
-    if isinstance(table.source, dict):
+    if isinstance(table.source, (dict, PartySources)):  # a party-split table is read by its parties only
         return None
     path = Path(table.source).resolve()
     try:

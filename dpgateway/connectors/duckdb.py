@@ -17,9 +17,10 @@ from sqlglot import exp
 
 from dpgateway.connectors.base import Connector, ExactAggregates, SQLHooks
 from dpgateway.errors import BackendError, ConfigError
-from dpgateway.policies.model import Column, Config, CsvDialect, Table
+from dpgateway.policies.model import Column, Config, CsvDialect, PartySources, Table
 from dpgateway.sqlcheck import VerifiedSQL
 
+PARTY_RELATION = "party_rows"  # the relation a party exposes its own rows as (dpgateway/executors/mpc)
 INTEGER_TYPES = ("TINYINT", "SMALLINT", "INTEGER", "BIGINT", "HUGEINT", "UTINYINT", "USMALLINT", "UINTEGER", "UBIGINT")
 
 
@@ -47,6 +48,8 @@ class DuckDBHooks(SQLHooks):
         self._headers: dict[tuple[str, CsvDialect], tuple[str, ...]] = {}
 
     def source(self, table: Table) -> exp.Expr:
+        if isinstance(table.source, PartySources):  # each party binds this name to its own rows
+            return exp.to_table(PARTY_RELATION)
         path = Path(table.source)
         if path.suffix.lower() in (".parquet", ".pq"):
             return _call("read_parquet", exp.Literal.string(str(path)))
@@ -163,7 +166,7 @@ class DuckDBConnector(Connector):
     @classmethod
     def for_config(cls, config: Config, *, threads: int | None = None) -> DuckDBConnector:
         """A connector that may read the policy's file sources and the cache folder (prepared copies), nothing else."""
-        files = [t.source for t in config.tables if not isinstance(t.source, dict)]
+        files = [t.source for t in config.tables if not isinstance(t.source, (dict, PartySources))]
         return cls(threads=threads, allowed_paths=files, allowed_directories=[config.cache_folder])
 
     def _execute(self, sql: VerifiedSQL, settings: tuple[tuple[str, Any], ...] = ()) -> ExactAggregates:
@@ -230,6 +233,8 @@ class DuckDBConnector(Connector):
         return int(count[0]) if count else 0
 
     def check_table(self, table: Table) -> None:
+        if isinstance(table.source, PartySources):  # the gateway never reads the parties' rows; each party checks
+            return
         if isinstance(table.source, dict):
             raise ConfigError(
                 f"tables.{table.name}.source: connector {table.source.get('connector')!r} is not available"

@@ -59,7 +59,8 @@ def split_budget(plan: DPPlan, *, ctx: PlanContext) -> DPPlan:
     count_scale = float(COUNT_SCALE) if plan.rewrite == "weighted" else 1.0
     for m in measurements:
         scale = fixed_point_scale(m.bound) if m.kind == "sum" else count_scale
-        sensitivity = k * math.ceil(m.bound * scale)  # counts: bound 1
+        # counts: bound 1; a table split across parties counts each party's bound (Table.cross_party_factor)
+        sensitivity = k * math.ceil(m.bound * scale) * plan.table.cross_party_factor
         noise_scale, cost = laplace_scale(sensitivity, share)
         threshold = None
         if m.name == selector:

@@ -15,11 +15,14 @@ import yaml
 from dpgateway.errors import ConfigError
 from dpgateway.policies.connections import connector_source
 from dpgateway.policies.model import (
+    EXECUTORS,
     Budget,
     Cap,
     Column,
     Config,
     CsvDialect,
+    MpcSettings,
+    PartySources,
     PrepareConfig,
     ServerConfig,
     Table,
@@ -30,12 +33,23 @@ CONFIG_ENV = "DPGATEWAY_CONFIG"
 DEFAULT_CONFIG_NAME = "dpgateway.yaml"
 DEFAULT_CACHE_DIR = ".dpgateway-cache"
 
-TABLE_KEYS = {"source", "privacy_unit", "max_rows_per_unit", "columns", "public", "domain", "csv"}
+TABLE_KEYS = {
+    "source",
+    "privacy_unit",
+    "max_rows_per_unit",
+    "columns",
+    "public",
+    "domain",
+    "csv",
+    "executor",
+    "executors_allowed",
+}
+MPC_KEYS = {"collusion_threshold", "units_disjoint", "timeout_s"}
 CSV_KEYS = {"delimiter", "quote", "escape", "header", "comment", "null"}
 UNIT_TYPES = ("int", "str")  # identifiers whose text round-trips exactly (docs: README.md, docs/privacy.md)
 COLUMN_KEYS = {"type", "bounds", "public_values"}
 COLUMN_TYPES = ("int", "float", "str", "bool", "date")
-TOP_KEYS = {"tables", "budget", "ledger", "admins", "cache_dir", "server", "prepare"}
+TOP_KEYS = {"tables", "budget", "ledger", "admins", "cache_dir", "server", "prepare", "executors"}
 PREPARE_KEYS = {"auto", "after_queries", "filtered"}
 SERVER_KEYS = {"host", "port", "tls_cert", "tls_key", "database"}
 BUDGET_KEYS = {
@@ -79,7 +93,8 @@ def parse_config(raw: Any, *, base_dir: Path) -> Config:
     tables_raw = _mapping(raw.get("tables"), "tables")
     if not tables_raw:
         raise ConfigError("tables: declare at least one table")
-    tables = tuple(_table(str(name), spec, base_dir) for name, spec in tables_raw.items())
+    mpc = _mpc(raw.get("executors", {}))
+    tables = tuple(_table(str(name), spec, base_dir, mpc) for name, spec in tables_raw.items())
     seen: dict[str, str] = {}
     for table in tables:
         other = seen.setdefault(table_key(table.name), table.name)
@@ -103,6 +118,7 @@ def parse_config(raw: Any, *, base_dir: Path) -> Config:
         cache_dir=base_dir / cache_dir,
         server=_server(raw.get("server", {}), base_dir),
         prepare=_prepare(raw.get("prepare", {})),
+        mpc=mpc,
     )
 
 
@@ -152,7 +168,7 @@ def _ledger_url(url: str, base_dir: Path) -> str:
     return url
 
 
-def _table(name: str, spec: Any, base_dir: Path) -> Table:
+def _table(name: str, spec: Any, base_dir: Path, mpc: MpcSettings) -> Table:
     where = f"tables.{name}"
     spec = _mapping(spec, where)
     _no_unknown(spec, TABLE_KEYS, where)
@@ -161,6 +177,8 @@ def _table(name: str, spec: Any, base_dir: Path) -> Table:
     source = spec["source"]
     if isinstance(source, str):
         source = base_dir / source
+    elif isinstance(source, dict) and "parties" in source:
+        source = _parties(source, f"{where}.source", base_dir)
     elif isinstance(source, dict):
         source = connector_source(source, f"{where}.source")
     else:
@@ -200,6 +218,12 @@ def _table(name: str, spec: Any, base_dir: Path) -> Table:
     csv = _csv(spec.get("csv"), f"{where}.csv")
     if "csv" in spec and (not isinstance(source, Path) or source.suffix.lower() in (".parquet", ".pq")):
         raise ConfigError(f"{where}.csv: only a CSV file source takes csv options; remove {where}.csv")
+    executor, allowed = _executors(spec, where, source, public)
+    if isinstance(source, PartySources) and mpc.collusion_threshold >= len(source.parties):
+        raise ConfigError(
+            f"{where}.source: {len(source.parties)} parties cannot tolerate executors.mpc.collusion_threshold "
+            f"{mpc.collusion_threshold}; it must be below the number of parties"
+        )
     return Table(
         name=name,
         source=source,
@@ -209,7 +233,56 @@ def _table(name: str, spec: Any, base_dir: Path) -> Table:
         public=public,
         domain=domain,
         csv=csv,
+        executor=executor,
+        executors_allowed=allowed,
+        units_disjoint=mpc.units_disjoint,
     )
+
+
+def _parties(spec: dict[str, Any], where: str, base_dir: Path) -> PartySources:
+    _no_unknown(spec, {"parties"}, where)
+    parties = spec["parties"]
+    if not isinstance(parties, list) or len(parties) < 2 or not all(isinstance(p, str) and p for p in parties):
+        raise ConfigError(f"{where}.parties: list two or more party sources (Parquet files or tcp://host:port)")
+    return PartySources(tuple(p if p.startswith("tcp://") else str(base_dir / p) for p in parties))
+
+
+def _executors(spec: dict[str, Any], where: str, source: Any, public: bool) -> tuple[str, tuple[str, ...]]:
+    """The table's executor and the alternatives ``query --executor`` may pick (the data owner decides)."""
+    split = isinstance(source, PartySources)
+    executor = spec.get("executor", "mpc" if split else "plain")
+    allowed = spec.get("executors_allowed", [])
+    if executor not in EXECUTORS:
+        raise ConfigError(f"{where}.executor: must be one of {', '.join(EXECUTORS)}, not {executor!r}")
+    if not isinstance(allowed, list) or any(a not in EXECUTORS for a in allowed):
+        raise ConfigError(f"{where}.executors_allowed: must be a list of executors from {', '.join(EXECUTORS)}")
+    for name in (executor, *allowed):
+        if (name == "mpc") != split:
+            raise ConfigError(
+                f"{where}: executor {name!r} "
+                + (
+                    "cannot read rows split across parties; use executor: mpc"
+                    if split
+                    else "needs a source split across parties (source: {parties: [a.parquet, b.parquet]})"
+                )
+            )
+    if public and executor != "plain":
+        raise ConfigError(f"{where}.executor: a public table is read exactly; remove {where}.executor")
+    return executor, tuple(dict.fromkeys(allowed))
+
+
+def _mpc(raw: Any) -> MpcSettings:
+    spec = _mapping(raw, "executors")
+    _no_unknown(spec, {"mpc"}, "executors")
+    mpc = _mapping(spec.get("mpc", {}), "executors.mpc")
+    _no_unknown(mpc, MPC_KEYS, "executors.mpc")
+    t = mpc.get("collusion_threshold", 1)
+    if isinstance(t, bool) or not isinstance(t, int) or t < 0:
+        raise ConfigError("executors.mpc.collusion_threshold: must be an integer >= 0 (parties that may collude)")
+    disjoint = mpc.get("units_disjoint", False)
+    if not isinstance(disjoint, bool):
+        raise ConfigError("executors.mpc.units_disjoint: must be true or false")
+    return MpcSettings(t, disjoint, _positive(mpc.get("timeout_s", 30.0), "executors.mpc.timeout_s"))
 
 
 def _csv(raw: Any, where: str) -> CsvDialect:

@@ -46,6 +46,33 @@ class CsvDialect:
     null: str = ""
 
 
+EXECUTORS = ("plain", "mpc")
+
+
+@dataclass(frozen=True)
+class PartySources:
+    """A table whose rows are split across parties: one source per party, read only by that party.
+
+    An entry is a file (the gateway starts that party as a local process reading it) or ``tcp://host:port``
+    (a party already running, e.g. on another host, started with ``python -m dpgateway.executors.mpc.party``).
+    """
+
+    parties: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class MpcSettings:
+    """The ``executors: mpc:`` section.
+
+    ``collusion_threshold`` t: the guarantee holds while at most t parties (and the gateway) collude;
+    ``units_disjoint``: each person's rows are at one party only, so the sensitivity is not multiplied by K.
+    """
+
+    collusion_threshold: int = 1
+    units_disjoint: bool = False
+    timeout_s: float = 30.0
+
+
 @dataclass(frozen=True)
 class Table:
     """A table, its source and its privacy policy.
@@ -63,6 +90,21 @@ class Table:
     public: bool = False
     domain: str = ""
     csv: CsvDialect = CsvDialect()  # read options of a CSV source (ignored for Parquet)
+    executor: str = "plain"  # who computes and noises the aggregates (dpgateway/executors)
+    executors_allowed: tuple[str, ...] = ()  # executors `query --executor` may choose instead
+    units_disjoint: bool = False  # parties' tables: no person has rows at two parties
+
+    @property
+    def cross_party_factor(self) -> int:
+        """How many parties' local bounds one person can use: K for a party-split table, unless disjoint.
+
+        Proof note: each party bounds a person to ``max_rows_per_unit`` rows locally; a person present at
+        all K parties moves the total by K local bounds, so the accountant multiplies the sensitivity by
+        K (passes/budget.py). Test: tests/executors/test_mpc.py::test_sensitivity_counts_every_party.
+        """
+        if isinstance(self.source, PartySources) and not self.units_disjoint:
+            return len(self.source.parties)
+        return 1
 
     def column(self, name: str) -> Column | None:
         lowered = name.lower()
@@ -132,6 +174,7 @@ class Config:
     cache_dir: Path | None = None  # prepared copies (`dpgateway prepare`); None: .dpgateway-cache in base_dir
     server: ServerConfig = field(default_factory=ServerConfig)
     prepare: PrepareConfig = field(default_factory=PrepareConfig)
+    mpc: MpcSettings = field(default_factory=MpcSettings)
 
     @property
     def cache_folder(self) -> Path:

@@ -1,0 +1,185 @@
+"""The executor interface: a bounded plan and a fixed noise plan in, noisy integers and evidence out.
+
+The accountant (passes/budget.py) calibrates every measurement before an executor is chosen; the
+:class:`NoisePlan` is that calibration as a value, with a fingerprint. An executor computes the bounded
+aggregates wherever it computes them (the gateway's backend, K parties, ...), adds exactly the planned
+discrete Laplace noise and returns noisy integers in fixed-point units. Executors never choose noise.
+
+Proof note (the gateway accepts only the planned release): :func:`accept` rejects a result whose noise-plan
+fingerprint differs from the plan the ledger reserved for, whose measurement names differ, whose released
+cells are not the plan's public cells (when the keys are public), or whose number of released values is not
+cells x measurements. So an executor cannot release more values, or values noised by another plan, than
+the debit paid for. Tests: tests/executors/test_base.py.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import json
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from dpgateway.errors import InternalError
+from dpgateway.mechanisms import laplace_half_width
+from dpgateway.passes.groups import public_cells
+from dpgateway.plan import DPPlan
+
+Key = tuple[Any, ...]
+
+
+@dataclass(frozen=True)
+class MeasurementNoise:
+    """The noise of one measurement: discrete Laplace of ``scale`` on an integer of L1 ``sensitivity``."""
+
+    name: str
+    kind: str
+    sensitivity: int
+    scale: float
+    epsilon: float
+    threshold: int | None = None  # partition selection: released only where the noisy count reaches it
+
+
+@dataclass(frozen=True)
+class NoisePlan:
+    """Everything about the noise, fixed before dispatch; :meth:`fingerprint` identifies it.
+
+    ``cells`` are the public groups released whole (``None`` when the keys are private and partition
+    selection picks them); ``sql_sha256`` binds the plan to the bounded statement it noises.
+    """
+
+    measurements: tuple[MeasurementNoise, ...]
+    cells: tuple[Key, ...] | None
+    n_keys: int
+    delta: float
+    sql_sha256: str
+
+    @classmethod
+    def from_plan(cls, plan: DPPlan) -> NoisePlan:
+        n_keys = len(plan.group_keys)
+        cells = public_cells(plan.group_keys) if n_keys else [()]
+        return cls(
+            measurements=tuple(
+                MeasurementNoise(m.name, m.kind, m.sensitivity, m.noise_scale, m.epsilon, m.threshold)
+                for m in plan.measurements
+            ),
+            cells=None if cells is None else tuple(tuple(c) for c in cells),
+            n_keys=n_keys,
+            delta=plan.delta,
+            sql_sha256=hashlib.sha256(plan.shown_sql.encode()).hexdigest(),
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        """The canonical, JSON-serializable form (floats as exact hex; key values type-tagged)."""
+        return {
+            "measurements": [
+                [m.name, m.kind, m.sensitivity, float(m.scale).hex(), float(m.epsilon).hex(), m.threshold]
+                for m in self.measurements
+            ],
+            "cells": None if self.cells is None else [[encode_value(v) for v in cell] for cell in self.cells],
+            "n_keys": self.n_keys,
+            "delta": float(self.delta).hex(),
+            "sql_sha256": self.sql_sha256,
+        }
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> NoisePlan:
+        cells = data["cells"]
+        return cls(
+            measurements=tuple(
+                MeasurementNoise(n, k, int(s), float.fromhex(b), float.fromhex(e), t)
+                for n, k, s, b, e, t in data["measurements"]
+            ),
+            cells=None if cells is None else tuple(tuple(decode_value(v) for v in cell) for cell in cells),
+            n_keys=int(data["n_keys"]),
+            delta=float.fromhex(data["delta"]),
+            sql_sha256=str(data["sql_sha256"]),
+        )
+
+    def fingerprint(self) -> str:
+        """SHA-256 of the canonical JSON form."""
+        text = json.dumps(self.to_json(), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(text.encode()).hexdigest()
+
+
+def encode_value(value: Any) -> list[Any]:
+    """A group-key value as a JSON pair ``[type, value]`` (dates as ISO text)."""
+    if isinstance(value, datetime.date):
+        return ["date", value.isoformat()]
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return [type(value).__name__, value]
+    raise InternalError(f"a group key of type {type(value).__name__} cannot be sent to an executor")
+
+
+def decode_value(pair: list[Any]) -> Any:
+    kind, value = pair
+    return datetime.date.fromisoformat(value) if kind == "date" else value
+
+
+@dataclass(frozen=True)
+class Evidence:
+    """Where the noise was added and who saw exact values (shown in the audit log and to tests)."""
+
+    executor: str
+    noise_added_at: str
+    exact_values_seen_by: str
+    simulated: bool = False
+    details: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class NoisyResult:
+    """Noisy integers (fixed-point units) per released cell and measurement; never an exact value."""
+
+    cells: tuple[Key, ...]
+    values: Mapping[str, tuple[int, ...]]
+    noise_fingerprint: str
+    released_values: int
+    evidence: Evidence
+
+
+class Executor(ABC):
+    """Computes a bounded plan's aggregates somewhere and releases them noised by the given plan."""
+
+    name: str = ""
+    simulated: bool = False
+
+    def unsupported(self, plan: DPPlan) -> str | None:
+        """Why this executor cannot run ``plan`` (a message naming the fix), or None."""
+        return None
+
+    @abstractmethod
+    def execute(self, plan: DPPlan, noise: NoisePlan) -> NoisyResult:
+        """Run ``plan`` and return its values noised exactly as ``noise`` says."""
+
+    def half_width(self, scale: float, confidence: float = 0.95) -> int:
+        """The released noise's half-width at ``confidence`` for a measurement planned with ``scale``."""
+        return laplace_half_width(scale, confidence)
+
+    def describe(self) -> str:
+        """One line for ``explain`` and the audit log."""
+        return self.name
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Release processes and connections."""
+
+
+def accept(noise: NoisePlan, result: NoisyResult) -> None:
+    """Reject (InternalError, charged by the caller) a result that is not the planned release."""
+    names = [m.name for m in noise.measurements]
+    if result.noise_fingerprint != noise.fingerprint():
+        raise InternalError(f"executor {result.evidence.executor} returned values for another noise plan")
+    if sorted(result.values) != sorted(names):
+        raise InternalError(f"executor {result.evidence.executor} returned other measurements than planned")
+    n = len(result.cells)
+    if noise.cells is not None and tuple(result.cells) != noise.cells:
+        raise InternalError(f"executor {result.evidence.executor} released other groups than the public ones")
+    expected = n * len(names)
+    if result.released_values != expected or any(len(v) != n for v in result.values.values()):
+        raise InternalError(
+            f"executor {result.evidence.executor} released {result.released_values} values; the plan allows {expected}"
+        )
+    if any(type(v) is not int for column in result.values.values() for v in column):
+        raise InternalError(f"executor {result.evidence.executor} released a value that is not an integer")
