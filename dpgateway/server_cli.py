@@ -25,13 +25,20 @@ from dpgateway.policies.loader import load_config
     is_flag=True,
     help="Serve TLS with a self-signed certificate generated once into .dpgateway-tls/ beside the config.",
 )
+@click.option(
+    "--no-catalog",
+    is_flag=True,
+    help="Do not start the row-less shadow PostgreSQL that answers catalog queries (\\dt, JDBC metadata, ...).",
+)
 @reports_errors
-def serve(config_path: str | None, host: str | None, port: int | None, tls_self_signed: bool) -> None:
+def serve(config_path: str | None, host: str | None, port: int | None, tls_self_signed: bool, no_catalog: bool) -> None:
     """Serve the gateway to PostgreSQL clients (psql, psycopg, JDBC, ...) with SCRAM-SHA-256 logins.
 
-    Add users first with `dpgateway user add NAME`; each one's budget is spent as that analyst.
+    Add users first with `dpgateway user add NAME`; each one's budget is spent as that analyst. Catalog queries
+    go to a private PostgreSQL holding only the policy's schema, started here (docs/server.md, "Catalog").
     """
     from dpgateway.server.server import Server, ServerSettings, self_signed_context, tls_context
+    from dpgateway.server.shadow import ShadowCluster, ShadowUnavailable
 
     config = load_config(config_path)
     section = config.server
@@ -44,11 +51,19 @@ def serve(config_path: str | None, host: str | None, port: int | None, tls_self_
     settings = ServerSettings(
         host=listen, port=section.port if port is None else port, database=section.database, tls=tls
     )
-    with Gateway(config) as gateway:
+    shadow = None
+    if not no_catalog:
+        try:
+            shadow = ShadowCluster(config, settings.database)
+        except ShadowUnavailable as exc:
+            click.echo(f"No catalog (\\dt, JDBC metadata and other catalog queries will fail): {exc}", err=True)
+    with Gateway(config) as gateway, contextlib.ExitStack() as cleanup:
+        if shadow is not None:
+            cleanup.callback(shadow.stop)
         users = UserStore.beside(gateway.store, config.ledger)
         if not users.list():
             click.echo("No users yet: nobody can log in. Add one with `dpgateway user add NAME`.", err=True)
-        server = Server(gateway, users, settings)
+        server = Server(gateway, users, settings, shadow)
 
         async def run() -> None:
             await server.start()

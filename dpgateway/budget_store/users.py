@@ -6,6 +6,8 @@ with ``IF NOT EXISTS`` semantics (``checkfirst``), so it neither depends on nor 
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import re
 import time
 from dataclasses import dataclass
@@ -13,8 +15,8 @@ from dataclasses import dataclass
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
-from dpgateway.errors import InvalidParameterError, UnknownTableError
-from dpgateway.server.scram import Verifier, make_verifier
+from dpgateway.errors import AuthenticationError, InvalidParameterError, PrivacyViolationError, UnknownTableError
+from dpgateway.server.scram import Verifier, make_verifier, saslprep
 
 users_metadata = sa.MetaData()
 users_table = sa.Table(
@@ -87,6 +89,30 @@ class UserStore:
                 sa.insert(users_table).values(name=name, verifier=verifier.encode(), is_admin=admin, created=now)
             )
         return User(name, verifier, admin, now)
+
+    def verify(self, name: str, password: str) -> User | None:
+        """The user if ``password`` matches their stored verifier (compared in constant time), else None."""
+        user = self.get(name)
+        if user is None:
+            return None
+        v = user.verifier
+        salted = hashlib.pbkdf2_hmac("sha256", saslprep(password).encode("utf-8"), v.salt, v.iterations)
+        client_key = hmac.new(salted, b"Client Key", hashlib.sha256).digest()
+        return user if hmac.compare_digest(hashlib.sha256(client_key).digest(), v.stored_key) else None
+
+    def authenticate_admin(self, name: str, password: str) -> User:
+        """The admin ``name`` if the password is theirs and they have the admin flag.
+
+        A wrong password and an unknown name fail alike (28P01); a right password of a non-admin is 42501.
+        """
+        user = self.verify(name, password)
+        if user is None:
+            raise AuthenticationError(f'password authentication failed for user "{name}"')
+        if not user.is_admin:
+            raise PrivacyViolationError(
+                f'user "{name}" is not an admin: admin actions need a user added with `dpgateway user add NAME --admin`'
+            )
+        return user
 
     def set_password(self, name: str, password: str) -> None:
         verifier = make_verifier(check_password(password))

@@ -66,6 +66,36 @@ def split(sql: str) -> list[Statement]:
     return statements
 
 
+_STRINGS = frozenset(
+    {
+        TokenType.STRING,
+        TokenType.NATIONAL_STRING,
+        TokenType.RAW_STRING,
+        TokenType.HEREDOC_STRING,
+        TokenType.BYTE_STRING,
+        TokenType.BIT_STRING,
+        TokenType.HEX_STRING,
+        TokenType.UNICODE_STRING,
+    }
+)
+
+
+def names_policy_table(sql: str, config: Config) -> bool:
+    """Whether any word of the statement outside string literals is the name of a policy table.
+
+    Deliberately wide: a column, alias or function of that name counts too (the statement then goes to the DP
+    path, which refuses what it cannot answer). The last part of a qualified name is compared, case-insensitively.
+    A name inside a string literal (``'pums'::regclass``, ``query_to_xml('select ...')``) does not count: such
+    statements go to the row-less shadow catalog, which has nothing to return.
+    """
+    names = {table.name.rpartition(".")[2].lower() for table in config.tables}
+    try:
+        tokens = _POSTGRES.tokenize(sql)
+    except (TokenError, SqlglotError):
+        return True  # not understood: the DP path refuses it with a syntax error
+    return any(token.token_type not in _STRINGS and token.text.lower() in names for token in tokens)
+
+
 def _first_line(exc: Exception) -> str:
     return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
 
