@@ -24,6 +24,7 @@ from sqlglot import exp
 from dpgateway import __version__
 from dpgateway.errors import DPGatewayError, InvalidParameterError, UnsupportedError
 from dpgateway.gateway import Gateway
+from dpgateway.server import admin
 from dpgateway.server import pgtypes as t
 from dpgateway.server import protocol as p
 from dpgateway.server import statements as st
@@ -71,7 +72,7 @@ READ_ONLY = frozenset(
 )
 DP_SETTINGS = ("dp.epsilon", "dp.delta")
 SHADOW_WORDS = frozenset({"SELECT", "WITH", "VALUES", "TABLE", "("})
-LOCAL_SHOW = frozenset({"dp.budget", *DP_SETTINGS, "transaction isolation level"})
+LOCAL_SHOW = frozenset({"dp.budget", "dp.audit", *DP_SETTINGS, "transaction isolation level"})
 
 
 @dataclass
@@ -117,6 +118,7 @@ class Session:
         shadow: ShadowCluster | None = None,
     ):
         self.gateway = gateway
+        self.database = (client or {}).get("database", user)
         self.shadow = shadow
         self._conn: ShadowConnection | None = None
         self.user = user
@@ -311,6 +313,10 @@ class Session:
         if self.cancel.is_set():
             raise SessionError("57014", "canceling statement due to user request")
         word = statement.keyword
+        builtin = self._builtin(sql) if word == "SELECT" else None
+        if builtin is not None:
+            rows = builtin[1]()
+            return Outcome(f"SELECT {len(rows)}", builtin[0], rows)
         if self._to_shadow(statement):
             return Outcome("", relayed=self._shadow().simple(sql))
         if word in st.TRANSACTION_WORDS:
@@ -352,7 +358,11 @@ class Session:
         """The row shape of a statement without running it (Describe): planning only, nothing spent."""
         word = prepared.statement.keyword
         if word == "SHOW":
-            return [_show_field(st.parse_show(prepared.sql))]
+            name = st.parse_show(prepared.sql)
+            return admin.AUDIT_FIELDS if name == "dp.audit" else [_show_field(name)]
+        builtin = self._builtin(prepared.sql) if word == "SELECT" else None
+        if builtin is not None:
+            return builtin[0]
         if word == "EXPLAIN":
             return [Field("QUERY PLAN", t.TEXT.oid, t.TEXT.length)]
         if prepared.tree is None or not isinstance(prepared.tree, exp.Query):
@@ -393,6 +403,8 @@ class Session:
     def _session_command(self, word: str, sql: str) -> Outcome:
         if word == "SHOW":
             name = st.parse_show(sql)
+            if name == "dp.audit":
+                return Outcome("SHOW", admin.AUDIT_FIELDS, admin.audit(self.gateway, self.user, self.is_admin))
             return Outcome("SHOW", [_show_field(name)], [[self._show(name)]])
         if word == "DISCARD":
             if self._conn is not None:
@@ -461,7 +473,31 @@ class Session:
         if statement.keyword == "SHOW":
             name = st.parse_show(statement.text)
             return name not in LOCAL_SHOW and name not in self.settings and name != "all"
-        return statement.keyword in SHADOW_WORDS and not st.names_policy_table(statement.text, self.gateway.config)
+        return (
+            statement.keyword in SHADOW_WORDS
+            and not st.names_policy_table(statement.text, self.gateway.config)
+            and self._builtin(statement.text) is None
+        )
+
+    def _builtin(self, sql: str) -> tuple[list[Field], Callable[[], list[list[Any]]]] | None:
+        """Statements the session answers itself: admin functions and session functions (who logged in,
+        this database, this version); their row shape and how to compute their rows."""
+        called = admin.call(sql)
+        if called is not None:
+            function, args = called
+            text = Field(function, t.TEXT.oid, t.TEXT.length)
+            return [text], lambda: [[admin.run(self.gateway, self.user, self.is_admin, function, args)]]
+        functions = st.session_functions(sql)
+        if functions is None:
+            return None
+        values = {
+            "user": self.user,
+            "schema": "public",
+            "database": self.database,
+            "version": f"PostgreSQL {SERVER_VERSION} (dpgateway {__version__})",
+        }
+        fields = [Field(name, t.TEXT.oid, t.TEXT.length) for name, _ in functions]
+        return fields, lambda: [[values[what] for _, what in functions]]
 
     def _shadow(self) -> ShadowConnection:
         """This session's shadow connection, opened on first use (idle sessions hold none)."""
