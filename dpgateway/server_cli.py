@@ -5,15 +5,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import sys
+from collections.abc import Callable
 from datetime import datetime, timezone
+from typing import Any, TypeVar
 
 import click
 
-from dpgateway.budget_store.users import UserStore
+from dpgateway.budget_store.users import UserStore, read_password
 from dpgateway.cli_common import config_option, render_rows, reports_errors
 from dpgateway.errors import InvalidParameterError
-from dpgateway.gateway import Gateway
+from dpgateway.gateway import ANALYST_ENV, Gateway, resolve_analyst
 from dpgateway.policies.loader import load_config
+
+F = TypeVar("F", bound=Callable[..., Any])
 
 
 @click.command()
@@ -90,6 +94,26 @@ def _users(config_path: str | None) -> UserStore:
     return UserStore.open(load_config(config_path).ledger)
 
 
+def _authorized(config_path: str | None, by: str | None, from_stdin: bool) -> UserStore:
+    """The user store, once the acting admin has given their password (needed as soon as any admin exists;
+    before that anyone with the ledger may add the first users). With ``--password-stdin`` the admin's password
+    is the first line of stdin and a new password the second."""
+    users = _users(config_path)
+    if users.has_admin():
+        name = resolve_analyst(by)
+        users.authenticate_admin(name, read_password(f"Password of admin {name}", from_stdin))
+    return users
+
+
+def _by_option(func: F) -> F:
+    return click.option(
+        "--by",
+        default=None,
+        help=f"The admin acting (default: ${ANALYST_ENV}, else the OS user); asked for their password once an "
+        "admin exists.",
+    )(func)
+
+
 def _password(from_stdin: bool) -> str:
     if from_stdin:
         return sys.stdin.readline().rstrip("\r\n")
@@ -102,33 +126,37 @@ def _password(from_stdin: bool) -> str:
 @user.command("add")
 @click.argument("name")
 @click.option("--admin", is_flag=True, help="The user may run admin actions.")
-@click.option("--password-stdin", is_flag=True, help="Read the password from the first line of stdin.")
+@click.option("--password-stdin", is_flag=True, help="Read the password(s) from stdin, one a line.")
+@_by_option
 @config_option
 @reports_errors
-def user_add(name: str, admin: bool, password_stdin: bool, config_path: str | None) -> None:
-    """Add user NAME (only a SCRAM-SHA-256 verifier of the password is stored)."""
-    _users(config_path).add(name, _password(password_stdin), admin=admin)
+def user_add(name: str, admin: bool, password_stdin: bool, by: str | None, config_path: str | None) -> None:
+    """Add user NAME (only a SCRAM-SHA-256 verifier of the password is stored); needs an admin once one exists."""
+    _authorized(config_path, by, password_stdin).add(name, _password(password_stdin), admin=admin)
     click.echo(f"added {'admin' if admin else 'user'} {name}")
 
 
 @user.command("passwd")
 @click.argument("name")
-@click.option("--password-stdin", is_flag=True, help="Read the new password from the first line of stdin.")
+@click.option("--password-stdin", is_flag=True, help="Read the password(s) from stdin, one a line.")
+@_by_option
 @config_option
 @reports_errors
-def user_passwd(name: str, password_stdin: bool, config_path: str | None) -> None:
-    """Change the password of user NAME."""
-    _users(config_path).set_password(name, _password(password_stdin))
+def user_passwd(name: str, password_stdin: bool, by: str | None, config_path: str | None) -> None:
+    """Change the password of user NAME (needs an admin once one exists)."""
+    _authorized(config_path, by, password_stdin).set_password(name, _password(password_stdin))
     click.echo(f"changed the password of {name}")
 
 
 @user.command("remove")
 @click.argument("name")
+@click.option("--password-stdin", is_flag=True, help="Read the admin's password from the first line of stdin.")
+@_by_option
 @config_option
 @reports_errors
-def user_remove(name: str, config_path: str | None) -> None:
-    """Remove user NAME (their ledger history stays)."""
-    _users(config_path).remove(name)
+def user_remove(name: str, password_stdin: bool, by: str | None, config_path: str | None) -> None:
+    """Remove user NAME (their ledger history stays; needs an admin once one exists)."""
+    _authorized(config_path, by, password_stdin).remove(name)
     click.echo(f"removed {name}")
 
 
