@@ -85,6 +85,13 @@ def test_client_probes(catalog_wire: Running) -> None:
         assert cur.fetchone()[0].startswith("PostgreSQL ")
         cur.execute("SELECT n.oid, n.* FROM pg_catalog.pg_namespace n WHERE n.nspname = 'public'")
         assert cur.rowcount == 1
+        cur.execute(  # psql 15's tab completion of `SELECT * FROM pu<TAB>`
+            "SELECT pg_catalog.quote_ident(c.relname) FROM pg_catalog.pg_class c WHERE c.relkind IN "
+            "('r', 'S', 'v', 'm', 'f', 'p') AND substring(pg_catalog.quote_ident(c.relname),1,2)='pu' AND "
+            "pg_catalog.pg_table_is_visible(c.oid) AND c.relnamespace <> (SELECT oid FROM pg_catalog.pg_namespace "
+            "WHERE nspname = 'pg_catalog') LIMIT 1000"
+        )
+        assert cur.fetchall() == [("pums",)]
         cur.execute("BEGIN")
         cur.execute("SAVEPOINT sp1")
         cur.execute("RELEASE SAVEPOINT sp1")
