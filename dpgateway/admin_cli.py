@@ -26,6 +26,7 @@ from rich.text import Text
 from dpgateway.budget_store import open_store
 from dpgateway.budget_store.base import Charge, ScopeKind, Usage, scope_name, split_scope
 from dpgateway.budget_store.sql import SQLBudgetStore
+from dpgateway.budget_store.users import UserStore, read_password
 from dpgateway.cli_common import NUMBER, config_option, format_option, print_csv, reports_errors
 from dpgateway.errors import AuthenticationError, FileAccessError, InvalidParameterError, UnsupportedError
 from dpgateway.gateway import ANALYST_ENV, resolve_analyst
@@ -43,10 +44,18 @@ SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 
 
 def _admin_option(func: F) -> F:
+    func = click.option(
+        "--password-stdin",
+        is_flag=True,
+        expose_value=False,
+        callback=lambda ctx, _param, value: ctx.meta.__setitem__("password_stdin", value),
+        help="Read the acting admin's password from the first line of stdin (else it is asked for).",
+    )(func)
     return click.option(
         "--analyst",
         default=None,
-        help=f"Who is acting (default: ${ANALYST_ENV}, else the OS user); must be listed under `admins:`.",
+        help=f"Who is acting (default: ${ANALYST_ENV}, else the OS user): an admin user (`dpgateway user add "
+        "NAME --admin`), who must give their password; before any user exists, a name under `admins:`.",
     )(func)
 
 
@@ -106,8 +115,20 @@ def _open(config: Config) -> Iterator[SQLBudgetStore]:
 
 
 def _require_admin(config: Config, analyst: str | None, config_path: str | None) -> str:
-    """The acting analyst (normalized), if the config lists them under ``admins:``."""
+    """The acting admin, authenticated.
+
+    Once any user exists in the ledger database, the acting name must be a user with the admin flag and give
+    their password (checked against the stored SCRAM verifier): a name typed on the command line proves
+    nothing. Before that (a fresh install, no server users), a name listed under ``admins:`` in the config.
+    Test: tests/server/test_server_cli.py::test_budget_admin_needs_the_admin_password.
+    """
     analyst = resolve_analyst(analyst)
+    users = UserStore.open(config.ledger)
+    try:
+        if users.list():
+            return users.authenticate_admin(analyst, read_password(f"Password of {analyst}"))
+    finally:
+        users.engine.dispose()
     if analyst not in config.admins:
         raise AuthenticationError(
             f"Analyst {analyst!r} may not change budgets: only the admins listed under `admins:` in "

@@ -5,15 +5,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import sys
+from collections.abc import Callable
 from datetime import datetime, timezone
+from typing import Any, TypeVar
 
 import click
 
-from dpgateway.budget_store.users import UserStore
+from dpgateway.budget_store.users import UserStore, read_password
 from dpgateway.cli_common import config_option, render_rows, reports_errors
 from dpgateway.errors import InvalidParameterError
-from dpgateway.gateway import Gateway
+from dpgateway.gateway import ANALYST_ENV, Gateway, resolve_analyst
 from dpgateway.policies.loader import load_config
+
+F = TypeVar("F", bound=Callable[..., Any])
 
 
 @click.command()
@@ -25,13 +29,20 @@ from dpgateway.policies.loader import load_config
     is_flag=True,
     help="Serve TLS with a self-signed certificate generated once into .dpgateway-tls/ beside the config.",
 )
+@click.option(
+    "--no-catalog",
+    is_flag=True,
+    help="Do not start the row-less shadow PostgreSQL that answers catalog queries (\\dt, JDBC metadata, ...).",
+)
 @reports_errors
-def serve(config_path: str | None, host: str | None, port: int | None, tls_self_signed: bool) -> None:
+def serve(config_path: str | None, host: str | None, port: int | None, tls_self_signed: bool, no_catalog: bool) -> None:
     """Serve the gateway to PostgreSQL clients (psql, psycopg, JDBC, ...) with SCRAM-SHA-256 logins.
 
-    Add users first with `dpgateway user add NAME`; each one's budget is spent as that analyst.
+    Add users first with `dpgateway user add NAME`; each one's budget is spent as that analyst. Catalog queries
+    go to a private PostgreSQL holding only the policy's schema, started here (docs/server.md, "Catalog").
     """
     from dpgateway.server.server import Server, ServerSettings, self_signed_context, tls_context
+    from dpgateway.server.shadow import ShadowCluster, ShadowUnavailable
 
     config = load_config(config_path)
     section = config.server
@@ -44,11 +55,19 @@ def serve(config_path: str | None, host: str | None, port: int | None, tls_self_
     settings = ServerSettings(
         host=listen, port=section.port if port is None else port, database=section.database, tls=tls
     )
-    with Gateway(config) as gateway:
+    shadow = None
+    if not no_catalog:
+        try:
+            shadow = ShadowCluster(config, settings.database)
+        except ShadowUnavailable as exc:
+            click.echo(f"No catalog (\\dt, JDBC metadata and other catalog queries will fail): {exc}", err=True)
+    with Gateway(config) as gateway, contextlib.ExitStack() as cleanup:
+        if shadow is not None:
+            cleanup.callback(shadow.stop)
         users = UserStore.beside(gateway.store, config.ledger)
         if not users.list():
             click.echo("No users yet: nobody can log in. Add one with `dpgateway user add NAME`.", err=True)
-        server = Server(gateway, users, settings)
+        server = Server(gateway, users, settings, shadow)
 
         async def run() -> None:
             await server.start()
@@ -75,6 +94,26 @@ def _users(config_path: str | None) -> UserStore:
     return UserStore.open(load_config(config_path).ledger)
 
 
+def _authorized(config_path: str | None, by: str | None, from_stdin: bool) -> UserStore:
+    """The user store, once the acting admin has given their password (needed as soon as any admin exists;
+    before that anyone with the ledger may add the first users). With ``--password-stdin`` the admin's password
+    is the first line of stdin and a new password the second."""
+    users = _users(config_path)
+    if users.has_admin():
+        name = resolve_analyst(by)
+        users.authenticate_admin(name, read_password(f"Password of admin {name}", from_stdin))
+    return users
+
+
+def _by_option(func: F) -> F:
+    return click.option(
+        "--by",
+        default=None,
+        help=f"The admin acting (default: ${ANALYST_ENV}, else the OS user); asked for their password once an "
+        "admin exists.",
+    )(func)
+
+
 def _password(from_stdin: bool) -> str:
     if from_stdin:
         return sys.stdin.readline().rstrip("\r\n")
@@ -87,33 +126,37 @@ def _password(from_stdin: bool) -> str:
 @user.command("add")
 @click.argument("name")
 @click.option("--admin", is_flag=True, help="The user may run admin actions.")
-@click.option("--password-stdin", is_flag=True, help="Read the password from the first line of stdin.")
+@click.option("--password-stdin", is_flag=True, help="Read the password(s) from stdin, one a line.")
+@_by_option
 @config_option
 @reports_errors
-def user_add(name: str, admin: bool, password_stdin: bool, config_path: str | None) -> None:
-    """Add user NAME (only a SCRAM-SHA-256 verifier of the password is stored)."""
-    _users(config_path).add(name, _password(password_stdin), admin=admin)
+def user_add(name: str, admin: bool, password_stdin: bool, by: str | None, config_path: str | None) -> None:
+    """Add user NAME (only a SCRAM-SHA-256 verifier of the password is stored); needs an admin once one exists."""
+    _authorized(config_path, by, password_stdin).add(name, _password(password_stdin), admin=admin)
     click.echo(f"added {'admin' if admin else 'user'} {name}")
 
 
 @user.command("passwd")
 @click.argument("name")
-@click.option("--password-stdin", is_flag=True, help="Read the new password from the first line of stdin.")
+@click.option("--password-stdin", is_flag=True, help="Read the password(s) from stdin, one a line.")
+@_by_option
 @config_option
 @reports_errors
-def user_passwd(name: str, password_stdin: bool, config_path: str | None) -> None:
-    """Change the password of user NAME."""
-    _users(config_path).set_password(name, _password(password_stdin))
+def user_passwd(name: str, password_stdin: bool, by: str | None, config_path: str | None) -> None:
+    """Change the password of user NAME (needs an admin once one exists)."""
+    _authorized(config_path, by, password_stdin).set_password(name, _password(password_stdin))
     click.echo(f"changed the password of {name}")
 
 
 @user.command("remove")
 @click.argument("name")
+@click.option("--password-stdin", is_flag=True, help="Read the admin's password from the first line of stdin.")
+@_by_option
 @config_option
 @reports_errors
-def user_remove(name: str, config_path: str | None) -> None:
-    """Remove user NAME (their ledger history stays)."""
-    _users(config_path).remove(name)
+def user_remove(name: str, password_stdin: bool, by: str | None, config_path: str | None) -> None:
+    """Remove user NAME (their ledger history stays; needs an admin once one exists)."""
+    _authorized(config_path, by, password_stdin).remove(name)
     click.echo(f"removed {name}")
 
 

@@ -6,6 +6,8 @@ with ``IF NOT EXISTS`` semantics (``checkfirst``), so it neither depends on nor 
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import re
 import time
 from dataclasses import dataclass
@@ -13,8 +15,8 @@ from dataclasses import dataclass
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
-from dpgateway.errors import InvalidParameterError, UnknownTableError
-from dpgateway.server.scram import Verifier, make_verifier
+from dpgateway.errors import AuthenticationError, InvalidParameterError, PrivacyViolationError, UnknownTableError
+from dpgateway.server.scram import Verifier, make_verifier, saslprep
 
 users_metadata = sa.MetaData()
 users_table = sa.Table(
@@ -88,6 +90,36 @@ class UserStore:
             )
         return User(name, verifier, admin, now)
 
+    def verify(self, name: str, password: str) -> User | None:
+        """The user if ``password`` matches their stored verifier (compared in constant time), else None."""
+        user = self.get(name)
+        if user is None:
+            return None
+        v = user.verifier
+        salted = hashlib.pbkdf2_hmac("sha256", saslprep(password).encode("utf-8"), v.salt, v.iterations)
+        client_key = hmac.new(salted, b"Client Key", hashlib.sha256).digest()
+        return user if hmac.compare_digest(hashlib.sha256(client_key).digest(), v.stored_key) else None
+
+    def authenticate_admin(self, name: str, password: str) -> str:
+        """The admin ``name`` if the password is theirs and they have the admin flag.
+
+        A wrong password and an unknown name fail alike (28P01); a right password of a non-admin is 42501.
+        """
+        user = self.verify(name, password)
+        if user is None:
+            raise AuthenticationError(f'password authentication failed for user "{name}"')
+        if not user.is_admin:
+            raise PrivacyViolationError(
+                f'user "{name}" is not an admin: admin actions need a user added with `dpgateway user add NAME --admin`'
+            )
+        return user.name
+
+    def has_admin(self) -> bool:
+        with self.engine.connect() as conn:
+            return (
+                conn.execute(sa.select(users_table.c.name).where(users_table.c.is_admin).limit(1)).first() is not None
+            )
+
     def set_password(self, name: str, password: str) -> None:
         verifier = make_verifier(check_password(password))
         with self.engine.begin() as conn:
@@ -102,6 +134,21 @@ class UserStore:
             done = conn.execute(sa.delete(users_table).where(users_table.c.name == name))
         if done.rowcount != 1:
             raise UnknownUserError(f'user "{name}" does not exist; `dpgateway user list` shows the users')
+
+
+def read_password(prompt: str, from_stdin: bool | None = None) -> str:
+    """A password: the next line of stdin with ``from_stdin`` (by default: under ``--password-stdin``, as the
+    click context records it), else a hidden prompt."""
+    import sys
+
+    import click
+
+    context = click.get_current_context(silent=True)
+    if from_stdin is None:
+        from_stdin = bool(context is not None and context.meta.get("password_stdin"))
+    if from_stdin:
+        return sys.stdin.readline().rstrip("\r\n")
+    return str(click.prompt(prompt, hide_input=True))
 
 
 def check_name(name: str) -> str:

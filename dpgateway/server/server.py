@@ -28,6 +28,7 @@ from dpgateway.gateway import Gateway
 from dpgateway.server import protocol as p
 from dpgateway.server import scram
 from dpgateway.server.session import Session
+from dpgateway.server.shadow import ShadowCluster
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -57,8 +58,17 @@ class Closed(Exception):
 class Server:
     """Serves ``gateway`` to PostgreSQL clients authenticated against ``users``."""
 
-    def __init__(self, gateway: Gateway, users: UserStore, settings: ServerSettings | None = None) -> None:
+    def __init__(
+        self,
+        gateway: Gateway,
+        users: UserStore,
+        settings: ServerSettings | None = None,
+        shadow: ShadowCluster | None = None,
+    ) -> None:
+        """``shadow``: the row-less catalog server that answers statements naming no policy table (None: the
+        gateway answers them, and catalog queries fail)."""
         self.gateway = gateway
+        self.shadow = shadow
         self.users = users
         self.settings = settings or ServerSettings()
         self._secret = gateway.store.secret_seed()
@@ -130,7 +140,8 @@ class Server:
             if task is not None:
                 self._tasks.discard(task)
             if key is not None:
-                self._sessions.pop(key, None)
+                _, ended = self._sessions.pop(key)
+                ended.close()
             writer.close()
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(writer.wait_closed(), 2.0)  # a TLS peer may never answer close_notify
@@ -177,6 +188,7 @@ class Server:
         entry = self._sessions.get(request.process_id)
         if entry is not None and hmac.compare_digest(entry[0], request.secret_key):
             entry[1].cancel.set()
+            entry[1].cancel_shadow()
 
     async def _authenticate(
         self, startup: p.Startup, codec: p.FrontendReader, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
@@ -210,7 +222,9 @@ class Server:
                 "3D000", f'database "{database}" does not exist (this server serves "{self.settings.database}")'
             )
         writer.write(p.auth_sasl_final(final))
-        return Session(self.gateway, record.name, is_admin=record.is_admin, client=startup.parameters)
+        return Session(
+            self.gateway, record.name, is_admin=record.is_admin, client=startup.parameters, shadow=self.shadow
+        )
 
     async def _password_message(
         self, codec: p.FrontendReader, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
@@ -240,7 +254,7 @@ class Server:
                 continue
             if message.type == b"X":
                 raise Closed
-            if message.type in (b"Q", b"D", b"E"):
+            if message.type in (b"Q", b"D", b"E") or (self.shadow is not None and message.type in b"PBCS"):
                 pending.extend(await self._blocking(session.handle, message))
             else:
                 pending.extend(session.handle(message))

@@ -24,10 +24,12 @@ from sqlglot import exp
 from dpgateway import __version__
 from dpgateway.errors import DPGatewayError, InvalidParameterError, UnsupportedError
 from dpgateway.gateway import Gateway
+from dpgateway.server import admin
 from dpgateway.server import pgtypes as t
 from dpgateway.server import protocol as p
 from dpgateway.server import statements as st
 from dpgateway.server.protocol import Field
+from dpgateway.server.shadow import ShadowCluster, ShadowConnection, ShadowError
 
 SERVER_VERSION = "15.0"
 END_WORDS = frozenset({"ROLLBACK", "ABORT", "COMMIT", "END"})
@@ -69,6 +71,8 @@ READ_ONLY = frozenset(
     {"server_version", "server_encoding", "integer_datetimes", "in_hot_standby", "max_identifier_length"}
 )
 DP_SETTINGS = ("dp.epsilon", "dp.delta")
+SHADOW_WORDS = frozenset({"SELECT", "WITH", "VALUES", "TABLE", "("})
+LOCAL_SHOW = frozenset({"dp.budget", "dp.audit", *DP_SETTINGS, "transaction isolation level"})
 
 
 @dataclass
@@ -77,6 +81,7 @@ class Prepared:
     statement: st.Statement
     tree: exp.Expr | None
     param_types: tuple[int, ...]
+    shadow: bool = False  # parsed by the shadow catalog, which answers Bind/Describe/Execute/Close for it
 
 
 @dataclass
@@ -97,13 +102,25 @@ class Outcome:
     rows: list[list[Any]] = field(default_factory=list)
     notices: list[bytes] = field(default_factory=list)
     empty: bool = False
+    relayed: list[bytes] | None = None  # the shadow catalog's messages, sent as they are
 
 
 class Session:
     """State of one client connection after authentication."""
 
-    def __init__(self, gateway: Gateway, user: str, *, is_admin: bool = False, client: dict[str, str] | None = None):
+    def __init__(
+        self,
+        gateway: Gateway,
+        user: str,
+        *,
+        is_admin: bool = False,
+        client: dict[str, str] | None = None,
+        shadow: ShadowCluster | None = None,
+    ):
         self.gateway = gateway
+        self.database = (client or {}).get("database", user)
+        self.shadow = shadow
+        self._conn: ShadowConnection | None = None
         self.user = user
         self.is_admin = is_admin
         self.status = "I"
@@ -136,6 +153,8 @@ class Session:
         kind = message.type
         if kind == b"S":
             self.skipping = False
+            if self._conn is not None:
+                self._conn.sync()
             self.portals.pop("", None)
             return [p.ready_for_query(self.status)]
         if kind == b"H" or (self.skipping and kind != b"Q"):
@@ -165,6 +184,9 @@ class Session:
             for statement in statements:
                 outcome = self._run(statement, statement.text)
                 out.extend(outcome.notices)
+                if outcome.relayed is not None:
+                    out.extend(outcome.relayed)
+                    continue
                 if outcome.empty:
                     out.append(p.EMPTY_QUERY)
                     continue
@@ -187,6 +209,10 @@ class Session:
             raise SessionError("42601", "cannot insert multiple commands into a prepared statement")
         statement = statements[0]
         self._check_not_failed(statement)
+        if self._to_shadow(statement):
+            answer = self._shadow().extended(b"P", body)
+            self.statements[message.statement] = Prepared(statement.text, statement, None, (), shadow=True)
+            return answer
         tree = None
         if statement.keyword not in st.TRANSACTION_WORDS | st.SESSION_WORDS and not statement.is_empty:
             tree = st.parse_statement(statement.text)
@@ -198,6 +224,12 @@ class Session:
         message = p.parse_bind(body)
         prepared = self._statement(message.statement)
         self._check_not_failed(prepared.statement)
+        if prepared.shadow:
+            if message.portal and message.portal in self.portals:
+                raise SessionError("42P03", f'cursor "{message.portal}" already exists')
+            answer = self._shadow().extended(b"B", body)
+            self.portals[message.portal] = Portal(prepared, prepared.sql, message.result_formats)
+            return answer
         if message.portal and message.portal in self.portals:
             raise SessionError("42P03", f'cursor "{message.portal}" already exists')
         if len(message.params) != len(prepared.param_types):
@@ -217,6 +249,9 @@ class Session:
 
     def _describe(self, body: bytes) -> list[bytes]:
         message = p.parse_describe(body)
+        shadow = (self._statement(message.name) if message.kind == "S" else self._portal(message.name).prepared).shadow
+        if shadow:
+            return self._shadow().extended(b"D", body)
         if message.kind == "S":
             prepared = self._statement(message.name)
             fields = self._shape(prepared, None)
@@ -232,6 +267,9 @@ class Session:
     def _execute(self, body: bytes) -> list[bytes]:
         message = p.parse_execute(body)
         portal = self._portal(message.portal)
+        if portal.prepared.shadow:
+            self._check_not_failed(portal.prepared.statement)
+            return self._shadow().extended(b"E", body)
         out: list[bytes] = []
         if portal.outcome is None:
             self._check_not_failed(portal.prepared.statement)
@@ -252,6 +290,9 @@ class Session:
 
     def _close(self, body: bytes) -> list[bytes]:
         message = p.parse_close(body)
+        named = self.statements.get(message.name) if message.kind == "S" else self.portals.get(message.name)
+        if named is not None and (named.shadow if isinstance(named, Prepared) else named.prepared.shadow):
+            self._shadow().extended(b"C", body)
         (self.statements if message.kind == "S" else self.portals).pop(message.name, None)  # type: ignore[attr-defined]
         return [p.CLOSE_COMPLETE]
 
@@ -272,6 +313,12 @@ class Session:
         if self.cancel.is_set():
             raise SessionError("57014", "canceling statement due to user request")
         word = statement.keyword
+        builtin = self._builtin(sql) if word == "SELECT" else None
+        if builtin is not None:
+            rows = builtin[1]()
+            return Outcome(f"SELECT {len(rows)}", builtin[0], rows)
+        if self._to_shadow(statement):
+            return Outcome("", relayed=self._shadow().simple(sql))
         if word in st.TRANSACTION_WORDS:
             return self._transaction(word, sql)
         if word in ("SET", "RESET", "SHOW", "DISCARD"):
@@ -311,7 +358,11 @@ class Session:
         """The row shape of a statement without running it (Describe): planning only, nothing spent."""
         word = prepared.statement.keyword
         if word == "SHOW":
-            return [_show_field(st.parse_show(prepared.sql))]
+            name = st.parse_show(prepared.sql)
+            return admin.AUDIT_FIELDS if name == "dp.audit" else [_show_field(name)]
+        builtin = self._builtin(prepared.sql) if word == "SELECT" else None
+        if builtin is not None:
+            return builtin[0]
         if word == "EXPLAIN":
             return [Field("QUERY PLAN", t.TEXT.oid, t.TEXT.length)]
         if prepared.tree is None or not isinstance(prepared.tree, exp.Query):
@@ -352,8 +403,12 @@ class Session:
     def _session_command(self, word: str, sql: str) -> Outcome:
         if word == "SHOW":
             name = st.parse_show(sql)
+            if name == "dp.audit":
+                return Outcome("SHOW", admin.AUDIT_FIELDS, admin.audit(self.gateway, self.user, self.is_admin))
             return Outcome("SHOW", [_show_field(name)], [[self._show(name)]])
         if word == "DISCARD":
+            if self._conn is not None:
+                self._conn.simple("DISCARD ALL")
             self.statements.clear()
             self.portals.clear()
             self.dp.clear()
@@ -408,6 +463,59 @@ class Session:
             return self.settings[name]
         raise SessionError("42704", f'unrecognized configuration parameter "{name}"')
 
+    # ---- the shadow catalog -------------------------------------------------------------------------------
+
+    def _to_shadow(self, statement: st.Statement) -> bool:
+        """Whether the shadow catalog answers this statement: a query (or an unknown SHOW) that names no
+        policy table. A statement naming one always takes the DP path (statements.names_policy_table)."""
+        if self.shadow is None or statement.is_empty:
+            return False
+        if statement.keyword == "SHOW":
+            name = st.parse_show(statement.text)
+            return name not in LOCAL_SHOW and name not in self.settings and name != "all"
+        return (
+            statement.keyword in SHADOW_WORDS
+            and not st.names_policy_table(statement.text, self.gateway.config)
+            and self._builtin(statement.text) is None
+        )
+
+    def _builtin(self, sql: str) -> tuple[list[Field], Callable[[], list[list[Any]]]] | None:
+        """Statements the session answers itself: admin functions and session functions (who logged in,
+        this database, this version); their row shape and how to compute their rows."""
+        called = admin.call(sql)
+        if called is not None:
+            function, args = called
+            text = Field(function, t.TEXT.oid, t.TEXT.length)
+            return [text], lambda: [[admin.run(self.gateway, self.user, self.is_admin, function, args)]]
+        functions = st.session_functions(sql)
+        if functions is None:
+            return None
+        values = {
+            "user": self.user,
+            "schema": "public",
+            "database": self.database,
+            "version": f"PostgreSQL {SERVER_VERSION} (dpgateway {__version__})",
+        }
+        fields = [Field(name, t.TEXT.oid, t.TEXT.length) for name, _ in functions]
+        return fields, lambda: [[values[what] for _, what in functions]]
+
+    def _shadow(self) -> ShadowConnection:
+        """This session's shadow connection, opened on first use (idle sessions hold none)."""
+        assert self.shadow is not None
+        if self._conn is None or self._conn.broken:
+            self._conn = self.shadow.connect()
+        return self._conn
+
+    def cancel_shadow(self) -> None:
+        """Forward a CancelRequest to the shadow statement running now, if any."""
+        if self._conn is not None:
+            self._conn.cancel()
+
+    def close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
     # ---- helpers ------------------------------------------------------------------------------------------
 
     def _eps(self) -> float:
@@ -438,6 +546,8 @@ class Session:
 
 
 def _error(exc: DPGatewayError) -> bytes:
+    if isinstance(exc, ShadowError):
+        return b"".join([*exc.before, exc.raw])
     return p.error_response(exc.sqlstate, exc.message)
 
 

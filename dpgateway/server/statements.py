@@ -66,6 +66,36 @@ def split(sql: str) -> list[Statement]:
     return statements
 
 
+_STRINGS = frozenset(
+    {
+        TokenType.STRING,
+        TokenType.NATIONAL_STRING,
+        TokenType.RAW_STRING,
+        TokenType.HEREDOC_STRING,
+        TokenType.BYTE_STRING,
+        TokenType.BIT_STRING,
+        TokenType.HEX_STRING,
+        TokenType.UNICODE_STRING,
+    }
+)
+
+
+def names_policy_table(sql: str, config: Config) -> bool:
+    """Whether any word of the statement outside string literals is the name of a policy table.
+
+    Deliberately wide: a column, alias or function of that name counts too (the statement then goes to the DP
+    path, which refuses what it cannot answer). The last part of a qualified name is compared, case-insensitively.
+    A name inside a string literal (``'pums'::regclass``, ``query_to_xml('select ...')``) does not count: such
+    statements go to the row-less shadow catalog, which has nothing to return.
+    """
+    names = {table.name.rpartition(".")[2].lower() for table in config.tables}
+    try:
+        tokens = _POSTGRES.tokenize(sql)
+    except (TokenError, SqlglotError):
+        return True  # not understood: the DP path refuses it with a syntax error
+    return any(token.token_type not in _STRINGS and token.text.lower() in names for token in tokens)
+
+
 def _first_line(exc: Exception) -> str:
     return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
 
@@ -123,6 +153,53 @@ def explain_target(text: str) -> str:
     rest = re.sub(r"(?is)^\([^)]*\)\s*", "", rest)
     rest = re.sub(r"(?is)^((ANALYZE|ANALYSE|VERBOSE)\s+)+", "", rest)
     return rest
+
+
+_SESSION_FUNCTIONS: dict[type[exp.Expr], tuple[str, str]] = {
+    exp.CurrentSchema: ("current_schema", "schema"),
+    exp.SessionUser: ("session_user", "user"),
+    exp.CurrentUser: ("current_user", "user"),
+    exp.CurrentCatalog: ("current_catalog", "database"),
+    exp.CurrentDatabase: ("current_database", "database"),
+    exp.CurrentVersion: ("version", "version"),
+}
+_SESSION_WORDS = {"user": "user", "current_role": "user"}
+_MENTIONS_SESSION = re.compile(r"(?i)\b(current_\w+|session_user|user|version)\b")
+
+
+def session_functions(sql: str) -> list[tuple[str, str]] | None:
+    """``[(column name, what)]`` when the statement is a SELECT of session functions only (``current_user``,
+    ``session_user``, ``current_schema()``, ``current_catalog``, ``current_database()``, ``version()``), which
+    the session answers itself: who logged in, not the shadow catalog's role. ``what`` is user, schema,
+    database or version."""
+    if not _MENTIONS_SESSION.search(sql):
+        return None
+    try:
+        tree = sqlglot.parse_one(sql, read=DIALECT)
+    except SqlglotError:
+        return None
+    if not isinstance(tree, exp.Select) or any(k != "expressions" and v for k, v in tree.args.items()):
+        return None
+    out = []
+    for select in tree.selects:
+        node = select.unalias()
+        if isinstance(node, exp.Dot) and isinstance(node.this, exp.Identifier) and node.this.name == "pg_catalog":
+            node = node.expression
+        found = _SESSION_FUNCTIONS.get(type(node))
+        if found is None and isinstance(node, exp.Column) and not node.table and not node.this.quoted:
+            word = node.name.lower()
+            found = (word, _SESSION_WORDS[word]) if word in _SESSION_WORDS else None
+        if (
+            found is None
+            and isinstance(node, exp.Anonymous)
+            and node.name.lower() == "version"
+            and not node.expressions
+        ):
+            found = ("version", "version")
+        if found is None:
+            return None
+        out.append((select.alias or found[0], found[1]))
+    return out
 
 
 # ---- bound parameters ------------------------------------------------------------------------------------

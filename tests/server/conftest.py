@@ -3,15 +3,20 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 
+import dpgateway
 from dpgateway import Gateway
 from dpgateway.budget_store.users import UserStore
+from dpgateway.policies.loader import load_config
 from dpgateway.server.server import Server, ServerSettings
+from dpgateway.server.shadow import ShadowCluster, ShadowUnavailable
 
 PASSWORD = "correct-horse-battery"
 
@@ -29,13 +34,13 @@ class Running:
         return " ".join(f"{k}={v}" for k, v in parts.items())
 
 
-def start_server(gateway: Gateway, settings: ServerSettings) -> Iterator[Running]:
+def start_server(gateway: Gateway, settings: ServerSettings, shadow: ShadowCluster | None = None) -> Iterator[Running]:
     users = UserStore.beside(gateway.store, gateway.config.ledger)
     if users.get("alice") is None:
         users.add("alice", PASSWORD)
         users.add("bob", PASSWORD)
         users.add("root", PASSWORD, admin=True)
-    server = Server(gateway, users, settings)
+    server = Server(gateway, users, settings, shadow)
     loop = asyncio.new_event_loop()
     ready = threading.Event()
 
@@ -60,3 +65,24 @@ def start_server(gateway: Gateway, settings: ServerSettings) -> Iterator[Running
 @pytest.fixture
 def wire(demo_gateway: Gateway) -> Iterator[Running]:
     yield from start_server(demo_gateway, ServerSettings(port=0, startup_timeout=2.0))
+
+
+@pytest.fixture(scope="session")
+def shadow_cluster() -> Iterator[ShadowCluster]:
+    """The row-less catalog server over the demo policy, shared by the session's tests."""
+    try:
+        cluster = ShadowCluster(load_config(Path(dpgateway.__file__).parent / "data" / "demo.yaml"), "dpgateway")
+    except ShadowUnavailable as exc:
+        if os.environ.get("CI"):
+            pytest.fail(f"the shadow catalog must start in CI: {exc}")
+        pytest.skip(f"no PostgreSQL binaries for the shadow catalog: {exc}")
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture
+def catalog_wire(demo_gateway: Gateway, shadow_cluster: ShadowCluster) -> Iterator[Running]:
+    """A server whose catalog queries go to the shadow."""
+    yield from start_server(demo_gateway, ServerSettings(port=0, startup_timeout=2.0), shadow_cluster)
