@@ -13,7 +13,7 @@ from typing import Any
 import yaml
 
 from dpgateway.errors import ConfigError
-from dpgateway.policies.connections import connector_source
+from dpgateway.policies.connections import connector_source, spark_settings
 from dpgateway.policies.model import Budget, Cap, Column, Config, CsvDialect, ServerConfig, Table, table_key
 
 CONFIG_ENV = "DPGATEWAY_CONFIG"
@@ -25,7 +25,7 @@ CSV_KEYS = {"delimiter", "quote", "escape", "header", "comment", "null"}
 UNIT_TYPES = ("int", "str")  # identifiers whose text round-trips exactly (docs: README.md, docs/privacy.md)
 COLUMN_KEYS = {"type", "bounds", "public_values"}
 COLUMN_TYPES = ("int", "float", "str", "bool", "date")
-TOP_KEYS = {"tables", "budget", "ledger", "admins", "cache_dir", "server"}
+TOP_KEYS = {"tables", "budget", "ledger", "admins", "cache_dir", "server", "spark"}
 SERVER_KEYS = {"host", "port", "tls_cert", "tls_key", "database"}
 BUDGET_KEYS = {
     "window_days",
@@ -91,6 +91,7 @@ def parse_config(raw: Any, *, base_dir: Path) -> Config:
         base_dir=base_dir,
         cache_dir=base_dir / cache_dir,
         server=_server(raw.get("server", {}), base_dir),
+        spark=spark_settings(raw.get("spark")),
     )
 
 

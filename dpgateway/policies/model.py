@@ -121,6 +121,7 @@ class Config:
     base_dir: Path = Path(".")
     cache_dir: Path | None = None  # prepared copies (`dpgateway prepare`); None: .dpgateway-cache in base_dir
     server: ServerConfig = field(default_factory=ServerConfig)
+    spark: dict[str, Any] = field(default_factory=dict)  # {master, conf}: the Spark session (connectors/spark.py)
 
     @property
     def cache_folder(self) -> Path:
