@@ -168,8 +168,8 @@ def markdown(rows: int, reps: int, results: dict[str, dict[str, Any]], command: 
             f"{r[shape]['raw_ms']:.1f} | {r[shape]['dp_ms']:.1f} | {r[shape]['ratio']:.1f}x" for r in results.values()
         ]
         lines.append(f"| {shape} ({next(iter(results.values()))[shape]['rewrite']}) | " + " | ".join(cells) + " |")
-    medians = [f"| | **{statistics.median(r[s]['ratio'] for s in SHAPES):.1f}x**" for r in results.values()]
-    lines += ["| **median** " + " ".join(medians) + " |", "", END]
+    medians = [f" | | **{statistics.median(r[s]['ratio'] for s in SHAPES):.1f}x**" for r in results.values()]
+    lines += ["| **median** |" + " |".join(medians) + " |", "", END]
     return "\n".join(lines)
 
 
