@@ -1,8 +1,8 @@
 """Which connector a gateway opens: one per gateway, chosen from the tables' sources.
 
-File sources (CSV, Parquet) are read by DuckDB; ``connector: postgres`` sources by PostgreSQL. A gateway
-runs every query on one backend, so a config mixing backends, or naming two PostgreSQL databases, is
-refused for now (a query reads one table, so routing per table is a later step).
+File sources (CSV, Parquet) are read by DuckDB; ``connector: postgres`` sources by PostgreSQL,
+``connector: spark`` sources by Spark (the config's ``spark`` session). A gateway runs every query on one
+backend, so a config mixing backends, or naming two PostgreSQL databases, is refused for now (a query reads one table, so routing per table is a later step).
 """
 
 from __future__ import annotations
@@ -22,9 +22,19 @@ def connector_for(config: Config) -> Connector:
     files = [t.name for t in config.tables if not isinstance(t.source, dict)]
     if files:
         raise ConfigError(
-            f"tables.{files[0]}: a gateway reads one backend, and tables.{remote[0].name} is on PostgreSQL; "
-            "load the file into the database, or serve it from a second gateway"
+            f"tables.{files[0]}: a gateway reads one backend, and tables.{remote[0].name} is on "
+            f"{remote[0].source['connector']}; give the file a connector source too, or serve it from a second gateway"
         )
+    kinds = {t.source["connector"] for t in remote}
+    if len(kinds) > 1:
+        raise ConfigError(
+            f"tables: a gateway reads one backend, and these tables are on {' and '.join(sorted(kinds))}; "
+            "serve them from two gateways"
+        )
+    if kinds == {"spark"}:
+        from dpgateway.connectors.spark import SparkConnector
+
+        return SparkConnector.for_config(config)
     first = remote[0].source
     for table in remote[1:]:
         spec = table.source

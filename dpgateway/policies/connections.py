@@ -54,12 +54,14 @@ _IDENTIFIER_PART = "a schema or table name without dots or double quotes"
 def connector_source(spec: dict[str, Any], where: str) -> dict[str, Any]:
     """Validate a connector mapping; return it with ``url`` resolved to a :class:`Secret`.
 
-    Only ``connector: postgres`` exists so far: ``{connector: postgres, url: ..., table: schema.table}``
-    with an optional ``statement_timeout_ms`` (default 60000).
+    ``{connector: postgres, url: ..., table: schema.table}`` with an optional ``statement_timeout_ms``
+    (default 60000), or a Spark source (:func:`spark_source`).
     """
     kind = spec.get("connector")
+    if kind == "spark":
+        return spark_source(spec, where)
     if kind != "postgres":
-        raise ConfigError(f"{where}.connector: must be postgres (or give the source as a CSV or Parquet path)")
+        raise ConfigError(f"{where}.connector: must be postgres or spark (or give the source as a CSV or Parquet path)")
     unknown = sorted(set(map(str, spec)) - POSTGRES_KEYS)
     if unknown:
         raise ConfigError(f"{where}: unknown key {unknown[0]!r}; allowed keys are {', '.join(sorted(POSTGRES_KEYS))}")
@@ -77,3 +79,58 @@ def connector_source(spec: dict[str, Any], where: str) -> dict[str, Any]:
     if isinstance(timeout, bool) or not isinstance(timeout, int) or not 1 <= timeout <= 86_400_000:
         raise ConfigError(f"{where}.statement_timeout_ms: must be an integer from 1 to 86400000 (milliseconds)")
     return {"connector": kind, "url": url, "table": table, "statement_timeout_ms": timeout}
+
+
+SPARK_KEYS = {"connector", "path", "format", "table"}
+SPARK_FORMATS = ("parquet", "csv")
+SPARK_TOP_KEYS = {"master", "conf"}
+# Settings the gateway owns on its Spark session (connectors/spark.py): a config may not change them.
+SPARK_OWNED_CONF = frozenset({"spark.sql.ansi.enabled"})
+
+
+def spark_source(spec: dict[str, Any], where: str) -> dict[str, Any]:
+    """``{connector: spark, path: ..., format: parquet|csv}`` or ``{connector: spark, table: db.events}``."""
+    unknown = sorted(set(map(str, spec)) - SPARK_KEYS)
+    if unknown:
+        raise ConfigError(f"{where}: unknown key {unknown[0]!r}; allowed keys are {', '.join(sorted(SPARK_KEYS))}")
+    path, table = spec.get("path"), spec.get("table")
+    if (path is None) == (table is None):
+        raise ConfigError(f"{where}: give either path (with format) or table, not both or neither")
+    if table is not None:
+        parts = table.split(".") if isinstance(table, str) else []
+        if not 1 <= len(parts) <= 2 or not all(p and "`" not in p and "\x00" not in p for p in parts):
+            raise ConfigError(f"{where}.table: must be table or db.table, each a name without dots or backquotes")
+        if "format" in spec:
+            raise ConfigError(f"{where}.format: only a path source takes a format; remove it")
+        return {"connector": "spark", "table": table}
+    if not isinstance(path, str) or not path or "\x00" in path:
+        raise ConfigError(f"{where}.path: must be a file or folder path or URL such as s3a://bucket/events/")
+    fmt = spec.get("format", "parquet")
+    if fmt not in SPARK_FORMATS:
+        raise ConfigError(f"{where}.format: must be one of {', '.join(SPARK_FORMATS)}")
+    return {"connector": "spark", "path": path, "format": fmt}
+
+
+def spark_settings(spec: Any) -> dict[str, Any]:
+    """The top-level ``spark: {master: local[*], conf: {...}}`` (master: ``local[N]``, ``spark://``,
+    ``yarn``, ``k8s://`` or a Spark Connect ``sc://`` URL), validated; conf values become strings."""
+    if spec is None:
+        spec = {}
+    if not isinstance(spec, dict):
+        raise ConfigError("spark: must be a mapping such as {master: 'local[*]', conf: {...}}")
+    unknown = sorted(set(map(str, spec)) - SPARK_TOP_KEYS)
+    if unknown:
+        raise ConfigError(f"spark: unknown key {unknown[0]!r}; allowed keys are {', '.join(sorted(SPARK_TOP_KEYS))}")
+    master = spec.get("master", "local[*]")
+    if not isinstance(master, str) or not master:
+        raise ConfigError("spark.master: must be a master URL such as local[*], spark://host:7077 or sc://host:15002")
+    conf = spec.get("conf", {})
+    if not isinstance(conf, dict) or not all(isinstance(k, str) for k in conf):
+        raise ConfigError("spark.conf: must map Spark setting names to values")
+    owned = sorted(set(conf) & SPARK_OWNED_CONF)
+    if owned:
+        raise ConfigError(
+            f"spark.conf.{owned[0]}: the gateway sets this itself (it keeps row expressions total); remove it"
+        )
+    values = {k: str(v).lower() if isinstance(v, bool) else str(v) for k, v in conf.items()}
+    return {"master": master, "conf": values}

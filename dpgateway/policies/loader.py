@@ -13,7 +13,7 @@ from typing import Any
 import yaml
 
 from dpgateway.errors import ConfigError
-from dpgateway.policies.connections import connector_source
+from dpgateway.policies.connections import connector_source, spark_settings
 from dpgateway.policies.model import (
     EXECUTORS,
     Budget,
@@ -49,7 +49,7 @@ CSV_KEYS = {"delimiter", "quote", "escape", "header", "comment", "null"}
 UNIT_TYPES = ("int", "str")  # identifiers whose text round-trips exactly (docs: README.md, docs/privacy.md)
 COLUMN_KEYS = {"type", "bounds", "public_values"}
 COLUMN_TYPES = ("int", "float", "str", "bool", "date")
-TOP_KEYS = {"tables", "budget", "ledger", "admins", "cache_dir", "server", "prepare", "executors"}
+TOP_KEYS = {"tables", "budget", "ledger", "admins", "cache_dir", "server", "prepare", "executors", "spark"}
 PREPARE_KEYS = {"auto", "after_queries", "filtered"}
 SERVER_KEYS = {"host", "port", "tls_cert", "tls_key", "database"}
 BUDGET_KEYS = {
@@ -119,6 +119,7 @@ def parse_config(raw: Any, *, base_dir: Path) -> Config:
         server=_server(raw.get("server", {}), base_dir),
         prepare=_prepare(raw.get("prepare", {})),
         mpc=mpc,
+        spark=spark_settings(raw.get("spark")),
     )
 
 

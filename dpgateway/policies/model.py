@@ -175,6 +175,7 @@ class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
     prepare: PrepareConfig = field(default_factory=PrepareConfig)
     mpc: MpcSettings = field(default_factory=MpcSettings)
+    spark: dict[str, Any] = field(default_factory=dict)  # {master, conf}: the Spark session (connectors/spark.py)
 
     @property
     def cache_folder(self) -> Path:

@@ -1,5 +1,7 @@
-"""The conformance suite's backends: DuckDB over Parquet files, and PostgreSQL on the session's throwaway
-server with a least-privilege role (LOGIN, USAGE on one schema, SELECT on the loaded tables, nothing else).
+"""The conformance suite's backends: DuckDB over Parquet files, PostgreSQL on the session's throwaway
+server with a least-privilege role (LOGIN, USAGE on one schema, SELECT on the loaded tables, nothing else),
+and Spark over Parquet files on one local Spark session for the whole test run (``local[2]``, two shuffle
+partitions, no UI; each gateway takes its own ``newSession()`` of it).
 
 ``backend.load(name, frame)`` puts a table on the backend and returns its policy ``source``;
 ``backend.gateway(tables)`` opens a gateway on those tables with a large budget and a throwaway ledger.
@@ -82,11 +84,26 @@ def pg_database(postgres_server: SystemPostgres | WheelPostgres) -> PostgresData
     return database
 
 
+SPARK_CONF = {"spark.sql.shuffle.partitions": "2", "spark.ui.enabled": "false", "spark.driver.memory": "1g"}
+
+
+@pytest.fixture(scope="session")
+def spark_session() -> Any:
+    """One local Spark for the whole test run (starting it takes seconds; every Spark test shares it)."""
+    pytest.importorskip("pyspark", reason="pip install 'dpgateway[spark]'")
+    from dpgateway.connectors.spark import spark_session as start
+
+    session = start("local[2]", SPARK_CONF)
+    session.sparkContext.setLogLevel("OFF")  # Spark logs the refused queries' errors; the tests check them
+    yield session
+    session.stop()
+
+
 class Backend:
     """One backend of the conformance suite."""
 
-    def __init__(self, name: str, folder: Path, pg: PostgresDatabase | None) -> None:
-        self.name, self.folder, self.pg = name, folder, pg
+    def __init__(self, name: str, folder: Path, pg: PostgresDatabase | None, spark: Any = None) -> None:
+        self.name, self.folder, self.pg, self.spark = name, folder, pg, spark
         self._gateways: list[Gateway] = []
 
     def load(self, name: str, frame: pd.DataFrame, types: dict[str, str] | None = None) -> Any:
@@ -96,14 +113,23 @@ class Backend:
             with duckdb.connect() as con:  # pandas needs pyarrow for Parquet; DuckDB reads the frame itself
                 con.register("frame", frame)
                 con.execute(f"COPY frame TO '{path}' (FORMAT parquet)")
-            return str(path)
+            return {"connector": "spark", "path": str(path), "format": "parquet"} if self.spark else str(path)
         self.pg.load(name, frame, types)
         return {"connector": "postgres", "url": {"$env": URL_ENV}, "table": f"census.{name}"}
 
     def gateway(self, tables: dict[str, Any]) -> Gateway:
         budget = {"per_subject": BIG, "per_analyst": BIG, "per_query": {"epsilon": 10.0, "delta": 0.01}}
         raw = {"tables": tables, "budget": budget, "ledger": f"sqlite:///{self.folder / 'ledger.db'}"}
-        gateway = Gateway(parse_config(raw, base_dir=self.folder))
+        if self.spark is not None:
+            from dpgateway.connectors.spark import SparkConnector
+
+            config = parse_config(raw, base_dir=self.folder)
+            connector = SparkConnector(self.spark, config.tables)
+            for table in config.tables:
+                connector.check_table(table)
+            gateway = Gateway(config, connector=connector)
+        else:
+            gateway = Gateway(parse_config(raw, base_dir=self.folder))
         self._gateways.append(gateway)
         return gateway
 
@@ -112,13 +138,21 @@ class Backend:
             gateway.close()
 
 
-@pytest.fixture(params=["duckdb", pytest.param("postgres", marks=pytest.mark.postgres)])
+@pytest.fixture(
+    params=[
+        "duckdb",
+        pytest.param("postgres", marks=pytest.mark.postgres),
+        pytest.param("spark", marks=pytest.mark.spark),
+    ]
+)
 def backend(request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Backend]:
-    """Each backend in turn (PostgreSQL through the least-privilege role, URL by ``{$env: ...}``)."""
+    """Each backend in turn (PostgreSQL through the least-privilege role, URL by ``{$env: ...}``; Spark on
+    the shared session, through a connector the test builds so the session is not the config's)."""
     pg = request.getfixturevalue("pg_database") if request.param == "postgres" else None
+    spark = request.getfixturevalue("spark_session") if request.param == "spark" else None
     if pg is not None:
         monkeypatch.setenv(URL_ENV, pg.reader_url)
-    chosen = Backend(request.param, tmp_path, pg)
+    chosen = Backend(request.param, tmp_path, pg, spark)
     yield chosen
     chosen.close()
 

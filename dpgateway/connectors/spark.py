@@ -1,0 +1,152 @@
+"""Spark: the bounded SQL runs where the data lives, on a local Spark, a cluster or a Spark Connect server.
+
+One SparkSession per gateway (config ``spark: {master, conf}``): ``local[*]`` by default, a cluster master
+URL (``spark://``, ``yarn``, ``k8s://``) or a Spark Connect URL (``sc://host:15002``). The connector takes
+its own session (``newSession()`` on a classic driver: the SparkContext is shared, SQL settings and temp
+views are not) with ``spark.sql.ansi.enabled=false``, which the Spark hooks' proof note relies on
+(connectors/spark_sql.py); the setting is checked before every query, and a config may not change it.
+
+Sources: a Parquet path is read as ``parquet.`path```; a CSV path through a temp view registered by
+this connector (header line, ``,`` and ``"``, every column as text, malformed records read as NULLs,
+never a failure); a catalog table as ``db.table``.
+
+Proof note (errors carry no data): Spark messages can quote a row's value, so neither they nor the
+exception text is shown; a failure is a BackendError (58000) naming only the exception class.
+Test: none yet (tests/backends/test_spark.py is still to write).
+"""
+
+from __future__ import annotations
+
+import threading
+import uuid
+from decimal import Decimal
+from typing import Any
+
+from sqlglot import exp
+
+from dpgateway.connectors.base import Connector, ExactAggregates
+from dpgateway.connectors.spark_sql import SparkHooks
+from dpgateway.errors import BackendError, ConfigError
+from dpgateway.policies.model import Config, Table
+from dpgateway.sqlcheck import VerifiedSQL
+
+# Quiet, small defaults for a local master; the config's conf overrides them (never the owned setting).
+LOCAL_DEFAULTS = {"spark.ui.enabled": "false", "spark.sql.shuffle.partitions": "8"}
+OWNED = {"spark.sql.ansi.enabled": "false"}
+_WITHHELD = "details are withheld because they may contain data values"
+_lock = threading.Lock()
+
+
+def spark_session(master: str = "local[*]", conf: dict[str, str] | None = None) -> Any:
+    """The process's base SparkSession for ``master`` (created once; Spark Connect for an ``sc://`` URL)."""
+    try:
+        from pyspark.sql import SparkSession
+    except ImportError:
+        raise ConfigError(
+            "a table has a Spark source but pyspark is not installed; pip install 'dpgateway[spark]' (needs Java 17+)"
+        ) from None
+    settings = {**(LOCAL_DEFAULTS if master.startswith("local") else {}), **(conf or {}), **OWNED}
+    builder = SparkSession.builder.remote(master) if master.startswith("sc://") else SparkSession.builder.master(master)
+    for name, value in settings.items():
+        builder = builder.config(name, value)
+    with _lock:
+        try:
+            return builder.getOrCreate()
+        except Exception as exc:  # Java missing, master unreachable: the class names the cause
+            raise ConfigError(
+                f"cannot start Spark on master {master!r} ({type(exc).__name__}); check that Java 17+ is "
+                "installed and the master URL is reachable"
+            ) from None
+
+
+class SparkConnector(Connector):
+    """Runs verified Spark SQL on a session of its own (temp views and settings private to this gateway)."""
+
+    hooks: SparkHooks
+
+    def __init__(self, session: Any, tables: tuple[Table, ...] = ()) -> None:
+        self.hooks = SparkHooks(prefix=uuid.uuid4().hex[:12])
+        self._session = session.newSession() if hasattr(session, "newSession") else session
+        for name, value in OWNED.items():
+            self._session.conf.set(name, value)
+        for table in tables:
+            self._register(table)
+
+    @classmethod
+    def for_config(cls, config: Config) -> SparkConnector:
+        """A connector on the config's ``spark`` session, with its CSV sources registered."""
+        settings = config.spark or {}
+        session = spark_session(settings.get("master", "local[*]"), settings.get("conf", {}))
+        return cls(session, config.tables)
+
+    def _register(self, table: Table) -> None:
+        """Register a CSV source as this connector's temp view (read lazily, at each query)."""
+        spec = table.source
+        if not isinstance(spec, dict) or spec.get("format") != "csv":
+            return
+        from pyspark.sql.types import StringType, StructField, StructType
+
+        names = [c.name for c in table.columns]
+        try:
+            header = self._session.read.option("header", True).csv(spec["path"]).columns
+        except Exception as exc:
+            raise ConfigError(
+                f"tables.{table.name}.source: Spark cannot read {spec['path']!r}: {type(exc).__name__}"
+            ) from None
+        names = list(header) or names
+        schema = StructType([StructField(n, StringType(), True) for n in names])
+        frame = (
+            self._session.read.schema(schema)
+            .option("header", True)
+            .option("mode", "PERMISSIVE")
+            .option("multiLine", False)
+            .csv(spec["path"])
+        )
+        frame.createOrReplaceTempView(self.hooks.view(table))
+
+    def _execute(self, sql: VerifiedSQL, settings: tuple[tuple[str, Any], ...] = ()) -> ExactAggregates:
+        if settings:
+            raise BackendError(f"setting {settings[0][0]!r} is not one the Spark backend applies (this is a bug)")
+        if str(self._session.conf.get("spark.sql.ansi.enabled")).lower() != "false":
+            raise BackendError("the Spark session's spark.sql.ansi.enabled is not false; row expressions could raise")
+        try:
+            frame = self._session.sql(sql)
+            columns = tuple(frame.columns)
+            rows = tuple(tuple(_plain(v) for v in row) for row in frame.collect())
+        except Exception as exc:
+            raise BackendError(
+                f"the backend could not run the bounded query ({type(exc).__name__}); {_WITHHELD}. Check that the "
+                "policy's sources and columns match the data"
+            ) from None
+        return ExactAggregates(columns=columns, rows=rows)
+
+    def check_table(self, table: Table) -> None:
+        """The source can be read and has every declared column (schema only: Parquet footers, the catalog)."""
+        where = f"tables.{table.name}"
+        if not isinstance(table.source, dict) or table.source.get("connector") != "spark":
+            raise ConfigError(f"{where}.source: this gateway reads Spark; give the table a spark source")
+        probe = exp.select(exp.Star()).from_(self.hooks.source(table)).limit(0).sql(dialect="spark")
+        try:
+            found = {name.lower() for name in self._session.sql(probe).columns}
+        except Exception as exc:
+            what = table.source.get("table") or table.source.get("path")
+            raise ConfigError(f"{where}.source: Spark cannot read {what!r} ({type(exc).__name__})") from None
+        missing = [c.name for c in table.columns if c.name.lower() not in found]
+        if missing:
+            raise ConfigError(
+                f"{where}.columns: {', '.join(missing)} not found in the source; it has: {', '.join(sorted(found))}"
+            )
+
+    def close(self) -> None:
+        """Drop this connector's temp views; the shared session stays up for the process."""
+        for name in [
+            t.name for t in self._session.catalog.listTables() if t.name.startswith(f"dpgateway_{self.hooks.prefix}_")
+        ]:
+            self._session.catalog.dropTempView(name)
+
+
+def _plain(value: Any) -> Any:
+    """DECIMAL results as Python ints when integral, as DuckDB returns them."""
+    if isinstance(value, Decimal):
+        return int(value) if value.is_finite() and value == value.to_integral_value() else float(value)
+    return value
