@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Sequence
+from functools import lru_cache
 from typing import Any
 
 import sqlglot
@@ -182,28 +183,27 @@ def _check_relations(
 
 def _relation(table: exp.Table, dialect: str) -> Any:
     """A relation without its alias, as the sources are compared."""
-    bare = table.copy()
-    bare.set("alias", None)
-    return _canonical(bare, dialect)
+    return _canonical(table, dialect, skip=frozenset({"alias"}))
 
 
-def _canonical(node: Any, dialect: str) -> Any:
-    """A comparable value of a tree: node kind and every argument, less the ``_IGNORED`` flags."""
+def _canonical(node: Any, dialect: str, *, skip: frozenset[str] = frozenset(), bare: bool = False) -> Any:
+    """A comparable value of a tree: node kind and every argument, less the ``_IGNORED`` flags (and ``skip``)."""
     if isinstance(node, list):
         return tuple(_canonical(v, dialect) for v in node)
     if not isinstance(node, exp.Expr):
         return node
-    if not isinstance(node, exp.Ordered) and isinstance(node.parent, exp.Order):
-        return ("Ordered", (("this", _canonical(node.copy(), dialect)),))  # the builder's bare ORDER BY item
+    if not bare and not isinstance(node, exp.Ordered) and isinstance(node.parent, exp.Order):
+        return ("Ordered", (("this", _canonical(node, dialect, bare=True)),))  # the builder's bare ORDER BY item
     if isinstance(node, exp.Table) and isinstance(node.this, exp.Func):
         # A table function (the source reader): sqlglot parses some into typed nodes (read_csv ->
         # ReadCSV) that render the same text; it must equal a declared source (_check_relations).
-        return ("relation", node.this.sql(dialect=dialect), _canonical(node.args.get("alias"), dialect))
+        alias = None if "alias" in skip else _canonical(node.args.get("alias"), dialect)
+        return ("relation", node.this.sql(dialect=dialect), alias)
     if isinstance(node, exp.DataType):
-        bare = exp.DataType(this=node.this).sql(dialect=dialect)
-        params = () if bare in _TEXT_TYPES else _canonical(node.expressions, dialect)
-        return ("type", bare, params)
-    ignored = _IGNORED.get(type(node), frozenset())
+        name = _type_name(node.this, dialect)
+        params = () if name in _TEXT_TYPES else _canonical(node.expressions, dialect)
+        return ("type", name, params)
+    ignored = _IGNORED.get(type(node), frozenset()) | skip
     items = tuple(
         (key, _canonical(value, dialect))
         for key, value in sorted(node.args.items())
@@ -212,3 +212,9 @@ def _canonical(node: Any, dialect: str) -> Any:
     if isinstance(node, exp.Anonymous):  # function names are case-insensitive; the parser keeps the case
         items = tuple((k, v.upper() if k == "this" and isinstance(v, str) else v) for k, v in items)
     return (type(node).__name__, items)
+
+
+@lru_cache(maxsize=256)
+def _type_name(kind: Any, dialect: str) -> str:
+    """How ``dialect`` writes a type without parameters (the parser may read it back as another alias)."""
+    return exp.DataType(this=kind).sql(dialect=dialect)
