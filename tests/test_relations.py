@@ -10,7 +10,6 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -302,7 +301,11 @@ REFUSED = [
     ),
     ("SELECT COUNT(*) FROM orders WHERE o_custkey IN (SELECT c_custkey FROM customer)", "0A000", "only in FROM"),
     ("SELECT o_custkey, COUNT(*) FROM customer JOIN orders ON c_custkey = o_custkey GROUP BY 1", None, ""),
-    ("SELECT COUNT(*) FROM customer JOIN orders ON c_custkey = o_custkey JOIN orders ON 1 = 1", "0A000", "more than once"),
+    (
+        "SELECT COUNT(*) FROM customer JOIN orders ON c_custkey = o_custkey JOIN orders ON 1 = 1",
+        "0A000",
+        "more than once",
+    ),
     ("SELECT COUNT(*) FROM customer JOIN orders ON c_custkey = x", "42703", "does not exist"),
     ("SELECT COUNT(*) FROM customer JOIN orders ON c_custkey = o_custkey JOIN nope ON 1 = 1", "42P01", "nope"),
     ("WITH RECURSIVE s AS (SELECT 1) SELECT COUNT(*) FROM s", "0A000", "RECURSIVE"),
