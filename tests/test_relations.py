@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -398,3 +399,55 @@ def test_ledger_debits_the_shared_domain(gateway: Gateway) -> None:
     assert result.epsilon == pytest.approx(0.5)
     assert set(result.remaining["domains"]) == {"customer"}
     assert result.remaining["domains"]["customer"]["epsilon"] == pytest.approx(before - 0.5)
+
+
+# -- PUMS: people with 1 to 4 rows, a one-row-per-person table in the same domain ---------------------------
+
+PUMS_CASES: list[tuple[str, list[str], Callable[[pd.DataFrame, pd.DataFrame], pd.DataFrame]]] = [
+    (
+        "SELECT p.sex, COUNT(*), SUM(r.income) FROM person p JOIN pums r ON p.pid = r.pid WHERE p.age >= 40 "
+        "GROUP BY p.sex",
+        ["sex"],
+        lambda person, rows: person.merge(rows, on="pid", suffixes=("", "_r")).query("age >= 40"),
+    ),
+    (
+        "SELECT married, COUNT(*), AVG(total) FROM (SELECT pid, SUM(income) AS total FROM pums GROUP BY pid) t "
+        "JOIN person ON person.pid = t.pid WHERE total > 20000 GROUP BY married",
+        ["married"],
+        lambda person, rows: (
+            rows.assign(total=rows["income"].clip(0, 500000))
+            .groupby("pid", as_index=False)["total"]
+            .sum()
+            .assign(total=lambda f: f["total"].clip(0, 4 * 500000))
+            .merge(person, on="pid")
+            .query("total > 20000")
+        ),
+    ),
+]
+
+
+@pytest.mark.parametrize(("sql", "keys", "joined"), PUMS_CASES, ids=range(len(PUMS_CASES)))
+def test_pums_joins_match_an_independent_reference(tmp_path: Path, sql: str, keys: list[str], joined: Any) -> None:
+    rows = pd.read_csv(str(resources.files("dpgateway") / "data" / "pums.csv"))
+    person = rows.drop_duplicates("pid")[["pid", "age", "sex", "married"]]
+    columns = {
+        "pid": {"type": "int"},
+        "age": {"type": "int", "bounds": [0, 100]},
+        "sex": {"type": "int", "public_values": [0, 1]},
+        "married": {"type": "int", "public_values": [0, 1]},
+    }
+    tables = {
+        "person": {"source": str(tmp_path / "person.parquet"), "privacy_unit": "pid", "domain": "people", "columns": columns},
+        "pums": {
+            "source": str(tmp_path / "pums.parquet"), "privacy_unit": "pid", "max_rows_per_unit": 4, "domain": "people",
+            "columns": {"pid": {"type": "int"}, "income": {"type": "float", "bounds": [0, 500000]}},
+        },
+    }  # fmt: skip
+    tpch.write_parquet(person, tmp_path / "person.parquet")
+    tpch.write_parquet(rows[["pid", "income"]], tmp_path / "pums.parquet")
+    config = parse_config({"tables": tables, "ledger": "sqlite:///:memory:"}, base_dir=tmp_path)
+    with Gateway(config, store=open_store(config.ledger, config.budget)) as gw:
+        plan, result = exact(gw, sql)
+    expected = reference(plan, joined(person, rows[["pid", "income"]]), keys)
+    got = sorted(((*r[: len(keys)], *(int(v or 0) for v in r[len(keys) :])) for r in result.rows), key=str)
+    assert got == expected

@@ -248,7 +248,8 @@ class RelationBuilder:
                     child.via = self.instances.index(parent)
                     parent.parent_of.append(self.instances.index(child))
                     return
-        if left.unit == a.name and right.unit == b.name and left is not right:
+        # Unit columns of different types (an int 7 and a text '7') are not one identity: no tie.
+        if left.unit == a.name and right.unit == b.name and left is not right and a.type == b.type:
             _union(self._classes, self.instances.index(left), self.instances.index(right))
 
     # -- the whole relation -------------------------------------------------------------------------
@@ -441,8 +442,8 @@ def _item(item: exp.Expr, builder: RelationBuilder, scope: dict[str, exp.Select]
     refuse_unconsumed(item, TABLE_ARGS, "FROM")
     name = item.name
     if item.args.get("db") is None and name.lower() in scope:
-        instance = derive(name, scope[name.lower()], builder)
-        instance.names |= {item.alias_or_name.lower()}
+        instance = derive(item.alias_or_name, scope[name.lower()], builder)
+        instance.names |= {name.lower()} if not item.alias else set()
         return instance
     qualified = ".".join(p.name for p in (item.args.get("db"), item.this) if p is not None)
     table = builder.ctx.config.table(qualified)
