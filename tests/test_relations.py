@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator
 from importlib import resources
 from pathlib import Path
@@ -451,3 +452,23 @@ def test_pums_joins_match_an_independent_reference(tmp_path: Path, sql: str, key
     expected = reference(plan, joined(person, rows[["pid", "income"]]), keys)
     got = sorted(((*r[: len(keys)], *(int(v or 0) for v in r[len(keys) :])) for r in result.rows), key=str)
     assert got == expected
+
+
+# -- golden bounded SQL: the shown SQL of each reference case, compared as text ------------------------------
+
+GOLDEN = Path(__file__).parent / "fixtures" / "relations" / "tpch.sql"
+
+
+def test_golden_bounded_sql(gateway: Gateway) -> None:
+    """The bounded SQL (as ``explain`` shows it) of each case above; the cases are also executed against
+    pandas (test_exact_aggregates_match_an_independent_reference). Regenerate after an intended change
+    with ``DPGATEWAY_UPDATE_GOLDEN=1 pytest tests/test_relations.py``."""
+    shown = []
+    for sql, _, _ in CASES:
+        plan = gateway.explain(sql, epsilon=1.0).plan
+        assert plan is not None
+        shown.append(f"-- {sql}\n{plan.shown_sql};\n")
+    if os.environ.get("DPGATEWAY_UPDATE_GOLDEN"):
+        GOLDEN.parent.mkdir(exist_ok=True)
+        GOLDEN.write_text("".join(shown))
+    assert GOLDEN.read_text() == "".join(shown)

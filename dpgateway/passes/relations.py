@@ -121,8 +121,6 @@ class RelationBuilder:
 
     # -- FROM items ---------------------------------------------------------------------------------
     def add_table(self, table: Table, names: set[str], label: str) -> Instance:
-        if table.executor != "plain" or isinstance(table.source, PartySources):
-            raise UnsupportedError(f"table {table.name} runs on executor {table.executor}; joins run on plain only")
         if not table.columns:
             raise UnsupportedError(
                 f"public table {table.name} has no declared columns, so its joined columns cannot be typed; "
@@ -163,6 +161,8 @@ class RelationBuilder:
         return label
 
     def _source_cte(self, table: Table) -> str:
+        if table.executor != "plain" or isinstance(table.source, PartySources):
+            raise UnsupportedError(f"table {table.name} runs on executor {table.executor}; joins run on plain only")
         hooks = self.ctx.hooks
         unit = table.privacy_unit if not table.unit_path else None
         items = [

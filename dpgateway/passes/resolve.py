@@ -100,7 +100,11 @@ def _resolve_relation(plan: DPPlan, select: exp.Select, ctx: PlanContext) -> DPP
             continue
         instance, declared = builder.find(column)
         column.replace(exp.column(builder.exposed_name(instance, declared)))
-    return plan.with_(table=table, tree=tree, relation=relation)
+    note = (
+        f"relation {table.name} (joins, unit paths or per-person rows): each person's joined rows are bounded "
+        f"together, at most {table.max_rows_per_unit} kept (docs/sql.md)"
+    )
+    return plan.with_(table=table, tree=tree, relation=relation, notes=(*plan.notes, note))
 
 
 def _refuse_subqueries(select: exp.Select) -> None:
