@@ -21,7 +21,6 @@ import pandas as pd
 import pytest
 import tpch
 import yaml
-from helpers import GENEROUS_BUDGET
 
 from dpgateway import Gateway
 from dpgateway.budget_store import open_store
@@ -32,18 +31,6 @@ from dpgateway.plan import DPPlan
 from dpgateway.policies.loader import load_config, parse_config
 
 HEAVY = 10**6  # the customer with many rows in every table
-
-
-def write_dataset(folder: Path, frames: dict[str, pd.DataFrame]) -> Gateway:
-    folder.mkdir(parents=True, exist_ok=True)
-    sources = {}
-    for name, frame in frames.items():
-        tpch.write_parquet(frame, folder / f"{name}.parquet")
-        sources[name] = str(folder / f"{name}.parquet")
-    config = {"tables": tpch.policy(sources), "budget": GENEROUS_BUDGET, "ledger": f"sqlite:///{folder / 'l.db'}"}
-    (folder / "dpgateway.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
-    loaded = load_config(folder / "dpgateway.yaml")
-    return Gateway(loaded, store=open_store(loaded.ledger, loaded.budget))
 
 
 def with_heavy(frames: dict[str, pd.DataFrame]) -> dict[str, pd.DataFrame]:
@@ -76,7 +63,7 @@ def frames() -> dict[str, pd.DataFrame]:
 
 @pytest.fixture(scope="module")
 def gateway(frames: dict[str, pd.DataFrame], tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
-    gw = write_dataset(tmp_path_factory.mktemp("tpch"), frames)
+    gw = tpch.gateway(tmp_path_factory.mktemp("tpch"), frames)
     yield gw
     gw.close()
 
@@ -241,7 +228,7 @@ SENSITIVITY = [
 
 @pytest.fixture(scope="module")
 def heavy(frames: dict[str, pd.DataFrame], tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
-    gw = write_dataset(tmp_path_factory.mktemp("tpch_heavy"), with_heavy(frames))
+    gw = tpch.gateway(tmp_path_factory.mktemp("tpch_heavy"), with_heavy(frames))
     yield gw
     gw.close()
 
@@ -319,7 +306,7 @@ def test_refusals(
     frames: dict[str, pd.DataFrame], tmp_path: Path, sql: str, sqlstate: str | None, message: str
 ) -> None:
     folder = tmp_path / "data"
-    gw = write_dataset(folder, frames)
+    gw = tpch.gateway(folder, frames)
     config = yaml.safe_load((folder / "dpgateway.yaml").read_text())
     tpch.write_parquet(pd.DataFrame({"pid": [1, 2], "x": [1, 2]}), folder / "pums.parquet")
     config["tables"]["pums"] = {
@@ -343,7 +330,7 @@ def test_refusals(
 
 
 def test_joins_never_read_prepared_copies(frames: dict[str, pd.DataFrame], tmp_path: Path) -> None:
-    gw = write_dataset(tmp_path, frames)
+    gw = tpch.gateway(tmp_path, frames)
     try:
         gw.prepare("orders")
         single = gw.explain("SELECT COUNT(*), SUM(o_totalprice) FROM orders", epsilon=1.0).plan

@@ -19,6 +19,11 @@ import duckdb
 import numpy as np
 import pandas as pd
 import yaml
+from helpers import GENEROUS_BUDGET
+
+from dpgateway import Gateway
+from dpgateway.budget_store import open_store
+from dpgateway.policies.loader import load_config
 
 SEGMENTS = ["AUTOMOBILE", "BUILDING", "FURNITURE", "HOUSEHOLD", "MACHINERY"]
 PRIORITIES = ["1-URGENT", "2-HIGH", "3-MEDIUM", "4-NOT SPECIFIED", "5-LOW"]
@@ -147,6 +152,19 @@ def write_parquet(frame: pd.DataFrame, path: Path) -> None:
     with duckdb.connect() as con:
         con.register("frame", frame)
         con.execute(f"COPY frame TO '{path}' (FORMAT parquet)")
+
+
+def gateway(folder: Path, frames: dict[str, pd.DataFrame]) -> Gateway:
+    """A gateway over ``frames`` as Parquet files in ``folder``, under :func:`policy` with a large budget."""
+    folder.mkdir(parents=True, exist_ok=True)
+    sources = {}
+    for name, frame in frames.items():
+        write_parquet(frame, folder / f"{name}.parquet")
+        sources[name] = str(folder / f"{name}.parquet")
+    config = {"tables": policy(sources), "budget": GENEROUS_BUDGET, "ledger": f"sqlite:///{folder / 'l.db'}"}
+    (folder / "dpgateway.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    loaded = load_config(folder / "dpgateway.yaml")
+    return Gateway(loaded, store=open_store(loaded.ledger, loaded.budget))
 
 
 def main() -> None:
