@@ -61,8 +61,8 @@ def main() -> None:
             raws, dps = [], []
             for i in range(args.reps + 1):
                 text = sql.format(a=f"n{i}")
-                r = timed(lambda text=text: raw.execute(text).fetchall())  # type: ignore[misc]
-                d = timed(lambda text=text: gateway.query(text, epsilon=1.0))  # type: ignore[misc]
+                r = timed(lambda text=text: raw.execute(text).fetchall())
+                d = timed(lambda text=text: gateway.query(text, epsilon=1.0))
                 if i:
                     raws.append(r)
                     dps.append(d)
