@@ -262,6 +262,7 @@ REFUSED = [
         "l_orderkey = orders.o_orderkey",
     ),
     ("SELECT COUNT(*) FROM customer JOIN pums ON c_custkey = pid", "42501", "different people"),
+    ("SELECT COUNT(*) FROM customer JOIN people ON c_custkey = person", "42501", "pair one person"),  # int vs str unit
     ("SELECT COUNT(*) FROM nation LEFT JOIN customer ON c_nationkey = n_nationkey", "0A000", "nullable side"),
     ("SELECT COUNT(*) FROM customer RIGHT JOIN orders ON c_custkey = o_custkey", "0A000", "RIGHT JOIN"),
     ("SELECT COUNT(*) FROM customer FULL JOIN orders ON c_custkey = o_custkey", "0A000", "FULL JOIN"),
@@ -311,6 +312,11 @@ def test_refusals(
     tpch.write_parquet(pd.DataFrame({"pid": [1, 2], "x": [1, 2]}), folder / "pums.parquet")
     config["tables"]["pums"] = {
         "source": str(folder / "pums.parquet"), "privacy_unit": "pid", "columns": {"pid": {"type": "int"}}
+    }  # fmt: skip
+    tpch.write_parquet(pd.DataFrame({"person": ["1", "2"]}), folder / "people.parquet")
+    config["tables"]["people"] = {
+        "source": str(folder / "people.parquet"), "privacy_unit": "person", "domain": "customer",
+        "columns": {"person": {"type": "str"}},
     }  # fmt: skip
     gw.close()
     gw = Gateway(
