@@ -22,7 +22,7 @@ Rules (each refusal names the declaration that would allow the join):
   row with a NULL unit is;
 - ``k`` of the relation: the product of the ``max_rows_per_unit`` of its private tables, a parent joined
   along a child's unit path counting 1 (each child row has one parent when ``to`` is the parent's key),
-  at most the policy's largest ``max_rows_per_unit`` (10000). ``k`` only decides how many joined rows of
+  at most 10000 (the largest ``max_rows_per_unit`` the loader accepts). ``k`` only decides how many joined rows of
   a unit are kept (accuracy), never whether the bound holds.
 
 Proof note (one unit moves the result by at most the sensitivity): neighbouring datasets differ by one
