@@ -1,0 +1,397 @@
+"""Wire-protocol throughput and latency: `dpgateway serve` against PostgreSQL 15 on the same machine, same run.
+
+    python bench/server.py                      # updates the server section of bench/RESULTS.md
+    python bench/server.py --runs 5 --seconds 5 --clients 1 --clients 16
+
+Three statements, at 1, 16 and 64 concurrent clients, on both servers:
+
+- ``SELECT 1``: on the gateway it goes to the shadow catalog (as every statement naming no policy table does);
+- a replayed DP answer: the same DP aggregate text again (the gateway replays its first release, spends nothing;
+  PostgreSQL runs the raw aggregate);
+- a fresh DP aggregate: ``SELECT COUNT(*) FROM pums WHERE income > -N`` with a new ``N`` for every statement, so
+  neither the replay cache nor the plan cache helps (PostgreSQL runs the same raw text).
+
+The table is the demo's ``pums`` (1,948 rows): the gateway reads the CSV with DuckDB, PostgreSQL gets the same rows
+loaded (analyzed). The gateway runs as ``dpgateway serve`` in its own process (with its shadow catalog), with a
+SQLite ledger; PostgreSQL is a throwaway cluster from tests/pg_server.py.
+
+Load generator: ``--procs`` client processes (default up to 4), each running its share of the clients as threads,
+one psycopg2 connection each (libpq, simple query protocol as psql sends, autocommit; libpq releases the GIL while
+it waits). psycopg2 was the cheapest client measured here (about 25 µs of CPU per ``SELECT 1``, against 100 µs or
+more for psycopg 3 async and asyncpg). Each client sends its next statement as soon as the last answer is read. A cell runs
+``--warmup`` seconds, then counts the statements finished in the next ``--seconds`` seconds (queries/s) and their
+latencies (p50, p99); client CPU per statement is reported, so the load generator's own cost is visible. Every
+cell is measured ``--runs`` times, interleaved (run 1 of every cell, then run 2, ...), and the medians are shown.
+The Python API figure is ``Gateway.query`` of the same fresh aggregate in one thread of this process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import multiprocessing as mp
+import os
+import re
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+
+BENCH = Path(__file__).resolve().parent
+START, END = "<!-- server: start -->", "<!-- server: end -->"
+PASSWORD = "bench-password-1"
+BIG = {"epsilon": 1.0e9, "delta": 0.5}
+QUERIES = ("SELECT 1", "replayed DP", "fresh DP")
+REPLAY_SQL = "SELECT COUNT(*) AS n FROM pums WHERE income > -1"
+FRESH_SQL = "SELECT COUNT(*) AS n FROM pums WHERE income > -{n}"
+TARGETS = ("postgres", "gateway")
+
+
+def statement(query: str, n: int) -> str:
+    """The SQL of ``query`` for its ``n``-th repetition (``n`` unique across the whole run)."""
+    if query == "SELECT 1":
+        return "SELECT 1"
+    if query == "replayed DP":
+        return REPLAY_SQL
+    return FRESH_SQL.format(n=n)
+
+
+# ---- load generator (client processes) ----------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Cell:
+    dsn: str
+    query: str
+    clients: int
+    warmup: float
+    seconds: float
+    first_n: int  # the fresh statements of this cell are numbered from here
+
+
+def _client_process(cell: Cell, clients: int, offset: int, ready: Any, go: Any, out: Any) -> None:
+    """``clients`` threads, each a psycopg2 connection (libpq releases the GIL while it waits)."""
+    import psycopg2
+
+    try:
+        conns = [psycopg2.connect(cell.dsn) for _ in range(clients)]
+        for conn in conns:
+            conn.autocommit = True
+    except Exception as exc:  # reported by the parent
+        ready.abort()
+        out.put(exc)
+        return
+    latencies: list[list[float]] = [[] for _ in conns]
+    errors: list[Exception] = []
+    ready.wait()
+    go.wait()
+    begin = time.perf_counter() + cell.warmup
+    end = begin + cell.seconds
+
+    def client(i: int) -> None:
+        n = cell.first_n + (offset + i) * 1_000_000
+        cur = conns[i].cursor()
+        try:
+            while True:
+                n += 1
+                sql = statement(cell.query, n)
+                start = time.perf_counter()
+                cur.execute(sql)
+                cur.fetchall()
+                del conns[i].notices[:]
+                done = time.perf_counter()
+                if done >= end:
+                    return
+                if start >= begin:
+                    latencies[i].append((done - start) * 1000)
+        except Exception as exc:
+            errors.append(exc)
+
+    cpu = time.process_time()
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    cpu = time.process_time() - cpu
+    for conn in conns:
+        conn.close()
+    out.put(errors[0] if errors else ([x for lat in latencies for x in lat], cpu))
+
+
+def measure(cell: Cell, procs: int) -> dict[str, float]:
+    """Queries/s, p50 and p99 (ms) and client CPU per statement (µs) of one cell."""
+    ctx = mp.get_context("spawn")
+    procs = max(1, min(procs, cell.clients))
+    ready, go, out = ctx.Barrier(procs + 1), ctx.Barrier(procs + 1), ctx.Queue()
+    shares = [cell.clients // procs + (1 if i < cell.clients % procs else 0) for i in range(procs)]
+    offsets = [sum(shares[:i]) for i in range(procs)]
+    workers = [
+        ctx.Process(target=_client_process, args=(cell, share, offset, ready, go, out))
+        for share, offset in zip(shares, offsets, strict=True)
+    ]
+    for worker in workers:
+        worker.start()
+    ready.wait(timeout=120)
+    go.wait(timeout=120)
+    results = [out.get(timeout=cell.warmup + cell.seconds + 120) for _ in workers]
+    for worker in workers:
+        worker.join(30)
+    for result in results:
+        if isinstance(result, Exception):
+            raise result
+    latencies = sorted(latency for lat, _ in results for latency in lat)
+    cpu = sum(c for _, c in results)
+    if not latencies:
+        return {"qps": 0.0, "p50": float("nan"), "p99": float("nan"), "client_us": float("nan")}
+    return {
+        "qps": len(latencies) / cell.seconds,
+        "p50": _quantile(latencies, 0.5),
+        "p99": _quantile(latencies, 0.99),
+        "client_us": cpu / len(latencies) * 1e6 * (cell.warmup + cell.seconds) / cell.seconds,
+    }
+
+
+def _quantile(sorted_values: list[float], q: float) -> float:
+    return sorted_values[min(len(sorted_values) - 1, int(q * len(sorted_values)))]
+
+
+# ---- the two servers ----------------------------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def write_config(folder: Path) -> Path:
+    data = resources.files("dpgateway") / "data"
+    (folder / "pums.csv").write_bytes((data / "pums.csv").read_bytes())
+    config = yaml.safe_load((data / "demo.yaml").read_text())
+    config["budget"].update(per_subject=BIG, per_analyst=BIG, per_query={"epsilon": 10.0, "delta": 0.01})
+    config.pop("admins", None)
+    config["ledger"] = f"sqlite:///{folder / 'ledger.db'}"
+    path = folder / "dpgateway.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+@contextmanager
+def gateway_server(config: Path) -> Iterator[tuple[str, int]]:
+    """``dpgateway serve`` in a subprocess (with its shadow catalog); yields the DSN and the server's pid."""
+    from dpgateway.budget_store.users import UserStore
+    from dpgateway.policies.loader import load_config
+
+    users = UserStore.open(load_config(config).ledger)
+    users.add("bench", PASSWORD)
+    port = _free_port()
+    exe = shutil.which("dpgateway", path=str(Path(sys.executable).parent)) or "dpgateway"
+    log = (config.parent / "serve.log").open("w+")
+    server = subprocess.Popen([exe, "serve", "--config", str(config), "--port", str(port)], stderr=log, stdout=log)
+    try:
+        deadline = time.time() + 120
+        while "listening" not in (config.parent / "serve.log").read_text():
+            if server.poll() is not None or time.time() > deadline:
+                raise RuntimeError(f"dpgateway serve did not start: {(config.parent / 'serve.log').read_text()}")
+            time.sleep(0.2)
+        yield f"host=127.0.0.1 port={port} user=bench password={PASSWORD} dbname=dpgateway", server.pid
+    finally:
+        server.terminate()
+        server.wait(30)
+        log.close()
+
+
+@contextmanager
+def postgres_server(csv: Path) -> Iterator[str]:
+    """A throwaway PostgreSQL (tests/pg_server.py) holding ``pums`` as typed by the demo policy."""
+    import psycopg
+    from pg_server import start_postgres
+
+    server = start_postgres()
+    try:
+        with psycopg.connect(server.url, autocommit=True) as conn:
+            conn.execute(
+                "CREATE TABLE pums (age bigint, sex bigint, educ bigint, race bigint, income double precision, "
+                "married bigint, pid bigint)"
+            )
+            with conn.cursor().copy("COPY pums FROM STDIN WITH (FORMAT csv, HEADER true)") as copy:
+                copy.write(csv.read_bytes())
+            conn.execute("VACUUM ANALYZE pums")
+        url = psycopg.conninfo.conninfo_to_dict(server.url)
+        yield " ".join(f"{k}={v}" for k, v in url.items())
+    finally:
+        server.stop()
+
+
+def api_latencies(config: Path, seconds: float) -> dict[str, dict[str, float]]:
+    """``Gateway.query`` p50/p99 for the replayed and the fresh aggregate, one thread, own ledger."""
+    from dpgateway import Gateway
+    from dpgateway.policies.loader import load_config
+
+    cfg = load_config(config)
+    cfg = dataclasses.replace(cfg, ledger=f"sqlite:///{config.parent / 'api-ledger.db'}")
+    out: dict[str, dict[str, float]] = {}
+    with Gateway(cfg) as gw:
+        for query in ("replayed DP", "fresh DP"):
+            n = 50_000_000 if query == "fresh DP" else 0
+            for _ in range(20):  # warm-up
+                n += 1
+                gw.query(statement(query, n), analyst="bench")
+            lat: list[float] = []
+            end = time.perf_counter() + seconds
+            while time.perf_counter() < end:
+                n += 1
+                sql = statement(query, n)
+                start = time.perf_counter()
+                gw.query(sql, analyst="bench")
+                lat.append((time.perf_counter() - start) * 1000)
+            lat.sort()
+            out[query] = {"qps": len(lat) / seconds, "p50": _quantile(lat, 0.5), "p99": _quantile(lat, 0.99)}
+    return out
+
+
+# ---- run and report ----------------------------------------------------------------------------------------
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    results: dict[str, Any] = {"cells": {}, "api": []}
+    with tempfile.TemporaryDirectory(prefix="dpgateway-bench-") as tmp:
+        folder = Path(tmp)
+        config = write_config(folder)
+        with postgres_server(folder / "pums.csv") as pg_dsn, gateway_server(config) as (gw_dsn, _pid):
+            dsns = {"postgres": pg_dsn, "gateway": gw_dsn}
+            first_n = 1
+            for r in range(args.runs):
+                for clients in args.clients:
+                    for query in QUERIES:
+                        for target in TARGETS:
+                            cell = Cell(dsns[target], query, clients, args.warmup, args.seconds, first_n)
+                            first_n += 100_000_000
+                            figures = measure(cell, args.procs)
+                            results["cells"].setdefault(f"{target}|{query}|{clients}", []).append(figures)
+                            print(
+                                f"run {r + 1} {target:8} {query:12} {clients:3} clients: {figures['qps']:8.1f} q/s, "
+                                f"p50 {figures['p50']:.2f} ms, p99 {figures['p99']:.2f} ms, "
+                                f"client {figures['client_us']:.0f} µs/q",
+                                flush=True,
+                            )
+                api = api_latencies(config, args.seconds)
+                results["api"].append(api)
+                print(f"run {r + 1} Python API: {api}", flush=True)
+    return results
+
+
+def summary(results: dict[str, Any]) -> dict[str, dict[str, float]]:
+    """Per cell and figure, the median over runs."""
+    medians: dict[str, dict[str, float]] = {}
+    for key, runs in results["cells"].items():
+        medians[key] = {f: statistics.median(run[f] for run in runs) for f in runs[0]}
+    for query in ("replayed DP", "fresh DP"):
+        medians[f"api|{query}|1"] = {
+            f: statistics.median(run[query][f] for run in results["api"]) for f in results["api"][0][query]
+        }
+    return medians
+
+
+def markdown(results: dict[str, Any], args: argparse.Namespace, command: str) -> str:
+    m = summary(results)
+    lines = [
+        START,
+        "## Wire protocol: `dpgateway serve` vs PostgreSQL 15 (bench/server.py)",
+        "",
+        f"Generated by `{command}` on {time.strftime('%Y-%m-%d %H:%M', time.gmtime())} (UTC). Median of "
+        f"{args.runs} interleaved runs of {args.seconds:g} s (after {args.warmup:g} s warm-up) per cell; "
+        f"load from up to {args.procs} client processes of psycopg2 connections in threads (simple query protocol, "
+        "autocommit). Both servers on this machine (2 shared cores, other jobs running), in the same run. "
+        "The demo `pums` table (1,948 rows): DuckDB over the CSV behind the gateway, the same rows loaded in PostgreSQL.",
+        "",
+        "| statement | clients | PostgreSQL q/s | p50 ms | p99 ms | gateway q/s | p50 ms | p99 ms | gateway / PG q/s |"
+        " client µs/q (gw) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for query in QUERIES:
+        for clients in args.clients:
+            pg, gw = m[f"postgres|{query}|{clients}"], m[f"gateway|{query}|{clients}"]
+            ratio = gw["qps"] / pg["qps"] if pg["qps"] else float("nan")
+            lines.append(
+                f"| {query} | {clients} | {pg['qps']:.0f} | {pg['p50']:.2f} | {pg['p99']:.2f} | {gw['qps']:.0f} | "
+                f"{gw['p50']:.2f} | {gw['p99']:.2f} | {ratio:.2f} | {gw['client_us']:.0f} |"
+            )
+    lines += ["", "Python API (`Gateway.query`, one thread) against the same statement over the wire at 1 client:", ""]
+    lines += [
+        "| statement | API q/s | API p50 ms | wire p50 ms (1 client) | wire - API p50 ms |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for query in ("replayed DP", "fresh DP"):
+        api, wire = m[f"api|{query}|1"], m.get(f"gateway|{query}|1")
+        if wire is None:
+            continue
+        lines.append(
+            f"| {query} | {api['qps']:.0f} | {api['p50']:.2f} | {wire['p50']:.2f} | {wire['p50'] - api['p50']:+.2f} |"
+        )
+    lines += ["", *targets(m, args), "", END]
+    return "\n".join(lines)
+
+
+def targets(m: dict[str, dict[str, float]], args: argparse.Namespace) -> list[str]:
+    out = ["Targets (issue 15):", ""]
+    if 16 in args.clients:
+        for query in ("SELECT 1", "replayed DP"):
+            pg, gw = m[f"postgres|{query}|16"]["qps"], m[f"gateway|{query}|16"]["qps"]
+            verdict = "met" if gw >= pg / 2 else "NOT met"
+            out.append(f"- {query} at 16 clients >= half of PostgreSQL's q/s: {gw:.0f} vs {pg:.0f} / 2: {verdict}.")
+    if 1 in args.clients:
+        api, wire = m["api|fresh DP|1"]["p50"], m["gateway|fresh DP|1"]["p50"]
+        verdict = "met" if wire - api < 1.0 else "NOT met"
+        out.append(
+            f"- fresh DP aggregate over the wire within 1 ms of the Python API (p50): {wire - api:+.2f} ms: {verdict}."
+        )
+        api, wire = m["api|replayed DP|1"]["p50"], m["gateway|replayed DP|1"]["p50"]
+        verdict = "met" if wire - api < 1.0 else "NOT met"
+        out.append(
+            f"- protocol overhead below 1 ms per statement (replayed DP, wire p50 minus API p50, 1 client): "
+            f"{wire - api:+.2f} ms: {verdict}."
+        )
+    return out
+
+
+def replace_section(path: Path, section: str) -> None:
+    text = path.read_text() if path.is_file() else ""
+    pattern = re.compile(re.escape(START) + ".*?" + re.escape(END), re.S)
+    text = pattern.sub(lambda _: section, text) if pattern.search(text) else text.rstrip("\n") + "\n\n" + section + "\n"
+    path.write_text(text)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--clients", type=int, action="append", help="concurrent clients (repeatable; 1, 16, 64)")
+    parser.add_argument("--runs", type=int, default=3, help="interleaved runs per cell (median)")
+    parser.add_argument("--seconds", type=float, default=3.0, help="measured seconds per cell and run")
+    parser.add_argument("--warmup", type=float, default=1.0, help="seconds before measuring, per cell and run")
+    parser.add_argument("--procs", type=int, default=4, help="client processes (at most one per client)")
+    parser.add_argument("--markdown", type=Path, default=BENCH / "RESULTS.md")
+    args = parser.parse_args(argv)
+    args.clients = args.clients or [1, 16, 64]
+    command = "python bench/server.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    results = run(args)
+    replace_section(args.markdown, markdown(results, args, command.strip()))
+    return 0
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONHASHSEED", "0")
+    raise SystemExit(main())
