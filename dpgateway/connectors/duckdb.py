@@ -16,7 +16,7 @@ import duckdb
 from sqlglot import exp
 
 from dpgateway.connectors.base import Connector, ExactAggregates, Interrupts, SQLHooks
-from dpgateway.errors import BackendError, ConfigError
+from dpgateway.errors import BackendError, ConfigError, QueryCanceledError
 from dpgateway.policies.model import Column, Config, CsvDialect, PartySources, Table
 from dpgateway.sqlcheck import VerifiedSQL
 
@@ -172,12 +172,13 @@ class DuckDBConnector(Connector):
         return cls(threads=threads, allowed_paths=files, allowed_directories=[config.cache_folder])
 
     def _execute(self, sql: VerifiedSQL, settings: tuple[tuple[str, Any], ...] = ()) -> ExactAggregates:
+        running = None
         try:
             if settings:  # settings stay with a cursor: use a fresh one, closed after
                 with self._lock:
                     cursor = self._con.cursor()
                 try:
-                    with self.interrupts.running(cursor):
+                    with self.interrupts.running(cursor) as running:
                         for name, value in settings:
                             cursor.execute(_set(name, value))
                         return _exact(cursor.execute(sql))
@@ -196,6 +197,8 @@ class DuckDBConnector(Connector):
                         self._drop_cursor()
         except duckdb.Error as exc:
             self._drop_cursor()  # after an error this thread starts on a new cursor
+            if running is not None and running.cancelled:
+                raise QueryCanceledError("canceling statement due to user request") from None
             # Proof note: DuckDB messages can quote data values (e.g. conversion errors), so only the
             # error class is reported. Test: tests/test_errors.py::test_backend_error_hides_values.
             raise BackendError(

@@ -23,7 +23,7 @@ import psycopg2.pool
 
 from dpgateway.connectors.base import Connector, ExactAggregates, Interrupts
 from dpgateway.connectors.postgres_sql import PostgresHooks
-from dpgateway.errors import BackendError, ConfigError
+from dpgateway.errors import BackendError, ConfigError, QueryCanceledError
 from dpgateway.policies.connections import Secret
 from dpgateway.policies.model import Table
 from dpgateway.sqlcheck import VerifiedSQL
@@ -83,6 +83,7 @@ class PostgresConnector(Connector):
         unknown = [name for name, _ in settings if name not in ALLOWED_SETTINGS]
         if unknown:
             raise BackendError(f"setting {unknown[0]!r} is not one the PostgreSQL backend applies (this is a bug)")
+        running = None
         try:
             with self._connection() as conn, conn.cursor() as cursor:
                 local = [("statement_timeout", self._timeout), *TRANSACTION_SETTINGS, *settings]
@@ -95,6 +96,8 @@ class PostgresConnector(Connector):
                 if running.cancelled:  # discard the connection: a late cancel must not reach its next statement
                     raise psycopg2.extensions.QueryCanceledError("canceled")
         except psycopg2.Error as exc:
+            if running is not None and running.cancelled:
+                raise QueryCanceledError("canceling statement due to user request") from None
             raise BackendError(
                 f"the backend could not run the bounded query ({_kind(exc)}); {_WITHHELD}. Check that the "
                 "policy's tables and columns match the database and the statement timeout suffices"

@@ -8,6 +8,7 @@ passed on as it was written; bound parameters are put into the parsed sqlglot tr
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import math
 import re
 from collections.abc import Mapping
@@ -20,7 +21,7 @@ from sqlglot import exp
 from sqlglot.errors import ParseError, SqlglotError, TokenError
 from sqlglot.optimizer.annotate_types import annotate_types
 from sqlglot.optimizer.qualify import qualify
-from sqlglot.tokens import TokenType
+from sqlglot.tokens import Token, TokenType
 
 from dpgateway.errors import InvalidParameterError, QuerySyntaxError, UnsupportedError
 from dpgateway.plan import DPPlan, Output
@@ -47,10 +48,21 @@ class Statement:
         return not self.keyword
 
 
+@functools.lru_cache(maxsize=512)
+def _cached_tokens(sql: str) -> tuple[Token, ...]:
+    return tuple(_POSTGRES.tokenize(sql))
+
+
+def _tokens(sql: str) -> tuple[Token, ...]:
+    """sqlglot's tokens of ``sql``; short statements are remembered (the same text is split and routed, and
+    clients repeat statements), tokens are only read."""
+    return _cached_tokens(sql) if len(sql) <= 4096 else tuple(_POSTGRES.tokenize(sql))
+
+
 def split(sql: str) -> list[Statement]:
     """Split at top-level semicolons (strings and comments respected); a trailing empty part is dropped."""
     try:
-        tokens = _POSTGRES.tokenize(sql)
+        tokens = _tokens(sql)
     except (TokenError, SqlglotError) as exc:
         raise QuerySyntaxError(f"syntax error: {_first_line(exc)}") from None
     statements: list[Statement] = []
@@ -90,7 +102,7 @@ def names_policy_table(sql: str, config: Config) -> bool:
     """
     names = {table.name.rpartition(".")[2].lower() for table in config.tables}
     try:
-        tokens = _POSTGRES.tokenize(sql)
+        tokens = _tokens(sql)
     except (TokenError, SqlglotError):
         return True  # not understood: the DP path refuses it with a syntax error
     return any(token.token_type not in _STRINGS and token.text.lower() in names for token in tokens)
