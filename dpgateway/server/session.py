@@ -409,7 +409,8 @@ class Session:
             "database": self.database,
             "version": f"PostgreSQL {SERVER_VERSION} (dpgateway {__version__})",
         }
-        fields = [Field(name, t.TEXT.oid, t.TEXT.length) for name, _ in functions]
+        types = {name: t.TEXT if what == "version" else t.NAME for name, what in functions}
+        fields = [Field(name, types[name].oid, types[name].length) for name, _ in functions]
         return fields, lambda: [[values[what] for _, what in functions]]
 
     def _shadow(self) -> ShadowConnection:

@@ -193,10 +193,15 @@ def warning(sqlstate: str, text: str) -> bytes:
     return p.Notice("WARNING", sqlstate, text).encode()
 
 
+_SHOW_NAMES = {"transaction isolation level": "transaction_isolation", "time zone": "TimeZone"}
+
+
 def show_field(name: str) -> Field:
+    """The column of ``SHOW name``: named as PostgreSQL names it (the setting's own spelling)."""
     if name == "dp.budget":
         return Field(name, t.NUMERIC.oid, t.NUMERIC.length)
-    return Field(name.replace(" ", "_"), t.TEXT.oid, t.TEXT.length)
+    column = SETTINGS[name][0] if name in SETTINGS else _SHOW_NAMES.get(name, name)
+    return Field(column, t.TEXT.oid, t.TEXT.length)
 
 
 def tightest(remaining: dict[str, Any]) -> float:
