@@ -319,7 +319,9 @@ class Session:
         plan = explanation.plan
         if plan is not None and not plan.passthrough:
             notices.append(
-                _spend_notice(result.epsilon, result.delta, result.remaining, result.replayed, explanation.accuracy)
+                _spend_notice(
+                    result.epsilon, result.delta, result.remaining, result.replayed, result.accuracy
+                )  # a replay: the first release's
             )
         return Outcome(f"SELECT {len(result.rows)}", fields, result.rows, notices)
 
