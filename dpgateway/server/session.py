@@ -7,8 +7,8 @@ message at a time.
 DP over the wire: the analyst is the authenticated user, never a name the client types; ``SET dp.epsilon`` and
 ``SET dp.delta`` set the session's defaults; ``SHOW dp.budget`` is the remaining epsilon of the tightest cap;
 ``EXPLAIN`` plans and spends nothing; Describe plans and spends nothing (the query runs at the first Execute,
-once per portal). Transactions are bookkeeping only: a ROLLBACK restores session settings but never returns
-budget, because a released answer cannot be taken back.
+once per portal). Settings, DP parameters and transaction status live in :mod:`~dpgateway.server.state`.
+A CancelRequest (:meth:`Session.interrupt`) interrupts the statement being handled (docs/server.md, "Cancel").
 """
 
 from __future__ import annotations

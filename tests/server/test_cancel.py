@@ -18,6 +18,7 @@ from conftest import Running, start_server
 from pg_server import SystemPostgres, WheelPostgres
 
 from dpgateway import Gateway
+from dpgateway.connectors.base import Interrupts
 from dpgateway.policies.loader import parse_config
 from dpgateway.server.server import ServerSettings
 
@@ -118,3 +119,16 @@ def test_cancel_of_an_idle_session_is_ignored(wire: Running) -> None:
         conn.cancel_safe()
         time.sleep(0.2)
         assert conn.execute("SELECT 1").fetchone() == (1,)  # the next statement is not cancelled
+
+
+def test_interrupts_reach_only_the_statement_running_on_that_thread() -> None:
+    cancelled: list[str] = []
+    interrupts = Interrupts(cancelled.append)
+    me = threading.get_ident()
+    interrupts.interrupt(me)  # nothing runs: nothing to cancel
+    with interrupts.running("statement") as running:
+        interrupts.interrupt(me + 1)  # another thread's statement: not this one
+        interrupts.interrupt(me)
+        interrupts.interrupt(me)  # cancelled once
+    interrupts.interrupt(me)  # it ended: a late cancel reaches nothing
+    assert cancelled == ["statement"] and running.cancelled
