@@ -246,7 +246,8 @@ def paired(config: Path, seconds: float) -> dict[str, dict[str, float]]:
     """Wire overhead per statement, exactly paired: a server in this process (in a thread, no shadow) whose
     ``Gateway.query`` is timed; one psycopg2 client sends the replayed and the fresh aggregate, and each
     statement's client-side latency minus the time its own ``Gateway.query`` call took is the wire's cost for
-    that statement (protocol, session, thread hand-off, result typing and encoding, the loopback round trip)."""
+    that statement (protocol, session, thread hand-off, result typing and encoding, the loopback round trip).
+    Then ``Gateway.query`` alone from 16 threads: the most the server could answer, whatever the wire."""
     import asyncio
 
     import psycopg2
@@ -316,6 +317,8 @@ def paired(config: Path, seconds: float) -> dict[str, dict[str, float]]:
                     "diff_p75": _quantile(diffs, 0.75),
                     "diff_p90": _quantile(diffs, 0.9),
                 }
+            for query_name in ("replayed DP", "fresh DP"):  # Gateway.query alone, 16 threads: the API's own rate
+                out[query_name]["api_qps_16"] = _api_rate(query, query_name, seconds)
         finally:
             conn.close()
             asyncio.run_coroutine_threadsafe(server.close(), loop).result(30)
@@ -323,6 +326,26 @@ def paired(config: Path, seconds: float) -> dict[str, dict[str, float]]:
             thread.join(30)
             loop.close()
     return out
+
+
+def _api_rate(query: Any, query_name: str, seconds: float, threads: int = 16) -> float:
+    """Statements/s of ``Gateway.query`` called by ``threads`` threads at once (no wire)."""
+    done: list[int] = [0] * threads
+    end = time.perf_counter() + seconds
+
+    def work(i: int) -> None:
+        n = 700_000_000 + i * 1_000_000
+        while time.perf_counter() < end:
+            n += 1
+            query(statement(query_name, n), analyst="bench")
+            done[i] += 1
+
+    workers = [threading.Thread(target=work, args=(i,)) for i in range(threads)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+    return sum(done) / seconds
 
 
 # ---- run and report ----------------------------------------------------------------------------------------
@@ -404,14 +427,14 @@ def markdown(results: dict[str, Any], args: argparse.Namespace, command: str) ->
             "round trip). Median (and quartiles, 90th percentile) over the statements of a run, median over runs:",
             "",
             "| statement | statements | wire p50 ms | `Gateway.query` p50 ms | wire - API, median ms | quartiles ms |"
-            " p90 ms |",
-            "|---|---:|---:|---:|---:|---|---:|",
+            " p90 ms | `Gateway.query` q/s, 16 threads |",
+            "|---|---:|---:|---:|---:|---|---:|---:|",
         ]
         for query in ("replayed DP", "fresh DP"):
             a = m[f"api|{query}"]
             lines.append(
                 f"| {query} | {a['pairs']:.0f} | {a['wire_p50']:.2f} | {a['api_p50']:.2f} | {a['diff_p50']:+.2f} | "
-                f"{a['diff_p25']:+.2f} .. {a['diff_p75']:+.2f} | {a['diff_p90']:+.2f} |"
+                f"{a['diff_p25']:+.2f} .. {a['diff_p75']:+.2f} | {a['diff_p90']:+.2f} | {a['api_qps_16']:.0f} |"
             )
     lines.append(f"\nLoad average (1 min) during the cells: median {statistics.median(loads):.1f}.")
     lines += ["", *targets(m, args), "", END]
@@ -466,5 +489,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # stop both servers on the way out
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # Ctrl-C stops both servers, even in a background job
     raise SystemExit(main())

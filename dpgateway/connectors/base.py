@@ -174,7 +174,8 @@ class Connector(ABC):
 
     def interrupt(self, thread: int) -> None:
         """Cancel the statement that thread ``thread`` (a ``threading.get_ident()``) runs on this backend now,
-        if any: its :meth:`execute` then raises BackendError. A CancelRequest over the wire calls this."""
+        if any: its :meth:`execute` then raises QueryCanceledError (57014). A CancelRequest over the wire calls
+        this; a backend without :attr:`interrupts` lets the statement finish."""
         if self.interrupts is not None:
             self.interrupts.interrupt(thread)
 
