@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import secrets
 import sys
 import tempfile
@@ -60,6 +61,7 @@ class Session:
     noise: NoisePlan
     fingerprint: str
     sql: str
+    tree: exp.Expr  # the statement as verified at quote time
     source: str
     sealed: str
     settings: list[tuple[str, Any]]
@@ -77,6 +79,10 @@ class Enclave:
         self.vcek_key, self.chip_id, self.tcb = vcek_key, chip_id, tcb
         self.measurement = simulated.code_measurement()  # the platform measures the code at launch
         self.sessions: dict[str, Session] = {}
+        shm = Path("/dev/shm")  # memory-backed where it exists: decrypted rows never reach a disk
+        self._folder = tempfile.TemporaryDirectory(dir=shm if shm.is_dir() else None, prefix="dpgateway-enclave-")
+        self.folder = Path(self._folder.name)  # mode 0700
+        self.connector = DuckDBConnector(allowed_directories=[self.folder])  # may read nothing else
 
     def handle(self, message: dict[str, Any]) -> dict[str, Any]:
         try:
@@ -98,7 +104,7 @@ class Enclave:
         if any(not m.scale > 0 for m in noise.measurements):
             raise Refused("every measurement needs a positive noise scale")
         sql, source = str(message["sql"]), str(message["source"])
-        _verified(sql, source)  # refuse before attesting to a statement it would not run
+        tree = _verified(sql, source)  # refuse before attesting to a statement it would not run
         kex, sig = ec.generate_private_key(ec.SECP384R1()), ec.generate_private_key(ec.SECP384R1())
         kex_public, sig_public = protocol.public_der(kex.public_key()), protocol.public_der(sig.public_key())
         nonce = protocol.unb64(message["nonce"])
@@ -116,6 +122,7 @@ class Enclave:
             noise=noise,
             fingerprint=fingerprint,
             sql=sql,
+            tree=tree,
             source=source,
             sealed=str(message["sealed"]),
             settings=[(str(k), v) for k, v in message.get("settings", [])],
@@ -138,16 +145,23 @@ class Enclave:
             raise Refused("no such admitted query (each attestation admits one run)")
         key = protocol.unwrap(message["grant"], session.kex, session.bound)
         plaintext = protocol.open_sealed(Path(session.sealed).read_bytes(), key)
-        shm = Path("/dev/shm")
-        with tempfile.TemporaryDirectory(dir=shm if shm.is_dir() else None, prefix="dpgateway-enclave-") as folder:
-            opened = Path(folder) / "rows.parquet"
-            opened.write_bytes(plaintext)
+        opened = self.folder / f"{hashlib.sha256(session.source.encode()).hexdigest()[:16]}.parquet"
+        try:
+            fd = os.open(opened, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "wb") as out:
+                out.write(plaintext)
             del plaintext
-            exact = _execute(session, opened)
+            exact = _execute(self.connector, session, opened)
+        finally:
+            opened.unlink(missing_ok=True)  # the rows exist in the clear only while the query runs
         cells, values = noisy_release(session.noise, exact)
         encoded = [[encode_value(v) for v in cell] for cell in cells]
         body = protocol.result_message(session.fingerprint, session.nonce, encoded, values)
         return {"cells": encoded, "values": values, "signature": protocol.sign(session.sig, body)}
+
+    def close(self) -> None:
+        self.connector.close()
+        self._folder.cleanup()
 
 
 def _sha256(text: str) -> str:
@@ -168,23 +182,19 @@ def _verified(sql: str, source: str) -> exp.Expr:
     return tree
 
 
-def _execute(session: Session, opened: Path) -> ExactAggregates:
+def _execute(connector: DuckDBConnector, session: Session, opened: Path) -> ExactAggregates:
     """Run the admitted statement with its source replaced by the decrypted file, verified again."""
     hooks = DuckDBHooks()
     original, replacement = hooks.file_source(session.source), hooks.file_source(str(opened))
     reader = original.this.sql(dialect="duckdb")
-    tree = _verified(session.sql, session.source)
+    tree = session.tree
     for node in list(tree.find_all(exp.Table)):
         if isinstance(node.this, exp.Func) and node.this.sql(dialect="duckdb") == reader:  # the source, by structure
             node.set("this", replacement.this.copy())
     checked: VerifiedSQL = verify(
         tree, "duckdb", sources=[replacement], nodes=DuckDBHooks.BACKEND_NODES, functions=DuckDBHooks.BACKEND_FUNCTIONS
     )
-    connector = DuckDBConnector(allowed_paths=[opened])
-    try:
-        return connector.execute(checked, tuple(session.settings))
-    finally:
-        connector.close()
+    return connector.execute(checked, tuple(session.settings))
 
 
 def noisy_release(noise: NoisePlan, exact: ExactAggregates) -> tuple[list[Key], dict[str, list[int]]]:
@@ -215,13 +225,16 @@ def main() -> None:
     enclave = Enclave(vcek, bytes.fromhex(boot["chip_id"]), Tcb(**boot["tcb"]))
     sys.stdout.write(json.dumps({"ready": True, "measurement": enclave.measurement.hex()}) + "\n")
     sys.stdout.flush()
-    for line in sys.stdin:
-        try:
-            message = json.loads(line)
-        except ValueError:
-            message = {}
-        sys.stdout.write(json.dumps(enclave.handle(message if isinstance(message, dict) else {})) + "\n")
-        sys.stdout.flush()
+    try:
+        for line in sys.stdin:
+            try:
+                message = json.loads(line)
+            except ValueError:
+                message = {}
+            sys.stdout.write(json.dumps(enclave.handle(message if isinstance(message, dict) else {})) + "\n")
+            sys.stdout.flush()
+    finally:
+        enclave.close()
 
 
 if __name__ == "__main__":

@@ -53,7 +53,9 @@ class EnclaveExecutor(Executor):
             nonce_ttl_s=settings.quote_ttl_s,
         )
         self._process: subprocess.Popen[str] | None = None
+        self._ready = False
         self._lock = threading.Lock()
+        self._spawn()  # starts importing while the gateway plans
 
     def unsupported(self, plan: DPPlan) -> str | None:
         table = plan.table
@@ -122,8 +124,20 @@ class EnclaveExecutor(Executor):
         return reply
 
     def _start(self) -> subprocess.Popen[str]:
-        if self._process is not None and self._process.poll() is None:
-            return self._process
+        """The running enclave process (started, and waited for, on first use or after it stopped)."""
+        if self._process is None or self._process.poll() is not None:
+            self._spawn()
+        process = self._process
+        assert process is not None and process.stdout is not None
+        if not self._ready:
+            if not json.loads(process.stdout.readline() or "{}").get("ready"):
+                self._stop()
+                raise BackendError("the enclave process did not start")
+            self._ready = True
+        return process
+
+    def _spawn(self) -> None:
+        """Start the enclave process and provision the simulated chip; does not wait for it (imports take seconds)."""
         process = subprocess.Popen(
             [sys.executable, "-m", "dpgateway.executors.enclave.enclave"],
             stdin=subprocess.PIPE,
@@ -131,20 +145,14 @@ class EnclaveExecutor(Executor):
             stderr=subprocess.DEVNULL,
             text=True,
         )
-        assert process.stdin is not None and process.stdout is not None
+        assert process.stdin is not None
         key = self.platform.vcek_key.private_bytes(
             serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
         ).decode()
-        tcb = self.platform.tcb
-        boot = {"vcek_key": key, "chip_id": self.platform.chip_id.hex(), "tcb": tcb.__dict__}
+        boot = {"vcek_key": key, "chip_id": self.platform.chip_id.hex(), "tcb": self.platform.tcb.__dict__}
         process.stdin.write(json.dumps(boot) + "\n")
         process.stdin.flush()
-        if not json.loads(process.stdout.readline() or "{}").get("ready"):
-            process.kill()
-            process.wait()
-            raise BackendError("the enclave process did not start")
-        self._process = process
-        return process
+        self._process, self._ready = process, False
 
     def _stop(self) -> None:
         process, self._process = self._process, None
