@@ -57,7 +57,9 @@ def _policy(**changes: Any) -> Policy:
 def _verify(raw: bytes, platform: simulated.Hierarchy, data: bytes, **kwargs: Any) -> Any:
     chain = kwargs.pop("chain", [platform.vcek, platform.ask, platform.ark])
     anchors = kwargs.pop("anchors", [Anchor(platform.ark, simulated=True)])
-    return verify(raw, chain, expected_report_data=data, anchors=anchors, policy=kwargs.pop("policy", _policy()), **kwargs)
+    return verify(
+        raw, chain, expected_report_data=data, anchors=anchors, policy=kwargs.pop("policy", _policy()), **kwargs
+    )
 
 
 def test_a_genuine_report_verifies(platform: simulated.Hierarchy, keys: Any) -> None:
@@ -105,7 +107,9 @@ def test_a_measurement_outside_the_allowlist_is_refused(platform: simulated.Hier
 
 
 @pytest.mark.parametrize("what", ["nonce", "fingerprint", "statement", "keys"])
-def test_report_data_must_bind_nonce_plan_statement_and_keys(platform: simulated.Hierarchy, keys: Any, what: str) -> None:
+def test_report_data_must_bind_nonce_plan_statement_and_keys(
+    platform: simulated.Hierarchy, keys: Any, what: str
+) -> None:
     kex, sig = (protocol.public_der(k.public_key()) for k in keys)
     parts: dict[str, Any] = {"nonce": b"n" * 32, "fingerprint": FINGERPRINT, "sql_sha256": SQL_SHA}
     expected = protocol.report_data(parts["nonce"], parts["fingerprint"], parts["sql_sha256"], kex, sig)
@@ -177,7 +181,9 @@ def test_production_refuses_simulated_evidence_only(platform: simulated.Hierarch
     with pytest.raises(AttestationRefused, match="SIMULATED platform, which production refuses"):
         _verify(_quote(platform, data), platform, data, policy=production)
     # the same checks pass for a root pinned as real (as AMD's ARK would be)
-    assert not _verify(_quote(platform, data), platform, data, policy=production, anchors=[Anchor(platform.ark)]).simulated
+    assert not _verify(
+        _quote(platform, data), platform, data, policy=production, anchors=[Anchor(platform.ark)]
+    ).simulated
 
 
 def _rsa_pss_ca(name: str, key: rsa.RSAPrivateKey, issuer: str, signer: rsa.RSAPrivateKey) -> x509.Certificate:
@@ -202,7 +208,9 @@ def test_an_amd_style_chain_with_rsa_pss_roots_verifies(keys: Any) -> None:
     ask = _rsa_pss_ca("SEV-Test", ask_key, "ARK-Test", ark_key)
     vcek_key = ec.generate_private_key(ec.SECP384R1())
     chip, tcb = secrets.token_bytes(64), Tcb(bootloader=4, tee=0, snp=22, microcode=213)
-    spl = [x509.UnrecognizedExtension(oid, simulated.der_integer(getattr(tcb, f))) for f, oid in simulated.TCB_OIDS.items()]
+    spl = [
+        x509.UnrecognizedExtension(oid, simulated.der_integer(getattr(tcb, f))) for f, oid in simulated.TCB_OIDS.items()
+    ]
     builder = (
         x509.CertificateBuilder()
         .subject_name(x509.Name([x509.NameAttribute(x509.oid.NameOID.COMMON_NAME, "SEV-VCEK")]))
@@ -255,7 +263,9 @@ def _evidence(platform: simulated.Hierarchy, keys: Any, nonce: bytes, **override
 def test_the_broker_releases_the_key_only_to_the_attested_enclave(platform: simulated.Hierarchy, keys: Any) -> None:
     broker = _broker(platform, Clock())
     nonce = broker.nonce()
-    grant = broker.release("t", _evidence(platform, keys, nonce), nonce=nonce, fingerprint=FINGERPRINT, sql_sha256=SQL_SHA)
+    grant = broker.release(
+        "t", _evidence(platform, keys, nonce), nonce=nonce, fingerprint=FINGERPRINT, sql_sha256=SQL_SHA
+    )
     bound = _bound(nonce, keys)
     assert protocol.unwrap(dict(grant.wrapped), keys[0], bound) == b"k" * 32
     assert b"k" * 32 not in repr(grant.wrapped).encode()  # what the gateway forwards holds no key in the clear
@@ -274,7 +284,9 @@ def test_the_broker_refuses_replayed_unknown_and_stale_nonces(platform: simulate
         broker.release("t", evidence, nonce=nonce, fingerprint=FINGERPRINT, sql_sha256=SQL_SHA)
     made_up = secrets.token_bytes(32)
     with pytest.raises(AttestationRefused, match="not issued by this key broker"):
-        broker.release("t", _evidence(platform, keys, made_up), nonce=made_up, fingerprint=FINGERPRINT, sql_sha256=SQL_SHA)
+        broker.release(
+            "t", _evidence(platform, keys, made_up), nonce=made_up, fingerprint=FINGERPRINT, sql_sha256=SQL_SHA
+        )
     stale = broker.nonce()
     clock.now += 31
     with pytest.raises(AttestationRefused, match="nonce expired"):
@@ -289,7 +301,9 @@ def test_the_broker_refuses_replayed_unknown_and_stale_nonces(platform: simulate
             sql_sha256=SQL_SHA,
         )
     with pytest.raises(AttestationRefused, match="already used"):
-        broker.release("t", _evidence(platform, keys, failed), nonce=failed, fingerprint=FINGERPRINT, sql_sha256=SQL_SHA)
+        broker.release(
+            "t", _evidence(platform, keys, failed), nonce=failed, fingerprint=FINGERPRINT, sql_sha256=SQL_SHA
+        )
     other = broker.nonce()
     with pytest.raises(AttestationRefused, match="no key for table u"):
         broker.release("u", _evidence(platform, keys, other), nonce=other, fingerprint=FINGERPRINT, sql_sha256=SQL_SHA)
