@@ -14,7 +14,7 @@ from helpers import chi_square, dlap_pmf
 from dpgateway.errors import AuthenticationError, BackendError, InternalError
 from dpgateway.executors.base import Executor, NoisePlan, NoisyResult, accept
 from dpgateway.gateway import Gateway
-from executors.common import EXECUTORS, TABLES, Data, open_gateway
+from executors.common import EXECUTORS, TABLES, Data
 
 SQL = "SELECT g, COUNT(*) AS n, SUM(x) AS s FROM {table} GROUP BY g ORDER BY g"
 FAILURE = 1e-4  # the answers test fails with at most this probability per executor (union bound over values)
@@ -121,20 +121,8 @@ def test_released_values_follow_the_central_sampler(
     assert stat < critical, (stat, critical)
 
 
-def test_mpc_party_drop_out_aborts_and_is_charged(executor_data: Data) -> None:
-    with open_gateway(executor_data, "dropout.db") as gw:
-        gw.query(SQL.format(table="trial"), analyst="drop", epsilon=0.5)  # starts the parties
-        runner = gw.executors.choose(_plan(gw, SQL.format(table="trial"), 0.5))
-        process = runner._processes[1]  # type: ignore[attr-defined]
-        process.kill()
-        process.wait()
-        with pytest.raises(BackendError, match=r"mpc party \d aborted"):
-            gw.query(SQL.format(table="trial") + " -- again", analyst="drop", epsilon=0.5)
-        assert [c.state for c in gw.store.history() if c.analyst == "drop"] == ["committed", "committed"]
-
-
 def test_enclave_tampered_quote_is_refused_without_a_debit(
-    executor_data: Data, monkeypatch: pytest.MonkeyPatch
+    executor_gateway: Gateway, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from dpgateway.executors.enclave.executor import EnclaveExecutor
 
@@ -149,10 +137,23 @@ def test_enclave_tampered_quote_is_refused_without_a_debit(
         return reply
 
     monkeypatch.setattr(EnclaveExecutor, "_ask", tamper)
-    with open_gateway(executor_data, "tampered.db") as gw:
-        with pytest.raises(AuthenticationError, match="report signature does not verify"):
-            gw.query(SQL.format(table="vault"), analyst="tamper", epsilon=0.5)
-        assert [c for c in gw.store.history() if c.analyst == "tamper"] == []
-        (record,) = gw.store.audit_log(analyst="tamper")
-        assert record.outcome == "refused" and "executor enclave" in record.message
-        assert gw.remaining("tamper")["analyst"]["epsilon"] == 1e6
+    gw = executor_gateway
+    with pytest.raises(AuthenticationError, match="report signature does not verify"):
+        gw.query(SQL.format(table="vault"), analyst="tamper", epsilon=0.5)
+    assert [c for c in gw.store.history() if c.analyst == "tamper"] == []
+    (record,) = gw.store.audit_log(analyst="tamper")
+    assert record.outcome == "refused" and "executor enclave" in record.message
+    assert gw.remaining("tamper")["analyst"]["epsilon"] == 1e6
+
+
+def test_mpc_party_drop_out_aborts_and_is_charged(executor_gateway: Gateway) -> None:
+    """Last in this module: it stops one of the shared gateway's parties."""
+    gw = executor_gateway
+    gw.query(SQL.format(table="trial"), analyst="drop", epsilon=0.5)  # the parties run
+    runner = gw.executors.choose(_plan(gw, SQL.format(table="trial"), 0.5))
+    process = runner._processes[1]  # type: ignore[attr-defined]
+    process.kill()
+    process.wait()
+    with pytest.raises(BackendError, match=r"mpc party \d aborted"):
+        gw.query(SQL.format(table="trial") + " -- again", analyst="drop", epsilon=0.5)
+    assert [c.state for c in gw.store.history() if c.analyst == "drop"] == ["committed", "committed"]
