@@ -16,6 +16,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import statistics
 import sys
 import tempfile
@@ -525,6 +526,14 @@ def markdown(results: dict[str, Any], command: str) -> str:
     return "\n".join(lines)
 
 
+def kept_sections(path: Path) -> str:
+    """The sections other scripts maintain in RESULTS.md (``<!-- name: start -->`` to ``<!-- name: end -->``,
+    e.g. bench/backends.py, bench/executors.py), carried over when this script rewrites the file."""
+    previous = path.read_text() if path.is_file() else ""
+    blocks = re.finditer(r"<!-- ([\w-]+): start -->.*?<!-- \1: end -->", previous, re.S)
+    return "".join(f"\n{block.group(0)}\n" for block in blocks)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", type=int, action="append", help="table size (repeatable; default 1M and 10M)")
@@ -556,7 +565,7 @@ def main(argv: list[str] | None = None) -> int:
     results["command"] = command
     results["overhead"] = overhead_run(args.overhead_queries)
     args.out.write_text(json.dumps(results, indent=2))
-    args.markdown.write_text(markdown(results, command))
+    args.markdown.write_text(markdown(results, command) + kept_sections(args.markdown))
     print_tables(results)
     return 0
 

@@ -1,7 +1,8 @@
 """``dpgateway demo --executor NAME``: the bundled sample prepared for one executor, and the queries it answers.
 
-Each entry of :data:`SETUPS` names a module with ``prepare(folder, parquet) -> dict`` (the data owner's steps:
-split, seal, encrypt, ... into ``folder``; it returns the table's policy entries and the executors section).
+Each entry of :data:`SETUPS` names a module with ``prepare(folder, parquet, table) -> dict`` (the data owner's
+steps: split, seal, encrypt, ... into ``folder``; it returns ``step`` (what it did), ``table`` (the table's
+source and executor) and ``executors`` (the config section)). bench/executors.py uses the same entries.
 An executor whose package is not installed is refused with the extra to install (:data:`EXTRAS`).
 """
 
@@ -49,19 +50,25 @@ class Setup:
     timings: dict[str, float] = field(default_factory=dict)
 
 
-def setup(name: str, folder: Path, csv: Path) -> Setup:
-    """Prepare the sample for executor ``name`` in ``folder``: a plain table ``pums_plain`` and ``pums`` on ``name``."""
+def preparer(name: str) -> Callable[[Path, Path, str], dict[str, Any]]:
+    """Executor ``name``'s data-owner step, or UnsupportedError naming what to install."""
     if name not in SETUPS:
         extra = EXTRAS.get(name, name)
         raise UnsupportedError(
             f"the {name} executor is not part of this installation yet; it will need pip install 'dpgateway[{extra}]'"
         )
     try:
-        prepare: Callable[[Path, Path], dict[str, Any]] = importlib.import_module(SETUPS[name]).prepare
+        prepare: Callable[[Path, Path, str], dict[str, Any]] = importlib.import_module(SETUPS[name]).prepare
     except ModuleNotFoundError as exc:
         raise UnsupportedError(
             f"the {name} executor needs the {exc.name} package: pip install 'dpgateway[{EXTRAS.get(name, name)}]'"
         ) from None
+    return prepare
+
+
+def setup(name: str, folder: Path, csv: Path) -> Setup:
+    """Prepare the sample for executor ``name`` in ``folder``: a plain table ``pums_plain`` and ``pums`` on ``name``."""
+    prepare = preparer(name)
     timings: dict[str, float] = {}
     start = time.perf_counter()
     parquet = folder / "pums.parquet"
@@ -70,7 +77,7 @@ def setup(name: str, folder: Path, csv: Path) -> Setup:
     con.close()
     timings["owner: CSV to Parquet"] = time.perf_counter() - start
     start = time.perf_counter()
-    spec = prepare(folder, parquet)
+    spec = prepare(folder, parquet, "pums")
     timings[f"owner: {spec.pop('step')}"] = time.perf_counter() - start
     policy = {"privacy_unit": "pid", "max_rows_per_unit": 3, "columns": COLUMNS}
     config = {

@@ -8,12 +8,12 @@ from typing import Any
 from dpgateway.executors.enclave import protocol
 
 
-def prepare(folder: Path, parquet: Path) -> dict[str, Any]:
+def prepare(folder: Path, parquet: Path, table: str) -> dict[str, Any]:
     """Seal ``parquet`` (its key file beside it) and return the policy entries of the simulated enclave."""
-    key = protocol.new_key_file(folder / "pums.key")
-    sealed = folder / "pums.parquet.sealed"
+    key = protocol.new_key_file(folder / f"{table}.key")
+    sealed = folder / f"{table}.parquet.sealed"
     sealed.write_bytes(protocol.seal(parquet.read_bytes(), key))
-    source = folder / "pums_enclave.parquet"  # never exists on the gateway host: the enclave opens the sealed copy
+    source = folder / f"{table}_enclave.parquet"  # never exists on the gateway host: the enclave opens the sealed copy
     return {
         "step": "seal with a fresh data key",
         "table": {"source": str(source), "executor": "enclave"},
@@ -21,7 +21,7 @@ def prepare(folder: Path, parquet: Path) -> dict[str, Any]:
             "enclave": {
                 "backend": "simulated",
                 "allow_simulated": True,
-                "sealed": {"pums": {"file": str(sealed), "key": str(folder / "pums.key")}},
+                "sealed": {table: {"file": str(sealed), "key": str(folder / f"{table}.key")}},
             }
         },
     }

@@ -10,12 +10,12 @@ import duckdb
 PARTIES = 3
 
 
-def prepare(folder: Path, parquet: Path) -> dict[str, Any]:
+def prepare(folder: Path, parquet: Path, table: str) -> dict[str, Any]:
     """Write one Parquet file per party (each person's rows at one party) and return the policy entries."""
     con = duckdb.connect()
     files = []
     for i in range(PARTIES):
-        target = folder / f"site{i}.parquet"
+        target = folder / f"{table}_site{i}.parquet"
         con.sql("SELECT * FROM read_parquet($1) WHERE pid % $2 = $3", params=[str(parquet), PARTIES, i]).write_parquet(
             str(target)
         )
