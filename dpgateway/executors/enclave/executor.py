@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import select
 import subprocess
 import sys
 import threading
@@ -112,13 +113,19 @@ class EnclaveExecutor(Executor):
             try:
                 process.stdin.write(json.dumps(message) + "\n")
                 process.stdin.flush()
-                line = process.stdout.readline()
+                line = self._line(process)
             except OSError:
                 line = ""
             if not line:
                 self._stop()
-                raise BackendError("the enclave process stopped; it restarts on the next query")
-        reply: dict[str, Any] = json.loads(line)
+                raise BackendError(
+                    "the enclave process stopped or did not answer within executors.enclave.timeout_s; it restarts "
+                    "on the next query"
+                )
+        try:
+            reply: dict[str, Any] = json.loads(line)
+        except ValueError:
+            raise BackendError("the enclave sent a malformed reply") from None
         if "error" in reply:
             raise BackendError(str(reply["error"]))
         return reply
@@ -130,11 +137,19 @@ class EnclaveExecutor(Executor):
         process = self._process
         assert process is not None and process.stdout is not None
         if not self._ready:
-            if not json.loads(process.stdout.readline() or "{}").get("ready"):
+            line = self._line(process)
+            if not line.startswith("{") or not json.loads(line).get("ready"):
                 self._stop()
                 raise BackendError("the enclave process did not start")
             self._ready = True
         return process
+
+    def _line(self, process: subprocess.Popen[str]) -> str:
+        """The enclave's next line, or "" if none comes within ``timeout_s`` (one request at a time: the reply
+        is always the next whole line, so nothing waits in Python's buffer while ``select`` watches the pipe)."""
+        assert process.stdout is not None
+        ready, _, _ = select.select([process.stdout], [], [], self.settings.timeout_s)
+        return process.stdout.readline() if ready else ""
 
     def _spawn(self) -> None:
         """Start the enclave process and provision the simulated chip; does not wait for it (imports take seconds)."""
