@@ -13,6 +13,7 @@ of ``--reps``, the replay cache off. Every executor's ledger debit is compared w
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import statistics
 import sys
@@ -168,7 +169,10 @@ def main(argv: list[str] | None = None) -> int:
             executors.append(name)
         except UnsupportedError as exc:
             print(f"skipping {name}: {exc}")
+    load = os.getloadavg()[0]
     runs = [run(rows, executors, args.reps) for rows in (args.rows or [100_000, 1_000_000])]
+    for entry in runs:
+        entry["load"] = (load, os.getloadavg()[0])
     command = "python bench/executors.py " + " ".join(argv if argv is not None else sys.argv[1:])
     section = markdown(runs, args.reps, command.strip())
     text = args.markdown.read_text() if args.markdown.is_file() else ""

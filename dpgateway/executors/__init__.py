@@ -32,11 +32,13 @@ class ExecutorPool:
                 f"table {table.name} runs on executor {table.executor}; its policy does not allow {name} "
                 f"(the data owner lists alternatives in tables.{table.name}.executors_allowed)"
             )
-        executor = {
-            "plain": lambda: self.plain,
-            "mpc": lambda: self._mpc_for(table.name),
-            "enclave": self._enclave_executor,
-        }[name]()
+        executor: Executor
+        if name == "plain":
+            executor = self.plain
+        elif name == "mpc":
+            executor = self._mpc_for(table.name)
+        else:
+            executor = self._enclave_executor()
         reason = executor.unsupported(plan)
         if reason is not None:
             raise UnsupportedError(reason)
