@@ -135,7 +135,12 @@ def markdown(runs: list[dict[str, Any]], reps: int, command: str) -> str:
                     f"| {value['ratio']:.2f}x | {result['first_query_s']:.2f} | "
                     f"{'yes' if result['debits_equal_plain'] else '**no**'} |"
                 )
+    load = runs[0]["load"]
     lines += [
+        "",
+        f"Load average (1 min) at the start and end of the run: {load[0]:.1f} and {runs[-1]['load'][1]:.1f} on "
+        f"{os.cpu_count()} cores (other jobs share this VM); a multi-process executor suffers more from a loaded "
+        "machine than plain does, so ratios move by tens of percent between runs.",
         "",
         "Data-owner steps (seconds): "
         + "; ".join(

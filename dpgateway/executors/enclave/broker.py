@@ -17,7 +17,7 @@ from __future__ import annotations
 import secrets
 import threading
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -27,6 +27,7 @@ from dpgateway.executors.enclave import protocol
 from dpgateway.executors.enclave.verify import Anchor, AttestationRefused, Claims, Policy, verify
 
 MAX_NONCES = 4096
+MAX_LOG = 10_000  # the most recent releases and refusals (a deployment's broker keeps its own durable log)
 
 
 @dataclass(frozen=True)
@@ -56,7 +57,9 @@ class KeyBroker:
     policy: Policy
     nonce_ttl_s: float = 60.0
     clock: Callable[[], float] = time.time
-    log: list[tuple[str, str, str]] = field(default_factory=list)  # (table, fingerprint, outcome): the broker's record
+    log: deque[tuple[str, str, str]] = field(
+        default_factory=lambda: deque(maxlen=MAX_LOG)
+    )  # (table, fingerprint, outcome)
     _nonces: OrderedDict[bytes, float] = field(default_factory=OrderedDict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
