@@ -35,6 +35,7 @@ import socketserver
 import sys
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -104,13 +105,15 @@ class Party:
             local = [noisy_vector(column, m.scale) for column, m in zip(local, noise.measurements, strict=True)]
         values = [v for column in local for v in column]
         shares = field.share(values, len(peers))
-        for j, peer in enumerate(peers):
-            if j != index:
-                reply = wire.request(
-                    _address(peer), {"type": "share", "qid": qid, "sender": index, "values": shares[j]}, self.timeout
-                )
-                if not reply.get("ok"):
-                    raise Refused(f"party {j} did not take its share")
+
+        def send(j: int) -> None:
+            message = {"type": "share", "qid": qid, "sender": index, "values": shares[j]}
+            if not wire.request(_address(peers[j]), message, self.timeout).get("ok"):
+                raise Refused(f"party {j} did not take its share")
+
+        others = [j for j in range(len(peers)) if j != index]
+        with ThreadPoolExecutor(max_workers=len(others)) as pool:  # to all peers at once: one hop, not K - 1
+            list(pool.map(send, others))
         deadline = time.monotonic() + self.timeout
         with self._arrived:
             while len(self._inbox.get(qid, {})) < len(peers) - 1:
