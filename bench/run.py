@@ -527,12 +527,11 @@ def markdown(results: dict[str, Any], command: str) -> str:
 
 
 def kept_sections(path: Path) -> str:
-    """The sections other scripts maintain in RESULTS.md (``<!-- name: start -->`` ... ``<!-- name: end -->``,
-    e.g. bench/backends.py and bench/server.py), kept when this script rewrites the file."""
-    text = path.read_text() if path.is_file() else ""
-    found = re.findall(r"<!-- (\w+): start -->.*?<!-- \1: end -->", text, re.S)
-    sections = [re.search(rf"<!-- {name}: start -->.*?<!-- {name}: end -->", text, re.S) for name in found]
-    return "".join(f"\n{m.group(0)}\n" for m in sections if m is not None)
+    """The sections other scripts maintain in RESULTS.md (``<!-- name: start -->`` to ``<!-- name: end -->``,
+    e.g. bench/backends.py, bench/executors.py), carried over when this script rewrites the file."""
+    previous = path.read_text() if path.is_file() else ""
+    blocks = re.finditer(r"<!-- ([\w-]+): start -->.*?<!-- \1: end -->", previous, re.S)
+    return "".join(f"\n{block.group(0)}\n" for block in blocks)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -25,6 +25,7 @@ from dpgateway.cli_common import (
     reports_errors,
 )
 from dpgateway.errors import FileAccessError, InvalidParameterError
+from dpgateway.executors.demo import CHOICES as DEMO_EXECUTORS
 from dpgateway.gateway import PUBLIC, Explanation, Gateway, Result
 from dpgateway.policies.loader import load_config
 
@@ -54,6 +55,13 @@ DEMO_QUERIES: tuple[tuple[str, str], ...] = (
 epsilon_option = click.option(
     "--epsilon", type=NUMBER, default=None, help="Privacy budget to spend (default: budget.default_query_epsilon)."
 )
+executor_option = click.option(
+    "--executor",
+    default=None,
+    metavar="NAME",
+    help="Run on this executor instead of the table's (plain, mpc, enclave) where its policy allows it "
+    "(tables.<name>.executors_allowed).",
+)
 delta_option = click.option(
     "--delta",
     type=NUMBER,
@@ -77,6 +85,7 @@ def _sql_command(func: F) -> F:
     func = reports_errors(func)
     for decorate in (
         format_option(),
+        executor_option,
         delta_option,
         epsilon_option,
         analyst_option,
@@ -90,7 +99,13 @@ def _sql_command(func: F) -> F:
 @cli.command()
 @_sql_command
 def query(
-    sql: str, config_path: str | None, analyst: str | None, epsilon: float | None, delta: float | None, fmt: str
+    sql: str,
+    config_path: str | None,
+    analyst: str | None,
+    epsilon: float | None,
+    delta: float | None,
+    executor: str | None,
+    fmt: str,
 ) -> None:
     """Answer SQL with differential privacy, spending budget (use - to read SQL from stdin).
 
@@ -99,18 +114,24 @@ def query(
       dpgateway query --epsilon 0.5 "SELECT sex, AVG(income) FROM pums GROUP BY sex"
     """
     with Gateway.from_config(config_path) as gw:
-        result = gw.query(_sql_arg(sql), analyst=analyst, epsilon=epsilon, delta=delta)
+        result = gw.query(_sql_arg(sql), analyst=analyst, epsilon=epsilon, delta=delta, executor=executor)
     _print_result(result, fmt)
 
 
 @cli.command()
 @_sql_command
 def explain(
-    sql: str, config_path: str | None, analyst: str | None, epsilon: float | None, delta: float | None, fmt: str
+    sql: str,
+    config_path: str | None,
+    analyst: str | None,
+    epsilon: float | None,
+    delta: float | None,
+    executor: str | None,
+    fmt: str,
 ) -> None:
     """Show the bounded SQL, mechanisms, cost and 95% accuracy of a query, without spending anything."""
     with Gateway.from_config(config_path) as gw:
-        plan = gw.explain(_sql_arg(sql), analyst=analyst, epsilon=epsilon, delta=delta)
+        plan = gw.explain(_sql_arg(sql), analyst=analyst, epsilon=epsilon, delta=delta, executor=executor)
     _print_explanation(plan, fmt)
 
 
@@ -139,16 +160,29 @@ def prepare(table: str, config_path: str | None) -> None:
     default=None,
     help="Instead of running, copy the sample data and its dpgateway.yaml into this folder.",
 )
+@click.option(
+    "--executor",
+    type=click.Choice(DEMO_EXECUTORS),
+    default=None,
+    help="Run the example end to end on this executor (beside plain, with timings).",
+)
 @format_option()
 @reports_errors
-def demo(epsilon: float, init_dir: str | None, fmt: str) -> None:
+def demo(epsilon: float, init_dir: str | None, executor: str | None, fmt: str) -> None:
     """Run example queries on the bundled PUMS sample (1,000 people, 1-4 rows each).
 
-    Uses a throwaway ledger, so your own budget is untouched.
+    Uses a throwaway ledger, so your own budget is untouched. With --executor, the data owner's steps (split
+    across parties, seal, ...) run first, then each query runs on the executor and on plain, timed.
     """
     data = resources.files("dpgateway") / "data"
     if init_dir:
         _init_demo(Path(init_dir), data)
+        return
+    if executor is not None:
+        from dpgateway.executor_cli import run_executor_demo
+
+        with resources.as_file(data / "pums.csv") as csv:
+            run_executor_demo(executor, csv, epsilon=epsilon, fmt=fmt, show=_print_result)
         return
     with resources.as_file(data / "demo.yaml") as config_file, tempfile.TemporaryDirectory() as tmp:
         config = load_config(config_file)
@@ -266,7 +300,7 @@ def _print_explanation(plan: Explanation, fmt: str) -> None:
         ["measurement", "mechanism", "epsilon", "sensitivity", "noise scale", "threshold"],
         rows,
         fmt,
-        title=f"cost: ε={plan.epsilon:.4g}, δ={plan.delta:.3g} (nothing spent)",
+        title=f"cost: ε={plan.epsilon:.4g}, δ={plan.delta:.3g} (nothing spent); executor: {plan.executor_detail}",
     )
     render_rows(["column", "95% accuracy"], list(plan.accuracy.items()), fmt)
     for note in plan.notes:
@@ -282,6 +316,9 @@ def _register_admin_commands() -> None:
 
     cli.add_command(serve)
     cli.add_command(user)
+    from dpgateway.executor_cli import enclave
+
+    cli.add_command(enclave)
 
 
 _register_admin_commands()

@@ -46,6 +46,7 @@ from dpgateway.sqlparse import query_key
 ANALYST_ENV = "DPGATEWAY_ANALYST"
 MIN_EPSILON = 1e-9
 PUBLIC = "exact (public data)"
+SIMULATED = "this answer was computed outside any protection; use it for development and tests only"
 CACHED = ("columns", "rows", "accuracy_95", "half_width_95", "warnings")  # what a replay returns
 REWRITE_NOTES = {
     "weighted": "bounding: each matching row weighted by k / max(rows of its unit, k) (at most k rows' worth per unit)",
@@ -125,6 +126,8 @@ class Explanation:
     notes: tuple[str, ...] = field(default=())
     plan: DPPlan | None = None
     executor: str = "plain"
+    executor_detail: str = "plain"  # Executor.describe(): says simulated for a simulated executor
+    simulated: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -136,6 +139,8 @@ class Explanation:
             "accuracy_95": self.accuracy,
             "notes": list(self.notes),
             "executor": self.executor,
+            "executor_detail": self.executor_detail,
+            "simulated": self.simulated,
         }
 
 
@@ -152,7 +157,8 @@ class Gateway:
         self.store = store
         if connector is None:
             for table in config.tables:
-                self.connector.check_table(table)
+                if table.executor != "enclave":  # only the enclave opens its (sealed) data
+                    self.connector.check_table(table)
         self._ctx = PlanContext(config=config, hooks=self.connector.hooks, seed=self.store.secret_seed())
         self._plans = PlanCache()
         self._prepare_lock = threading.Lock()  # one build at a time (manual and automatic share the scratch names)
@@ -241,20 +247,26 @@ class Gateway:
                 warnings=tuple(cached.get("warnings", ())),
             )
         noise = NoisePlan.from_plan(plan)  # fixed before dispatch: the executor only applies it
+        try:
+            runner = runner.admit(plan, noise)  # e.g. attestation and key release: reads no data, costs nothing
+        except DPGatewayError as exc:
+            self.store.audit_event(spend, outcome="refused", message=f"executor {runner.name}: {_audit_text(exc)}")
+            raise
         reservation = self.store.reserve(spend)  # refusals are audited by the store
         result, answer = self._run(plan, reservation, runner, noise, accuracy=accuracy, half_width=half_width)
-        if runner.name == "plain":
-            remaining = self.store.commit_and_remaining(
-                reservation, epsilon=spend.epsilon, delta=spend.delta, answer=answer, analyst=who, domains=spend.domains
-            )
-        else:  # the audit record names the executor
-            self.store.commit(
-                reservation, epsilon=spend.epsilon, delta=spend.delta, answer=answer, message=runner.describe()
-            )
-            remaining = self.store.remaining(who, spend.domains)
+        remaining = self.store.commit_and_remaining(
+            reservation,
+            epsilon=spend.epsilon,
+            delta=spend.delta,
+            answer=answer,
+            analyst=who,
+            domains=spend.domains,
+            message=f"executor: {runner.describe()}",  # every audit record names the executor
+        )
         result.remaining.update(remaining.as_dict())  # known once the debit is committed; rows stay built once
         if (
-            plan.prepared is None
+            runner.name == "plain"
+            and plan.prepared is None
             and plan.table is not None
             and plan.relation is None  # joined relations never read copies (passes/prepared.py)
             and (plan.where is None or bounds_before_filter(plan, self._ctx))
@@ -274,6 +286,11 @@ class Gateway:
             raise InvalidParameterError(
                 f"table {policy.name} reaches its privacy unit through foreign keys; its queries join on the fly, "
                 "so there is no prepared copy to build"
+            )
+        if policy.executor != "plain":
+            raise InvalidParameterError(
+                f"table {policy.name} runs on the {policy.executor} executor: the gateway does not read its rows, so "
+                "there is nothing to prepare"
             )
         if policy.public or not policy.privacy_unit:
             raise InvalidParameterError(
@@ -372,7 +389,8 @@ class Gateway:
         Proof note: from the backend call on, whether and how the query fails may depend on the data, so a
         failure is debited like an answer (the failure itself stays inside the budget) and audited ``error``
         with its SQLSTATE only, never the backend's text. Nothing that can fail runs between the reservation
-        and the backend call, so the gateway never releases a reservation uncharged. Tests (tests/test_gateway.py):
+        and the backend call, so the gateway never releases a reservation uncharged: an executor's admission
+        checks (the enclave's attestation, which reads no data) run before the reservation, in ``query``. Tests (tests/test_gateway.py):
         test_backend_failure_is_charged_and_hides_values, test_any_failure_after_the_backend_ran_is_charged.
         """
         try:
@@ -380,6 +398,8 @@ class Gateway:
             accept(noise, outcome)
             noisy = release(plan, list(outcome.cells), {k: list(v) for k, v in outcome.values.items()})
             released, warnings = post_process(plan, noisy), _avg_warnings(plan, noisy, executor)
+            if executor.simulated or outcome.evidence.simulated:  # every answer of a simulated executor says so
+                warnings = (f"SIMULATED executor {executor.describe()}: {SIMULATED}", *warnings)
             result = Result(
                 released,
                 plan.spent_epsilon,
@@ -513,6 +533,8 @@ def _explain(plan: DPPlan, executor: Executor | None) -> Explanation:
         tuple(notes),
         plan,
         executor.name,
+        executor.describe(),
+        executor.simulated,
     )
 
 

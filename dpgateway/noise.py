@@ -91,12 +91,20 @@ def _select(plan: DPPlan, by_key: dict[Key, tuple[Any, ...]]) -> tuple[list[Key]
     """Partition selection: keys whose noisy bounded row count reaches the threshold, sorted by key."""
     selector = next(m for m in plan.measurements if m.threshold is not None)
     position = len(plan.group_keys) + plan.measurements.index(selector)
+    assert selector.threshold is not None
+    cells, kept = select_cells(by_key, position, selector.noise_scale, selector.threshold)
+    return cells, {selector.name: kept}
+
+
+def select_cells(
+    by_key: dict[Key, tuple[Any, ...]], position: int, scale: float, threshold: int
+) -> tuple[list[Key], list[int]]:
+    """The keys whose noisy count (column ``position``) reaches ``threshold``, sorted by key, and those counts."""
     keys = list(by_key)
     counts = {i: _exact(by_key[key], position) for i, key in enumerate(keys)}
-    assert selector.threshold is not None
-    kept = select_partitions(counts, selector.noise_scale, selector.threshold)
+    kept = select_partitions(counts, scale, threshold)
     order = sorted(kept, key=lambda i: tuple((v is None, str(type(v)), v if v is not None else 0) for v in keys[i]))
-    return [keys[i] for i in order], {selector.name: [kept[i] for i in order]}
+    return [keys[i] for i in order], [kept[i] for i in order]
 
 
 def _exact(row: tuple[Any, ...] | None, index: int) -> int:

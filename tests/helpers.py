@@ -155,3 +155,32 @@ def run_concurrently(work: Callable[[int], Any], workers: int) -> list[Any]:
 def trusted_sql(text: str) -> VerifiedSQL:
     """Test-only: hand-written SQL marked as verified, to drive a connector directly (the package never does this)."""
     return VerifiedSQL(text, _TOKEN)
+
+
+def dlap_pmf(scale: float, z: int) -> float:
+    """P(Z = z) for OpenDP's discrete Laplace of ``scale``."""
+    q = math.exp(-1 / scale)
+    return (1 - q) / (1 + q) * q ** abs(z)
+
+
+def chi_square(samples: list[int], pmf: dict[int, float]) -> tuple[float, float]:
+    """Chi-square statistic and its critical value at alpha = 0.001.
+
+    Bins are the integers ``-m..m``, with everything beyond folded into the two end bins; ``m`` is the
+    largest value whose expected count is still at least 5 (the chi-square approximation needs that;
+    sparse bins would inflate the statistic without any difference in distribution).
+    """
+    n = len(samples)
+    m = max(z for z, p in pmf.items() if n * p >= 5)
+    inner = {z: pmf[z] for z in range(-m + 1, m)}
+    tail = (1 - sum(inner.values())) / 2  # symmetric: each end bin holds half of the rest
+    expected = {**inner, -m: tail, m: tail}
+    observed: dict[int, int] = {}
+    for s in samples:
+        b = min(m, max(-m, s))
+        observed[b] = observed.get(b, 0) + 1
+    stat = sum((observed.get(b, 0) - n * p) ** 2 / (n * p) for b, p in expected.items())
+    df = len(expected) - 1
+    z = 3.090  # one-sided normal quantile for alpha = 0.001 (Wilson-Hilferty approximation of chi-square)
+    critical = df * (1 - 2 / (9 * df) + z * math.sqrt(2 / (9 * df))) ** 3
+    return stat, critical

@@ -28,3 +28,31 @@ def test_bench_smoke_run(tmp_path: Path) -> None:
     assert scale["cold"]["COUNT(*)"]["rewrite"] == "unit_count"
     assert results["overhead"]["distinct"]["mean_ms_by_stage"]["ledger"] > 0
     assert "## 100,000 rows" in md.read_text() and results["machine"]["cores"]
+
+
+def _load(name: str) -> object:
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", RUN.parent / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_run_keeps_the_sections_other_scripts_maintain(tmp_path: Path) -> None:
+    md = tmp_path / "RESULTS.md"
+    md.write_text(
+        "# old\n<!-- executors: start -->\nE\n<!-- executors: end -->\nx\n<!-- backends: start -->B<!-- backends: end -->\n"
+    )
+    kept = _load("run").kept_sections(md)  # type: ignore[attr-defined]
+    assert "<!-- executors: start -->\nE\n<!-- executors: end -->" in kept and "B<!-- backends: end -->" in kept
+    assert "# old" not in kept and "\nx\n" not in kept
+
+
+@pytest.mark.slow
+def test_executors_bench_smoke_run(tmp_path: Path) -> None:
+    md = tmp_path / "RESULTS.md"
+    md.write_text("# kept\n")
+    bench = _load("executors")
+    assert bench.main(["--rows", "20000", "--reps", "1", "--executor", "enclave", "--markdown", str(md)]) == 0  # type: ignore[attr-defined]
+    text = md.read_text()
+    assert text.startswith("# kept\n") and "| 20,000 | enclave | COUNT(*) BY g |" in text and "| yes |" in text

@@ -169,9 +169,10 @@ class BudgetStore(ABC):
         answer: Any = None,
         analyst: str,
         domains: Sequence[str],
+        message: str = "",
     ) -> Remaining:
         """:meth:`commit`, then :meth:`remaining`; stores may do both in one transaction (one round trip)."""
-        self.commit(reservation_id, epsilon=epsilon, delta=delta, answer=answer)
+        self.commit(reservation_id, epsilon=epsilon, delta=delta, answer=answer, message=message)
         return self.remaining(analyst, domains)
 
     @abstractmethod

@@ -653,10 +653,11 @@ class SQLBudgetStore(BudgetStore):
         answer: Any = None,
         analyst: str,
         domains: Sequence[str],
+        message: str = "",
     ) -> Remaining:
         """The debit and the budget left after it, in one transaction (the debit is committed when this returns)."""
         commit = self._commit_work(
-            reservation_id, epsilon=epsilon, delta=delta, answer=answer, outcome="released", message=""
+            reservation_id, epsilon=epsilon, delta=delta, answer=answer, outcome="released", message=message
         )
 
         def work(conn: Executor) -> Remaining:

@@ -17,6 +17,7 @@ class ExecutorPool:
         self.config = config
         self.plain = PlainExecutor(connector)
         self._mpc: dict[str, Executor] = {}
+        self._enclave: Executor | None = None
 
     def choose(self, plan: DPPlan, override: str | None = None) -> Executor:
         """The table's executor, or ``override`` where the table's policy allows it (``executors_allowed``)."""
@@ -31,7 +32,13 @@ class ExecutorPool:
                 f"table {table.name} runs on executor {table.executor}; its policy does not allow {name} "
                 f"(the data owner lists alternatives in tables.{table.name}.executors_allowed)"
             )
-        executor = self.plain if name == "plain" else self._mpc_for(table.name)
+        executor: Executor
+        if name == "plain":
+            executor = self.plain
+        elif name == "mpc":
+            executor = self._mpc_for(table.name)
+        else:
+            executor = self._enclave_executor()
         reason = executor.unsupported(plan)
         if reason is not None:
             raise UnsupportedError(reason)
@@ -46,7 +53,21 @@ class ExecutorPool:
             self._mpc[name] = MpcExecutor(table, self.config.mpc)
         return self._mpc[name]
 
+    def _enclave_executor(self) -> Executor:
+        if self._enclave is None:
+            try:
+                from dpgateway.executors.enclave.executor import EnclaveExecutor
+            except ModuleNotFoundError as exc:  # the optional dependency
+                raise UnsupportedError(
+                    f"the enclave executor needs the {exc.name} package: pip install 'dpgateway[enclave]'"
+                ) from None
+            self._enclave = EnclaveExecutor(self.config.enclave)
+        return self._enclave
+
     def close(self) -> None:
         for executor in self._mpc.values():
             executor.close()
         self._mpc.clear()
+        if self._enclave is not None:
+            self._enclave.close()
+            self._enclave = None

@@ -150,6 +150,11 @@ class Executor(ABC):
         """Why this executor cannot run ``plan`` (a message naming the fix), or None."""
         return None
 
+    def admit(self, plan: DPPlan, noise: NoisePlan) -> Executor:
+        """Checks that read no data, run before the ledger reservation (the enclave's attestation and key
+        release); returns the executor that runs this one query. A refusal here costs nothing."""
+        return self
+
     @abstractmethod
     def execute(self, plan: DPPlan, noise: NoisePlan) -> NoisyResult:
         """Run ``plan`` and return its values noised exactly as ``noise`` says."""

@@ -15,6 +15,7 @@ import yaml
 
 from dpgateway.errors import ConfigError
 from dpgateway.policies.connections import connector_source, spark_settings
+from dpgateway.policies.enclave import check_enclave_tables, enclave_settings
 from dpgateway.policies.model import (
     EXECUTORS,
     Budget,
@@ -96,7 +97,9 @@ def parse_config(raw: Any, *, base_dir: Path) -> Config:
     if not tables_raw:
         raise ConfigError("tables: declare at least one table")
     mpc = _mpc(raw.get("executors", {}))
+    enclave = enclave_settings(raw.get("executors", {}).get("enclave"), base_dir)
     tables = tuple(_table(str(name), spec, base_dir, mpc) for name, spec in tables_raw.items())
+    check_enclave_tables(tables, enclave)
     seen: dict[str, str] = {}
     for table in tables:
         other = seen.setdefault(table_key(table.name), table.name)
@@ -122,6 +125,7 @@ def parse_config(raw: Any, *, base_dir: Path) -> Config:
         server=_server(raw.get("server", {}), base_dir),
         prepare=_prepare(raw.get("prepare", {})),
         mpc=mpc,
+        enclave=enclave,
         spark=spark_settings(raw.get("spark")),
     )
 
@@ -338,7 +342,7 @@ def _executors(spec: dict[str, Any], where: str, source: Any, public: bool) -> t
 
 def _mpc(raw: Any) -> MpcSettings:
     spec = _mapping(raw, "executors")
-    _no_unknown(spec, {"mpc"}, "executors")
+    _no_unknown(spec, {"mpc", "enclave"}, "executors")
     mpc = _mapping(spec.get("mpc", {}), "executors.mpc")
     _no_unknown(mpc, MPC_KEYS, "executors.mpc")
     t = mpc.get("collusion_threshold", 1)

@@ -46,7 +46,7 @@ class CsvDialect:
     null: str = ""
 
 
-EXECUTORS = ("plain", "mpc")
+EXECUTORS = ("plain", "mpc", "enclave")
 
 
 @dataclass(frozen=True)
@@ -80,6 +80,34 @@ class PathStep:
     from_: str
     table: str
     to: str
+
+
+@dataclass(frozen=True)
+class SealedSource:
+    """A table's sealed copy (``dpgateway enclave seal``) and the key file the key broker releases it with."""
+
+    file: Path
+    key: Path
+
+
+@dataclass(frozen=True)
+class EnclaveSettings:
+    """The ``executors: enclave:`` section (docs/executors.md).
+
+    ``backend`` is ``simulated`` (the only one these machines run); ``allow_simulated: false`` (the default,
+    production) refuses it; ``measurements`` is the allowlist (hex; empty: this installation's code);
+    ``sealed`` maps a table to its sealed copy and data key.
+    """
+
+    backend: str = "simulated"
+    allow_simulated: bool = False
+    measurements: tuple[str, ...] = ()
+    quote_ttl_s: float = 60.0
+    timeout_s: float = 120.0
+    sealed: tuple[tuple[str, SealedSource], ...] = ()
+
+    def sealed_for(self, table: str) -> SealedSource | None:
+        return dict(self.sealed).get(table)
 
 
 @dataclass(frozen=True)
@@ -187,6 +215,7 @@ class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
     prepare: PrepareConfig = field(default_factory=PrepareConfig)
     mpc: MpcSettings = field(default_factory=MpcSettings)
+    enclave: EnclaveSettings = field(default_factory=EnclaveSettings)
     spark: dict[str, Any] = field(default_factory=dict)  # {master, conf}: the Spark session (connectors/spark.py)
 
     @property

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import math
 import threading
 from pathlib import Path
 from typing import Any
 
 import duckdb
 import pytest
+from helpers import chi_square, dlap_pmf
 
 from dpgateway.errors import BackendError, PrivacyViolationError
 from dpgateway.executors.mpc import executor as mpc_executor
@@ -138,34 +138,6 @@ def test_executor_override_needs_the_policy(data: Any) -> None:
         gw.query(SQL.format(t="pooled"), analyst="o", executor="mpc")
 
 
-def _dl_pmf(scale: float, z: int) -> float:
-    q = math.exp(-1 / scale)
-    return (1 - q) / (1 + q) * q ** abs(z)
-
-
-def _chi_square_ok(samples: list[int], pmf: dict[int, float]) -> tuple[float, float]:
-    """Chi-square statistic and its critical value at alpha = 0.001.
-
-    Bins are the integers ``-m..m``, with everything beyond folded into the two end bins; ``m`` is the
-    largest value whose expected count is still at least 5 (the chi-square approximation needs that;
-    sparse bins would inflate the statistic without any difference in distribution).
-    """
-    n = len(samples)
-    m = max(z for z, p in pmf.items() if n * p >= 5)
-    inner = {z: pmf[z] for z in range(-m + 1, m)}
-    tail = (1 - sum(inner.values())) / 2  # symmetric: each end bin holds half of the rest
-    expected = {**inner, -m: tail, m: tail}
-    observed: dict[int, int] = {}
-    for s in samples:
-        b = min(m, max(-m, s))
-        observed[b] = observed.get(b, 0) + 1
-    stat = sum((observed.get(b, 0) - n * p) ** 2 / (n * p) for b, p in expected.items())
-    df = len(expected) - 1
-    z = 3.090  # one-sided normal quantile for alpha = 0.001 (Wilson-Hilferty approximation of chi-square)
-    critical = df * (1 - 2 / (9 * df) + z * math.sqrt(2 / (9 * df))) ** 3
-    return stat, critical
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("threshold", [0, 1])
 def test_released_noise_is_the_central_distribution(data: Any, threshold: int) -> None:
@@ -205,11 +177,11 @@ def test_released_noise_is_the_central_distribution(data: Any, threshold: int) -
             s.shutdown()
             s.server_close()
             s.party.close()
-    single = {z: _dl_pmf(scale, z) for z in range(-25, 26)}
+    single = {z: dlap_pmf(scale, z) for z in range(-25, 26)}
     pmf = (
         single
         if threshold == 0
         else {z: sum(single.get(a, 0) * single.get(z - a, 0) for a in single) for z in range(-25, 26)}
     )
-    stat, critical = _chi_square_ok(draws, pmf)
+    stat, critical = chi_square(draws, pmf)
     assert stat < critical, (stat, critical)

@@ -5,6 +5,7 @@ The gateway receives only partial sums of shares (party.py), never a party's agg
 
 from __future__ import annotations
 
+import os
 import secrets
 import subprocess
 import sys
@@ -76,6 +77,8 @@ class MpcExecutor(Executor):
                 str(self.settings.collusion_threshold),
                 "--timeout",
                 str(self.settings.timeout_s),
+                "--threads",  # local parties share this host's cores: no oversubscription
+                str(max(1, (os.cpu_count() or 1) // self.parties)),
             ],
             stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL,

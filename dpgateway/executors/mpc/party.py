@@ -35,6 +35,7 @@ import socketserver
 import sys
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -54,10 +55,12 @@ MAX_PENDING = 256  # queries whose shares may wait at once; older ones are dropp
 class Party:
     """A data holder's side of the protocol (thread-safe: one handler thread per connection)."""
 
-    def __init__(self, data: Path, *, collusion_threshold: int, timeout: float = 30.0) -> None:
+    def __init__(
+        self, data: Path, *, collusion_threshold: int, timeout: float = 30.0, threads: int | None = None
+    ) -> None:
         self.threshold = collusion_threshold
         self.timeout = timeout
-        self.connector = DuckDBConnector(allowed_paths=[data])
+        self.connector = DuckDBConnector(threads=threads, allowed_paths=[data])
         rows = exp.select(exp.Star()).from_(
             exp.Table(this=exp.Anonymous(this="read_parquet", expressions=[exp.Literal.string(str(data))]))
         )
@@ -102,13 +105,15 @@ class Party:
             local = [noisy_vector(column, m.scale) for column, m in zip(local, noise.measurements, strict=True)]
         values = [v for column in local for v in column]
         shares = field.share(values, len(peers))
-        for j, peer in enumerate(peers):
-            if j != index:
-                reply = wire.request(
-                    _address(peer), {"type": "share", "qid": qid, "sender": index, "values": shares[j]}, self.timeout
-                )
-                if not reply.get("ok"):
-                    raise Refused(f"party {j} did not take its share")
+
+        def send(j: int) -> None:
+            message = {"type": "share", "qid": qid, "sender": index, "values": shares[j]}
+            if not wire.request(_address(peers[j]), message, self.timeout).get("ok"):
+                raise Refused(f"party {j} did not take its share")
+
+        others = [j for j in range(len(peers)) if j != index]
+        with ThreadPoolExecutor(max_workers=len(others)) as pool:  # to all peers at once: one hop, not K - 1
+            list(pool.map(send, others))
         deadline = time.monotonic() + self.timeout
         with self._arrived:
             while len(self._inbox.get(qid, {})) < len(peers) - 1:
@@ -182,8 +187,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--listen", default="127.0.0.1:0", help="HOST:PORT (port 0: any free port)")
     parser.add_argument("--collusion-threshold", type=int, default=1)
     parser.add_argument("--timeout", type=float, default=30.0)
+    parser.add_argument("--threads", type=int, default=None, help="DuckDB threads (default: all cores)")
     args = parser.parse_args(argv)
-    party = Party(args.data, collusion_threshold=args.collusion_threshold, timeout=args.timeout)
+    party = Party(args.data, collusion_threshold=args.collusion_threshold, timeout=args.timeout, threads=args.threads)
     with _Server(_address(args.listen), party) as server:
         host, port = str(server.server_address[0]), int(server.server_address[1])
         sys.stdout.write(f"listening {host}:{port}\n")
