@@ -32,7 +32,7 @@ from sqlglot import exp
 from sqlglot.errors import SqlglotError
 
 from dpgateway.errors import InternalError, PrivacyViolationError
-from dpgateway.sqlparse import AGGREGATES, POST_SAFE
+from dpgateway.sqlparse import AGGREGATES, POST_SAFE, VALUE_SAFE
 
 _TOKEN = object()
 
@@ -41,6 +41,7 @@ _TOKEN = object()
 # public-table passthrough may compute.
 BACKEND_NODES: tuple[type[exp.Expr], ...] = (
     *POST_SAFE,
+    *VALUE_SAFE,
     exp.Select,
     exp.With,
     exp.CTE,
