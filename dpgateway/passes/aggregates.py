@@ -13,9 +13,9 @@ from sqlglot import exp
 
 from dpgateway.errors import GroupingError, PrivacyViolationError, UnsupportedError
 from dpgateway.passes.context import PlanContext
+from dpgateway.passes.intervals import Total, bounded_value, condition
 from dpgateway.plan import DPPlan, GroupKey, MeasureKind, Measurement, Output
 from dpgateway.policies.model import Column, Table
-from dpgateway.passes.intervals import Total, bounded_value, condition
 from dpgateway.sqlparse import int_clause, number, post_expression, row_expression, row_expression_value
 
 VARIANCES = (exp.Variance, exp.VariancePop, exp.Stddev, exp.StddevSamp, exp.StddevPop)
@@ -138,6 +138,8 @@ def _output(node: exp.Expr, keys: tuple[GroupKey, ...], registry: _Registry, tab
         kind = "key"
     elif isinstance(inner, exp.AggFunc):
         kind = _kind(inner)
+    elif isinstance(inner, exp.Filter) and isinstance(inner.this, exp.AggFunc):
+        kind = _kind(inner.this)
     names = {m.name for m in registry.measurements}
     used = tuple(sorted({c.name for c in expr.find_all(exp.Column) if c.name in names}))
     return Output(name=_output_name(node), expr=expr, kind=kind, measurements=used)
@@ -270,7 +272,8 @@ def _filtered(arg: Argument, where: exp.Expr | None, registry: _Registry) -> Arg
         return arg
     _refuse_unit(where, registry.table, "FILTER (WHERE ...)")
     cond = condition(where, total=registry.total, what="FILTER (WHERE ...)")
-    text = f"{arg.text or arg.expr.sql('postgres')} FILTER (WHERE {where.sql('postgres')})"
+    shown = arg.text or (arg.expr.name if isinstance(arg.expr, exp.Column) else arg.expr.sql("postgres"))
+    text = f"{shown} FILTER (WHERE {where.sql('postgres')})"
     return Argument(exp.Case(ifs=[exp.If(this=cond, true=arg.expr)]), arg.bounds, text)
 
 

@@ -258,7 +258,10 @@ def _monotone(node: exp.Func, ctx: _Context) -> Built:
             raise UnsupportedError(f"{ctx.what}: {name} takes one argument in an aggregate argument")
         if a.integer:  # an integer is its own FLOOR/CEIL/ROUND
             return built, a
-        f = {exp.Floor: math.floor, exp.Ceil: math.ceil, exp.Round: _round_half_away}[type(node)]
+        step: dict[type[exp.Expr], Callable[[float], float]] = {
+            exp.Floor: math.floor, exp.Ceil: math.ceil, exp.Round: _round_half_away
+        }  # fmt: skip
+        f = step[type(node)]
         rebuilt = exp.cast(type(node)(this=built), "DOUBLE")  # Spark's FLOOR/CEIL return BIGINT: keep a double
         return rebuilt, Interval(float(f(a.lo)), float(f(a.hi)), False, a.nullable)
     if isinstance(node, exp.Exp) and a.hi > EXP_LIMIT:
@@ -276,8 +279,9 @@ def _monotone(node: exp.Func, ctx: _Context) -> Built:
             f"SQRT is undefined below 0 and its argument reaches {a.lo:g} within the declared bounds; declare "
             "`bounds` with a non-negative lower bound"
         )
-    f = {exp.Exp: math.exp, exp.Ln: math.log, exp.Sqrt: math.sqrt}[type(node)]  # type: ignore[index]
-    return type(node)(this=_double(built, a)), _float(f(a.lo), f(a.hi), a.nullable)
+    curve: dict[type[exp.Expr], Callable[[float], float]] = {exp.Exp: math.exp, exp.Ln: math.log, exp.Sqrt: math.sqrt}
+    g = curve[type(node)]
+    return type(node)(this=_double(built, a)), _float(g(a.lo), g(a.hi), a.nullable)
 
 
 def _round_half_away(value: float) -> float:
