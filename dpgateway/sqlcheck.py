@@ -72,6 +72,10 @@ _IGNORED: dict[type[exp.Expr], frozenset[str]] = {
     exp.TryCast: frozenset({"safe"}),
     exp.Count: frozenset({"big_int"}),
     exp.Window: frozenset({"over"}),
+    # How a dialect's parser records ``/`` (integer or float division by operand types, NULL on zero):
+    # the planner casts both operands of every ``/`` it builds to DOUBLE (passes/intervals.py; integer
+    # division is IntDiv), and the text run is the text checked, so the flags change nothing it computes.
+    exp.Div: frozenset({"typed", "safe"}),
 }
 _TEXT_TYPES = frozenset({"TEXT", "VARCHAR", "CHAR"})
 

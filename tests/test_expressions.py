@@ -217,6 +217,9 @@ REFUSED = [
     ("SELECT SUM(CASE WHEN pid > 3 THEN 1 ELSE 0 END) FROM t", "42501", r"privacy unit"),
     ("SELECT SUM(age) FILTER (WHERE SUM(age) > 3) FROM t", "42803", r"aggregate functions are not allowed"),
     ("SELECT SUM(NULL + age) FROM t", "0A000", r"always NULL"),
+    ("SELECT SUM(score / 1e200) FROM t", "42501", r"underflow \(PostgreSQL raises on that\)"),
+    ("SELECT SUM(income * income * income) FROM t", "42501", r"beyond ±1e\+15"),
+    ("SELECT AVG(EXP(-income)) FROM t", "42501", r"EXP overflows or underflows"),
 ]
 
 

@@ -51,6 +51,9 @@ from dpgateway.sqlparse import number, row_expression
 
 INT_LIMIT = 2.0**53  # integer intermediates stay exact in doubles and far from BIGINT overflow
 FLOAT_LIMIT = 1e300  # no double intermediate can overflow
+VALUE_LIMIT = 1e15  # an aggregated value, as declared bounds (policies/loader.py): sums stay exact
+FLUSH = 1e-30  # double columns below this magnitude read as 0 (no intermediate can underflow)
+TINY_LIMIT = 1e-120  # the smallest non-zero magnitude a double intermediate may reach
 EXP_LIMIT = 690.0  # exp(690) ~ 1e299
 WIDEN = 1e-9
 
@@ -70,6 +73,7 @@ class Interval:
     hi: float
     integer: bool
     nullable: bool
+    tiny: float = 1.0  # every non-zero value has |v| >= tiny (underflow: PostgreSQL raises on it)
 
     @property
     def point(self) -> float | None:
@@ -99,6 +103,11 @@ def bounded_value(
     built, interval = _build(node, ctx)
     if interval is None:
         raise UnsupportedError(f"{what}: the expression is always NULL")
+    if point is None and max(-interval.lo, interval.hi) > VALUE_LIMIT:
+        raise ctx.refuse(
+            f"its values reach [{interval.lo:g}, {interval.hi:g}] within the declared bounds, beyond "
+            f"±{VALUE_LIMIT:g} (the largest bound a sum stays exact with); narrow the columns' `bounds`"
+        )
     return built, interval
 
 
@@ -115,17 +124,28 @@ def _build(node: exp.Expr, ctx: _Context) -> Built:
                 f"{node.sql('postgres')} can reach [{interval.lo:g}, {interval.hi:g}] within the declared bounds, "
                 f"beyond {'BIGINT' if interval.integer else 'double'} range; narrow the columns' `bounds`"
             )
+        if not interval.integer and interval.tiny < TINY_LIMIT:
+            raise ctx.refuse(
+                f"{node.sql('postgres')} can reach non-zero values below {TINY_LIMIT:g} in magnitude within the "
+                "declared bounds, which underflow (PostgreSQL raises on that); narrow the columns' `bounds`"
+            )
     return built, interval
 
 
-def _float(lo: float, hi: float, nullable: bool) -> Interval:
-    """A double interval widened outward (proof note: rounding)."""
-    return Interval(lo - abs(lo) * WIDEN, hi + abs(hi) * WIDEN, False, nullable)
+def _float(lo: float, hi: float, nullable: bool, tiny: float) -> Interval:
+    """A double interval widened outward (proof note: rounding); ``tiny`` at least the interval's own smallest magnitude."""
+    tiny = max(tiny, _magnitude(lo, hi))
+    return Interval(lo - abs(lo) * WIDEN, hi + abs(hi) * WIDEN, False, nullable, tiny * (1 - WIDEN))
 
 
-def _make(values: list[float], integer: bool, nullable: bool) -> Interval:
+def _make(values: list[float], integer: bool, nullable: bool, tiny: float) -> Interval:
     lo, hi = min(values), max(values)
-    return Interval(lo, hi, True, nullable) if integer else _float(lo, hi, nullable)
+    return Interval(lo, hi, True, nullable) if integer else _float(lo, hi, nullable, tiny)
+
+
+def _magnitude(lo: float, hi: float) -> float:
+    """The smallest non-zero magnitude in ``[lo, hi]`` when 0 is outside it, else 0."""
+    return 0.0 if lo <= 0 <= hi else min(abs(lo), abs(hi))
 
 
 def _double(node: exp.Expr, interval: Interval) -> exp.Expr:
@@ -150,15 +170,21 @@ def _column(node: exp.Column, ctx: _Context) -> Built:
     integer = column.type == "int"
     if ctx.point is not None and column.name in ctx.point:
         value = ctx.point[column.name]
-        return exp.column(column.name, quoted=True), Interval(value, value, integer, False)
+        return exp.column(column.name, quoted=True), Interval(value, value, integer, False, abs(value) or 1.0)
     x = exp.column(column.name, quoted=True)
+    read: exp.Expr = x
+    tiny = 1.0 if integer else _magnitude(lo, hi)
+    if not integer and tiny < FLUSH:  # tiny doubles read as 0: no product or quotient can underflow
+        small = exp.LT(this=exp.Abs(this=x.copy()), expression=number(FLUSH))
+        read = exp.Case(ifs=[exp.If(this=small, true=exp.cast(number(0), "DOUBLE"))], default=x.copy())
+        tiny = FLUSH
     clamped = exp.Least(
-        this=exp.Greatest(this=x, expressions=[number(lo)], ignore_nulls=True),
+        this=exp.Greatest(this=read, expressions=[number(lo)], ignore_nulls=True),
         expressions=[number(hi)],
         ignore_nulls=True,
     )
     kept = exp.Case(ifs=[exp.If(this=exp.Not(this=exp.Is(this=x.copy(), expression=exp.Null())), true=clamped)])
-    return kept, Interval(lo, hi, integer, True)
+    return kept, Interval(lo, hi, integer, True, tiny)
 
 
 def _literal(node: exp.Literal, ctx: _Context) -> Built:
@@ -169,7 +195,7 @@ def _literal(node: exp.Literal, ctx: _Context) -> Built:
         value = float(int(text))
         return exp.Literal.number(text), Interval(value, value, True, False)
     value = float(text)
-    return exp.cast(number(value), "DOUBLE"), Interval(value, value, False, False)
+    return exp.cast(number(value), "DOUBLE"), Interval(value, value, False, False, abs(value) or 1.0)
 
 
 def _null(node: exp.Null, ctx: _Context) -> Built:
@@ -185,7 +211,7 @@ def _neg(node: exp.Neg, ctx: _Context) -> Built:
     built, a = _build(node.this, ctx)
     if a is None:
         return exp.Null(), None
-    return exp.Neg(this=built), Interval(-a.hi, -a.lo, a.integer, a.nullable)
+    return exp.Neg(this=built), Interval(-a.hi, -a.lo, a.integer, a.nullable, a.tiny)
 
 
 def _binary(node: exp.Binary, ctx: _Context) -> tuple[exp.Expr, exp.Expr, Interval, Interval] | None:
@@ -203,12 +229,12 @@ def _arith(node: exp.Binary, ctx: _Context) -> Built:
     left, right, a, b = parts
     integer, nullable = a.integer and b.integer, a.nullable or b.nullable
     if isinstance(node, exp.Add):
-        values = [a.lo + b.lo, a.hi + b.hi]
+        values, tiny = [a.lo + b.lo, a.hi + b.hi], min(a.tiny, b.tiny) * 2.0**-53  # at least half an ulp
     elif isinstance(node, exp.Sub):
-        values = [a.lo - b.hi, a.hi - b.lo]
+        values, tiny = [a.lo - b.hi, a.hi - b.lo], min(a.tiny, b.tiny) * 2.0**-53
     else:
-        values = [x * y for x in (a.lo, a.hi) for y in (b.lo, b.hi)]
-    return type(node)(this=left, expression=right), _make(values, integer, nullable)
+        values, tiny = [x * y for x in (a.lo, a.hi) for y in (b.lo, b.hi)], a.tiny * b.tiny
+    return type(node)(this=left, expression=right), _make(values, integer, nullable, tiny)
 
 
 def _div(node: exp.Div, ctx: _Context) -> Built:
@@ -227,7 +253,10 @@ def _div(node: exp.Div, ctx: _Context) -> Built:
         values = [float(_trunc_div(int(x), int(y))) for x in (a.lo, a.hi) for y in (b.lo, b.hi)]
         return exp.IntDiv(this=left, expression=right), Interval(min(values), max(values), True, nullable)
     values = [x / y for x in (a.lo, a.hi) for y in (b.lo, b.hi)]
-    return exp.Div(this=_double(left, a), expression=_double(right, b)), _float(min(values), max(values), nullable)
+    tiny = a.tiny / max(abs(b.lo), abs(b.hi))
+    return exp.Div(this=_double(left, a), expression=_double(right, b)), _float(
+        min(values), max(values), nullable, tiny
+    )
 
 
 def _trunc_div(x: int, y: int) -> int:
@@ -241,7 +270,7 @@ def _abs(node: exp.Abs, ctx: _Context) -> Built:
     if a is None:
         return exp.Null(), None
     lo = 0.0 if a.lo <= 0 <= a.hi else min(abs(a.lo), abs(a.hi))
-    return exp.Abs(this=built), Interval(lo, max(abs(a.lo), abs(a.hi)), a.integer, a.nullable)
+    return exp.Abs(this=built), Interval(lo, max(abs(a.lo), abs(a.hi)), a.integer, a.nullable, a.tiny)
 
 
 def _monotone(node: exp.Func, ctx: _Context) -> Built:
@@ -264,10 +293,10 @@ def _monotone(node: exp.Func, ctx: _Context) -> Built:
         f = step[type(node)]
         rebuilt = exp.cast(type(node)(this=built), "DOUBLE")  # Spark's FLOOR/CEIL return BIGINT: keep a double
         return rebuilt, Interval(float(f(a.lo)), float(f(a.hi)), False, a.nullable)
-    if isinstance(node, exp.Exp) and a.hi > EXP_LIMIT:
+    if isinstance(node, exp.Exp) and (a.hi > EXP_LIMIT or a.lo < -EXP_LIMIT):
         raise ctx.refuse(
-            f"EXP overflows for inputs above {EXP_LIMIT:g} and its argument reaches {a.hi:g} within the declared "
-            "bounds; narrow the columns' `bounds`"
+            f"EXP overflows or underflows outside [-{EXP_LIMIT:g}, {EXP_LIMIT:g}] and its argument reaches "
+            f"[{a.lo:g}, {a.hi:g}] within the declared bounds; narrow the columns' `bounds`"
         )
     if isinstance(node, exp.Ln) and a.lo <= 0:
         raise ctx.refuse(
@@ -281,7 +310,9 @@ def _monotone(node: exp.Func, ctx: _Context) -> Built:
         )
     curve: dict[type[exp.Expr], Callable[[float], float]] = {exp.Exp: math.exp, exp.Ln: math.log, exp.Sqrt: math.sqrt}
     g = curve[type(node)]
-    return type(node)(this=_double(built, a)), _float(g(a.lo), g(a.hi), a.nullable)
+    # non-zero magnitudes: EXP is positive; |LN(x)| >= 1e-17 for every double x != 1; SQRT of the tiniest
+    tiny = {exp.Exp: math.exp(a.lo), exp.Ln: 1e-17, exp.Sqrt: math.sqrt(a.tiny)}[type(node)]  # type: ignore[index]
+    return type(node)(this=_double(built, a)), _float(g(a.lo), g(a.hi), a.nullable, tiny)
 
 
 def _round_half_away(value: float) -> float:
@@ -298,7 +329,7 @@ def _round_to(node: exp.Expr, built: exp.Expr, a: Interval, decimals: exp.Expr, 
     factor = exp.cast(number(10.0**d), "DOUBLE")
     scaled = exp.Round(this=exp.Mul(this=_double(built, a), expression=factor))
     lo, hi = _round_half_away(a.lo * 10.0**d) / 10.0**d, _round_half_away(a.hi * 10.0**d) / 10.0**d
-    return exp.Div(this=scaled, expression=factor.copy()), _float(lo, hi, a.nullable)
+    return exp.Div(this=scaled, expression=factor.copy()), _float(lo, hi, a.nullable, min(1.0, 10.0**-d))
 
 
 def _constant(node: exp.Expr, ctx: _Context) -> float:
@@ -324,7 +355,8 @@ def _pow(node: exp.Pow, ctx: _Context) -> Built:
             "positive power of a non-negative base; declare `bounds` with a non-negative lower bound"
         )
     exponent = exp.cast(number(p), "DOUBLE")
-    return exp.Pow(this=_double(built, a), expression=exponent), _float(min(values), max(values), a.nullable)
+    tiny = min(a.tiny, 1.0) ** p if p else 1.0
+    return exp.Pow(this=_double(built, a), expression=exponent), _float(min(values), max(values), a.nullable, tiny)
 
 
 def _extreme(node: exp.Greatest | exp.Least, ctx: _Context) -> Built:
@@ -343,7 +375,7 @@ def _extreme(node: exp.Greatest | exp.Least, ctx: _Context) -> Built:
     integer = all(i.integer for i in intervals)
     built = [b if integer else _double(b, i) for b, i in present]
     rebuilt = type(node)(this=built[0], expressions=built[1:], ignore_nulls=True)
-    return rebuilt, Interval(lo, hi, integer, not firm)
+    return rebuilt, Interval(lo, hi, integer, not firm, min(i.tiny for i in intervals))
 
 
 def _hull(branches: list[Built], nullable: bool) -> Built:
@@ -353,7 +385,8 @@ def _hull(branches: list[Built], nullable: bool) -> Built:
         return exp.Null(), None
     integer = all(i.integer for i in intervals)
     nullable = nullable or any(i is None or i.nullable for _, i in branches)
-    interval = Interval(min(i.lo for i in intervals), max(i.hi for i in intervals), integer, nullable)
+    tiny = min(i.tiny for i in intervals)
+    interval = Interval(min(i.lo for i in intervals), max(i.hi for i in intervals), integer, nullable, tiny)
     return exp.Tuple(expressions=[b if integer or i is None else _double(b, i) for b, i in branches]), interval
 
 
@@ -365,7 +398,7 @@ def _coalesce(node: exp.Coalesce, ctx: _Context) -> Built:
     values = list(joined.expressions)
     firm = any(i is not None and not i.nullable for _, i in args)
     return exp.Coalesce(this=values[0], expressions=values[1:]), Interval(
-        interval.lo, interval.hi, interval.integer, not firm
+        interval.lo, interval.hi, interval.integer, not firm, interval.tiny
     )
 
 
@@ -402,7 +435,7 @@ def _cast(node: exp.Cast, ctx: _Context) -> Built:
     if to.is_type(*exp.DataType.REAL_TYPES) or to.is_type(exp.DataType.Type.DECIMAL):
         if a is None:
             return exp.Null(), None
-        return exp.cast(built, "DOUBLE"), Interval(a.lo, a.hi, False, a.nullable)
+        return exp.cast(built, "DOUBLE"), Interval(a.lo, a.hi, False, a.nullable, a.tiny)
     if to.is_type(*exp.DataType.INTEGER_TYPES) and (a is None or a.integer):
         return built, a
     raise UnsupportedError(
