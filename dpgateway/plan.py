@@ -21,6 +21,9 @@ class GroupKey:
     name: str
     expr: exp.Expr
     public_values: tuple[Any, ...] | None = None
+    # a binned key over clamped bounded columns (passes/intervals.py), total by construction: make_total
+    # puts it in place of ``expr`` as is
+    bounded: exp.Expr | None = None
 
 
 @dataclass(frozen=True)

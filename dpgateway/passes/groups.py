@@ -15,9 +15,10 @@ from dpgateway.errors import (
     UnsupportedError,
 )
 from dpgateway.passes.context import PlanContext
+from dpgateway.passes.intervals import Interval, bounded_value
 from dpgateway.plan import DPPlan, GroupKey
 from dpgateway.policies.model import Table
-from dpgateway.sqlparse import row_expression
+from dpgateway.sqlparse import ROW_SAFE, row_expression, row_expression_value
 
 MAX_PUBLIC_CELLS = 10_000
 
@@ -35,9 +36,68 @@ def plan_groups(plan: DPPlan, *, ctx: PlanContext) -> DPPlan:
     for i, item in enumerate(group.expressions):
         expr = _resolve_item(item, select, plan.table)
         _refuse_identifier(expr, plan.table)
-        expr = row_expression(expr, "GROUP BY")
-        keys.append(GroupKey(name=f"__g{i}", expr=expr, public_values=_public_domain(expr, plan.table)))
+        key = _binned(expr, f"__g{i}", plan.table, ctx)
+        if key is None:
+            expr = row_expression(expr, "GROUP BY")
+            key = GroupKey(name=f"__g{i}", expr=expr, public_values=_public_domain(expr, plan.table))
+        keys.append(key)
     return plan.with_(group_keys=tuple(keys))
+
+
+def _binned(expr: exp.Expr, name: str, table: Table, ctx: PlanContext) -> GroupKey | None:
+    """A key computed from bounded numeric columns (``age / 10``, ``FLOOR(age / 10) * 10``), or None.
+
+    The key reads its columns clamped to their declared bounds (passes/intervals.py: total by
+    construction, PostgreSQL's integer division on every backend), so a value outside the bounds falls
+    in the edge bin. Its domain is public when it is exact and data-independent: an integer key of one
+    integer column with at most MAX_PUBLIC_CELLS values, evaluated at each of them.
+
+    Proof note (public binned domain): the domain is the image of the declared integer range under the
+    key's expression, computed from the policy and the SQL alone (no data), and every row's key lies in
+    it (its column is clamped into that range first; a NULL column gives a NULL key, in no public cell,
+    so it is released nowhere). So the released groups are the same on neighbouring datasets, as for a
+    declared ``public_values`` column. Tests: tests/test_binning.py.
+    """
+    if isinstance(expr, exp.Column) or not expr.find(exp.Column):
+        return None
+    needs_bounds = any(not isinstance(n, ROW_SAFE) for n in expr.walk())  # e.g. '/': only over bounded columns
+    numeric = all(
+        (c := table.column(col.name)) is not None and c.is_numeric and c.bounds is not None
+        for col in expr.find_all(exp.Column)
+    )
+    if not numeric and not needs_bounds:
+        return None
+    checked = row_expression_value(expr, "GROUP BY")
+    what = f"GROUP BY {expr.sql('postgres')}"
+    try:
+        built, interval = bounded_value(checked, table, what=what, total=ctx.hooks.total)
+    except (PrivacyViolationError, UnsupportedError):
+        if needs_bounds:
+            raise
+        return None  # e.g. a CASE of text results: an ordinary row expression
+    domain = _enumerated(checked, interval, table, ctx)
+    if domain is None:
+        domain = _public_domain(checked, table)  # e.g. CASE with literal results
+    return GroupKey(name=name, expr=checked, public_values=domain, bounded=built)
+
+
+def _enumerated(expr: exp.Expr, interval: Interval, table: Table, ctx: PlanContext) -> tuple[Any, ...] | None:
+    """The key's exact domain when it is an integer function of one integer column with few values, else None."""
+    columns = {c.name for c in expr.find_all(exp.Column)}
+    if not interval.integer or len(columns) != 1:
+        return None
+    column = table.column(columns.pop())
+    assert column is not None and column.bounds is not None
+    lo, hi = column.bounds
+    if column.type != "int" or hi - lo + 1 > MAX_PUBLIC_CELLS:
+        return None
+    values = []
+    for v in range(int(lo), int(hi) + 1):
+        _, at = bounded_value(expr, table, what="GROUP BY", total=ctx.hooks.total, point={column.name: float(v)})
+        if at.point is None:
+            return None  # e.g. a CASE whose branch depends on a condition: not a function of the value alone
+        values.append(int(at.point))
+    return tuple(sorted(set(values)))
 
 
 def public_cells(keys: tuple[GroupKey, ...]) -> list[tuple[Any, ...]] | None:
