@@ -31,7 +31,7 @@ def reference(tmp_path_factory: pytest.TempPathFactory) -> Backend:
     return Backend("duckdb", tmp_path_factory.mktemp("reference"), None)
 
 
-IDENTICAL = [  # fmt: skip
+IDENTICAL = [
     ("weighted", "SELECT COUNT(*), SUM(income), AVG(age) FROM pums"),
     ("weighted", "SELECT sex, COUNT(*), SUM(income), COUNT(age) FROM pums GROUP BY sex"),
     ("weighted", "SELECT married, AVG(income) FROM pums WHERE age > 30 AND race IN (1, 2) GROUP BY married"),
