@@ -38,6 +38,8 @@ IDENTICAL = [
     ("weighted", "SELECT VARIANCE(age), STDDEV(income) FROM pums WHERE income BETWEEN 1000 AND 90000"),
     ("unit_count", "SELECT COUNT(*) FROM pums WHERE age >= 40"),
     # row expressions (passes/intervals.py) and FILTER: PostgreSQL semantics on every backend
+    ("weighted", "SELECT age / 10, COUNT(*), SUM(income) FROM pums GROUP BY age / 10"),
+    ("weighted", "SELECT FLOOR(age / 10) * 10 AS decade, sex, AVG(income) FROM pums GROUP BY 1, 2"),
     (
         "weighted",
         "SELECT SUM(income * 2), AVG(CASE WHEN sex = 1 THEN income ELSE 0 END), SUM(COALESCE(income, 0)) FROM pums",
