@@ -30,6 +30,11 @@ units' rows or on physical row ids; the hash covers every declared column. Ident
 interchangeable. Rows whose unit is NULL belong to nobody we can bound and are dropped. Clamping to the
 declared bounds happens per row before the sum. Tests: tests/test_sensitivity.py, tests/test_rewrite.py.
 
+Per-row values: a measurement's argument is a bare column, clamped here to its declared bounds, or an
+expression over clamped columns (passes/intervals.py, with its proof note) clamped here again to its
+derived interval ``m.bounds``; a ``FILTER`` is a ``CASE`` in the argument (NULL when the row fails it).
+Either way each row's value lies in ``m.bounds`` and is NULL or one number, so ``bound`` below holds.
+
 Proof note (weighted): after the filter (NULL units dropped), unit ``u`` has ``n_u`` rows, a count of
 its own rows only. Row ``r`` adds ``trunc(w_u * v(r))`` to its group, ``w_u = k / max(n_u, k)``, with
 ``|v(r)| <= ceil(bound * scale)`` (clamped, centred, rounded; ``v = S`` or 0 for counts, bound 1, scale
