@@ -87,6 +87,39 @@ def test_integer_bins_have_public_domains_and_exact_counts(
     assert sorted(r[0] for r in result.rows) == sorted(domain)  # every bin, each once
 
 
+def _width_bucket(x: pd.Series, low: float, high: float, n: int) -> pd.Series:
+    """PostgreSQL's width_bucket, written out independently: 0 below, n + 1 at or above high, else 1..n."""
+    inner = np.minimum(np.floor(n * ((x - low) / (high - low))), n - 1) + 1
+    return pd.Series(np.where(x < low, 0, np.where(x >= high, n + 1, inner)), index=x.index).where(x.notna())
+
+
+@pytest.mark.parametrize(
+    ("column", "low", "high", "n"), [("income", 0, 100000, 5), ("age", -10, 75.5, 7), ("educ", 2, 12, 4)]
+)
+def test_width_bucket_is_public_and_exact(gateway: Gateway, column: str, low: float, high: float, n: int) -> None:
+    sql = f"SELECT width_bucket({column}, {low}, {high}, {n}) AS b, COUNT(*) FROM t GROUP BY 1"
+    plan = gateway.explain(sql).plan
+    assert plan is not None and plan.group_keys[0].public_values == tuple(range(n + 2))
+    assert not plan.selects_partitions
+    frame = pd.read_csv(gateway.config.tables[0].source)
+    frame["b"] = _width_bucket(frame[column].astype(float), low, high, n)
+    weights = frame.groupby("pid")["pid"].transform("size").map(lambda m: 10**6 * K // max(m, K))
+    expected = {(int(b),): int(w) for b, w in weights.groupby(frame["b"]).sum().items()}
+    assert _counts(gateway, sql) == expected
+    assert sorted(r[0] for r in gateway.query(sql, epsilon=1.0).rows) == list(range(n + 2))
+
+
+def test_width_bucket_refusals(gateway: Gateway) -> None:
+    for sql, message in (
+        ("SELECT width_bucket(income, 10, 5, 3), COUNT(*) FROM t GROUP BY 1", "low < high"),
+        ("SELECT width_bucket(income, 0, 10, 0), COUNT(*) FROM t GROUP BY 1", "a count from 1"),
+        ("SELECT width_bucket(income / 2, 0, 10, 3), COUNT(*) FROM t GROUP BY 1", "a numeric column"),
+    ):
+        with pytest.raises(DPGatewayError, match=message) as info:
+            gateway.explain(sql)
+        assert info.value.sqlstate == "0A000"
+
+
 def test_binned_keys_are_private_when_not_exact(gateway: Gateway) -> None:
     for sql in (
         "SELECT FLOOR(income / 10000) AS b, COUNT(*) FROM t GROUP BY 1",  # a double key

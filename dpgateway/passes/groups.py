@@ -18,7 +18,7 @@ from dpgateway.passes.context import PlanContext
 from dpgateway.passes.intervals import Interval, bounded_value
 from dpgateway.plan import DPPlan, GroupKey
 from dpgateway.policies.model import Table
-from dpgateway.sqlparse import ROW_SAFE, row_expression, row_expression_value
+from dpgateway.sqlparse import NUMBER, ROW_SAFE, number, row_expression, row_expression_value
 
 MAX_PUBLIC_CELLS = 10_000
 
@@ -58,6 +58,8 @@ def _binned(expr: exp.Expr, name: str, table: Table, ctx: PlanContext) -> GroupK
     so it is released nowhere). So the released groups are the same on neighbouring datasets, as for a
     declared ``public_values`` column. Tests: tests/test_binning.py.
     """
+    if isinstance(expr, exp.WidthBucket):
+        return _width_bucket(expr, name, table)
     if isinstance(expr, exp.Column) or not expr.find(exp.Column):
         return None
     needs_bounds = any(not isinstance(n, ROW_SAFE) for n in expr.walk())  # e.g. '/': only over bounded columns
@@ -79,6 +81,69 @@ def _binned(expr: exp.Expr, name: str, table: Table, ctx: PlanContext) -> GroupK
     if domain is None:
         domain = _public_domain(checked, table)  # e.g. CASE with literal results
     return GroupKey(name=name, expr=checked, public_values=domain, bounded=built)
+
+
+def _width_bucket(node: exp.WidthBucket, name: str, table: Table) -> GroupKey:
+    """``width_bucket(x, low, high, n)`` of a numeric column with constant bounds: PostgreSQL's buckets 0..n+1.
+
+    Built as ``CASE WHEN c < low THEN 0 WHEN c >= high THEN n + 1 ELSE LEAST(FLOOR(n * ((c - low) / (high -
+    low))), n - 1) + 1 END`` (PostgreSQL's formula and its guard against a quotient rounding up to 1), on
+    ``c``: the column as a double, magnitudes below 1e-30 read as 0, clamped to ``[low - 1, high]`` (the same
+    bucket, and nothing can overflow or underflow: literals are 0 or at least 1e-10 and at most 1e15 in
+    magnitude). Its domain ``0..n+1`` is fixed by the SQL alone: public (proof note of :func:`_binned`).
+    """
+    operand = node.this
+    column = table.column(operand.name) if isinstance(operand, exp.Column) else None
+    if column is None or not column.is_numeric:
+        raise UnsupportedError("width_bucket needs a numeric column as its first argument (in GROUP BY)")
+    low, high, count = (_literal_number(node.args.get(k)) for k in ("min_value", "max_value", "num_buckets"))
+    if not (
+        low < high
+        and all(v == 0 or 1e-10 <= abs(v) <= 1e15 for v in (low, high))
+        and count == int(count)
+        and 1 <= count <= MAX_PUBLIC_CELLS - 2
+    ):
+        raise UnsupportedError(
+            "width_bucket needs constants low < high (0 or 1e-10 to 1e15 in magnitude) and a count from 1 to "
+            f"{MAX_PUBLIC_CELLS - 2}"
+        )
+    n = int(count)
+    x = exp.column(column.name, quoted=True)
+    value = exp.cast(x.copy(), "DOUBLE")
+    small = exp.LT(this=exp.Abs(this=value.copy()), expression=number(1e-30))
+    flushed = exp.Case(ifs=[exp.If(this=small, true=exp.cast(number(0), "DOUBLE"))], default=value)
+    clamped = exp.Least(
+        this=exp.Greatest(this=flushed, expressions=[number(low - 1)], ignore_nulls=True),
+        expressions=[number(high)],
+        ignore_nulls=True,
+    )
+    c = exp.Case(ifs=[exp.If(this=exp.Not(this=exp.Is(this=x.copy(), expression=exp.Null())), true=clamped)])
+    width = exp.Paren(this=exp.Sub(this=number(high), expression=number(low)))
+    offset = exp.Paren(this=exp.Sub(this=c.copy(), expression=number(low)))
+    share = exp.Mul(this=number(n), expression=exp.Paren(this=exp.Div(this=offset, expression=width)))
+    index = exp.Least(
+        this=exp.cast(exp.Floor(this=share), "BIGINT"), expressions=[exp.Literal.number(n - 1)], ignore_nulls=True
+    )
+    bucket = exp.Case(
+        ifs=[
+            exp.If(this=exp.LT(this=c.copy(), expression=number(low)), true=exp.Literal.number(0)),
+            exp.If(this=exp.GTE(this=c.copy(), expression=number(high)), true=exp.Literal.number(n + 1)),
+        ],
+        default=exp.Add(this=index, expression=exp.Literal.number(1)),
+    )
+    # ``expr`` stays the analyst's node (checked above: a declared column and numbers) so the SELECT list
+    # matches it; the backend runs ``bounded`` only (passes/total.py)
+    return GroupKey(name=name, expr=node.copy(), public_values=tuple(range(n + 2)), bounded=bucket)
+
+
+def _literal_number(node: exp.Expr | None) -> float:
+    if node is None:
+        raise UnsupportedError("width_bucket needs four arguments: width_bucket(x, low, high, count)")
+    if isinstance(node, exp.Neg):
+        return -_literal_number(node.this)
+    if isinstance(node, exp.Literal) and not node.is_string and NUMBER.fullmatch(node.this):
+        return float(node.this)
+    raise UnsupportedError("width_bucket's low, high and count must be numbers")
 
 
 def _enumerated(expr: exp.Expr, interval: Interval, table: Table, ctx: PlanContext) -> tuple[Any, ...] | None:

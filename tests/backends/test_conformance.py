@@ -39,6 +39,7 @@ IDENTICAL = [
     ("unit_count", "SELECT COUNT(*) FROM pums WHERE age >= 40"),
     # row expressions (passes/intervals.py) and FILTER: PostgreSQL semantics on every backend
     ("weighted", "SELECT age / 10, COUNT(*), SUM(income) FROM pums GROUP BY age / 10"),
+    ("weighted", "SELECT width_bucket(income, 0, 100000, 7), COUNT(*), AVG(age) FROM pums GROUP BY 1"),
     ("weighted", "SELECT FLOOR(age / 10) * 10 AS decade, sex, AVG(income) FROM pums GROUP BY 1, 2"),
     (
         "weighted",
