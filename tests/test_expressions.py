@@ -230,3 +230,19 @@ def test_unbounded_expressions_are_refused_naming_the_fix(
     with pytest.raises(DPGatewayError, match=message) as info:
         gateway.explain(sql)
     assert info.value.sqlstate == sqlstate
+
+
+def test_sensitivity_and_noise_scale_come_from_the_derived_interval(gateway: Gateway) -> None:
+    """SUM(income * 2 - 1000): income in [0, 200000] gives [-1000, 399000]; k rows move it by k * 399000."""
+    from dpgateway.passes.budget import fixed_point_scale
+
+    plan = gateway.explain("SELECT SUM(income * 2 - 1000) FROM t", epsilon=2.0).plan
+    assert plan is not None
+    (m,) = plan.measurements
+    assert m.bounds is not None
+    lo, hi = m.bounds
+    assert lo == pytest.approx(-1000, rel=1e-8) and lo <= -1000
+    assert hi == pytest.approx(399000, rel=1e-8) and hi >= 399000
+    assert m.bound == max(-lo, hi) and m.scale == fixed_point_scale(m.bound)
+    assert m.sensitivity == K * math.ceil(m.bound * m.scale)
+    assert m.noise_scale == pytest.approx(m.sensitivity / 2.0, rel=1e-12)
