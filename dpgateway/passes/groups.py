@@ -120,7 +120,7 @@ def _width_bucket(node: exp.WidthBucket, name: str, table: Table) -> GroupKey:
     c = exp.Case(ifs=[exp.If(this=exp.Not(this=exp.Is(this=x.copy(), expression=exp.Null())), true=clamped)])
     width = exp.Paren(this=exp.Sub(this=number(high), expression=number(low)))
     offset = exp.Paren(this=exp.Sub(this=c.copy(), expression=number(low)))
-    share = exp.Mul(this=number(n), expression=exp.Paren(this=exp.Div(this=offset, expression=width)))
+    share = exp.Mul(this=number(n), expression=exp.Paren(this=exp.Div(this=offset, expression=width, typed=True)))
     index = exp.Least(
         this=exp.cast(exp.Floor(this=share), "BIGINT"), expressions=[exp.Literal.number(n - 1)], ignore_nulls=True
     )

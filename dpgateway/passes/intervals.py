@@ -149,7 +149,10 @@ def _magnitude(lo: float, hi: float) -> float:
 
 
 def _double(node: exp.Expr, interval: Interval) -> exp.Expr:
-    """``node`` as a DOUBLE (integers are cast so every backend divides and rounds the same type)."""
+    """``node`` as a DOUBLE (integers are cast so every backend divides and rounds the same type).
+
+    Every ``/`` built here has DOUBLE operands and ``typed=True``: each dialect then writes a plain ``/``
+    (sqlglot would otherwise add its own cast for PostgreSQL), which divides doubles everywhere."""
     return exp.cast(node, "DOUBLE") if interval.integer else node
 
 
@@ -254,7 +257,7 @@ def _div(node: exp.Div, ctx: _Context) -> Built:
         return exp.IntDiv(this=left, expression=right), Interval(min(values), max(values), True, nullable)
     values = [x / y for x in (a.lo, a.hi) for y in (b.lo, b.hi)]
     tiny = a.tiny / max(abs(b.lo), abs(b.hi))
-    return exp.Div(this=_double(left, a), expression=_double(right, b)), _float(
+    return exp.Div(this=_double(left, a), expression=_double(right, b), typed=True), _float(
         min(values), max(values), nullable, tiny
     )
 
@@ -329,7 +332,7 @@ def _round_to(node: exp.Expr, built: exp.Expr, a: Interval, decimals: exp.Expr, 
     factor = exp.cast(number(10.0**d), "DOUBLE")
     scaled = exp.Round(this=exp.Mul(this=_double(built, a), expression=factor))
     lo, hi = _round_half_away(a.lo * 10.0**d) / 10.0**d, _round_half_away(a.hi * 10.0**d) / 10.0**d
-    return exp.Div(this=scaled, expression=factor.copy()), _float(lo, hi, a.nullable, min(1.0, 10.0**-d))
+    return exp.Div(this=scaled, expression=factor.copy(), typed=True), _float(lo, hi, a.nullable, min(1.0, 10.0**-d))
 
 
 def _constant(node: exp.Expr, ctx: _Context) -> float:
