@@ -415,21 +415,19 @@ def _case(node: exp.Case, ctx: _Context) -> Built:
     joined, interval = _hull(branches, nullable=default is None)
     values = list(joined.expressions) if isinstance(joined, exp.Tuple) else [exp.Null()] * len(branches)
     rebuilt = exp.Case(
-        this=ctx.total(row_expression(operand, ctx.what)) if operand is not None else None,
+        this=condition(operand, total=ctx.total, what=ctx.what) if operand is not None else None,
         ifs=[
-            exp.If(this=condition(branch.this, ctx), true=value) for branch, value in zip(ifs, values[:-1], strict=True)
+            exp.If(this=condition(branch.this, total=ctx.total, what=ctx.what), true=value)
+            for branch, value in zip(ifs, values[:-1], strict=True)
         ],
         default=values[-1] if default is not None else None,
     )
     return rebuilt, interval
 
 
-def condition(node: exp.Expr, ctx: _Context | None = None, *, total: Total | None = None, what: str = "") -> exp.Expr:
-    """A condition over raw rows (CASE WHEN, FILTER): allowlisted, then total on the backend."""
-    where = ctx.what if ctx is not None else what
-    make_total = ctx.total if ctx is not None else total
-    assert make_total is not None
-    return make_total(row_expression(node, where))
+def condition(node: exp.Expr, *, total: Total, what: str) -> exp.Expr:
+    """A condition over raw rows (CASE WHEN, FILTER, a COUNT's argument): allowlisted, then total on the backend."""
+    return total(row_expression(node, what))
 
 
 def _cast(node: exp.Cast, ctx: _Context) -> Built:
