@@ -24,6 +24,9 @@ class GroupKey:
     name: str
     expr: exp.Expr
     public_values: tuple[Any, ...] | None = None
+    # a binned key over clamped bounded columns (passes/intervals.py), total by construction: make_total
+    # puts it in place of ``expr`` as is
+    bounded: exp.Expr | None = None
 
 
 @dataclass(frozen=True)
@@ -33,11 +36,18 @@ class Measurement:
     The backend returns ``round(clamp(value) * scale)`` summed per group, an integer; ``bound`` is the
     largest absolute per-row value in real units, so one row moves the sum by at most
     ``ceil(bound * scale)`` integer units and one unit (``k`` rows) by ``sensitivity``.
+
+    ``arg`` is the row expression measured: None for ``COUNT(*)``, a bare column, or an expression
+    rebuilt by passes/intervals.py (columns clamped, conditions total; a ``FILTER`` folded in as
+    ``CASE WHEN cond THEN value END``). ``bounds`` is the interval every non-NULL value of ``arg`` lies in
+    (sums: the backend clamps to it); ``text`` is the analyst's spelling, for labels.
     """
 
     name: str
     kind: MeasureKind
-    column: str | None  # None: COUNT(*)
+    arg: exp.Expr | None  # None: COUNT(*)
+    bounds: tuple[float, float] | None = None  # sums: the clamp applied to each row's value
+    text: str = ""  # e.g. 'income * 2'; empty: the bare column name (or * for COUNT(*))
     center: float = 0.0  # value - center is summed (AVG/VAR use the mid-point of the bounds)
     squared: bool = False  # sum of (value - center)^2, for VAR/STDDEV
     bound: float = 1.0
@@ -48,13 +58,23 @@ class Measurement:
     threshold: int | None = None  # set on the count that selects partitions
 
     @property
+    def column(self) -> str | None:
+        """The column name when ``arg`` is a bare column, else None."""
+        return self.arg.name if isinstance(self.arg, exp.Column) else None
+
+    @property
+    def columns(self) -> frozenset[str]:
+        """Every declared column ``arg`` reads."""
+        return frozenset(c.name for c in self.arg.find_all(exp.Column)) if self.arg is not None else frozenset()
+
+    @property
     def label(self) -> str:
         """Human-readable description, e.g. ``SUM((income - 250000)^2)``."""
         if self.kind == "count":
-            return f"COUNT({self.column or '*'})"
-        inner = self.column or "?"
+            return f"COUNT({self.text or self.column or '*'})"
+        inner = self.text or self.column or "?"
         if self.center:
-            inner = f"{inner} - {self.center:g}"
+            inner = f"({inner}) - {self.center:g}" if self.text else f"{inner} - {self.center:g}"
         return f"SUM(({inner})^2)" if self.squared else f"SUM({inner})"
 
 

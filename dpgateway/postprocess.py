@@ -5,6 +5,10 @@ so anything computed here is a function of the DP release. The sandbox database 
 process (opening one costs about 17 ms); each call gets its own cursor, a separate connection on which
 the noisy frame is registered, and which is closed afterwards, so calls never see each other's frames.
 
+Division follows PostgreSQL (passes/post.py rewrites it before either evaluator sees it): of two integers
+(``COUNT(*) / 7``) it truncates toward zero, NULL on a zero divisor; otherwise it divides doubles. ``ROUND``
+is DuckDB's, half away from zero, as PostgreSQL rounds numeric values (``AVG`` of integers is numeric).
+
 The common case, a SELECT list of columns, integer literals, ``+ - * /`` and GREATEST/LEAST with no
 HAVING, ORDER BY, LIMIT or OFFSET, is evaluated in Python instead (:func:`_python_outputs`, about 2 ms
 less per query). It gives exactly DuckDB's values and types or declines, and DuckDB answers: it declines
@@ -111,6 +115,9 @@ def _compile(node: exp.Expr, positions: dict[str, int]) -> Evaluator:
     if type(node) is exp.Div and not node.args.get("typed") and not node.args.get("safe"):
         left, right = _compile(node.left, positions), _compile(node.right, positions)
         return lambda cols: [_divide(a, b) for a, b in zip(left(cols), right(cols), strict=True)]
+    if isinstance(node, exp.IntDiv) and isinstance(node.expression, exp.Nullif):  # passes/post.py's integer ``/``
+        left, right = _compile(node.left, positions), _compile(node.expression.this, positions)
+        return lambda cols: [_int_divide(a, b) for a, b in zip(left(cols), right(cols), strict=True)]
     if type(node) in (exp.Greatest, exp.Least):
         pick = max if isinstance(node, exp.Greatest) else min
         args = [_compile(a, positions) for a in (node.this, *node.expressions)]
@@ -144,6 +151,15 @@ def _divide(left: Any, right: Any) -> float:
     if b == 0:
         raise _Declined
     return _checked(a / b)  # type: ignore[no-any-return]
+
+
+def _int_divide(left: Any, right: Any) -> int:
+    """PostgreSQL's (and DuckDB's ``//``) integer division: truncates toward zero; a zero divisor (NULL) declines."""
+    a, b = _number(left), _number(right)
+    if type(a) is not int or type(b) is not int or b == 0:
+        raise _Declined
+    q = abs(a) // abs(b)
+    return _checked(q if (a >= 0) == (b > 0) else -q)  # type: ignore[no-any-return]
 
 
 def _extreme(pick: Callable[..., Any], values: list[Any]) -> Any:

@@ -32,7 +32,7 @@ from sqlglot import exp
 from sqlglot.errors import SqlglotError
 
 from dpgateway.errors import InternalError, PrivacyViolationError
-from dpgateway.sqlparse import AGGREGATES, POST_SAFE
+from dpgateway.sqlparse import AGGREGATES, POST_SAFE, VALUE_SAFE
 
 _TOKEN = object()
 
@@ -41,6 +41,7 @@ _TOKEN = object()
 # public-table passthrough may compute.
 BACKEND_NODES: tuple[type[exp.Expr], ...] = (
     *POST_SAFE,
+    *VALUE_SAFE,
     exp.Select,
     exp.With,
     exp.CTE,
@@ -72,6 +73,10 @@ _IGNORED: dict[type[exp.Expr], frozenset[str]] = {
     exp.TryCast: frozenset({"safe"}),
     exp.Count: frozenset({"big_int"}),
     exp.Window: frozenset({"over"}),
+    # How a dialect's parser records ``/`` (integer or float division by operand types, NULL on zero):
+    # the planner casts both operands of every ``/`` it builds to DOUBLE (passes/intervals.py; integer
+    # division is IntDiv), and the text run is the text checked, so the flags change nothing it computes.
+    exp.Div: frozenset({"typed", "safe"}),
 }
 _TEXT_TYPES = frozenset({"TEXT", "VARCHAR", "CHAR"})
 

@@ -127,6 +127,10 @@ def normalize(sql: str) -> str:
 # Post-processing (over released values only) also divides, and takes roots and powers.
 POST_SAFE: tuple[type[exp.Expr], ...] = (*ROW_SAFE, exp.Div, exp.Sqrt, exp.Pow)
 
+# Aggregate arguments (passes/intervals.py rebuilds them over clamped columns, refusing any operation
+# that could fail or be unbounded within the declared bounds) also divide and take EXP, LN, SQRT, POWER.
+VALUE_SAFE: tuple[type[exp.Expr], ...] = (*ROW_SAFE, exp.Div, exp.Exp, exp.Ln, exp.Sqrt, exp.Pow)
+
 # Date-part units: the analyst's text is looked up here and replaced by our own constant (never kept).
 DATE_PARTS: dict[str, str] = {
     p: p
@@ -160,6 +164,11 @@ def row_expression(node: exp.Expr, where: str) -> exp.Expr:
     numbers. Tests: tests/attacks/test_injection.py.
     """
     return allowlisted(node, where, ROW_SAFE, columns=True)
+
+
+def row_expression_value(node: exp.Expr, where: str) -> exp.Expr:
+    """An allowlisted copy of an aggregate argument or binned key (:data:`VALUE_SAFE`; bounded by passes/intervals.py)."""
+    return allowlisted(node, where, VALUE_SAFE, columns=True)
 
 
 def constant_expression(node: exp.Expr, where: str) -> exp.Expr:

@@ -227,7 +227,11 @@ AGREEMENT_QUERIES = [
         "SELECT married, COUNT(*) * 2 - 1 AS c, -COUNT(*) AS neg, COUNT(*) - 2 * COUNT(*) AS m FROM pums GROUP BY 1",
         True,
     ),
-    ("SELECT married, COUNT(*) / 7 AS d FROM pums GROUP BY married", False),  # a typed (integer) division
+    (
+        "SELECT married, COUNT(*) / 7 AS d, (COUNT(*) - 50000) / 7 AS e FROM pums GROUP BY married",
+        True,
+    ),  # integer division
+    ("SELECT sex, COUNT(*) / (COUNT(*) - COUNT(*)) AS z FROM pums GROUP BY sex", False),  # zero divisor: NULL
     ("SELECT sex, SUM(income) / COUNT(*) AS r, VARIANCE(age) AS v, STDDEV(income) AS sd FROM pums GROUP BY sex", False),
     ("SELECT educ, COUNT(*) AS n FROM pums GROUP BY educ", True),
     ("SELECT sex, COUNT(*) + 0.5 AS half FROM pums GROUP BY sex", False),  # a DECIMAL literal

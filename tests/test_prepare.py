@@ -29,6 +29,8 @@ UNFILTERED = [
     "SELECT CASE WHEN age < 30 THEN 'y' WHEN age < 60 THEN 'm' ELSE 'o' END AS band, COUNT(*) FROM t GROUP BY 1",
     "SELECT sex, VAR_POP(income), COUNT(age) FROM t GROUP BY sex",
     "SELECT region, SUM(income), AVG(age) FROM t GROUP BY region",
+    # expressions and FILTER: weighted from the copy's stored unit counts (no stored contribution)
+    "SELECT sex, SUM(income * 2) FILTER (WHERE age > 30), AVG(ABS(age - 50) / 7) FROM t GROUP BY sex",
 ]
 
 
@@ -171,6 +173,9 @@ FILTERED = [  # every rewrite and every weighted kind, with filters on several c
     "SELECT CASE WHEN age < 30 THEN 'y' ELSE 'o' END AS b, COUNT(*) FROM t WHERE income > 0 OR region = 2 GROUP BY 1",
     "SELECT sex, COUNT(pid) FROM t WHERE pid * 2 > 150 GROUP BY sex",
     "SELECT age, SUM(income) FROM t WHERE sex = 0 GROUP BY age",
+    "SELECT sex, SUM(income * 2) FILTER (WHERE age > 30), AVG(ABS(age - 50) / 7), COUNT(*) FILTER (WHERE region = 2) "
+    "FROM t WHERE income > 0 GROUP BY sex",
+    "SELECT age / 10 AS d, COUNT(*), SUM(COALESCE(income, 0)) FROM t WHERE sex = 1 GROUP BY 1",
 ]
 
 
@@ -187,7 +192,8 @@ def test_bound_first_filtered_queries_read_the_copy_and_give_the_on_the_fly_aggr
     )
     with Gateway.from_config(tmp_path / "dpgateway.yaml") as gw:
         on_the_fly = {sql: _exact(gw, sql) for sql in FILTERED}
-        assert [r for r, _ in on_the_fly.values()] == [*["weighted"] * 3, "rows", "weighted", "weighted", "rows"]
+        rewrites = [*["weighted"] * 3, "rows", "weighted", "weighted", "rows", "weighted", "weighted"]
+        assert [r for r, _ in on_the_fly.values()] == rewrites
         gw.prepare("t")
         for sql in FILTERED:
             plan = gw.explain(sql, epsilon=1.0, delta=1e-6).plan

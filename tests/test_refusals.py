@@ -45,7 +45,13 @@ REFUSED = [
     ("SELECT COUNT(DISTINCT educ) FROM pums", "0A000"),
     ("SELECT MIN(age) FROM pums", "0A000"),
     ("SELECT MEDIAN(income) FROM pums", "0A000"),
-    ("SELECT SUM(income / 1000) FROM pums", "0A000"),
+    ("SELECT SUM(income / age) FROM pums", "42501"),  # age can be 0: unbounded
+    ("SELECT AVG(LN(income)) FROM pums", "42501"),  # income can be 0
+    ("SELECT AVG(EXP(income)) FROM pums", "42501"),  # overflows within the bounds
+    ("SELECT SUM(educ * 2) FROM pums", "42501"),  # educ has no bounds
+    ("SELECT SUM(pid + 1) FROM pums", "42501"),  # the privacy unit
+    ("SELECT SUM(RANDOM() * age) FROM pums", "0A000"),
+    ("SELECT SUM(CAST(income AS INT)) FROM pums", "0A000"),
     ("SELECT COUNT(*) FROM (SELECT * FROM pums WHERE age > 30) AS t", "0A000"),
     ("SELECT COUNT(*) FROM pums WHERE age IN (SELECT age FROM pums)", "0A000"),
     ("WITH t AS (SELECT * FROM pums) SELECT COUNT(*) FROM t", "0A000"),

@@ -46,6 +46,13 @@ QUERIES = [
     "SELECT sex, SUM(score) AS s FROM t WHERE age > 30 GROUP BY sex",
     "SELECT sex, AVG(income) AS a, VARIANCE(score) AS v FROM t GROUP BY sex",
     "SELECT educ, AVG(score) AS a, STDDEV(income) AS sd FROM t WHERE educ < 120 GROUP BY educ",
+    # row expressions (bounds by interval arithmetic, passes/intervals.py) and FILTER
+    "SELECT SUM(income * 2 - score) AS s, AVG(CASE WHEN age > 30 THEN score ELSE 0 END) AS a FROM t",
+    "SELECT sex, SUM(COALESCE(score, 0)) FILTER (WHERE age < 50) AS s, COUNT(*) FILTER (WHERE income > 10) AS n "
+    "FROM t GROUP BY sex",
+    "SELECT educ, AVG(LN(income + 1)) AS l, VARIANCE(ABS(score) / 10) AS v, SUM(age / 7) AS d FROM t GROUP BY educ",
+    "SELECT sex, SUM(ROUND(score)) AS r, AVG(EXP(score / 10)) AS e, COUNT(CASE WHEN score > 0 THEN 1 END) AS c "
+    "FROM t WHERE age > 20 GROUP BY sex",
 ]
 X = 10**6  # the pid of the person with 1000 rows
 
@@ -117,7 +124,7 @@ def test_one_person_moves_each_measurement_by_at_most_its_sensitivity(gateway: G
         assert change <= m.sensitivity, f"{m.label}: one person moved it by {change} > {m.sensitivity}"
         # X's kept rows are the same with or without everyone else: the change is exactly X's own aggregate.
         assert l1_change(with_x[m.name], added(without_x[m.name], x_alone[m.name])) == 0
-        if m.kind == "count" and m.column is None:
+        if m.kind == "count" and m.arg is None:
             # X has 1000 matching rows and keeps exactly k of them (rows), or k rows' worth (weighted, in
             # fixed point): the bound is tight.
             assert change == K * m.scale

@@ -50,7 +50,7 @@ the edge inputs against a real server and checks none raises):
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from sqlglot import exp
@@ -212,7 +212,8 @@ class PostgresHooks(SQLHooks):
                 )
             return node
 
-        return _round_half_away(tree.copy().transform(rewrite))
+        # children first: an aggregate argument nests integer divisions and ROUNDs inside the planner's own
+        return _round_half_away(_bottom_up(tree.copy(), rewrite))
 
 
 def _check_total(node: exp.Expr) -> None:
@@ -249,7 +250,19 @@ def _round_half_away(tree: exp.Expr) -> exp.Expr:
         )
         return exp.Paren(this=exp.Add(this=whole, expression=step))
 
-    return tree.transform(rewrite)
+    return _bottom_up(tree, rewrite)
+
+
+def _bottom_up(tree: exp.Expr, rewrite: Callable[[exp.Expr], exp.Expr]) -> exp.Expr:
+    """``tree`` with ``rewrite`` applied to every node, children first (``transform`` skips the children of a
+    node it replaced, so a ROUND or integer division nested in another would keep its PostgreSQL meaning)."""
+    for node in reversed(list(tree.walk(bfs=True))):
+        new = rewrite(node)
+        if new is not node:
+            if node is tree:
+                return new
+            node.replace(new)
+    return tree
 
 
 def _when(condition: exp.Expr, value: exp.Expr) -> exp.Expr:

@@ -13,9 +13,10 @@ from sqlglot import exp
 
 from dpgateway.errors import GroupingError, PrivacyViolationError, UnsupportedError
 from dpgateway.passes.context import PlanContext
+from dpgateway.passes.intervals import Total, bounded_value, condition
 from dpgateway.plan import DPPlan, GroupKey, MeasureKind, Measurement, Output
 from dpgateway.policies.model import Column, Table
-from dpgateway.sqlparse import int_clause, number, post_expression, row_expression
+from dpgateway.sqlparse import int_clause, number, post_expression, row_expression, row_expression_value
 
 VARIANCES = (exp.Variance, exp.VariancePop, exp.Stddev, exp.StddevSamp, exp.StddevPop)
 ANONYMOUS_AGGREGATES = {"VAR": exp.Variance, "STDEV": exp.Stddev, "VARP": exp.VariancePop, "STDEVP": exp.StddevPop}
@@ -48,7 +49,7 @@ def plan_aggregates(plan: DPPlan, *, ctx: PlanContext) -> DPPlan:
             "this query would release raw rows; aggregate them (COUNT, SUM, AVG, VARIANCE, STDDEV) "
             "and/or GROUP BY columns"
         )
-    registry = _Registry(plan.table)
+    registry = _Registry(plan.table, ctx.hooks.total)
     aliases = {e.alias.lower() for e in select.expressions if isinstance(e, exp.Alias)}
     outputs = tuple(_output(e, plan.group_keys, registry, plan.table) for e in select.expressions)
     having = select.args.get("having")
@@ -81,36 +82,47 @@ class _Registry:
     """Measurements by identity, so AVG(x) and COUNT(x) share one noisy COUNT(x)."""
 
     table: Table
+    total: Total  # the backend's hook making a raw-row condition total (passes/total.py)
     measurements: list[Measurement] = field(default_factory=list)
 
-    def get(self, kind: MeasureKind, column: Column | None, *, center: float = 0.0, squared: bool = False) -> str:
-        name = column.name if column else None
+    def get(self, kind: MeasureKind, arg: Argument | None, *, center: float = 0.0, squared: bool = False) -> str:
+        expr = arg.expr if arg is not None else None
         for m in self.measurements:
-            if (m.kind, m.column, m.center, m.squared) == (kind, name, center, squared):
+            if (m.kind, m.arg, m.center, m.squared) == (kind, expr, center, squared):
                 return m.name
         bound = 1.0
+        bounds = None
         if kind == "sum":
-            assert column is not None
-            bound = sum_bound(column, center, squared)
+            assert arg is not None and arg.bounds is not None
+            bounds = arg.bounds
+            bound = sum_bound(bounds, center, squared)
         m = Measurement(
-            name=f"__m{len(self.measurements)}", kind=kind, column=name, center=center, squared=squared, bound=bound
-        )
+            name=f"__m{len(self.measurements)}", kind=kind, arg=expr, bounds=bounds,
+            text=arg.text if arg is not None else "", center=center, squared=squared, bound=bound,
+        )  # fmt: skip
         self.measurements.append(m)
         return m.name
 
 
-def sum_bound(column: Column, center: float, squared: bool) -> float:
-    """Largest absolute per-row value of ``clamp(x) - center`` (squared: of its square), from the bounds."""
-    assert column.bounds is not None
-    lo, hi = column.bounds
+@dataclass(frozen=True)
+class Argument:
+    """An aggregate's argument as the backend evaluates it, its value interval (sums) and the analyst's text."""
+
+    expr: exp.Expr
+    bounds: tuple[float, float] | None = None
+    text: str = ""  # '' for a bare column (the label shows its name)
+
+
+def sum_bound(bounds: tuple[float, float], center: float, squared: bool) -> float:
+    """Largest absolute per-row value of ``clamp(v) - center`` (squared: of its square), from the bounds."""
+    lo, hi = bounds
     bound = max(abs(lo - center), abs(hi - center))
     return bound * bound if squared else bound
 
 
-def moment_center(column: Column) -> float:
-    """The centre AVG and the variances subtract: the mid-point of the declared bounds."""
-    assert column.bounds is not None
-    lo, hi = column.bounds
+def moment_center(bounds: tuple[float, float]) -> float:
+    """The centre AVG and the variances subtract: the mid-point of the value bounds."""
+    lo, hi = bounds
     return (lo + hi) / 2
 
 
@@ -126,6 +138,8 @@ def _output(node: exp.Expr, keys: tuple[GroupKey, ...], registry: _Registry, tab
         kind = "key"
     elif isinstance(inner, exp.AggFunc):
         kind = _kind(inner)
+    elif isinstance(inner, exp.Filter) and isinstance(inner.this, exp.AggFunc):
+        kind = _kind(inner.this)
     names = {m.name for m in registry.measurements}
     used = tuple(sorted({c.name for c in expr.find_all(exp.Column) if c.name in names}))
     return Output(name=_output_name(node), expr=expr, kind=kind, measurements=used)
@@ -184,8 +198,10 @@ def _post(
                 return exp.column(key.name)
         if isinstance(n, exp.Anonymous) and n.name.upper() in ANONYMOUS_AGGREGATES:
             n = ANONYMOUS_AGGREGATES[n.name.upper()](this=n.expressions[0] if n.expressions else None)
+        if isinstance(n, exp.Filter) and isinstance(n.this, exp.AggFunc):
+            return _aggregate(n.this, registry, table, n.expression.this)
         if isinstance(n, exp.AggFunc):
-            return _aggregate(n, registry, table)
+            return _aggregate(n, registry, table, None)
         if isinstance(n, exp.Column):
             if n.name.lower() in aliases and not n.table:
                 return exp.column(n.name, quoted=True)
@@ -199,8 +215,8 @@ def _post(
     return post_expression(node.copy().transform(visit), clause)
 
 
-def _aggregate(agg: exp.AggFunc, registry: _Registry, table: Table) -> exp.Expr:
-    """The noisy expression for one SQL aggregate, registering the measurements it needs."""
+def _aggregate(agg: exp.AggFunc, registry: _Registry, table: Table, where: exp.Expr | None) -> exp.Expr:
+    """The noisy expression for one SQL aggregate (``where``: its FILTER), registering the measurements it needs."""
     arg = agg.this
     for sub in agg.find_all(exp.AggFunc):
         if sub is not agg:
@@ -209,25 +225,26 @@ def _aggregate(agg: exp.AggFunc, registry: _Registry, table: Table) -> exp.Expr:
         raise UnsupportedError(f"{agg.sql_name()}(DISTINCT ...) is not supported yet")
     if isinstance(agg, exp.Count):
         if isinstance(arg, exp.Star) or arg is None:
-            return _count(registry.get("count", None))
-        return _count(registry.get("count", _column_arg(agg, table, need_bounds=False)))
+            star = Argument(exp.Literal.number(1), text="*") if where is not None else None
+            return _count(registry.get("count", _filtered(star, where, registry) if star else None))
+        return _count(registry.get("count", _filtered(_count_arg(agg, table, registry), where, registry)))
     if not isinstance(agg, (exp.Sum, exp.Avg, *VARIANCES)):
         raise UnsupportedError(
             f"aggregate {agg.sql_name()} is not supported yet; supported are COUNT, SUM, AVG, VARIANCE, "
             "VAR_POP, VAR_SAMP, STDDEV, STDDEV_POP, STDDEV_SAMP"
         )
-    column = _column_arg(agg, table, need_bounds=True)
-    assert column.bounds is not None
-    lo, hi = column.bounds
+    value = _filtered(_value_arg(agg, table, registry), where, registry)
+    assert value.bounds is not None
+    lo, hi = value.bounds
     if isinstance(agg, exp.Sum):
-        total = exp.column(registry.get("sum", column))
+        total = exp.column(registry.get("sum", value))
         return _clamp(total, 0 if lo >= 0 else None, 0 if hi <= 0 else None)
-    mid = moment_center(column)
-    n = exp.Greatest(this=exp.column(registry.get("count", column)), expressions=[number(1)], ignore_nulls=True)
-    shifted = _div(exp.column(registry.get("sum", column, center=mid)), n)
+    mid = moment_center(value.bounds)
+    n = exp.Greatest(this=exp.column(registry.get("count", value)), expressions=[number(1)], ignore_nulls=True)
+    shifted = _div(exp.column(registry.get("sum", value, center=mid)), n)
     if isinstance(agg, exp.Avg):
         return _clamp(exp.Add(this=number(mid), expression=exp.Paren(this=shifted)), lo, hi)
-    squares = _div(exp.column(registry.get("sum", column, center=mid, squared=True)), n)
+    squares = _div(exp.column(registry.get("sum", value, center=mid, squared=True)), n)
     half = (hi - lo) / 2
     var = _clamp(
         exp.Sub(this=squares, expression=exp.Pow(this=exp.Paren(this=shifted), expression=number(2))), 0, half * half
@@ -239,11 +256,54 @@ def _aggregate(agg: exp.AggFunc, registry: _Registry, table: Table) -> exp.Expr:
     return exp.Sqrt(this=var) if isinstance(agg, (exp.Stddev, exp.StddevSamp, exp.StddevPop)) else var
 
 
+def _filtered(arg: Argument, where: exp.Expr | None, registry: _Registry) -> Argument:
+    """``FILTER (WHERE cond)`` folded into the argument: ``CASE WHEN cond THEN value END`` (NULL rows do not count).
+
+    Proof note (FILTER): the condition reads only the row it is evaluated on and is made total like WHERE;
+    it decides whether that row's value is its (bounded) value or NULL. A NULL value adds nothing to a
+    sum or count, so each kept row still moves each measurement by at most the ``bound`` it had without
+    the filter, and the unit's rows are bounded (chosen, or weighted by ``k / max(n_u, k)`` over its rows
+    matching the query's WHERE) before and independently of the per-aggregate filters, exactly as for an
+    unfiltered aggregate: the sensitivity of passes/budget.py holds unchanged. Several aggregates with
+    different filters share the unit's bounding, so one unit's ``k`` rows are the same for all of them.
+    Tests: tests/test_expressions.py (sensitivity with one person with many rows, pandas reference).
+    """
+    if where is None:
+        return arg
+    _refuse_unit(where, registry.table, "FILTER (WHERE ...)")
+    cond = condition(where, total=registry.total, what="FILTER (WHERE ...)")
+    shown = arg.text or (arg.expr.name if isinstance(arg.expr, exp.Column) else arg.expr.sql("postgres"))
+    text = f"{shown} FILTER (WHERE {where.sql('postgres')})"
+    return Argument(exp.Case(ifs=[exp.If(this=cond, true=arg.expr)]), arg.bounds, text)
+
+
+def _count_arg(agg: exp.AggFunc, table: Table, registry: _Registry) -> Argument:
+    """COUNT(x): a bare column, or a row expression made total (only whether it is NULL matters)."""
+    arg = agg.this
+    if isinstance(arg, exp.Column):
+        _column_arg(agg, table, need_bounds=False)
+        return Argument(exp.column(arg.name, quoted=True))
+    _refuse_unit(arg, table, "COUNT")
+    return Argument(condition(arg, total=registry.total, what="COUNT"), text=arg.sql("postgres"))
+
+
+def _value_arg(agg: exp.AggFunc, table: Table, registry: _Registry) -> Argument:
+    """SUM/AVG/VARIANCE's argument: a bare column with bounds, or an expression bounded by passes/intervals.py."""
+    arg = agg.this
+    if isinstance(arg, exp.Column) or arg is None:
+        column = _column_arg(agg, table, need_bounds=True)
+        return Argument(exp.column(column.name, quoted=True), column.bounds)
+    what = f"{agg.sql_name()}({arg.sql('postgres')})"
+    _refuse_unit(arg, table, what)
+    built, interval = bounded_value(row_expression_value(arg, what), table, what=what, total=registry.total)
+    return Argument(built, (interval.lo, interval.hi), arg.sql("postgres"))
+
+
 def _column_arg(agg: exp.AggFunc, table: Table, *, need_bounds: bool) -> Column:
     arg = agg.this
     name = agg.sql_name()
     if not isinstance(arg, exp.Column):
-        raise UnsupportedError(f"{name} over an expression is not supported yet; aggregate a column directly")
+        raise UnsupportedError(f"{name} needs an argument")
     column = table.column(arg.name)
     assert column is not None  # resolve_table checked every column
     if not need_bounds:
@@ -258,6 +318,17 @@ def _column_arg(agg: exp.AggFunc, table: Table, *, need_bounds: bool) -> Column:
             f"add `bounds: [lo, hi]` under tables.{table.name}.columns.{column.name}"
         )
     return column
+
+
+def _refuse_unit(node: exp.Expr, table: Table, what: str) -> None:
+    """Aggregate arguments and FILTERs may not read the privacy unit (they could single one unit out per
+    aggregate; WHERE applies to the whole query and is bounded as a whole)."""
+    unit = table.privacy_unit
+    if unit and any(c.name.lower() == unit.lower() for c in node.find_all(exp.Column)):
+        raise PrivacyViolationError(
+            f"{what} reads the privacy unit {table.name}.{unit}; aggregate arguments and FILTER conditions "
+            "may not use the unit identifier"
+        )
 
 
 def _count(name: str) -> exp.Expr:

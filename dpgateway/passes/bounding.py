@@ -30,6 +30,11 @@ units' rows or on physical row ids; the hash covers every declared column. Ident
 interchangeable. Rows whose unit is NULL belong to nobody we can bound and are dropped. Clamping to the
 declared bounds happens per row before the sum. Tests: tests/test_sensitivity.py, tests/test_rewrite.py.
 
+Per-row values: a measurement's argument is a bare column, clamped here to its declared bounds, or an
+expression over clamped columns (passes/intervals.py, with its proof note) clamped here again to its
+derived interval ``m.bounds``; a ``FILTER`` is a ``CASE`` in the argument (NULL when the row fails it).
+Either way each row's value lies in ``m.bounds`` and is NULL or one number, so ``bound`` below holds.
+
 Proof note (weighted): after the filter (NULL units dropped), unit ``u`` has ``n_u`` rows, a count of
 its own rows only. Row ``r`` adds ``trunc(w_u * v(r))`` to its group, ``w_u = k / max(n_u, k)``, with
 ``|v(r)| <= ceil(bound * scale)`` (clamped, centred, rounded; ``v = S`` or 0 for counts, bound 1, scale
@@ -171,12 +176,17 @@ def prepared_copy_tree(table: Table, ctx: PlanContext) -> exp.Select:
     return stored.with_("typed", as_=typed, copy=False).with_("ranked", as_=ranked, copy=False)
 
 
-ContributionKey = tuple[str, str | None, float, bool, float]
+ContributionKey = tuple[str, exp.Expr | None, tuple[float, float] | None, float, bool, float]
 
 
 def _contribution_key(m: Measurement) -> ContributionKey:
-    """What fixes a measurement's per-row value: kind, column, centre, squared and fixed-point scale."""
-    return (m.kind, m.column, m.center, m.squared, m.scale)
+    """What fixes a measurement's per-row value: kind, argument, its clamp, centre, squared and fixed-point scale."""
+    return (m.kind, m.arg, m.bounds, m.center, m.squared, m.scale)
+
+
+def _bare(column: Column) -> exp.Expr:
+    """A bare column argument, as passes/aggregates.py builds one."""
+    return exp.column(column.name, quoted=True)
 
 
 def stored_contributions(table: Table) -> list[tuple[str, Measurement]]:
@@ -191,17 +201,17 @@ def stored_contributions(table: Table) -> list[tuple[str, Measurement]]:
     :func:`_contribution_key` equals a stored one. Names are deterministic (``__w0``, ``__w1``, ...; fresh
     against the declared columns), so the query side recomputes the same list.
     """
-    wanted: list[Measurement] = [Measurement(name="", kind="count", column=None, scale=float(COUNT_SCALE))]
+    wanted: list[Measurement] = [Measurement(name="", kind="count", arg=None, scale=float(COUNT_SCALE))]
     for c in table.columns:
-        wanted.append(Measurement(name="", kind="count", column=c.name, scale=float(COUNT_SCALE)))
+        wanted.append(Measurement(name="", kind="count", arg=_bare(c), scale=float(COUNT_SCALE)))
     for c in table.columns:
         if c.name == table.privacy_unit or not c.is_numeric or c.bounds is None:
             continue
-        mid = moment_center(c)
+        mid = moment_center(c.bounds)
         for center, squared in ((0.0, False), (mid, False), (mid, True)):
-            bound = sum_bound(c, center, squared)
+            bound = sum_bound(c.bounds, center, squared)
             m = Measurement(
-                name="", kind="sum", column=c.name, center=center, squared=squared, bound=bound,
+                name="", kind="sum", arg=_bare(c), bounds=c.bounds, center=center, squared=squared, bound=bound,
                 scale=fixed_point_scale(bound),
             )  # fmt: skip
             wanted.append(m)
@@ -378,7 +388,8 @@ def _final(
 def _needed_columns(plan: DPPlan, table: Table) -> list[Column]:
     """Declared columns the query touches, plus the privacy unit, in policy order."""
     names = {table.privacy_unit} if table.privacy_unit else set()
-    names |= {m.column for m in plan.measurements if m.column}
+    for m in plan.measurements:
+        names |= m.columns
     for expr in [plan.where, *(k.expr for k in plan.group_keys)]:
         if expr is not None:
             names |= {c.name for c in expr.find_all(exp.Column)}
@@ -393,8 +404,8 @@ def _read_by(plan: DPPlan, name: str) -> bool:
 
 def _aggregate(m: Measurement, table: Table) -> exp.Expr:
     if m.kind == "count":
-        return exp.Count(this=exp.column(m.column, quoted=True) if m.column else exp.Star())
-    return exp.Sum(this=_fixed_point(m, table))
+        return exp.Count(this=m.arg.copy() if m.arg is not None else exp.Star())
+    return exp.Sum(this=_fixed_point(m))
 
 
 def _weighted_value(m: Measurement, table: Table, n: str, k: int) -> exp.Expr:
@@ -402,24 +413,27 @@ def _weighted_value(m: Measurement, table: Table, n: str, k: int) -> exp.Expr:
     denominator = exp.Greatest(this=exp.column(n, quoted=True), expressions=[exp.Literal.number(k)], ignore_nulls=True)
     if m.kind == "count":  # v = S >= 0 for every row (COUNT(*)) or every non-NULL x (COUNT(x))
         weighted: exp.Expr = exp.IntDiv(this=exp.Literal.number(int(m.scale) * k), expression=denominator)
-        if m.column:
-            x = exp.column(m.column, quoted=True)
+        if m.arg is not None:
+            x = m.arg.copy()
             weighted = exp.Case(ifs=[exp.If(this=exp.Not(this=exp.Is(this=x, expression=exp.Null())), true=weighted)])
         return weighted
     # Integer division truncates toward zero on the backend (DuckDB and PostgreSQL alike; tested), and
     # |v| * k <= (10**6 + 1) * 10**4 fits BIGINT (fixed_point_scale keeps |v| <= ceil(bound * scale)).
-    product = exp.Mul(this=_fixed_point(m, table), expression=exp.Literal.number(k))
+    product = exp.Mul(this=_fixed_point(m), expression=exp.Literal.number(k))
     return exp.IntDiv(this=product, expression=denominator)
 
 
-def _fixed_point(m: Measurement, table: Table) -> exp.Expr:
-    """The row's value ``round((clamp(x) - c)^p * scale)`` as an integer, NULL when ``x`` is NULL."""
-    column = table.column(m.column or "")
-    assert column is not None and column.bounds is not None
-    x = exp.column(column.name, quoted=True)
-    lo, hi = column.bounds
+def _fixed_point(m: Measurement) -> exp.Expr:
+    """The row's value ``round((clamp(v) - c)^p * scale)`` as an integer, NULL when ``v`` is NULL.
+
+    ``v`` is the measurement's argument: a bare column (clamped to its declared bounds here), or an
+    expression over already clamped columns (passes/intervals.py) clamped again to its derived interval,
+    so whatever floating-point rounding did, the value lies in ``bounds`` (proof note there)."""
+    assert m.arg is not None and m.bounds is not None
+    x = m.arg
+    lo, hi = m.bounds
     value: exp.Expr = exp.Least(
-        this=exp.Greatest(this=x, expressions=[number(lo)], ignore_nulls=True),
+        this=exp.Greatest(this=x.copy(), expressions=[number(lo)], ignore_nulls=True),
         expressions=[number(hi)],
         ignore_nulls=True,
     )

@@ -47,11 +47,11 @@ def split_budget(plan: DPPlan, *, ctx: PlanContext) -> DPPlan:
     if private_keys:
         # Any count selects partitions equally privately (a unit adds at most k to at most k groups);
         # prefer COUNT(*), else reuse the COUNT(x) an AVG already needs rather than spend on another.
-        counts = sorted((m for m in measurements if m.kind == "count"), key=lambda m: m.column is not None)
+        counts = sorted((m for m in measurements if m.kind == "count"), key=lambda m: m.arg is not None)
         selector = counts[0].name if counts else None
         if selector is None:
             selector = f"__m{len(measurements)}"
-            measurements.append(Measurement(name=selector, kind="count", column=None))
+            measurements.append(Measurement(name=selector, kind="count", arg=None))
     if not measurements:  # only public group keys are listed: nothing about the data is released
         return plan.with_(delta=0.0)
     share = plan.epsilon / len(measurements)

@@ -4,6 +4,8 @@ query now, over an empty relation of the release's column types, so that it cann
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from sqlglot import exp
 from sqlglot.optimizer.annotate_types import annotate_types
 
@@ -22,6 +24,7 @@ def render_post_processing(plan: DPPlan, *, ctx: PlanContext) -> DPPlan:
     reference to a value the release lacks or an operation its types do not support is refused now, at
     no cost, instead of failing after the budget was charged (every retry charged again).
     """
+    plan = _postgres_division(plan)
     if not plan.measurements:  # public key values only: post-processed without any spend
         post_python = python_evaluators(plan)
         return plan.with_(
@@ -32,6 +35,60 @@ def render_post_processing(plan: DPPlan, *, ctx: PlanContext) -> DPPlan:
     bind = post_processing_query(plan).with_(NOISY, as_=empty, copy=False).sql(dialect="duckdb")
     run_sandboxed(bind, what="the query's outputs, HAVING or ORDER BY")
     return plan.with_(post_python=python_evaluators(plan), post_sql=sql)
+
+
+_INTEGER_TYPES = ("BIGINT",)
+
+
+def _postgres_division(plan: DPPlan) -> DPPlan:
+    """Outputs, HAVING and ORDER BY with PostgreSQL's ``/``: of two integers (noisy counts, integer keys and
+    literals, and arithmetic of those) it truncates toward zero, as ``COUNT(*) / 7`` does in PostgreSQL;
+    any other ``/`` divides as a double. A zero divisor gives NULL (PostgreSQL raises; here the budget
+    is already spent, so the answer keeps its other values). Tests: tests/test_postprocess.py."""
+    assert plan.table is not None
+    integer = {k.name for k in plan.group_keys if _key_type(k, plan.table) in _INTEGER_TYPES}
+    integer |= {m.name for m in plan.measurements if m.kind == "count"}
+    outputs = {o.name: o.expr for o in plan.outputs}
+
+    def is_integer(node: exp.Expr, seen: frozenset[str] = frozenset()) -> bool:
+        if isinstance(node, exp.Paren | exp.Neg | exp.Abs):
+            return is_integer(node.this, seen)
+        if isinstance(node, exp.Column):
+            if node.name in integer:
+                return True
+            aliased = outputs.get(node.name)  # HAVING / ORDER BY may name an output
+            return aliased is not None and node.name not in seen and is_integer(aliased, seen | {node.name})
+        if isinstance(node, exp.Literal):
+            return not node.is_string and node.this.isdigit()
+        if isinstance(node, exp.Add | exp.Sub | exp.Mul | exp.IntDiv):
+            return is_integer(node.this, seen) and is_integer(node.expression, seen)
+        if isinstance(node, exp.Nullif):
+            return is_integer(node.this, seen)
+        if isinstance(node, exp.Greatest | exp.Least | exp.Coalesce):
+            return all(is_integer(a, seen) for a in (node.this, *node.expressions))
+        return False
+
+    def rewrite(node: exp.Expr) -> exp.Expr:
+        if type(node) is exp.Div and node.args.get("typed") and is_integer(node.this) and is_integer(node.expression):
+            divisor = exp.Nullif(this=node.expression, expression=exp.Literal.number(0))
+            return exp.IntDiv(this=node.this, expression=divisor)
+        return node
+
+    def fixed(tree: exp.Expr) -> exp.Expr:
+        tree = tree.copy()
+        for node in reversed(list(tree.walk(bfs=True))):  # children first: nested divisions
+            new = rewrite(node)
+            if new is not node:
+                if node is tree:
+                    return new
+                node.replace(new)
+        return tree
+
+    return plan.with_(
+        outputs=tuple(replace(o, expr=fixed(o.expr)) for o in plan.outputs),
+        having=fixed(plan.having) if plan.having is not None else None,
+        order=tuple(fixed(o) for o in plan.order),  # type: ignore[misc]
+    )
 
 
 def _typed_nulls(plan: DPPlan) -> list[exp.Expr]:
@@ -47,7 +104,10 @@ def _key_type(key: GroupKey, table: Table) -> str:
     """The SQL type of a key's values: sqlglot's type inference of the expression over the declared columns."""
     expr = key.expr.this if isinstance(key.expr, exp.Try) else key.expr
     schema: dict[str, object] = {"t": {c.name: _SQL_TYPES[c.type] for c in table.columns}}
-    typed = annotate_types(exp.select(expr.copy()).from_("t"), schema=schema).expressions[0].type
+    qualified = expr.copy().transform(
+        lambda n: exp.column(n.name, table="t", quoted=True) if isinstance(n, exp.Column) else n
+    )  # annotate_types resolves qualified columns only
+    typed = annotate_types(exp.select(qualified).from_("t"), schema=schema).expressions[0].type
     if typed is None or typed.is_type(exp.DataType.Type.UNKNOWN, exp.DataType.Type.NULL):
         return "VARCHAR"
     if typed.is_type(*exp.DataType.INTEGER_TYPES):

@@ -44,7 +44,7 @@ def choose_rewrite(plan: DPPlan, *, ctx: PlanContext) -> DPPlan:
         )
     if not table.privacy_unit or (plan.group_keys and public_cells(plan.group_keys) is None):
         return plan.with_(rewrite="rows")
-    scalar_count = [(m.kind, m.column) for m in plan.measurements] == [("count", None)]
+    scalar_count = [(m.kind, m.arg) for m in plan.measurements] == [("count", None)]
     if not plan.group_keys and scalar_count and not bounds_before_filter(plan, ctx):
         return plan.with_(rewrite="unit_count")
     return plan.with_(rewrite="weighted")

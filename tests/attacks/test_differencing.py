@@ -226,10 +226,13 @@ def test_filter_on_one_person_is_still_bounded(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("sql", "sqlstate"),
     [
-        ("SELECT SUM(CASE WHEN pid = 999 THEN income END) FROM t", "0A000"),
-        ("SELECT SUM(CASE WHEN pid = 999 THEN income ELSE 0 END) FROM t", "0A000"),
-        ("SELECT COUNT(CASE WHEN pid = 999 THEN 1 END) FROM t", "0A000"),
-        ("SELECT AVG(income * (pid = 999)) FROM t", "0A000"),
+        ("SELECT SUM(CASE WHEN pid = 999 THEN income END) FROM t", "42501"),
+        ("SELECT SUM(CASE WHEN pid = 999 THEN income ELSE 0 END) FROM t", "42501"),
+        ("SELECT COUNT(CASE WHEN pid = 999 THEN 1 END) FROM t", "42501"),
+        ("SELECT SUM(income) FILTER (WHERE pid = 999) FROM t", "42501"),
+        ("SELECT COUNT(*) FILTER (WHERE pid IN (999, 1000)) FROM t", "42501"),
+        ("SELECT AVG(income * (pid = 999)) FROM t", "42501"),
+        ("SELECT AVG(income * (age = 99)) FROM t", "0A000"),
         ("SELECT CASE WHEN pid = 999 THEN 'x' ELSE 'y' END AS g, SUM(income) FROM t GROUP BY 1", "42501"),
         ("SELECT pid = 999 AS g, SUM(income) FROM t GROUP BY 1", "42501"),
         ("SELECT pid AS p, COUNT(*) FROM t GROUP BY p", "42501"),

@@ -37,6 +37,31 @@ IDENTICAL = [
     ("weighted", "SELECT married, AVG(income) FROM pums WHERE age > 30 AND race IN (1, 2) GROUP BY married"),
     ("weighted", "SELECT VARIANCE(age), STDDEV(income) FROM pums WHERE income BETWEEN 1000 AND 90000"),
     ("unit_count", "SELECT COUNT(*) FROM pums WHERE age >= 40"),
+    # row expressions (passes/intervals.py) and FILTER: PostgreSQL semantics on every backend
+    ("weighted", "SELECT age / 10, COUNT(*), SUM(income) FROM pums GROUP BY age / 10"),
+    ("weighted", "SELECT width_bucket(income, 0, 100000, 7), COUNT(*), AVG(age) FROM pums GROUP BY 1"),
+    ("weighted", "SELECT FLOOR(age / 10) * 10 AS decade, sex, AVG(income) FROM pums GROUP BY 1, 2"),
+    (
+        "weighted",
+        "SELECT SUM(income * 2), AVG(CASE WHEN sex = 1 THEN income ELSE 0 END), SUM(COALESCE(income, 0)) FROM pums",
+    ),
+    (
+        "weighted",
+        "SELECT sex, AVG(LN(income + 1)), SUM(ROUND(income / 1000, 1)), SUM(age / 7), SUM((age - 50) / 7) FROM pums GROUP BY sex",
+    ),
+    (
+        "weighted",
+        "SELECT AVG(EXP(age / 10.0)), STDDEV(SQRT(income)), SUM(ABS(age - 50)), SUM(GREATEST(age, 40) - LEAST(age, 60)) FROM pums",
+    ),
+    (
+        "weighted",
+        "SELECT SUM(ROUND(income / 3)), SUM(FLOOR(income / 7) + CEIL(income / 7)), VARIANCE(POWER(age, 2)), SUM(CAST(age AS DOUBLE PRECISION) / 7) FROM pums",
+    ),
+    (
+        "weighted",
+        "SELECT married, SUM(income) FILTER (WHERE age > 30), COUNT(*) FILTER (WHERE race IN (1, 2)), AVG(age) FILTER (WHERE sex = 0) FROM pums GROUP BY married",
+    ),
+    ("weighted", "SELECT COUNT(*) FILTER (WHERE age >= 40), COUNT(CASE WHEN income > 50000 THEN 1 END) FROM pums"),
     ("unit_count", "SELECT COUNT(*) FROM pums"),
 ]
 
@@ -108,6 +133,9 @@ def test_null_nan_inf_and_huge_values(backend: Backend, reference: Backend) -> N
         "SELECT COUNT(*), COUNT(x), SUM(x), AVG(x) FROM edges",
         "SELECT g, SUM(x), COUNT(x) FROM edges GROUP BY g",
         "SELECT COUNT(*) FROM edges WHERE x > 0",
+        # ROUND half away from zero on the ties above, NULL/NaN/inf through an expression, FILTER
+        "SELECT SUM(ROUND(x)), SUM(ROUND(x / 2) * 3), AVG(ABS(x) / 1000), SUM(COALESCE(x, 7)) FROM edges",
+        "SELECT g, SUM(ROUND(x, 1)) FILTER (WHERE x < 3), COUNT(*) FILTER (WHERE x IS NULL) FROM edges GROUP BY g",
     ):
         assert sorted_rows(exact(got, sql)) == sorted_rows(exact(expected, sql)), sql
 
