@@ -11,7 +11,7 @@ from sqlglot import exp
 from dpgateway.policies.model import Table
 from dpgateway.sqlcheck import VerifiedSQL
 
-MeasureKind = Literal["count", "sum"]
+MeasureKind = Literal["count", "sum", "quantile", "count_distinct"]
 
 
 @dataclass(frozen=True)
@@ -43,12 +43,22 @@ class Measurement:
     epsilon: float = 0.0
     noise_scale: float = 0.0  # discrete Laplace scale, integer units
     threshold: int | None = None  # set on the count that selects partitions
+    alpha: float | None = None  # quantile: the fraction (passes/quantiles.py); noise_scale is then the noisy max's
+
+    @property
+    def is_laplace(self) -> bool:
+        """Whether this is an integer noised with discrete Laplace (every kind but the quantile)."""
+        return self.kind != "quantile"
 
     @property
     def label(self) -> str:
         """Human-readable description, e.g. ``SUM((income - 250000)^2)``."""
         if self.kind == "count":
             return f"COUNT({self.column or '*'})"
+        if self.kind == "count_distinct":
+            return f"COUNT(DISTINCT {self.column})"
+        if self.kind == "quantile":
+            return f"QUANTILE({self.column}, {self.alpha:g})"
         inner = self.column or "?"
         if self.center:
             inner = f"{inner} - {self.center:g}"

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from sqlglot import exp
 
 from dpgateway.errors import GroupingError, PrivacyViolationError, UnsupportedError
+from dpgateway.passes import quantiles
 from dpgateway.passes.context import PlanContext
 from dpgateway.plan import DPPlan, GroupKey, MeasureKind, Measurement, Output
 from dpgateway.policies.model import Column, Table
@@ -59,6 +60,7 @@ def plan_aggregates(plan: DPPlan, *, ctx: PlanContext) -> DPPlan:
     post_order = (
         tuple(_ordered(o, plan.group_keys, registry, plan.table, aliases) for o in order.expressions) if order else ()
     )
+    quantiles.check_shape(plan.with_(measurements=tuple(registry.measurements)))
     return plan.with_(
         where=condition,
         outputs=outputs,
@@ -71,8 +73,10 @@ def plan_aggregates(plan: DPPlan, *, ctx: PlanContext) -> DPPlan:
 
 
 def _is_aggregate(node: exp.Expr) -> bool:
-    return isinstance(node, exp.AggFunc) or (
-        isinstance(node, exp.Anonymous) and node.name.upper() in ANONYMOUS_AGGREGATES
+    return (
+        isinstance(node, exp.AggFunc)
+        or (isinstance(node, exp.Anonymous) and node.name.upper() in ANONYMOUS_AGGREGATES)
+        or quantiles.is_quantile_call(node)
     )
 
 
@@ -124,6 +128,8 @@ def _output(node: exp.Expr, keys: tuple[GroupKey, ...], registry: _Registry, tab
     kind = "expr"
     if any(inner == k.expr for k in keys):
         kind = "key"
+    elif quantiles.output_kind(inner):
+        kind = quantiles.output_kind(inner) or kind
     elif isinstance(inner, exp.AggFunc):
         kind = _kind(inner)
     names = {m.name for m in registry.measurements}
@@ -182,6 +188,9 @@ def _post(
         for key in keys:
             if n == key.expr:
                 return exp.column(key.name)
+        special = quantiles.plan_special(n, registry.measurements, table)  # quantiles, COUNT(DISTINCT)
+        if special is not None:
+            return special
         if isinstance(n, exp.Anonymous) and n.name.upper() in ANONYMOUS_AGGREGATES:
             n = ANONYMOUS_AGGREGATES[n.name.upper()](this=n.expressions[0] if n.expressions else None)
         if isinstance(n, exp.AggFunc):
@@ -213,8 +222,9 @@ def _aggregate(agg: exp.AggFunc, registry: _Registry, table: Table) -> exp.Expr:
         return _count(registry.get("count", _column_arg(agg, table, need_bounds=False)))
     if not isinstance(agg, (exp.Sum, exp.Avg, *VARIANCES)):
         raise UnsupportedError(
-            f"aggregate {agg.sql_name()} is not supported yet; supported are COUNT, SUM, AVG, VARIANCE, "
-            "VAR_POP, VAR_SAMP, STDDEV, STDDEV_POP, STDDEV_SAMP"
+            f"aggregate {agg.sql_name()} is not supported yet; supported are COUNT, COUNT(DISTINCT col), SUM, AVG, "
+            "VARIANCE, VAR_POP, VAR_SAMP, STDDEV, STDDEV_POP, STDDEV_SAMP, MIN, MAX, MEDIAN, PERCENTILE_CONT, "
+            "PERCENTILE_DISC, quantile_cont, quantile_disc"
         )
     column = _column_arg(agg, table, need_bounds=True)
     assert column.bounds is not None
