@@ -512,7 +512,7 @@ def _explain(plan: DPPlan, executor: Executor | None) -> Explanation:
 def _mechanism_name(plan: DPPlan, m: Measurement) -> str:
     if m.kind == "quantile":
         assert plan.table is not None
-        return f"OpenDP quantile (exponential mechanism over {grid(m, plan.table).size} candidates)"
+        return f"OpenDP quantile (report noisy max over {grid(m, plan.table).size} candidates)"
     return "discrete Laplace threshold (partition selection)" if m.threshold is not None else "discrete Laplace"
 
 

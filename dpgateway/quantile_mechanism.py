@@ -4,7 +4,8 @@ A quantile of column ``x`` with declared bounds ``[lo, hi]`` is released as one 
 public grid (:class:`Grid`, from the bounds only). The backend snaps each kept row's clamped value to its
 nearest candidate and returns, per group, how many rows fell on each candidate (a histogram); here the
 histogram is scored exactly as OpenDP's ``make_quantile_score_candidates`` scores the snapped values, and
-OpenDP's ``make_noisy_max`` (the exponential mechanism, Gumbel noise) picks the candidate.
+OpenDP's ``make_noisy_max`` picks the candidate (report noisy max; under pure DP OpenDP adds exponential
+noise, i.e. permute-and-flip [MS20]), exactly what OpenDP's ``make_private_quantile`` does with the raw values.
 
 Proof note (the score from the histogram is OpenDP's score on the data). Let the data be the multiset
 ``D`` of snapped values: each kept row's ``x``, clamped to ``[lo, hi]`` and moved to its nearest candidate
@@ -144,8 +145,9 @@ def noisy_index(histogram: Sequence[int], alpha: float, scale: float) -> int:
 def rank_half_width(scale: float, alpha: float, size: int, confidence: float = 0.95) -> float:
     """Rows R such that, with probability ``confidence``, the released candidate's score is within R of the best.
 
-    The exponential mechanism picks a candidate whose score exceeds the best by ``t`` with probability at
-    most ``size * exp(-t / scale)``; a score in rows is the score divided by ``den``, and moving one row
+    Report noisy max with exponential (or Gumbel) noise of ``scale`` picks a candidate whose score exceeds the
+    best by ``t`` only if that candidate's noise exceeds ``t``: probability at most ``exp(-t / scale)`` each,
+    ``size * exp(-t / scale)`` for all; a score in rows is the score divided by ``den``, and moving one row
     from above a candidate to below it changes ``(1 - alpha) * #below - alpha * #above`` by exactly 1,
     so this is a rank error in rows.
     """
