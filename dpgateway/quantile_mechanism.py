@@ -61,6 +61,11 @@ class Grid:
             return int(self.lo) + index * int(self.step)
         return self.lo + index * self.step
 
+    @property
+    def per_unit(self) -> float:
+        """Grid steps per unit of the column (the bin index multiplies by it)."""
+        return 1.0 / self.step
+
     def values(self) -> list[float]:
         return [float(self.value(i)) for i in range(self.size)]
 

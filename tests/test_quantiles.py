@@ -195,7 +195,7 @@ def test_histogram_from_sql_equals_an_independent_reference(gateway: Gateway) ->
     g = grid(plan.measurements[0], gateway.config.tables[0])
     expected: dict[tuple[Any, ...], dict[int, int]] = {}
     for group, x in zip(data["g"], data["x"], strict=True):
-        index = min(g.size - 1, max(0, math.floor((min(max(x, 0.0), 100.0) - g.lo) / g.step + 0.5)))
+        index = min(g.size - 1, max(0, math.floor((min(max(x, 0.0), 100.0) - g.lo) * g.per_unit + 0.5)))
         cell = expected.setdefault((group,), {})
         cell[index] = cell.get(index, 0) + 1
     for m in plan.measurements:

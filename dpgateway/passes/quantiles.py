@@ -206,10 +206,11 @@ def with_bins(plan: DPPlan, table: Table, final: exp.Select) -> exp.Select:
 
 
 def bin_index(m: Measurement, table: Table) -> exp.Expr:
-    """The index of the candidate nearest to ``clamp(x)``: ``floor((clamp(x) - lo) / step + 1/2)``, NULL for NULL x.
+    """The index of the candidate nearest to ``clamp(x)``: ``floor((clamp(x) - lo) * (1 / step) + 1/2)``, NULL for NULL x.
 
-    Computed in DOUBLE on every backend (IEEE division and FLOOR agree across engines), then clamped
-    to ``[0, size - 1]`` so a rounding at the top edge cannot leave the grid.
+    Computed in DOUBLE on every backend (IEEE multiplication and FLOOR agree across engines; a product, since
+    dialects disagree on what ``/`` means), then clamped to ``[0, size - 1]`` so a rounding at the top edge
+    cannot leave the grid. Which candidate a row snaps to is a function of that row alone.
     """
     column = table.column(m.column or "")
     assert column is not None and column.bounds is not None
@@ -222,7 +223,7 @@ def bin_index(m: Measurement, table: Table) -> exp.Expr:
         ignore_nulls=True,
     )
     offset = exp.Sub(this=exp.cast(clamped, "DOUBLE"), expression=number(g.lo))
-    scaled = exp.Add(this=exp.Div(this=exp.Paren(this=offset), expression=number(g.step)), expression=number(0.5))
+    scaled = exp.Add(this=exp.Mul(this=exp.Paren(this=offset), expression=number(g.per_unit)), expression=number(0.5))
     index: exp.Expr = exp.cast(exp.Floor(this=scaled), "BIGINT")
     index = exp.Least(
         this=exp.Greatest(this=index, expressions=[exp.Literal.number(0)], ignore_nulls=True),
