@@ -59,7 +59,7 @@ class Grid:
         """The candidate at ``index`` (an int for integer grids)."""
         if self.integer:
             return int(self.lo) + index * int(self.step)
-        return self.lo + index * self.step
+        return float(f"{self.lo + index * self.step:.12g}")  # 0.30000000000000004 shown as 0.3
 
     @property
     def per_unit(self) -> float:

@@ -297,8 +297,11 @@ def test_query_releases_candidates_and_debits_the_split(gateway: Gateway) -> Non
     assert [m.epsilon for m in explained.mechanisms] == pytest.approx([0.3] * 3)
     assert "quantile" in explained.mechanisms[1].mechanism
     assert explained.accuracy["med"].startswith("rank within ±") and "grid of step 1" in explained.accuracy["med"]
+    before = gateway.remaining()["analyst"]["epsilon"]
     result = gateway.query(sql, epsilon=0.9)
     assert result.epsilon == explained.epsilon <= 0.9
+    assert [c.epsilon for c in gateway.store.history()][-1] == result.epsilon  # the ledger debits the split
+    assert 0 <= before - gateway.remaining()["analyst"]["epsilon"] - result.epsilon <= 1e-9
     assert [row[0] for row in result.rows] == [0, 1, 2]
     assert all(isinstance(row[2], int) and 0 <= row[2] <= 100 for row in result.rows)
     assert result.half_width["med"] is None and result.half_width["n"] is not None
