@@ -22,7 +22,7 @@ from sqlglot import exp
 
 from dpgateway.connectors.duckdb import DuckDBHooks
 from dpgateway.passes.context import PlanContext
-from dpgateway.passes.quantiles import BIN, grid
+from dpgateway.passes.quantiles import BIN, column_grid, quantile_columns
 from dpgateway.plan import DPPlan
 from dpgateway.planner import build_plan
 from dpgateway.policies.loader import parse_config
@@ -43,10 +43,11 @@ tables:
       educ: {type: int}
 """
 QUERIES = {
-    "median by public key": "SELECT sex, MEDIAN(income), COUNT(*) FROM pums GROUP BY sex",
+    "median by public key": "SELECT sex, MEDIAN(income), COUNT(DISTINCT pid) FROM pums GROUP BY sex",
     "min max of an int": "SELECT MIN(age), MAX(age), PERCENTILE_DISC(0.25) WITHIN GROUP (ORDER BY age) FROM pums",
     "quantile by private key with a filter": "SELECT educ, quantile_cont(income, 0.9) FROM pums WHERE age > 30 GROUP BY educ",
     "distinct counts": "SELECT sex, COUNT(DISTINCT pid), COUNT(DISTINCT educ) FROM pums GROUP BY sex",
+    "two columns and a distinct count": "SELECT sex, MEDIAN(age), MAX(income), COUNT(DISTINCT educ) FROM pums GROUP BY sex",
 }
 
 
@@ -94,22 +95,28 @@ def test_golden_meaning(name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPat
     keys = [k.name for k in plan.group_keys]
     for key in plan.group_keys:
         raw[key.name] = con.sql(f"SELECT {key.expr.sql('duckdb')} AS k FROM raw").df()["k"].to_numpy()
-    quantiles = [m for m in plan.measurements if m.kind == "quantile"]
-    if quantiles:
-        m = quantiles[0]
-        g = grid(m, plan.table)
-        column = plan.table.column(m.column or "")
+    columns = quantile_columns(plan)
+    bin_names = [f"{BIN}{i}" for i in range(len(columns))]
+    for i, name in enumerate(columns):  # set i: rows with __bin<i> set, one histogram per column
+        column = plan.table.column(name)
         assert column is not None and column.bounds is not None
-        lo, hi = column.bounds
-        raw[BIN] = [
-            min(g.size - 1, max(0, math.floor((min(max(v, lo), hi) - g.lo) * g.per_unit + 0.5))) for v in raw[m.column]
+        (lo, hi), g = column.bounds, column_grid(column)
+        raw[bin_names[i]] = [
+            min(g.size - 1, max(0, math.floor((min(max(v, lo), hi) - g.lo) * g.per_unit + 0.5))) for v in raw[name]
         ]
-        reference = raw.groupby([*keys, BIN]).size().rename("n").reset_index()
-        for q in quantiles:  # every quantile of the column counts the same rows per candidate
-            merged = got[[*keys, BIN, q.name]].merge(reference, on=[*keys, BIN], how="outer").fillna(0)
-            assert (merged[q.name].astype("int64") == merged["n"].astype("int64")).all(), q.label
-        return
+        reference = raw.groupby([*keys, bin_names[i]]).size().rename("n").reset_index()
+        rows = got[got[bin_names[i]].notna() & (got[bin_names[i]] >= 0)]
+        for q in (m for m in plan.measurements if m.kind == "quantile" and m.column == name):
+            merged = rows[[*keys, bin_names[i], q.name]].merge(reference, on=[*keys, bin_names[i]], how="outer")
+            assert (merged[q.name].fillna(0).astype("int64") == merged["n"].fillna(0).astype("int64")).all(), q.label
+    plain = got[got[bin_names].isna().all(axis=1)] if bin_names else got  # the (keys) set
     for m in plan.measurements:
-        reference = raw.groupby(keys)[m.column].nunique() if keys else pd.Series([raw[m.column].nunique()])
-        by_key = dict(zip(got[keys[0]], got[m.name], strict=True)) if keys else {0: got[m.name][0]}
+        if m.kind == "quantile":
+            continue
+        if m.kind == "count" and m.column is None:  # the partition-selection count of private keys
+            reference = raw.groupby(keys).size() if keys else pd.Series([len(raw)])
+        else:
+            assert m.kind == "count_distinct" and m.column is not None
+            reference = raw.groupby(keys)[m.column].nunique() if keys else pd.Series([raw[m.column].nunique()])
+        by_key = dict(zip(plain[keys[0]], plain[m.name], strict=True)) if keys else {0: plain[m.name].iloc[0]}
         assert {k: int(v) for k, v in by_key.items()} == {k: int(v) for k, v in reference.items()}

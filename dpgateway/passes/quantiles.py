@@ -4,11 +4,13 @@ Planning hooks called from passes/aggregates.py (measurements), passes/rewrite.p
 passes/budget.py (calibration) and passes/bounding.py (the per-candidate histogram in SQL); the
 mechanism and its proof note are in dpgateway/quantile_mechanism.py.
 
-A quantile of ``x`` is a measurement of kind ``quantile``: the backend groups the kept rows by the group
-keys and by ``__bin``, the index of the candidate nearest to ``clamp(x)`` on the column's public grid,
-and returns ``COUNT(x)`` per bin (the histogram). Every other measurement of the query is summed over the
-bins of its group (exact: integer counts and fixed-point sums add up). One query may take quantiles of one
-column only (a second column would need a second histogram dimension).
+A quantile of ``x`` is a measurement of kind ``quantile``: the backend computes the query's aggregates
+with ``GROUP BY GROUPING SETS ((keys), (keys, __bin0), (keys, __bin1), ...)``, one set per quantile column,
+``__bin<i>`` the index of the candidate nearest to ``clamp(x_i)`` on column ``i``'s public grid (-1 for a NULL
+``x_i``). The rows of the set ``(keys)`` (every ``__bin<i>`` NULL) are the ordinary per-group aggregates; the
+rows of set ``i`` carry ``COUNT(x_i)`` per candidate: the histogram of each quantile of column ``i``. So one
+statement, one pass over the kept rows, answers any mix of aggregates, quantiles of several columns and
+distinct counts.
 
 MIN and MAX are the ``MIN_ALPHA`` and ``1 - MIN_ALPHA`` quantiles: the true minimum is one person's value,
 so any DP release of it is noise spanning the bounds; a quantile just inside the extreme is what can be
@@ -37,7 +39,7 @@ from dpgateway.quantile_mechanism import Grid, calibrate, grid_for, noisy_index,
 from dpgateway.sqlparse import number
 
 MIN_ALPHA = 0.01  # MIN(x) is the 1st percentile, MAX(x) the 99th (module docstring)
-BIN = "__bin"
+BIN = "__bin"  # __bin0, __bin1, ...: one per quantile column
 QUANTILE_FUNCTIONS = {"QUANTILE_CONT", "QUANTILE_DISC", "QUANTILE", "PERCENTILE_CONT", "PERCENTILE_DISC", "MEDIAN"}
 
 
@@ -147,21 +149,6 @@ def _distinct(distinct: exp.Distinct, measurements: list[Measurement], table: Ta
     return m.name
 
 
-def check_shape(plan: DPPlan) -> None:
-    """Refuse the combinations the histogram layout cannot answer (0A000, naming the fix)."""
-    columns = {m.column or "" for m in plan.measurements if m.kind == "quantile"}
-    if len(columns) > 1:
-        raise UnsupportedError(
-            f"quantiles (MIN, MAX, MEDIAN, PERCENTILE_*) over more than one column ({', '.join(sorted(columns))}) "
-            "in one query are not supported yet; send one query per column"
-        )
-    if columns and any(m.kind == "count_distinct" for m in plan.measurements):
-        raise UnsupportedError(
-            "COUNT(DISTINCT ...) and quantiles (MIN, MAX, MEDIAN, PERCENTILE_*) cannot be combined in one query "
-            "yet; send them separately"
-        )
-
-
 def needs_row_bounding(plan: DPPlan) -> bool:
     """Quantiles and distinct counts need each unit's kept rows (weights cannot scale them)."""
     return any(m.kind in ("quantile", "count_distinct") for m in plan.measurements)
@@ -178,7 +165,13 @@ def distinct_sensitivity(m: Measurement, plan: DPPlan) -> int:
 def grid(m: Measurement, table: Table) -> Grid:
     """The public candidate grid of a quantile measurement's column."""
     column = table.column(m.column or "")
-    assert column is not None and column.bounds is not None
+    assert column is not None
+    return column_grid(column)
+
+
+def column_grid(column: Column) -> Grid:
+    """The public candidate grid of a column, from its declared bounds and type only."""
+    assert column.bounds is not None
     lo, hi = column.bounds
     return grid_for(float(lo), float(hi), column.type == "int")
 
@@ -195,27 +188,40 @@ def aggregate_sql(m: Measurement) -> exp.Expr | None:
     return None
 
 
+def quantile_columns(plan: DPPlan) -> list[str]:
+    """The columns the query takes quantiles of, in order of first use (one histogram each)."""
+    return list(dict.fromkeys(m.column or "" for m in plan.measurements if m.kind == "quantile"))
+
+
 def with_bins(plan: DPPlan, table: Table, final: exp.Select) -> exp.Select:
-    """``final`` also grouped by the quantile column's candidate index ``__bin`` (its last column)."""
-    quantiles = [m for m in plan.measurements if m.kind == "quantile"]
-    if not quantiles:
+    """``final`` grouped by ``GROUPING SETS ((keys), (keys, __bin0), ...)`` when the query has quantiles."""
+    columns = quantile_columns(plan)
+    if not columns:
         return final
-    index = bin_index(quantiles[0], table)
-    final = final.select(exp.alias_(index, BIN, quoted=True), copy=False)
-    return final.group_by(index.copy(), copy=False)
+    keys = [exp.column(k.name, quoted=True) for k in plan.group_keys]
+    bins = [bin_index(column, table) for column in columns]
+    final = final.select(*(exp.alias_(b, f"{BIN}{i}", quoted=True) for i, b in enumerate(bins)), copy=False)
+
+    def grouping_set(items: list[exp.Expr]) -> exp.Expr:  # the parser's shape: (a) is a Paren, () and (a, b) Tuples
+        return exp.Paren(this=items[0]) if len(items) == 1 else exp.Tuple(expressions=items)
+
+    sets = [grouping_set([k.copy() for k in keys])]
+    sets.extend(grouping_set([*(k.copy() for k in keys), b.copy()]) for b in bins)
+    final.set("group", exp.Group(expressions=[exp.GroupingSets(expressions=sets)]))
+    return final
 
 
-def bin_index(m: Measurement, table: Table) -> exp.Expr:
-    """The index of the candidate nearest to ``clamp(x)``: ``floor((clamp(x) - lo) * (1 / step) + 1/2)``, NULL for NULL x.
+def bin_index(name: str, table: Table) -> exp.Expr:
+    """The index of the candidate nearest to ``clamp(x)``: ``floor((clamp(x) - lo) * (1 / step) + 1/2)``, -1 for NULL x.
 
     Computed in DOUBLE on every backend (IEEE multiplication and FLOOR agree across engines; a product, since
     dialects disagree on what ``/`` means), then clamped to ``[0, size - 1]`` so a rounding at the top edge
     cannot leave the grid. Which candidate a row snaps to is a function of that row alone.
     """
-    column = table.column(m.column or "")
+    column = table.column(name)
     assert column is not None and column.bounds is not None
     lo, hi = column.bounds
-    g = grid(m, table)
+    g = column_grid(column)
     x = exp.column(column.name, quoted=True)
     clamped = exp.Least(
         this=exp.Greatest(this=x, expressions=[number(lo)], ignore_nulls=True),
@@ -230,7 +236,8 @@ def bin_index(m: Measurement, table: Table) -> exp.Expr:
         expressions=[exp.Literal.number(g.size - 1)],
         ignore_nulls=True,
     )
-    return exp.Case(ifs=[exp.If(this=exp.Not(this=exp.Is(this=x.copy(), expression=exp.Null())), true=index)])
+    not_null = exp.Not(this=exp.Is(this=x.copy(), expression=exp.Null()))
+    return exp.Case(ifs=[exp.If(this=not_null, true=index)], default=exp.Literal.number(-1))
 
 
 def calibrate_quantile(m: Measurement, plan: DPPlan, epsilon: float) -> Measurement:
@@ -248,33 +255,34 @@ Histograms = dict[str, dict[Key, dict[int, int]]]
 
 
 def split_bins(plan: DPPlan, exact: ExactAggregates) -> tuple[ExactAggregates, Histograms]:
-    """Rows per (group, bin) -> one row per group (other measurements summed over bins) and the histograms.
-
-    The sums are exact: integer counts and fixed-point sums of disjoint sets of rows add up to the group's.
-    """
-    n_keys = len(plan.group_keys)
-    names = [m.name for m in plan.measurements]
-    if not any(m.kind == "quantile" for m in plan.measurements):
+    """The grouping sets' rows apart: the ``(keys)`` rows as the exact aggregates, the others as histograms."""
+    columns = quantile_columns(plan)
+    if not columns:
         return exact, {}
-    if exact.columns[-1] != BIN or len(exact.columns) != n_keys + len(names) + 1:
+    n_keys, names = len(plan.group_keys), [m.name for m in plan.measurements]
+    if len(exact.columns) != n_keys + len(names) + len(columns):
         raise InternalError("the backend returned an unexpected number of columns")
-    totals: dict[Key, list[int]] = {}
+    rows = []
     histograms: Histograms = {m.name: {} for m in plan.measurements if m.kind == "quantile"}
+    readers = [
+        [(n_keys + j, m.name) for j, m in enumerate(plan.measurements) if m.column == c and m.kind == "quantile"]
+        for c in columns
+    ]
     for row in exact.rows:
-        key = tuple(row[:n_keys])
-        values = [0 if v is None else int(v) for v in row[n_keys : n_keys + len(names)]]
-        total = totals.setdefault(key, [0] * len(names))
-        for i, v in enumerate(values):
-            total[i] += v
-        index = row[-1]
-        if index is None:  # rows whose x is NULL: counted by the other measurements, in no histogram
+        bins = row[n_keys + len(names) :]
+        filled = [i for i, b in enumerate(bins) if b is not None]
+        if not filled:  # the (keys) grouping set
+            rows.append(tuple(row[: n_keys + len(names)]))
             continue
-        for i, name in enumerate(names):
-            if name in histograms:
-                cell = histograms[name].setdefault(key, {})
-                cell[int(index)] = cell.get(int(index), 0) + values[i]
-    rows = tuple((*key, *total) for key, total in totals.items())
-    return ExactAggregates(columns=(*exact.columns[:n_keys], *names), rows=rows), histograms
+        if len(filled) != 1:
+            raise InternalError("a histogram row belongs to two grouping sets; this is a bug")
+        index = int(bins[filled[0]])
+        if index < 0:  # rows whose value is NULL: in no histogram
+            continue
+        key = tuple(row[:n_keys])
+        for position, name in readers[filled[0]]:
+            histograms[name].setdefault(key, {})[index] = int(row[position] or 0)
+    return ExactAggregates(columns=exact.columns[: n_keys + len(names)], rows=tuple(rows)), histograms
 
 
 def noisy_indexes(plan: DPPlan, m: Measurement, histograms: Histograms, cells: list[Key]) -> list[int]:
