@@ -142,6 +142,8 @@ def _output_name(node: exp.Expr) -> str:
         return node.alias
     if isinstance(node, exp.Column):
         return node.name
+    if quantiles.output_name(node):  # percentile_cont, quantile_cont, ...
+        return quantiles.output_name(node) or ""
     for cls, name in POSTGRES_NAMES.items():
         if type(node) is cls:
             return name

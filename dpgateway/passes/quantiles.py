@@ -59,6 +59,15 @@ def output_kind(node: exp.Expr) -> str | None:
     return None
 
 
+def output_name(node: exp.Expr) -> str | None:
+    """The column name PostgreSQL gives a quantile call it names by its function, else None."""
+    if isinstance(node, exp.WithinGroup) and isinstance(node.this, exp.Func):
+        return node.this.sql_name().lower()
+    if is_quantile_call(node):
+        return node.name.lower()
+    return None
+
+
 def plan_special(node: exp.Expr, measurements: list[Measurement], table: Table) -> exp.Expr | None:
     """The noisy expression for a quantile or COUNT(DISTINCT) aggregate (registering it), or None."""
     if isinstance(node, exp.Count) and isinstance(node.this, exp.Distinct):
@@ -305,6 +314,6 @@ def quantile_accuracy(m: Measurement, table: Table, confidence: float = 0.95) ->
     g = grid(m, table)
     rows = rank_half_width(m.noise_scale, m.alpha, g.size, confidence)
     return (
-        f"rank within ±{rows:.3g} rows of the {m.alpha:g} quantile (95%), "
+        f"rank within ±{rows:.3g} rows of the {m.alpha:g} quantile, "
         f"on a grid of step {g.value(1) - g.value(0) if g.size > 1 else 0:g} (values of one candidate tie)"
     )
