@@ -34,8 +34,9 @@ from dpgateway.mechanisms import laplace_half_width
 from dpgateway.noise import Noisy, add_noise, release
 from dpgateway.passes.bounding import prepared_copy_tree
 from dpgateway.passes.context import PlanContext, PreparedCopy
+from dpgateway.passes.quantiles import grid, quantile_accuracy
 from dpgateway.passes.rewrite import bounds_before_filter
-from dpgateway.plan import DPPlan
+from dpgateway.plan import DPPlan, Measurement
 from dpgateway.planner import PlanCache
 from dpgateway.policies.loader import load_config
 from dpgateway.policies.model import Config
@@ -505,9 +506,7 @@ def _explain(plan: DPPlan, executor: Executor | None) -> Explanation:
     mechanisms = tuple(
         MechanismInfo(
             measurement=m.label,
-            mechanism="discrete Laplace threshold (partition selection)"
-            if m.threshold is not None
-            else "discrete Laplace",
+            mechanism=_mechanism_name(plan, m),
             epsilon=m.epsilon,
             sensitivity=m.sensitivity / m.scale,
             noise_scale=m.noise_scale / m.scale,
@@ -538,6 +537,13 @@ def _explain(plan: DPPlan, executor: Executor | None) -> Explanation:
     )
 
 
+def _mechanism_name(plan: DPPlan, m: Measurement) -> str:
+    if m.kind == "quantile":
+        assert plan.table is not None
+        return f"OpenDP quantile (report noisy max over {grid(m, plan.table).size} candidates)"
+    return "discrete Laplace threshold (partition selection)" if m.threshold is not None else "discrete Laplace"
+
+
 def _accuracies(plan: DPPlan, executor: Executor) -> tuple[dict[str, str], dict[str, float | None]]:
     """Each output column's 95% accuracy as text, and as a number where the half-width is exact."""
     text = {o.name: _accuracy(plan, executor, o.kind, o.measurements) for o in plan.outputs}
@@ -556,11 +562,14 @@ def _accuracies(plan: DPPlan, executor: Executor) -> tuple[dict[str, str], dict[
 def _accuracy(plan: DPPlan, executor: Executor, kind: str, used: tuple[str, ...]) -> str:
     """95% half-width of one output column (exact for COUNT/SUM, per group size n for AVG)."""
     ms = [plan.measurement(n) for n in used]
-    widths = {m.name: executor.half_width(m.noise_scale) / m.scale for m in ms}
+    widths = {m.name: executor.half_width(m.noise_scale) / m.scale for m in ms if m.is_laplace}
     if kind == "key":
         return "exact key" if not plan.selects_partitions else "exact key (released by partition selection)"
     if not ms:
         return "exact (no noisy value)"
+    if kind == "quantile" and len(ms) == 1:
+        assert plan.table is not None
+        return quantile_accuracy(ms[0], plan.table)
     if kind in ("count", "sum") and len(ms) == 1:
         return f"±{widths[ms[0].name]:.6g}"
     if kind == "avg" and len(ms) == 2:

@@ -11,6 +11,7 @@ from dpgateway.connectors.base import ExactAggregates
 from dpgateway.errors import InternalError
 from dpgateway.mechanisms import noisy_vector, select_partitions
 from dpgateway.passes.groups import public_cells
+from dpgateway.passes.quantiles import grid, noisy_indexes, split_bins
 from dpgateway.plan import DPPlan
 
 Key = tuple[Any, ...]
@@ -49,6 +50,7 @@ def add_noise(plan: DPPlan, exact: ExactAggregates) -> Noisy:
 def noisy_integers(plan: DPPlan, exact: ExactAggregates) -> tuple[list[Key], dict[str, list[int]]]:
     """The released cells and each measurement's noisy integers (fixed-point units), in cell order."""
     n_keys = len(plan.group_keys)
+    exact, histograms = split_bins(plan, exact)  # quantiles: per-candidate counts (passes/quantiles.py)
     by_key: dict[Key, tuple[Any, ...]] = {tuple(row[:n_keys]): row for row in exact.rows}
     if len(exact.columns) != n_keys + len(plan.measurements):
         raise InternalError("the backend returned an unexpected number of columns")
@@ -58,7 +60,11 @@ def noisy_integers(plan: DPPlan, exact: ExactAggregates) -> tuple[list[Key], dic
         cells, noisy = _select(plan, by_key)
     values = exact_vectors(by_key, cells, n_keys, [m.name for m in plan.measurements])
     return cells, {
-        m.name: noisy[m.name] if m.name in noisy else noisy_vector(values[m.name], m.noise_scale)
+        m.name: noisy[m.name]
+        if m.name in noisy
+        else noisy_indexes(plan, m, histograms, cells)
+        if m.kind == "quantile"
+        else noisy_vector(values[m.name], m.noise_scale)
         for m in plan.measurements
     }
 
@@ -76,14 +82,18 @@ def release(plan: DPPlan, cells: list[Key], noisy: dict[str, list[int]]) -> Nois
     columns: list[list[Any]] = [[cell[j] for cell in cells] for j in range(n_keys)]
     for m in plan.measurements:
         raw = noisy[m.name]
-        if m.kind == "count":  # a fixed-point count (weighted rewrite) is presented as an integer
+        if m.kind in ("count", "count_distinct"):  # a fixed-point count (weighted rewrite) is presented as an integer
             columns.append(list(raw) if m.scale == 1 else [round(v / m.scale) for v in raw])
+        elif m.kind == "quantile":  # the released candidate index, as the candidate's value
+            assert plan.table is not None
+            candidates = grid(m, plan.table)
+            columns.append([candidates.value(i) for i in raw])
         else:
             columns.append([v / m.scale for v in raw])
     return Noisy(
         columns=(*(k.name for k in plan.group_keys), *(m.name for m in plan.measurements)),
         values=tuple(columns),
-        counts=frozenset(m.name for m in plan.measurements if m.kind == "count"),
+        counts=frozenset(m.name for m in plan.measurements if m.kind in ("count", "count_distinct")),
     )
 
 

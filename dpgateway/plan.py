@@ -14,7 +14,7 @@ from dpgateway.sqlcheck import VerifiedSQL
 if TYPE_CHECKING:
     from dpgateway.passes.relations import Relation
 
-MeasureKind = Literal["count", "sum"]
+MeasureKind = Literal["count", "sum", "quantile", "count_distinct"]
 
 
 @dataclass(frozen=True)
@@ -56,6 +56,12 @@ class Measurement:
     epsilon: float = 0.0
     noise_scale: float = 0.0  # discrete Laplace scale, integer units
     threshold: int | None = None  # set on the count that selects partitions
+    alpha: float | None = None  # quantile: the fraction (passes/quantiles.py); noise_scale is then the noisy max's
+
+    @property
+    def is_laplace(self) -> bool:
+        """Whether this is an integer noised with discrete Laplace (every kind but the quantile)."""
+        return self.kind != "quantile"
 
     @property
     def column(self) -> str | None:
@@ -72,6 +78,10 @@ class Measurement:
         """Human-readable description, e.g. ``SUM((income - 250000)^2)``."""
         if self.kind == "count":
             return f"COUNT({self.text or self.column or '*'})"
+        if self.kind == "count_distinct":
+            return f"COUNT(DISTINCT {self.text or self.column})"
+        if self.kind == "quantile":
+            return f"QUANTILE({self.text or self.column}, {self.alpha:g})"
         inner = self.text or self.column or "?"
         if self.center:
             inner = f"({inner}) - {self.center:g}" if self.text else f"{inner} - {self.center:g}"

@@ -66,6 +66,8 @@ BACKEND_NODES: tuple[type[exp.Expr], ...] = (
     exp.Typeof,  # the unit rule: an integer-typed source column skips the text round trip (DuckDBHooks.unit)
     exp.Anonymous,  # only the names in ANONYMOUS_FUNCTIONS (and the backend hooks' BACKEND_FUNCTIONS)
     *AGGREGATES,
+    exp.Distinct,  # COUNT(DISTINCT col) (passes/quantiles.py)
+    exp.GroupingSets,  # quantile histograms beside the per-group aggregates (passes/quantiles.py)
 )
 ANONYMOUS_FUNCTIONS = frozenset({"HASH"})  # the keyed row hash (SQLHooks.row_hash)
 # Flags a dialect's parser sets or drops on its own: they do not change what the statement computes.

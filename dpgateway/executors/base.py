@@ -8,8 +8,8 @@ discrete Laplace noise and returns noisy integers in fixed-point units. Executor
 Proof note (the gateway accepts only the planned release): :func:`accept` rejects a result whose noise-plan
 fingerprint differs from the plan the ledger reserved for, whose measurement names differ, whose released
 cells are not the plan's public cells (when the keys are public), or whose number of released values is not
-cells x measurements. So an executor cannot release more values, or values noised by another plan, than
-the debit paid for. Tests: tests/executors/test_base.py.
+cells x measurements, or a quantile index outside its public candidates. So an executor cannot release more
+values, or values noised by another plan, than the debit paid for. Tests: tests/executors/test_base.py.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from typing import Any
 from dpgateway.errors import InternalError
 from dpgateway.mechanisms import laplace_half_width
 from dpgateway.passes.groups import public_cells
+from dpgateway.passes.quantiles import grid
 from dpgateway.plan import DPPlan
 
 Key = tuple[Any, ...]
@@ -32,7 +33,12 @@ Key = tuple[Any, ...]
 
 @dataclass(frozen=True)
 class MeasurementNoise:
-    """The noise of one measurement: discrete Laplace of ``scale`` on an integer of L1 ``sensitivity``."""
+    """The noise of one measurement: discrete Laplace of ``scale`` on an integer of L1 ``sensitivity``.
+
+    A ``quantile`` measurement is instead OpenDP's quantile mechanism (dpgateway/quantile_mechanism.py):
+    ``scale`` is its noisy max's, ``sensitivity`` the score's L-infinity sensitivity, and the released
+    integer is the index of one of ``candidates`` grid values (``alpha`` the quantile's fraction).
+    """
 
     name: str
     kind: str
@@ -40,6 +46,8 @@ class MeasurementNoise:
     scale: float
     epsilon: float
     threshold: int | None = None  # partition selection: released only where the noisy count reaches it
+    alpha: float | None = None  # quantile only
+    candidates: int | None = None  # quantile only: the grid's size (released indexes are below it)
 
 
 @dataclass(frozen=True)
@@ -62,7 +70,16 @@ class NoisePlan:
         cells = public_cells(plan.group_keys) if n_keys else [()]
         return cls(
             measurements=tuple(
-                MeasurementNoise(m.name, m.kind, m.sensitivity, m.noise_scale, m.epsilon, m.threshold)
+                MeasurementNoise(
+                    m.name,
+                    m.kind,
+                    m.sensitivity,
+                    m.noise_scale,
+                    m.epsilon,
+                    m.threshold,
+                    m.alpha,
+                    grid(m, plan.table).size if m.kind == "quantile" and plan.table is not None else None,
+                )
                 for m in plan.measurements
             ),
             cells=None if cells is None else tuple(tuple(c) for c in cells),
@@ -76,6 +93,7 @@ class NoisePlan:
         return {
             "measurements": [
                 [m.name, m.kind, m.sensitivity, float(m.scale).hex(), float(m.epsilon).hex(), m.threshold]
+                + ([] if m.alpha is None else [float(m.alpha).hex(), m.candidates])  # quantiles only
                 for m in self.measurements
             ],
             "cells": None if self.cells is None else [[encode_value(v) for v in cell] for cell in self.cells],
@@ -88,10 +106,7 @@ class NoisePlan:
     def from_json(cls, data: Mapping[str, Any]) -> NoisePlan:
         cells = data["cells"]
         return cls(
-            measurements=tuple(
-                MeasurementNoise(n, k, int(s), float.fromhex(b), float.fromhex(e), t)
-                for n, k, s, b, e, t in data["measurements"]
-            ),
+            measurements=tuple(_measurement_from_json(entry) for entry in data["measurements"]),
             cells=None if cells is None else tuple(tuple(decode_value(v) for v in cell) for cell in cells),
             n_keys=int(data["n_keys"]),
             delta=float.fromhex(data["delta"]),
@@ -102,6 +117,21 @@ class NoisePlan:
         """SHA-256 of the canonical JSON form."""
         text = json.dumps(self.to_json(), sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _measurement_from_json(entry: list[Any]) -> MeasurementNoise:
+    name, kind, sensitivity, scale, epsilon, threshold, *quantile = entry
+    alpha, candidates = quantile if quantile else (None, None)
+    return MeasurementNoise(
+        name,
+        kind,
+        int(sensitivity),
+        float.fromhex(scale),
+        float.fromhex(epsilon),
+        threshold,
+        None if alpha is None else float.fromhex(alpha),
+        None if candidates is None else int(candidates),
+    )
 
 
 def encode_value(value: Any) -> list[Any]:
@@ -145,9 +175,18 @@ class Executor(ABC):
 
     name: str = ""
     simulated: bool = False
+    KINDS: frozenset[str] = frozenset({"count", "sum"})
+    """Measurement kinds this executor computes: integer sums noised with discrete Laplace, unless it says more."""
 
     def unsupported(self, plan: DPPlan) -> str | None:
         """Why this executor cannot run ``plan`` (a message naming the fix), or None."""
+        other = sorted({m.label for m in plan.measurements if m.kind not in self.KINDS})
+        if other:
+            return (
+                f"the {self.name} executor computes integer sums and counts only, not {', '.join(other)} "
+                "(quantiles, MIN/MAX and COUNT(DISTINCT) run on the plain executor); choose `--executor plain` "
+                "where the table's policy allows it (tables.<name>.executors_allowed)"
+            )
         return None
 
     def admit(self, plan: DPPlan, noise: NoisePlan) -> Executor:
@@ -188,3 +227,6 @@ def accept(noise: NoisePlan, result: NoisyResult) -> None:
         )
     if any(type(v) is not int for column in result.values.values() for v in column):
         raise InternalError(f"executor {result.evidence.executor} released a value that is not an integer")
+    for m in noise.measurements:  # a quantile releases the index of one of its public candidates
+        if m.candidates is not None and any(not 0 <= v < m.candidates for v in result.values[m.name]):
+            raise InternalError(f"executor {result.evidence.executor} released a quantile outside its candidates")

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from sqlglot import exp
 
 from dpgateway.errors import GroupingError, PrivacyViolationError, UnsupportedError
+from dpgateway.passes import quantiles
 from dpgateway.passes.context import PlanContext
 from dpgateway.passes.intervals import Total, bounded_value, condition
 from dpgateway.plan import DPPlan, GroupKey, MeasureKind, Measurement, Output
@@ -72,8 +73,10 @@ def plan_aggregates(plan: DPPlan, *, ctx: PlanContext) -> DPPlan:
 
 
 def _is_aggregate(node: exp.Expr) -> bool:
-    return isinstance(node, exp.AggFunc) or (
-        isinstance(node, exp.Anonymous) and node.name.upper() in ANONYMOUS_AGGREGATES
+    return (
+        isinstance(node, exp.AggFunc)
+        or (isinstance(node, exp.Anonymous) and node.name.upper() in ANONYMOUS_AGGREGATES)
+        or quantiles.is_quantile_call(node)
     )
 
 
@@ -136,6 +139,8 @@ def _output(node: exp.Expr, keys: tuple[GroupKey, ...], registry: _Registry, tab
     kind = "expr"
     if any(inner == k.expr for k in keys):
         kind = "key"
+    elif quantiles.output_kind(inner):
+        kind = quantiles.output_kind(inner) or kind
     elif isinstance(inner, exp.AggFunc):
         kind = _kind(inner)
     elif isinstance(inner, exp.Filter) and isinstance(inner.this, exp.AggFunc):
@@ -151,6 +156,8 @@ def _output_name(node: exp.Expr) -> str:
         return node.alias
     if isinstance(node, exp.Column):
         return node.name
+    if quantiles.output_name(node):  # percentile_cont, quantile_cont, ...
+        return quantiles.output_name(node) or ""
     for cls, name in POSTGRES_NAMES.items():
         if type(node) is cls:
             return name
@@ -196,6 +203,9 @@ def _post(
         for key in keys:
             if n == key.expr:
                 return exp.column(key.name)
+        special = quantiles.plan_special(n, registry.measurements, table)  # quantiles, COUNT(DISTINCT)
+        if special is not None:
+            return special
         if isinstance(n, exp.Anonymous) and n.name.upper() in ANONYMOUS_AGGREGATES:
             n = ANONYMOUS_AGGREGATES[n.name.upper()](this=n.expressions[0] if n.expressions else None)
         if isinstance(n, exp.Filter) and isinstance(n.this, exp.AggFunc):
@@ -230,8 +240,9 @@ def _aggregate(agg: exp.AggFunc, registry: _Registry, table: Table, where: exp.E
         return _count(registry.get("count", _filtered(_count_arg(agg, table, registry), where, registry)))
     if not isinstance(agg, (exp.Sum, exp.Avg, *VARIANCES)):
         raise UnsupportedError(
-            f"aggregate {agg.sql_name()} is not supported yet; supported are COUNT, SUM, AVG, VARIANCE, "
-            "VAR_POP, VAR_SAMP, STDDEV, STDDEV_POP, STDDEV_SAMP"
+            f"aggregate {agg.sql_name()} is not supported yet; supported are COUNT, COUNT(DISTINCT col), SUM, AVG, "
+            "VARIANCE, VAR_POP, VAR_SAMP, STDDEV, STDDEV_POP, STDDEV_SAMP, MIN, MAX, MEDIAN, PERCENTILE_CONT, "
+            "PERCENTILE_DISC, quantile_cont, quantile_disc"
         )
     value = _filtered(_value_arg(agg, table, registry), where, registry)
     assert value.bounds is not None

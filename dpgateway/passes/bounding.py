@@ -56,6 +56,7 @@ from __future__ import annotations
 from sqlglot import exp
 from sqlglot.helper import find_new_name
 
+from dpgateway.passes import quantiles
 from dpgateway.passes.aggregates import moment_center, sum_bound
 from dpgateway.passes.budget import COUNT_SCALE, fixed_point_scale
 from dpgateway.passes.context import PlanContext
@@ -382,7 +383,7 @@ def _final(
     ).from_(source, copy=False)
     if plan.group_keys:
         final = final.group_by(*(exp.column(k.name, quoted=True) for k in plan.group_keys), copy=False)
-    return final
+    return quantiles.with_bins(plan, table, final)  # quantiles: per-candidate counts (passes/quantiles.py)
 
 
 def _needed_columns(plan: DPPlan, table: Table) -> list[Column]:
@@ -403,6 +404,9 @@ def _read_by(plan: DPPlan, name: str) -> bool:
 
 
 def _aggregate(m: Measurement, table: Table) -> exp.Expr:
+    special = quantiles.aggregate_sql(m)  # quantile histograms, COUNT(DISTINCT) (passes/quantiles.py)
+    if special is not None:
+        return special
     if m.kind == "count":
         return exp.Count(this=m.arg.copy() if m.arg is not None else exp.Star())
     return exp.Sum(this=_fixed_point(m))

@@ -10,7 +10,8 @@ and ``scale`` COUNT_SCALE, and each of the unit's ``n_u`` rows adds ``trunc(w_u 
 ``w_u * n_u * ceil(bound * scale) = min(n_u, k) * ceil(bound * scale)``: the same ``k * ceil(bound * scale)``.
 Each measurement gets ``epsilon / n`` and OpenDP's map confirms the cost; basic composition sums them.
 With private group keys (always 'rows') one extra COUNT(*) chooses the released groups through a Laplace
-threshold (costing delta).
+threshold (costing delta). Quantiles take their share through OpenDP's quantile mechanism, and distinct
+counts have their own sensitivity (proof notes in dpgateway/quantile_mechanism.py and passes/quantiles.py).
 Tests: tests/test_sensitivity.py (a unit with 1000 rows), tests/test_mechanisms.py.
 """
 
@@ -22,6 +23,7 @@ from dataclasses import replace
 from dpgateway.mechanisms import laplace_scale, partition_threshold
 from dpgateway.passes.context import PlanContext
 from dpgateway.passes.groups import public_cells
+from dpgateway.passes.quantiles import calibrate_quantile, distinct_sensitivity
 from dpgateway.plan import DPPlan, Measurement
 
 FIXED_POINT_DIGITS = 6
@@ -58,9 +60,14 @@ def split_budget(plan: DPPlan, *, ctx: PlanContext) -> DPPlan:
     calibrated = []
     count_scale = float(COUNT_SCALE) if plan.rewrite == "weighted" else 1.0
     for m in measurements:
+        if m.kind == "quantile":  # OpenDP's quantile mechanism: its own calibration (dpgateway/quantile_mechanism.py)
+            calibrated.append(calibrate_quantile(m, plan, share))
+            continue
         scale = fixed_point_scale(m.bound) if m.kind == "sum" else count_scale
         # counts: bound 1; a table split across parties counts each party's bound (Table.cross_party_factor)
         sensitivity = k * math.ceil(m.bound * scale) * plan.table.cross_party_factor
+        if m.kind == "count_distinct":  # passes/quantiles.py, proof note
+            sensitivity = distinct_sensitivity(m, plan) * plan.table.cross_party_factor
         noise_scale, cost = laplace_scale(sensitivity, share)
         threshold = None
         if m.name == selector:

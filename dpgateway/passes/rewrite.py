@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from dpgateway.passes.context import PlanContext
 from dpgateway.passes.groups import public_cells
+from dpgateway.passes.quantiles import needs_row_bounding
 from dpgateway.plan import DPPlan
 
 FILTER_FIRST_NOTE = (
@@ -43,6 +44,8 @@ def choose_rewrite(plan: DPPlan, *, ctx: PlanContext) -> DPPlan:
             notes=(*plan.notes, BOUND_FIRST_NOTE if bounds_before_filter(plan, ctx) else FILTER_FIRST_NOTE)
         )
     if not table.privacy_unit or (plan.group_keys and public_cells(plan.group_keys) is None):
+        return plan.with_(rewrite="rows")
+    if needs_row_bounding(plan):  # quantiles and distinct counts need kept rows (passes/quantiles.py)
         return plan.with_(rewrite="rows")
     scalar_count = [(m.kind, m.arg) for m in plan.measurements] == [("count", None)]
     if not plan.group_keys and scalar_count and not bounds_before_filter(plan, ctx):

@@ -136,6 +136,8 @@ def test_null_nan_inf_and_huge_values(backend: Backend, reference: Backend) -> N
         # ROUND half away from zero on the ties above, NULL/NaN/inf through an expression, FILTER
         "SELECT SUM(ROUND(x)), SUM(ROUND(x / 2) * 3), AVG(ABS(x) / 1000), SUM(COALESCE(x, 7)) FROM edges",
         "SELECT g, SUM(ROUND(x, 1)) FILTER (WHERE x < 3), COUNT(*) FILTER (WHERE x IS NULL) FROM edges GROUP BY g",
+        "SELECT g, MEDIAN(x), COUNT(*) FROM edges GROUP BY g",  # quantile bins of NULL, NaN, +-inf, huge values
+        "SELECT COUNT(DISTINCT x) FROM edges",
     ):
         assert sorted_rows(exact(got, sql)) == sorted_rows(exact(expected, sql)), sql
 
@@ -228,3 +230,57 @@ def test_joins_and_per_person_subqueries_are_identical(backend: Backend, referen
         plan = gateway.explain(sql).plan
         assert plan is not None and plan.relation is not None and plan.rewrite in ("weighted", "unit_count"), sql
         assert sorted_rows(exact(gateway, sql)) == sorted_rows(exact(expected, sql)), sql
+
+
+QUANTILES_AND_DISTINCT = [
+    "SELECT MEDIAN(income), MIN(income), MAX(income) FROM pums",
+    "SELECT sex, PERCENTILE_CONT(0.9) WITHIN GROUP (ORDER BY age), COUNT(*) FROM pums GROUP BY sex",
+    "SELECT married, quantile_disc(income, 0.25), SUM(income), AVG(age) FROM pums WHERE age > 30 GROUP BY married",
+    "SELECT COUNT(DISTINCT pid), COUNT(DISTINCT educ) FROM pums",
+    "SELECT sex, COUNT(DISTINCT pid), COUNT(*) FROM pums GROUP BY sex",
+    "SELECT MIN(age), MAX(income), COUNT(DISTINCT educ), COUNT(*) FROM pums",
+    "SELECT educ, MEDIAN(age), quantile_cont(income, 0.75) FROM pums WHERE sex = 1 GROUP BY educ",
+]
+
+
+@pytest.mark.parametrize("sql", QUANTILES_AND_DISTINCT)
+def test_quantile_histograms_and_distinct_counts_are_identical(backend: Backend, reference: Backend, sql: str) -> None:
+    """Per-candidate counts (the bin index computed in DOUBLE, FLOOR, clamped) and distinct counts match DuckDB's
+    exactly when no unit exceeds k (PUMS persons have 1 to 4 rows)."""
+    gateway, expected = _pums(backend, 4), _pums(reference, 4)
+    plan = gateway.explain(sql).plan
+    assert plan is not None and plan.rewrite == "rows"
+    result = sorted_rows(exact(gateway, sql))
+    assert len(result) >= 1 and result == sorted_rows(exact(expected, sql))
+
+
+def test_quantile_release_and_one_person_on_each_backend(backend: Backend) -> None:
+    """A released median is a grid candidate; one person with 500 rows moves the histograms by at most k in L1."""
+    from dpgateway.passes.quantiles import split_bins
+
+    sql = "SELECT sex, MEDIAN(income) AS m, COUNT(DISTINCT educ) AS d FROM pums GROUP BY sex"
+    distinct = "SELECT sex, COUNT(DISTINCT educ) AS d FROM pums GROUP BY sex"
+    without = _pums(backend, 3)
+    released = without.query("SELECT sex, MEDIAN(income) AS m FROM pums GROUP BY sex", epsilon=1.0)
+    assert [row[0] for row in released.rows] == [0, 1]
+    assert all(0 <= row[1] <= 500000 and float(row[1] / 500).is_integer() for row in released.rows)
+    both = without.query(sql, epsilon=1.0)  # a quantile and a distinct count in one statement (grouping sets)
+    assert [row[0] for row in both.rows] == [0, 1] and all(isinstance(row[2], int) for row in both.rows)
+    frame = pums_frame()
+    heavy = pd.DataFrame([{**frame.iloc[0].to_dict(), "pid": 10**6, "income": 500000.0, "educ": 99}] * 500)
+    with_person = pd.concat([frame, heavy.astype(frame.dtypes.to_dict())], ignore_index=True)
+    moved = _pums(backend, 3, with_person, "with")
+    median = "SELECT sex, MEDIAN(income) AS m FROM pums GROUP BY sex"
+    plan = without.explain(median).plan
+    assert plan is not None
+    name = plan.measurements[0].name
+    before = split_bins(plan, exact(without, median))[1][name]
+    after = split_bins(plan, exact(moved, median))[1][name]
+    change = sum(
+        abs(after.get(g, {}).get(i, 0) - before.get(g, {}).get(i, 0))
+        for g in before.keys() | after.keys()
+        for i in before.get(g, {}).keys() | after.get(g, {}).keys()
+    )
+    assert 0 < change <= 3
+    counts = [dict(exact(g, distinct).rows) for g in (without, moved)]
+    assert 0 < sum(abs(counts[1].get(s, 0) - counts[0].get(s, 0)) for s in (0, 1)) <= 3

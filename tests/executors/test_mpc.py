@@ -10,7 +10,7 @@ import duckdb
 import pytest
 from helpers import chi_square, dlap_pmf
 
-from dpgateway.errors import BackendError, PrivacyViolationError
+from dpgateway.errors import BackendError, PrivacyViolationError, UnsupportedError
 from dpgateway.executors.mpc import executor as mpc_executor
 from dpgateway.executors.mpc import field
 from dpgateway.executors.mpc.party import Party, _Server
@@ -130,6 +130,14 @@ def test_a_party_drop_out_aborts_and_is_charged(data: Any) -> None:
             gw.query(SQL.format(t="trial") + " -- again", analyst="d", epsilon=0.5)
         charges = [c for c in gw.store.history() if c.analyst == "d"]
         assert [c.state for c in charges] == ["committed", "committed"]
+
+
+@pytest.mark.parametrize("aggregate", ["MEDIAN(x)", "MAX(x)", "COUNT(DISTINCT pid)"])
+def test_quantiles_and_distinct_counts_are_refused(data: Any, aggregate: str) -> None:
+    folder, _ = data
+    with _gateway(folder) as gw, pytest.raises(UnsupportedError, match="run on the plain executor") as info:
+        gw.explain(f"SELECT g, {aggregate} FROM trial GROUP BY g")
+    assert info.value.sqlstate == "0A000" and "--executor plain" in info.value.message
 
 
 def test_executor_override_needs_the_policy(data: Any) -> None:

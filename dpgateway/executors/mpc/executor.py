@@ -39,6 +39,9 @@ class MpcExecutor(Executor):
         return len(self.table.source.parties)
 
     def unsupported(self, plan: DPPlan) -> str | None:
+        reason = super().unsupported(plan)  # integer sums only: no quantiles, no distinct counts
+        if reason is not None:
+            return reason
         if plan.selects_partitions:
             return (
                 f"table {self.table.name} runs on the mpc executor, which releases public groups only; declare "
