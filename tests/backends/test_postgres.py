@@ -15,7 +15,7 @@ from helpers import trusted_sql
 from dpgateway import Gateway
 from dpgateway.connectors.postgres import TRANSACTION_SETTINGS, PostgresConnector
 from dpgateway.connectors.postgres_sql import TARGETS, PostgresHooks
-from dpgateway.errors import BackendError, ConfigError
+from dpgateway.errors import BackendError, ConfigError, UnsupportedError
 from dpgateway.policies.loader import parse_config
 from dpgateway.policies.model import Column
 
@@ -179,3 +179,16 @@ def test_every_transaction_gets_the_settings(pg_database: PostgresDatabase) -> N
     with PostgresConnector(pg_database.reader_url) as connector:
         for name, value in TRANSACTION_SETTINGS:
             assert connector.execute(trusted_sql(f"SELECT current_setting('{name}')")).rows == ((value,),)
+
+
+def test_prepare_is_refused_with_the_reason(
+    pg_database: PostgresDatabase, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pg_database.load("pums", pums_frame())
+    monkeypatch.setenv(URL_ENV, pg_database.reader_url)
+    source = {"connector": "postgres", "url": {"$env": URL_ENV}, "table": "census.pums"}
+    spec = {"source": source, "privacy_unit": "pid", "max_rows_per_unit": 2, "columns": PUMS_COLUMNS}
+    config = parse_config({"tables": {"pums": spec}, "ledger": f"sqlite:///{tmp_path / 'l.db'}"}, base_dir=tmp_path)
+    with Gateway(config) as gw, pytest.raises(UnsupportedError, match=r"cannot be prepared on postgres: .*READ ONLY"):
+        gw.prepare("pums")
+    assert not list(tmp_path.glob("**/*.parquet"))  # nothing was written
