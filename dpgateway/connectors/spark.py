@@ -31,7 +31,11 @@ from dpgateway.policies.model import Config, Table
 from dpgateway.sqlcheck import VerifiedSQL
 
 # Quiet, small defaults for a local master; the config's conf overrides them (never the owned setting).
-LOCAL_DEFAULTS = {"spark.ui.enabled": "false", "spark.sql.shuffle.partitions": "8"}
+LOCAL_DEFAULTS = {
+    "spark.ui.enabled": "false",
+    "spark.ui.showConsoleProgress": "false",
+    "spark.sql.shuffle.partitions": "8",
+}
 OWNED = {"spark.sql.ansi.enabled": "false"}
 _WITHHELD = "details are withheld because they may contain data values"
 _lock = threading.Lock()
