@@ -16,6 +16,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import statistics
 import sys
 import tempfile
@@ -37,6 +38,7 @@ from dpgateway.budget_store import open_store
 from dpgateway.policies.loader import load_config
 
 BENCH = Path(__file__).resolve().parent
+BACKENDS_START, BACKENDS_END = "<!-- backends: start -->", "<!-- backends: end -->"  # bench/backends.py's section
 DATA = BENCH / "data"
 K = 3
 BAND = "CASE WHEN age < 30 THEN 'young' WHEN age < 60 THEN 'middle' ELSE 'old' END"
@@ -556,7 +558,10 @@ def main(argv: list[str] | None = None) -> int:
     results["command"] = command
     results["overhead"] = overhead_run(args.overhead_queries)
     args.out.write_text(json.dumps(results, indent=2))
-    args.markdown.write_text(markdown(results, command))
+    previous_text = args.markdown.read_text() if args.markdown.is_file() else ""
+    kept = re.search(re.escape(BACKENDS_START) + ".*?" + re.escape(BACKENDS_END), previous_text, re.S)
+    text = markdown(results, command)  # bench/backends.py's section is its own: kept as it was
+    args.markdown.write_text(text.rstrip("\n") + "\n\n" + kept.group(0) + "\n" if kept else text)
     print_tables(results)
     return 0
 
