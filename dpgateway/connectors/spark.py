@@ -12,7 +12,7 @@ never a failure); a catalog table as ``db.table``.
 
 Proof note (errors carry no data): Spark messages can quote a row's value, so neither they nor the
 exception text is shown; a failure is a BackendError (58000) naming only the exception class.
-Test: none yet (tests/backends/test_spark.py is still to write).
+Test: tests/backends/test_spark.py::test_backend_error_hides_values.
 """
 
 from __future__ import annotations
