@@ -38,6 +38,7 @@ from dpgateway.budget_store import open_store
 from dpgateway.policies.loader import load_config
 
 BENCH = Path(__file__).resolve().parent
+BACKENDS_START, BACKENDS_END = "<!-- backends: start -->", "<!-- backends: end -->"  # bench/backends.py's section
 DATA = BENCH / "data"
 K = 3
 BAND = "CASE WHEN age < 30 THEN 'young' WHEN age < 60 THEN 'middle' ELSE 'old' END"

@@ -27,6 +27,7 @@ from dpgateway.errors import (
     InternalError,
     InvalidParameterError,
     UnknownTableError,
+    UnsupportedError,
 )
 from dpgateway.executors import ExecutorPool
 from dpgateway.executors.base import Executor, NoisePlan, accept
@@ -298,6 +299,9 @@ class Gateway:
                 f"table {policy.name} has no privacy_unit: there is nothing to bound, so nothing to prepare"
             )
         state = prepare.source_state(policy)
+        if isinstance(policy.source, dict):  # a PostgreSQL or Spark source: refused, and why
+            reason = prepare.CONNECTOR_REFUSALS[policy.source["connector"]]
+            raise UnsupportedError(f"table {policy.name} cannot be prepared on {policy.source['connector']}: {reason}")
         if state is None:
             raise InvalidParameterError(f"table {policy.name}: only file sources (CSV, Parquet) can be prepared")
         digest = prepare.policy_digest(policy, self._ctx.seed)

@@ -65,6 +65,23 @@ def private_folder(folder: Path) -> Path:
     return folder
 
 
+# Why a table on a backend other than DuckDB cannot be prepared (``dpgateway prepare`` refuses with 0A000).
+# A copy is safe only if the gateway can keep it private and tell, without reading rows, that its
+# source changed since it was taken (a file's stat); neither backend offers both today.
+CONNECTOR_REFUSALS = {
+    "postgres": (
+        "a prepared copy would have to be written into the database, but the gateway's role only reads and "
+        "every transaction is READ ONLY (docs/backends.md), and PostgreSQL gives no catalog signal that a "
+        "table's rows changed, so a copy could go stale unnoticed. Queries bound on the fly instead"
+    ),
+    "spark": (
+        "the copy would hold person-level rows at a path every Spark executor can read, which the gateway "
+        "cannot keep private, and a folder, object-store path or catalog table has no stat that shows its "
+        "rows changed, so a copy could go stale unnoticed. Queries bound on the fly instead"
+    ),
+}
+
+
 def source_state(table: Table) -> dict[str, Any] | None:
     """Path, device, inode, size, mtime and ctime of a file source; None for sources that are not files."""
     if isinstance(table.source, (dict, PartySources)):  # a party-split table is read by its parties only

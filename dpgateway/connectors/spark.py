@@ -12,7 +12,7 @@ never a failure); a catalog table as ``db.table``.
 
 Proof note (errors carry no data): Spark messages can quote a row's value, so neither they nor the
 exception text is shown; a failure is a BackendError (58000) naming only the exception class.
-Test: none yet (tests/backends/test_spark.py is still to write).
+Test: tests/backends/test_spark.py::test_backend_error_hides_values.
 """
 
 from __future__ import annotations
@@ -31,7 +31,11 @@ from dpgateway.policies.model import Config, Table
 from dpgateway.sqlcheck import VerifiedSQL
 
 # Quiet, small defaults for a local master; the config's conf overrides them (never the owned setting).
-LOCAL_DEFAULTS = {"spark.ui.enabled": "false", "spark.sql.shuffle.partitions": "8"}
+LOCAL_DEFAULTS = {
+    "spark.ui.enabled": "false",
+    "spark.ui.showConsoleProgress": "false",
+    "spark.sql.shuffle.partitions": "8",
+}
 OWNED = {"spark.sql.ansi.enabled": "false"}
 _WITHHELD = "details are withheld because they may contain data values"
 _lock = threading.Lock()

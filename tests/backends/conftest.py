@@ -1,7 +1,7 @@
 """The conformance suite's backends: DuckDB over Parquet files, PostgreSQL on the session's throwaway
 server with a least-privilege role (LOGIN, USAGE on one schema, SELECT on the loaded tables, nothing else),
-and Spark over Parquet files on one local Spark session for the whole test run (``local[2]``, two shuffle
-partitions, no UI; each gateway takes its own ``newSession()`` of it).
+and Spark over Parquet files on one local Spark session for the whole test run (``local[2]``, one shuffle
+partition, no UI; each gateway takes its own ``newSession()`` of it).
 
 ``backend.load(name, frame)`` puts a table on the backend and returns its policy ``source``;
 ``backend.gateway(tables)`` opens a gateway on those tables with a large budget and a throwaway ledger.
@@ -84,7 +84,15 @@ def pg_database(postgres_server: SystemPostgres | WheelPostgres) -> PostgresData
     return database
 
 
-SPARK_CONF = {"spark.sql.shuffle.partitions": "2", "spark.ui.enabled": "false", "spark.driver.memory": "1g"}
+# Test data has a few thousand rows: one shuffle partition and no adaptive re-planning per stage (the same
+# results; the stages just do less bookkeeping), no UI and no progress bars.
+SPARK_CONF = {
+    "spark.sql.shuffle.partitions": "1",
+    "spark.sql.adaptive.enabled": "false",
+    "spark.ui.enabled": "false",
+    "spark.ui.showConsoleProgress": "false",
+    "spark.driver.memory": "1g",
+}
 
 
 @pytest.fixture(scope="session")

@@ -13,9 +13,9 @@ from conftest import PUMS_COLUMNS, URL_ENV, PostgresDatabase, exact, pums_frame,
 from helpers import trusted_sql
 
 from dpgateway import Gateway
-from dpgateway.connectors.postgres import PostgresConnector
+from dpgateway.connectors.postgres import TRANSACTION_SETTINGS, PostgresConnector
 from dpgateway.connectors.postgres_sql import TARGETS, PostgresHooks
-from dpgateway.errors import BackendError, ConfigError
+from dpgateway.errors import BackendError, ConfigError, UnsupportedError
 from dpgateway.policies.loader import parse_config
 from dpgateway.policies.model import Column
 
@@ -157,3 +157,38 @@ def test_catalog_check_names_missing_columns_and_privileges(
         raw = {"tables": {"t": {"source": source, "columns": columns}}, "ledger": f"sqlite:///{tmp_path / 'l.db'}"}
         with pytest.raises(ConfigError, match=message):
             Gateway(parse_config(raw, base_dir=tmp_path))
+
+
+def test_unit_round_trip_only_where_the_catalog_type_needs_it(pg_database: PostgresDatabase) -> None:
+    """A text unit keeps only the exact spelling of an id ('07', ' 7', '7.0' are no id, never person 7);
+    an integer-typed unit is its own id, read by a plain cast (no per-row text conversions)."""
+    pg_database.load("units", pd.DataFrame({"t": ["7", "07", " 7", "7.0", "-3"], "n": [7, 7, 7, 7, -3]}))
+    with PostgresConnector(pg_database.reader_url) as connector:
+        columns = {"t": Column(name="t", type="int"), "n": Column(name="n", type="int")}  # type: ignore[arg-type]
+        connector.hooks.remember_type(columns["t"], "text")
+        connector.hooks.remember_type(columns["n"], "bigint")
+        native = connector.hooks.unit(columns["n"]).sql("postgres")
+        assert native == 'CAST("n" AS BIGINT)'
+        text_unit = connector.hooks.unit(columns["t"]).sql("postgres")
+        rows = connector.execute(trusted_sql(f"SELECT t, {text_unit}, {native} FROM census.units ORDER BY t")).rows
+    assert [(t, unit) for t, unit, _ in rows] == [(" 7", None), ("-3", -3), ("07", None), ("7", 7), ("7.0", None)]
+    assert [n for _, _, n in rows] == [7, -3, 7, 7, 7]
+
+
+def test_every_transaction_gets_the_settings(pg_database: PostgresDatabase) -> None:
+    with PostgresConnector(pg_database.reader_url) as connector:
+        for name, value in TRANSACTION_SETTINGS:
+            assert connector.execute(trusted_sql(f"SELECT current_setting('{name}')")).rows == ((value,),)
+
+
+def test_prepare_is_refused_with_the_reason(
+    pg_database: PostgresDatabase, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pg_database.load("pums", pums_frame())
+    monkeypatch.setenv(URL_ENV, pg_database.reader_url)
+    source = {"connector": "postgres", "url": {"$env": URL_ENV}, "table": "census.pums"}
+    spec = {"source": source, "privacy_unit": "pid", "max_rows_per_unit": 2, "columns": PUMS_COLUMNS}
+    config = parse_config({"tables": {"pums": spec}, "ledger": f"sqlite:///{tmp_path / 'l.db'}"}, base_dir=tmp_path)
+    with Gateway(config) as gw, pytest.raises(UnsupportedError, match=r"cannot be prepared on postgres: .*READ ONLY"):
+        gw.prepare("pums")
+    assert not list(tmp_path.glob("**/*.parquet"))  # nothing was written
