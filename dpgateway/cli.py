@@ -282,6 +282,9 @@ def _register_admin_commands() -> None:
 
     cli.add_command(serve)
     cli.add_command(user)
+    from dpgateway.he_cli import he
+
+    cli.add_command(he)
 
 
 _register_admin_commands()

@@ -17,6 +17,7 @@ class ExecutorPool:
         self.config = config
         self.plain = PlainExecutor(connector)
         self._mpc: dict[str, Executor] = {}
+        self._he: dict[str, Executor] = {}
 
     def choose(self, plan: DPPlan, override: str | None = None) -> Executor:
         """The table's executor, or ``override`` where the table's policy allows it (``executors_allowed``)."""
@@ -31,7 +32,9 @@ class ExecutorPool:
                 f"table {table.name} runs on executor {table.executor}; its policy does not allow {name} "
                 f"(the data owner lists alternatives in tables.{table.name}.executors_allowed)"
             )
-        executor = self.plain if name == "plain" else self._mpc_for(table.name)
+        executor = (
+            self.plain if name == "plain" else self._he_for(table.name) if name == "he" else self._mpc_for(table.name)
+        )
         reason = executor.unsupported(plan)
         if reason is not None:
             raise UnsupportedError(reason)
@@ -46,7 +49,17 @@ class ExecutorPool:
             self._mpc[name] = MpcExecutor(table, self.config.mpc)
         return self._mpc[name]
 
+    def _he_for(self, name: str) -> Executor:
+        if name not in self._he:
+            from dpgateway.executors.he.executor import HeExecutor
+
+            table = self.config.table(name)
+            assert table is not None
+            self._he[name] = HeExecutor(table, self.config.he)
+        return self._he[name]
+
     def close(self) -> None:
-        for executor in self._mpc.values():
+        for executor in [*self._mpc.values(), *self._he.values()]:
             executor.close()
         self._mpc.clear()
+        self._he.clear()

@@ -46,7 +46,7 @@ class CsvDialect:
     null: str = ""
 
 
-EXECUTORS = ("plain", "mpc")
+EXECUTORS = ("plain", "mpc", "he")
 
 
 @dataclass(frozen=True)
@@ -71,6 +71,21 @@ class MpcSettings:
     collusion_threshold: int = 1
     units_disjoint: bool = False
     timeout_s: float = 30.0
+
+
+@dataclass(frozen=True)
+class HeSettings:
+    """The ``executors: he:`` section (docs/executors.md).
+
+    ``key_holder``: the key holder's key file (the gateway starts it as its own process and never reads
+    the file) or ``tcp://host:port`` of a running one; ``public_key``: the public key file; ``ciphertexts``:
+    the folder holding one ``<table>/`` cube per table (written by ``dpgateway he encrypt``).
+    """
+
+    key_holder: str = "keys/holder.key"
+    public_key: Path = Path("keys/public.key")
+    ciphertexts: Path = Path("he-data")
+    timeout_s: float = 60.0
 
 
 @dataclass(frozen=True)
@@ -175,6 +190,7 @@ class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
     prepare: PrepareConfig = field(default_factory=PrepareConfig)
     mpc: MpcSettings = field(default_factory=MpcSettings)
+    he: HeSettings = field(default_factory=HeSettings)
     spark: dict[str, Any] = field(default_factory=dict)  # {master, conf}: the Spark session (connectors/spark.py)
 
     @property
