@@ -84,13 +84,13 @@ def measure(rows: int, folder: Path, reps: int = 3) -> dict[str, Any]:
         timings: dict[str, list[float]] = {"he": [], "plain": [], "raw": []}
         raw = duckdb.connect()
         for i in range(reps + 1):  # the first round warms up (key holder start, page cache)
-            for name, run in (
-                ("he", lambda: gw.query(SQL.format(i=i, table="people"), analyst="bench", epsilon=1.0)),
-                ("plain", lambda: gw.query(SQL.format(i=i, table="people_plain"), analyst="bench", epsilon=1.0)),
-                ("raw", lambda: raw.execute(RAW, [str(folder / "people.parquet")]).fetchall()),
-            ):
+            for name in ("he", "plain", "raw"):
                 started = time.perf_counter()
-                run()
+                if name == "raw":
+                    raw.execute(RAW, [str(folder / "people.parquet")]).fetchall()
+                else:  # a new alias per round: the answer is computed, not replayed
+                    target = "people" if name == "he" else "people_plain"
+                    gw.query(SQL.format(i=i, table=target), analyst="bench", epsilon=1.0)
                 if i:
                     timings[name].append(time.perf_counter() - started)
         raw.close()

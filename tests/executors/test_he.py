@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import base64
 import copy
+import json
+import math
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,7 +17,7 @@ import pytest
 
 pytest.importorskip("tenseal")
 
-from dpgateway.errors import BackendError, InvalidParameterError, UnsupportedError
+from dpgateway.errors import BackendError, ConfigError, InvalidParameterError, UnsupportedError
 from dpgateway.executors.base import NoisePlan
 from dpgateway.executors.he import cube, scheme
 from dpgateway.executors.he.executor import HeExecutor
@@ -276,3 +278,64 @@ def test_noise_budget_after_a_large_sum(folder: Path) -> None:
     assert budget > 20
     expected = (values.sum(axis=0) * 100).reshape(-1, 32).sum(axis=0)
     assert slots[:32] == [int(v) for v in expected]
+
+
+@pytest.mark.slow
+def test_released_noise_is_the_central_distribution(folder: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The key holder's release minus the exact total is OpenDP's discrete Laplace at the planned scale.
+
+    Seeded by construction (OpenDP cannot be seeded): the chi-square test fails with probability 0.001.
+    """
+    from executors.test_mpc import _chi_square_ok
+
+    recorder = Recorder(monkeypatch)
+    with _gateway(folder) as gw:
+        gw.query("SELECT COUNT(*) AS n FROM enc", analyst="dist", epsilon=0.5)  # unit count: sensitivity k = 2
+    (message,) = recorder.sent
+    noise = NoisePlan.from_json(message["noise"])
+    scale = noise.measurements[0].scale
+    exact = sum(min(n, 2) for n in _units().values())
+    holder = Holder(folder / "keys" / "holder.key")
+    draws = [holder.handle(message)["values"][noise.measurements[0].name][0] - exact for _ in range(800)]
+    alpha = math.exp(-1 / scale)
+    pmf = {z: (1 - alpha) / (1 + alpha) * alpha ** abs(z) for z in range(-200, 201)}
+    stat, critical = _chi_square_ok(draws, pmf)
+    assert stat < critical, (stat, critical)
+
+
+def test_cli_keygen_encrypt_and_query(folder: Path, tmp_path: Path) -> None:
+    """The documented commands: keygen (0600 secret file), the owner's encrypt, then a query on the cube."""
+    import yaml
+    from click.testing import CliRunner
+
+    from dpgateway.cli import cli
+
+    (tmp_path / "data.parquet").write_bytes((folder / "data.parquet").read_bytes())
+    (tmp_path / "dpgateway.yaml").write_text(yaml.safe_dump(_config(tmp_path)))
+    runner = CliRunner()
+    config = str(tmp_path / "dpgateway.yaml")
+    keys = tmp_path / "keys"
+    done = runner.invoke(cli, ["he", "keygen", "--out", str(keys)])
+    assert done.exit_code == 0, done.output
+    assert (keys / "holder.key").stat().st_mode & 0o777 == 0o600
+    args = ["he", "encrypt", "enc", "--config", config, "--public-key", str(keys / "public.key")]
+    done = runner.invoke(cli, [*args, "--out", str(tmp_path / "he-data"), "--sum", "x", "--group-by", "g"])
+    assert done.exit_code == 0, done.output
+    assert "encrypted enc: 2 ciphertexts, 9 fields per row" in done.output
+    done = runner.invoke(cli, [*args, "--group-by", "x"])
+    assert done.exit_code == 1 and "public_values" in done.output
+    done = runner.invoke(cli, ["query", "--config", config, "--analyst", "c", "--format", "json", SQL.format(t="enc")])
+    assert done.exit_code == 0, done.output
+    assert [row[0] for row in json.loads(done.output)["rows"]] == GROUPS
+
+
+def test_config_section(tmp_path: Path) -> None:
+    raw = _config(tmp_path)
+    config = parse_config(raw, base_dir=tmp_path)
+    assert config.he.key_holder == str(tmp_path / "keys/holder.key")
+    assert config.he.ciphertexts == tmp_path / "he-data"
+    raw["executors"]["he"]["key_holder"] = "tcp://10.0.0.5:7000"
+    assert parse_config(raw, base_dir=tmp_path).he.key_holder == "tcp://10.0.0.5:7000"
+    raw["executors"]["he"]["secret"] = "x"
+    with pytest.raises(ConfigError, match=r"executors\.he"):
+        parse_config(raw, base_dir=tmp_path)
