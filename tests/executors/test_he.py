@@ -38,7 +38,7 @@ def _rows() -> list[Row]:
     return rows
 
 
-def _config(folder: Path) -> dict[str, Any]:
+def _config(folder: Path, *, gateway: bool = False) -> dict[str, Any]:
     columns = {
         "pid": {"type": "int"},
         "g": {"type": "str", "public_values": GROUPS},
@@ -46,7 +46,11 @@ def _config(folder: Path) -> dict[str, Any]:
     }
     table = {"source": "data.parquet", "privacy_unit": "pid", "max_rows_per_unit": 2, "columns": columns}
     return {
-        "tables": {"enc": {**table, "executor": "he"}, "pooled": table},
+        # the gateway's copy of the policy names a source it does not have: it never reads the he table's rows
+        "tables": {
+            "enc": {**table, "executor": "he", **({"source": "at-the-owner.parquet"} if gateway else {})},
+            "pooled": table,
+        },
         "executors": {"he": {"key_holder": "keys/holder.key", "public_key": "keys/public.key", "timeout_s": 30}},
         "ledger": "sqlite:///ledger.db",
         "budget": {"per_subject": {"epsilon": 1000}, "per_analyst": {"epsilon": 1000}, "per_query": {"epsilon": 5}},
@@ -78,7 +82,8 @@ def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _gateway(folder: Path) -> Gateway:
-    return Gateway(parse_config(_config(folder), base_dir=folder))
+    assert not (folder / "at-the-owner.parquet").exists()
+    return Gateway(parse_config(_config(folder, gateway=True), base_dir=folder))
 
 
 def _exact(k: int = 2) -> dict[str | None, tuple[float, float]]:
@@ -252,7 +257,7 @@ def test_key_file_must_be_private(folder: Path, tmp_path: Path) -> None:
 
 
 def test_unreachable_key_holder_fails_the_query(folder: Path) -> None:
-    raw = _config(folder)
+    raw = _config(folder, gateway=True)
     raw["executors"]["he"]["key_holder"] = "tcp://127.0.0.1:9"
     with Gateway(parse_config(raw, base_dir=folder)) as gw, pytest.raises(BackendError, match="key holder refused"):
         gw.query(SQL.format(t="enc"), analyst="d", epsilon=1.0)
