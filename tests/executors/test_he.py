@@ -344,3 +344,12 @@ def test_config_section(tmp_path: Path) -> None:
     raw["executors"]["he"]["secret"] = "x"
     with pytest.raises(ConfigError, match=r"executors\.he"):
         parse_config(raw, base_dir=tmp_path)
+
+
+def test_a_cube_made_under_another_policy_is_refused(folder: Path) -> None:
+    raw = _config(folder, gateway=True)
+    raw["tables"]["enc"]["columns"]["x"]["bounds"] = [0, 500]  # the owner clamped to [0, 50]
+    with Gateway(parse_config(raw, base_dir=folder)) as gw:
+        with pytest.raises(UnsupportedError, match="encrypted under another policy"):
+            gw.query(SQL.format(t="enc"), analyst="stale", epsilon=1.0)
+        assert all(c.analyst != "stale" for c in gw.store.history())

@@ -126,6 +126,8 @@ class Cube:
     def batches(self, size: int = 1024) -> Iterator[np.ndarray]:
         """The raw ciphertexts, ``size`` at a time from a memory map (bounded memory)."""
         data = np.load(self.folder / CIPHERTEXTS, mmap_mode="r")
+        if data.dtype != np.uint64 or data.shape != (self.ciphertexts, 2, len(scheme.COEFF_BITS) - 1, scheme.DEGREE):
+            raise InvalidParameterError(f"{self.folder}: the ciphertext file does not match its manifest")
         for start in range(0, len(data), size):
             yield data[start : start + size]
 
@@ -138,17 +140,20 @@ class Cube:
                 f"no encrypted data in {str(folder)!r}; the data owner runs `dpgateway he encrypt TABLE` and "
                 "copies its output there"
             ) from None
-        if manifest.get("version") != VERSION:
+        if not isinstance(manifest, dict) or manifest.get("version") != VERSION:
             raise InvalidParameterError(f"{folder}: encrypted by another dpgateway version; encrypt the table again")
-        return cls(
-            folder=folder,
-            table=manifest["table"],
-            policy=manifest["policy"],
-            fields=tuple(Field.from_json(f) for f in manifest["fields"]),
-            period=int(manifest["period"]),
-            ciphertexts=int(manifest["ciphertexts"]),
-            key_id=manifest["key_id"],
-        )
+        try:
+            return cls(
+                folder=folder,
+                table=str(manifest["table"]),
+                policy=str(manifest["policy"]),
+                fields=tuple(Field.from_json(f) for f in manifest["fields"]),
+                period=int(manifest["period"]),
+                ciphertexts=int(manifest["ciphertexts"]),
+                key_id=str(manifest["key_id"]),
+            )
+        except (KeyError, TypeError, ValueError):
+            raise InvalidParameterError(f"{folder}: a malformed manifest; encrypt the table again") from None
 
 
 def policy_digest(table: Table) -> str:

@@ -15,7 +15,7 @@ from typing import Any
 
 from sqlglot import exp
 
-from dpgateway.errors import BackendError, InternalError
+from dpgateway.errors import BackendError, InvalidParameterError
 from dpgateway.executors.base import Evidence, Executor, NoisePlan, NoisyResult
 from dpgateway.executors.he import scheme
 from dpgateway.executors.he.cube import Cube, field_key, key_id, policy_digest
@@ -34,18 +34,16 @@ class HeExecutor(Executor):
     def __init__(self, table: Table, settings: HeSettings) -> None:
         self.table = table
         self.settings = settings
-        self._cube: Cube | None = None
         self._evaluator: scheme.Evaluator | None = None
         self._process: subprocess.Popen[str] | None = None
         self._address = ""
 
     @property
     def cube(self) -> Cube:
-        if self._cube is None:
-            self._cube = Cube.load(self.settings.ciphertexts / self.table.name)
-        return self._cube
+        """The table's cube as its manifest says now (read per query: the owner may replace it)."""
+        return Cube.load(self.settings.ciphertexts / self.table.name)
 
-    def unsupported(self, plan: DPPlan) -> str | None:
+    def unsupported(self, plan: DPPlan, cube: Cube | None = None) -> str | None:
         where = f"table {self.table.name} runs on the he executor, which"
         if plan.selects_partitions:
             return f"{where} releases public groups only; declare public_values for the GROUP BY columns"
@@ -54,8 +52,8 @@ class HeExecutor(Executor):
         if len(plan.group_keys) > 1:
             return f"{where} groups by one public column at a time"
         try:
-            cube = self.cube
-        except Exception as exc:
+            cube = cube or self.cube
+        except InvalidParameterError as exc:
             return str(exc)
         if cube.policy != policy_digest(self.table):
             return (
@@ -66,7 +64,7 @@ class HeExecutor(Executor):
             return f"{where} groups by a plain column only (GROUP BY column)"
         if grouping not in cube.groupings:
             return f"{where} has no encrypted grouping by {grouping}; the owner adds `--group-by {grouping}`"
-        missing = [m.label for m in plan.measurements if any(s is None for s in self._slots(plan, m, grouping))]
+        missing = [m.label for m in plan.measurements if None in self._slots(cube, plan, m, grouping)]
         if missing:
             return (
                 f"{where} has no encrypted contributions for {', '.join(missing)}; the owner adds them to `he encrypt`"
@@ -84,20 +82,20 @@ class HeExecutor(Executor):
         column = self.table.column(expr.name)
         return column.name if column is not None else ""
 
-    def _slots(self, plan: DPPlan, m: Any, grouping: str | None) -> list[int | None]:
+    def _slots(self, cube: Cube, plan: DPPlan, m: Any, grouping: str | None) -> list[int | None]:
         cells = [None] if grouping is None else list(plan.group_keys[0].public_values or ())
-        return [self.cube.slot(field_key(grouping, value, plan.rewrite, m)) for value in cells]
+        return [cube.slot(field_key(grouping, value, plan.rewrite, m)) for value in cells]
 
     def describe(self) -> str:
         return f"he (BFV, N={scheme.DEGREE}; the gateway adds ciphertexts, the key holder decrypts and noises)"
 
     def execute(self, plan: DPPlan, noise: NoisePlan) -> NoisyResult:
-        reason = self.unsupported(plan)
-        if reason is not None or noise.cells is None:
-            raise InternalError(f"the he executor was given a plan it cannot run ({reason}); this is a bug")
         cube = self.cube
+        reason = self.unsupported(plan, cube)
+        if reason is not None or noise.cells is None:
+            raise BackendError(f"table {self.table.name}: {reason or 'public groups only'}")
         grouping = self._grouping(plan)
-        slots = {m.name: self._slots(plan, m, grouping) for m in plan.measurements}
+        slots = {m.name: self._slots(cube, plan, m, grouping) for m in plan.measurements}
         evaluator = self._evaluator_for(cube)
         total = scheme.sum_raw(cube.batches(BATCH_CIPHERTEXTS), evaluator.keys.primes)
         folded = evaluator.fold(evaluator.from_raw(total), cube.period)

@@ -11,10 +11,11 @@ every decrypted slot is therefore ``sum over rows of v_r mod t`` for one field, 
 (the field's per-row bound, from the policy's clamps and fixed-point scales). If ``rows * B_f < t / 2``
 (checked by :func:`fits` at encryption and again by the key holder) the signed decoding of the sum is
 the exact integer sum. BFV decryption is exact while the invariant noise budget is positive; the
-parameters leave about 45 bits after summing 4000 ciphertexts and folding with 13 rotations
-(measured; the test sums 4000), and the key holder refuses a ciphertext whose budget is exhausted.
-(A plaintext mask is not used: a batch-encoded 0/1 vector is a polynomial with coefficients of the size
-of ``t`` and multiplying by it exhausts the budget.) Tests: test_he.py::test_overflow_is_refused.
+parameters leave about 45 bits after summing 4000 ciphertexts and folding with 13 rotations, and the
+key holder refuses a ciphertext whose budget is exhausted. (A plaintext mask is not used: a batch-encoded
+0/1 vector is a polynomial with coefficients of the size of ``t`` and multiplying by it exhausts the
+budget.) Tests: tests/executors/test_he.py::test_overflow_is_refused and
+::test_noise_budget_after_a_large_sum (4000 ciphertexts, marked slow).
 
 Ciphertexts are stored and summed as raw coefficient arrays (shape ``(2, 2, N)``, residues modulo the two
 data primes; BFV ciphertexts are not in NTT form, so SEAL's addition is exactly this residue-wise
