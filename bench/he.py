@@ -61,7 +61,9 @@ def measure(rows: int, folder: Path, reps: int = 3) -> dict[str, Any]:
     """Every figure for one table size, in a scratch ``folder`` (data, keys, ciphertexts, ledger)."""
     _data(folder / "people.parquet", rows)
     keys = scheme.generate()
-    scheme.write_keys(keys, folder / "keys" / "holder.key", folder / "keys" / "public.key")
+    scheme.write_keys(
+        keys, folder / "keys" / "holder.key", folder / "keys" / "public.key", folder / "keys" / "gateway.key"
+    )
     public_key = folder / "keys" / "public.key"
     config = parse_config(_config(), base_dir=folder)
     table = config.table("people")

@@ -29,7 +29,8 @@ def he() -> None:
     type=click.Path(file_okay=False),
     default="keys",
     show_default=True,
-    help="Folder for holder.key (secret, mode 0600: the key holder's only) and public.key (owner and gateway).",
+    help="Folder for holder.key (secret, 0600: the key holder's only), public.key (owner and gateway) and "
+    "gateway.key (0600: the gateway's, to sign its requests to the key holder).",
 )
 @reports_errors
 def keygen(out: str) -> None:
@@ -37,11 +38,14 @@ def keygen(out: str) -> None:
     from dpgateway.executors.he import scheme
 
     folder = Path(out)
-    holder, public = folder / "holder.key", folder / "public.key"
+    holder, public, gateway = folder / "holder.key", folder / "public.key", folder / "gateway.key"
     if holder.exists():
         raise click.ClickException(f"{holder} exists; move it away first (its ciphertexts need it)")
-    scheme.write_keys(scheme.generate(), holder, public)
-    click.echo(f"wrote {holder} (secret key, mode 0600: give it to the key holder only) and {public} (public)")
+    scheme.write_keys(scheme.generate(), holder, public, gateway)
+    click.echo(
+        f"wrote {holder} (secret key, mode 0600: the key holder's only), {public} (public: owner and gateway) "
+        f"and {gateway} (mode 0600: the gateway's request key)"
+    )
 
 
 @he.command()

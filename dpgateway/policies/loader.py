@@ -46,7 +46,7 @@ TABLE_KEYS = {
     "executors_allowed",
 }
 MPC_KEYS = {"collusion_threshold", "units_disjoint", "timeout_s"}
-HE_KEYS = {"key_holder", "public_key", "ciphertexts", "timeout_s"}
+HE_KEYS = {"key_holder", "public_key", "gateway_key", "ciphertexts", "timeout_s"}
 CSV_KEYS = {"delimiter", "quote", "escape", "header", "comment", "null"}
 UNIT_TYPES = ("int", "str")  # identifiers whose text round-trips exactly (docs: README.md, docs/privacy.md)
 COLUMN_KEYS = {"type", "bounds", "public_values"}
@@ -294,7 +294,7 @@ def _he(raw: Any, base_dir: Path) -> HeSettings:
     _no_unknown(spec, HE_KEYS, "executors.he")
     default = HeSettings()
     paths = {}
-    for key in ("key_holder", "public_key", "ciphertexts"):
+    for key in ("key_holder", "public_key", "gateway_key", "ciphertexts"):
         value = spec.get(key, str(getattr(default, key)))
         if not isinstance(value, str) or not value.strip():
             raise ConfigError(f"executors.he.{key}: must be a path (relative to the config file)")
@@ -303,6 +303,7 @@ def _he(raw: Any, base_dir: Path) -> HeSettings:
     return HeSettings(
         key_holder=holder if holder.startswith("tcp://") else str(base_dir / holder),
         public_key=base_dir / paths["public_key"],
+        gateway_key=base_dir / paths["gateway_key"],
         ciphertexts=base_dir / paths["ciphertexts"],
         timeout_s=_positive(spec.get("timeout_s", default.timeout_s), "executors.he.timeout_s"),
     )

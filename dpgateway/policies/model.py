@@ -79,11 +79,13 @@ class HeSettings:
 
     ``key_holder``: the key holder's key file (the gateway starts it as its own process and never reads
     the file) or ``tcp://host:port`` of a running one; ``public_key``: the public key file; ``ciphertexts``:
-    the folder holding one ``<table>/`` cube per table (written by ``dpgateway he encrypt``).
+    the folder holding one ``<table>/`` cube per table (written by ``dpgateway he encrypt``); ``gateway_key``:
+    the gateway's request key (0600), with which it signs what it asks of the key holder.
     """
 
     key_holder: str = "keys/holder.key"
     public_key: Path = Path("keys/public.key")
+    gateway_key: Path = Path("keys/gateway.key")
     ciphertexts: Path = Path("he-data")
     timeout_s: float = 60.0
 

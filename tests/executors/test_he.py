@@ -66,7 +66,8 @@ def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     con.executemany("INSERT INTO t VALUES (?, ?, ?)", _rows())
     con.execute(f"COPY t TO '{folder / 'data.parquet'}' (FORMAT parquet)")
     con.close()
-    scheme.write_keys(scheme.generate(), folder / "keys" / "holder.key", folder / "keys" / "public.key")
+    keys = folder / "keys"
+    scheme.write_keys(scheme.generate(), keys / "holder.key", keys / "public.key", keys / "gateway.key")
     config = parse_config(_config(folder), base_dir=folder)
     table = config.table("enc")
     assert table is not None
@@ -167,7 +168,8 @@ def test_gateway_receives_only_ciphertexts_and_noisy_values(folder: Path, monkey
     (message,) = recorder.sent
     (reply,) = recorder.received
     # what the gateway sends: the plan, the layout and one ciphertext; what it gets back: noisy values only
-    assert set(message) == {"type", "noise", "fingerprint", "ciphertext", "period", "slots", "bounds", "capacity"}
+    sent = {"type", "noise", "fingerprint", "ciphertext", "period", "slots", "bounds", "capacity", "mac"}
+    assert set(message) == sent
     assert set(reply) == {"values", "fingerprint"}
     holder = Holder(folder / "keys" / "holder.key")
     slots, _ = holder.decryptor.decrypt(base64.b64decode(message["ciphertext"]))
@@ -185,19 +187,29 @@ def _request(folder: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
     return recorder.sent[0]
 
 
+def _signed(folder: Path, message: dict[str, Any]) -> dict[str, Any]:
+    """``message`` signed with the gateway's request key (as a gateway that meant to send it would)."""
+    return {**message, "mac": scheme.sign(scheme.read_request_key(folder / "keys" / "gateway.key"), message)}
+
+
 def test_key_holder_refuses_a_plan_that_does_not_match(folder: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     message = _request(folder, monkeypatch)
     holder = Holder(folder / "keys" / "holder.key")
     assert "values" in holder.handle(message)
     tampered = copy.deepcopy(message)
     tampered["noise"]["measurements"][0][3] = (0.5).hex()  # a smaller noise scale, the old fingerprint
-    assert holder.handle(tampered) == {"error": "key holder refused: the noise plan does not match its fingerprint"}
+    unsigned = {"error": "key holder refused: the request is not signed by the gateway this key holder serves"}
+    assert holder.handle(tampered) == unsigned  # changed after signing: the signature no longer matches
+    assert holder.handle({**message, "mac": "0" * 64}) == unsigned
+    assert holder.handle({k: v for k, v in message.items() if k != "mac"}) == unsigned
+    mismatch = {"error": "key holder refused: the noise plan does not match its fingerprint"}
+    assert holder.handle(_signed(folder, tampered)) == mismatch
     weaker = copy.deepcopy(tampered)
     weaker["fingerprint"] = NoisePlan.from_json(weaker["noise"]).fingerprint()  # consistent, but underpaid
-    assert "does not pay for its declared epsilon" in holder.handle(weaker)["error"]
+    assert "does not pay for its declared epsilon" in holder.handle(_signed(folder, weaker))["error"]
     more = copy.deepcopy(message)
     more["slots"][0] = [*more["slots"][0], 7]
-    assert "not cells x measurements" in holder.handle(more)["error"]
+    assert "not cells x measurements" in holder.handle(_signed(folder, more))["error"]
 
 
 def test_key_holder_decrypts_final_aggregates_only(folder: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -207,7 +219,7 @@ def test_key_holder_decrypts_final_aggregates_only(folder: Path, monkeypatch: py
     evaluator = scheme.Evaluator(scheme.read_keys(folder / "keys" / "public.key"))
     raw = next(enc.batches())[0]  # one row block, not folded: a decryption-oracle request
     unfolded = {**message, "ciphertext": base64.b64encode(evaluator.to_bytes(evaluator.from_raw(raw))).decode()}
-    assert "not a final aggregate" in holder.handle(unfolded)["error"]
+    assert "not a final aggregate" in holder.handle(_signed(folder, unfolded))["error"]
 
 
 def test_overflow_is_refused(folder: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
@@ -224,7 +236,7 @@ def test_overflow_is_refused(folder: Path, monkeypatch: pytest.MonkeyPatch, tmp_
     assert not (tmp_path / "big" / cube.CIPHERTEXTS).exists()
     message = _request(folder, monkeypatch)
     holder = Holder(folder / "keys" / "holder.key")
-    assert "could wrap" in holder.handle({**message, "capacity": 10**9})["error"]
+    assert "could wrap" in holder.handle(_signed(folder, {**message, "capacity": 10**9}))["error"]
 
 
 def test_unsupported_shapes_are_refused_before_spending(folder: Path) -> None:
@@ -251,8 +263,11 @@ def test_key_file_must_be_private(folder: Path, tmp_path: Path) -> None:
     loose.chmod(0o644)
     with pytest.raises(InvalidParameterError, match="readable by others"):
         Holder(loose)
+    public = tmp_path / "public.key"
+    public.write_bytes((folder / "keys" / "public.key").read_bytes())
+    public.chmod(0o600)
     with pytest.raises(InvalidParameterError, match="holds no secret key"):
-        Holder(folder / "keys" / "public.key")
+        Holder(public)
     assert (folder / "keys" / "holder.key").stat().st_mode & 0o777 == 0o600
 
 
@@ -339,6 +354,7 @@ def test_config_section(tmp_path: Path) -> None:
     config = parse_config(raw, base_dir=tmp_path)
     assert config.he.key_holder == str(tmp_path / "keys/holder.key")
     assert config.he.ciphertexts == tmp_path / "he-data"
+    assert config.he.gateway_key == tmp_path / "keys" / "gateway.key"
     raw["executors"]["he"]["key_holder"] = "tcp://10.0.0.5:7000"
     assert parse_config(raw, base_dir=tmp_path).he.key_holder == "tcp://10.0.0.5:7000"
     raw["executors"]["he"]["secret"] = "x"

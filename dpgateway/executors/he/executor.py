@@ -35,6 +35,7 @@ class HeExecutor(Executor):
         self.table = table
         self.settings = settings
         self._evaluator: scheme.Evaluator | None = None
+        self._key = b""
         self._process: subprocess.Popen[str] | None = None
         self._address = ""
 
@@ -109,6 +110,7 @@ class HeExecutor(Executor):
             "bounds": [f.bound for f in cube.fields] + [0] * (cube.period - len(cube.fields)),
             "capacity": cube.capacity,
         }
+        message["mac"] = scheme.sign(self._request_key(), message)
         reply = self.ask(message)
         if "values" not in reply or reply.get("fingerprint") != noise.fingerprint():
             raise BackendError(f"table {self.table.name}: the he key holder refused ({reply.get('error', 'no reply')})")
@@ -125,6 +127,11 @@ class HeExecutor(Executor):
                 details={"ciphertexts": str(cube.ciphertexts), "period": str(cube.period)},
             ),
         )
+
+    def _request_key(self) -> bytes:
+        if not self._key:
+            self._key = scheme.read_request_key(self.settings.gateway_key)
+        return self._key
 
     def _evaluator_for(self, cube: Cube) -> scheme.Evaluator:
         if self._evaluator is None:

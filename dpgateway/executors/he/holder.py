@@ -4,10 +4,12 @@ Run it as its own process beside its own key file (created 0600 by ``dpgateway h
 others can read it): ``dpgateway he holder --key keys/holder.key --listen 127.0.0.1:0`` (it prints
 ``listening HOST:PORT``), or let the gateway start it from ``executors.he.key_holder``. The gateway never
 opens the key file; it sends one request per query:
-``{"type": "decrypt", "noise", "fingerprint", "ciphertext", "period", "slots", "bounds", "capacity"}``.
+``{"type": "decrypt", "noise", "fingerprint", "ciphertext", "period", "slots", "bounds", "capacity", "mac"}``.
 
 What the key holder checks before it releases anything (each refusal names its rule):
 
+0. the request is signed by the gateway: ``mac`` is HMAC-SHA256 under the request key ``he keygen`` gave
+   both (``gateway.key``), over the whole request, so only that gateway can have anything decrypted;
 1. the noise plan hashes to the fingerprint sent (the plan the ledger reserved for);
 2. public cells only (no partition selection), every scale positive and finite, and every measurement's
    declared epsilon pays for its noise: ``epsilon >= sensitivity / scale`` (discrete Laplace), with the
@@ -32,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import hmac
 import math
 import socketserver
 import sys
@@ -68,6 +71,9 @@ class Holder:
             return {"error": f"key holder failed: {type(exc).__name__}"}
 
     def _decrypt(self, message: dict[str, Any]) -> dict[str, Any]:
+        mac = message.get("mac")
+        if not isinstance(mac, str) or not hmac.compare_digest(mac, scheme.sign(self.keys.request_key, message)):
+            raise Refused("the request is not signed by the gateway this key holder serves")
         noise = NoisePlan.from_json(message["noise"])
         fingerprint = noise.fingerprint()
         if fingerprint != message.get("fingerprint"):

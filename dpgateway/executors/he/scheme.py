@@ -25,7 +25,11 @@ addition), which lets the gateway add thousands of them with numpy from a memory
 from __future__ import annotations
 
 import base64
+import hashlib
+import hmac
+import json
 import os
+import secrets
 import struct
 import tempfile
 from collections.abc import Iterator
@@ -101,6 +105,7 @@ class Keys:
     public_key: Any
     galois_keys: Any
     secret_key: Any = None
+    request_key: bytes = b""  # the key holder's copy of the gateway's request key
 
     @property
     def plain_modulus(self) -> int:
@@ -131,15 +136,43 @@ def generate() -> Keys:
     return Keys(context, public, galois, generator.secret_key())
 
 
-def write_keys(keys: Keys, holder: Path, public: Path) -> None:
-    """The key holder's file (secret key, created 0600) and the public file (for owner and gateway)."""
+def write_keys(keys: Keys, holder: Path, public: Path, gateway: Path) -> None:
+    """The key holder's file (secret key and request key, 0600), the public file (owner and gateway) and the
+    gateway's request key (0600), with which it signs every request the key holder accepts."""
     parts = {"params": _bytes(parameters()), "public_key": _bytes(keys.public_key), "galois": _bytes(keys.galois_keys)}
-    _write_private(holder, {**parts, "secret_key": _bytes(keys.secret_key)})
+    request_key = secrets.token_bytes(32)
+    _write(holder, {**parts, "secret_key": _bytes(keys.secret_key), "request_key": request_key}, 0o600)
     _write(public, parts, 0o644)
+    _write(gateway, {"request_key": request_key}, 0o600)
 
 
-def _write_private(path: Path, parts: dict[str, bytes]) -> None:
-    _write(path, parts, 0o600)
+def sign(request_key: bytes, message: dict[str, Any]) -> str:
+    """HMAC-SHA256 over the canonical JSON of ``message`` without its ``mac``."""
+    body = {k: v for k, v in message.items() if k != "mac"}
+    text = json.dumps(body, sort_keys=True, separators=(",", ":"))
+    return hmac.new(request_key, text.encode(), hashlib.sha256).hexdigest()
+
+
+def read_request_key(path: Path) -> bytes:
+    """The gateway's request key (``gateway.key`` from ``he keygen``; must be private)."""
+    parts = _read(path, private=True)
+    if "request_key" not in parts:
+        raise InvalidParameterError(f"{path} holds no request key; point executors.he.gateway_key at gateway.key")
+    return parts["request_key"]
+
+
+def _read(path: Path, *, private: bool) -> dict[str, bytes]:
+    try:
+        text = path.read_text(encoding="ascii")
+        mode = path.stat().st_mode & 0o777
+    except OSError as exc:
+        raise InvalidParameterError(f"key file {str(path)!r} cannot be read ({exc.strerror})") from None
+    if private and mode & 0o077:
+        raise InvalidParameterError(f"key file {path} is readable by others (mode {mode:o}); chmod 600 it")
+    try:
+        return {name: base64.b64decode(value) for name, value in (line.split(" ", 1) for line in text.splitlines())}
+    except ValueError:
+        raise InvalidParameterError(f"{path} is not a dpgateway key file") from None
 
 
 def _write(path: Path, parts: dict[str, bytes], mode: int) -> None:
@@ -157,19 +190,13 @@ def _write(path: Path, parts: dict[str, bytes], mode: int) -> None:
 def read_keys(path: Path, *, secret: bool = False) -> Keys:
     """Load a key file; ``secret=True`` (the key holder) requires the secret key and a 0600 file."""
     s = require()
-    try:
-        text = path.read_text(encoding="ascii")
-        mode = path.stat().st_mode & 0o777
-    except OSError as exc:
-        raise InvalidParameterError(f"key file {str(path)!r} cannot be read ({exc.strerror})") from None
-    parts = dict(line.split(" ", 1) for line in text.splitlines() if line)
-    raw = {name: base64.b64decode(value) for name, value in parts.items()}
-    if secret and "secret_key" not in raw:
+    raw = _read(path, private=secret)
+    if secret and ("secret_key" not in raw or "request_key" not in raw):
         raise InvalidParameterError(f"{path} holds no secret key; point the key holder at the file `he keygen` wrote")
-    if secret and mode & 0o077:
-        raise InvalidParameterError(f"key file {path} is readable by others (mode {mode:o}); chmod 600 it")
     if not secret and "secret_key" in raw:
         raise InvalidParameterError(f"{path} holds the secret key; give the gateway and owners the public key file")
+    if "params" not in raw:
+        raise InvalidParameterError(f"{path} is not a key file of `dpgateway he keygen`")
     context = _context(_load(s.EncryptionParameters(s.SCHEME_TYPE.BFV), raw["params"]))
     keys = Keys(
         context,
@@ -178,6 +205,7 @@ def read_keys(path: Path, *, secret: bool = False) -> Keys:
     )
     if secret:
         keys.secret_key = _load(s.SecretKey(), raw["secret_key"], context)
+        keys.request_key = raw["request_key"]
     return keys
 
 
