@@ -52,7 +52,11 @@ def keygen(out: str) -> None:
 @click.argument("table")
 @config_option
 @click.option(
-    "--public-key", type=click.Path(dir_okay=False, exists=True), default="keys/public.key", show_default=True
+    "--public-key",
+    type=click.Path(dir_okay=False, exists=True),
+    default="keys/public.key",
+    show_default=True,
+    help="The public key file of `he keygen` (the key holder's).",
 )
 @click.option("--out", type=click.Path(file_okay=False), default="he-data", show_default=True,
               help="Folder of cubes; TABLE's goes to OUT/TABLE (the gateway's executors.he.ciphertexts).")  # fmt: skip
