@@ -16,6 +16,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import statistics
 import sys
 import tempfile
@@ -525,6 +526,15 @@ def markdown(results: dict[str, Any], command: str) -> str:
     return "\n".join(lines)
 
 
+def kept_sections(path: Path) -> str:
+    """The sections other scripts maintain in RESULTS.md (``<!-- name: start -->`` ... ``<!-- name: end -->``,
+    e.g. bench/backends.py and bench/server.py), kept when this script rewrites the file."""
+    text = path.read_text() if path.is_file() else ""
+    found = re.findall(r"<!-- (\w+): start -->.*?<!-- \1: end -->", text, re.S)
+    sections = [re.search(rf"<!-- {name}: start -->.*?<!-- {name}: end -->", text, re.S) for name in found]
+    return "".join(f"\n{m.group(0)}\n" for m in sections if m is not None)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", type=int, action="append", help="table size (repeatable; default 1M and 10M)")
@@ -556,7 +566,7 @@ def main(argv: list[str] | None = None) -> int:
     results["command"] = command
     results["overhead"] = overhead_run(args.overhead_queries)
     args.out.write_text(json.dumps(results, indent=2))
-    args.markdown.write_text(markdown(results, command))
+    args.markdown.write_text(markdown(results, command) + kept_sections(args.markdown))
     print_tables(results)
     return 0
 

@@ -15,6 +15,7 @@
     │   └── QueryCapError               53400  one query asks for more than the per-query cap
     ├── AuthenticationError             28P01  unknown analyst or not allowed (e.g. not an admin)
     ├── BackendError                    58000  the data backend failed (message never echoes data)
+    │   └── QueryCanceledError          57014  a CancelRequest stopped the backend query
     ├── FileAccessError                 58030  a file or folder dpgateway must write or read is not usable
     └── InternalError                   XX000  a bug in dpgateway: please report it
 
@@ -107,6 +108,12 @@ class BackendError(DPGatewayError):
     """The data backend failed; the message never carries data values."""
 
     sqlstate = "58000"
+
+
+class QueryCanceledError(BackendError):
+    """The backend query was interrupted by a CancelRequest (``Connector.interrupt``)."""
+
+    sqlstate = "57014"
 
 
 class FileAccessError(DPGatewayError):

@@ -256,6 +256,7 @@ class Gateway:
         if (
             plan.prepared is None
             and plan.table is not None
+            and plan.relation is None  # joined relations never read copies (passes/prepared.py)
             and (plan.where is None or bounds_before_filter(plan, self._ctx))
         ):
             self.auto_prepare.queried(plan.table)  # starts a background build at most; never waits
@@ -269,6 +270,11 @@ class Gateway:
         policy = self.config.table(table)
         if policy is None:
             raise UnknownTableError(f'relation "{table}" does not exist in the policy')
+        if policy.unit_path:
+            raise InvalidParameterError(
+                f"table {policy.name} reaches its privacy unit through foreign keys; its queries join on the fly, "
+                "so there is no prepared copy to build"
+            )
         if policy.public or not policy.privacy_unit:
             raise InvalidParameterError(
                 f"table {policy.name} has no privacy_unit: there is nothing to bound, so nothing to prepare"

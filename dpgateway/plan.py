@@ -4,12 +4,15 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from sqlglot import exp
 
 from dpgateway.policies.model import Table
 from dpgateway.sqlcheck import VerifiedSQL
+
+if TYPE_CHECKING:
+    from dpgateway.passes.relations import Relation
 
 MeasureKind = Literal["count", "sum"]
 
@@ -74,6 +77,7 @@ class DPPlan:
     epsilon: float
     delta: float
     table: Table | None = None
+    relation: Relation | None = None  # joins, unit paths, per-person subqueries: what `typed` reads
     where: exp.Expr | None = None
     group_keys: tuple[GroupKey, ...] = ()
     measurements: tuple[Measurement, ...] = ()

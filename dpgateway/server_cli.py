@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import signal
 import sys
 from collections.abc import Callable
 from datetime import datetime, timezone
@@ -73,11 +74,15 @@ def serve(config_path: str | None, host: str | None, port: int | None, tls_self_
             await server.start()
             click.echo(
                 f"dpgateway listening on {settings.host}:{server.port} (database {settings.database!r}, "
-                f"TLS {'on' if tls else 'off'}); Ctrl-C stops",
+                f"TLS {'on' if tls else 'off'}); Ctrl-C or SIGTERM stops",
                 err=True,
             )
+            stop = asyncio.Event()
+            loop = asyncio.get_running_loop()
+            for signum in (signal.SIGTERM, signal.SIGINT):  # also when started with SIGINT ignored (a background job)
+                loop.add_signal_handler(signum, stop.set)
             try:
-                await asyncio.Event().wait()
+                await stop.wait()
             finally:
                 await server.close()
 

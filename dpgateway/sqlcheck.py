@@ -46,6 +46,7 @@ BACKEND_NODES: tuple[type[exp.Expr], ...] = (
     exp.CTE,
     exp.TableAlias,
     exp.From,
+    exp.Join,  # the joined relations of passes/relations.py (over the planner's own CTEs)
     exp.Table,
     exp.Where,
     exp.Group,

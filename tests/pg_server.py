@@ -70,7 +70,7 @@ def _unprivileged_user() -> pwd.struct_passwd:
 class SystemPostgres:
     """``initdb`` + ``pg_ctl start`` in a temporary directory; ``stop()`` removes everything."""
 
-    def __init__(self, bin_dir: Path) -> None:
+    def __init__(self, bin_dir: Path, max_connections: int = 50) -> None:
         self.bin_dir = bin_dir
         self.base = Path(tempfile.mkdtemp(prefix="dpgateway-pg-"))
         self.data = self.base / "data"
@@ -81,7 +81,7 @@ class SystemPostgres:
         self._run("initdb", "-D", str(self.data), "-U", "postgres", "--auth=trust", "-E", "UTF8", "--no-sync")
         for _attempt in range(3):  # the free port may be taken between probing and binding
             self.port = _free_port()
-            options = f"-h 127.0.0.1 -p {self.port} -k {self.base} -F -c max_connections=50"
+            options = f"-h 127.0.0.1 -p {self.port} -k {self.base} -F -c max_connections={max_connections}"
             started = self._run(
                 "pg_ctl",
                 *("-D", str(self.data), "-o", options, "-l", str(self.base / "log"), "-w"),
@@ -137,8 +137,9 @@ class WheelPostgres:
         shutil.rmtree(self.base, ignore_errors=True)
 
 
-def start_postgres() -> SystemPostgres | WheelPostgres:
-    """Start a throwaway server from the first source that works; raise PostgresUnavailable if none does."""
+def start_postgres(max_connections: int = 50) -> SystemPostgres | WheelPostgres:
+    """Start a throwaway server from the first source that works; raise PostgresUnavailable if none does.
+    ``max_connections`` applies to system binaries (the wheel keeps its own setting)."""
     forced = os.environ.get("DPGATEWAY_TEST_PG", "")
     reasons = []
     if forced in ("", "system"):
@@ -147,7 +148,7 @@ def start_postgres() -> SystemPostgres | WheelPostgres:
             reasons.append("no initdb/pg_ctl/postgres on PATH or under /usr/lib/postgresql/*/bin")
         else:
             try:
-                return SystemPostgres(bin_dir)
+                return SystemPostgres(bin_dir, max_connections)
             except (PostgresUnavailable, OSError, subprocess.SubprocessError) as exc:
                 reasons.append(f"system binaries in {bin_dir}: {exc}")
     if forced in ("", "wheel"):

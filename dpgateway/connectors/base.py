@@ -8,8 +8,10 @@ sqlglot dialect named in ``DIALECT``.
 from __future__ import annotations
 
 import hashlib
+import threading
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -102,6 +104,47 @@ class SQLHooks:
         return tree
 
 
+@dataclass
+class Running:
+    """A statement one thread runs on ``handle`` (a cursor, a connection); ``cancelled`` once interrupted."""
+
+    handle: Any
+    cancelled: bool = False
+
+
+class Interrupts:
+    """Which handle each thread is running a statement on, so a CancelRequest from another thread can stop it.
+
+    ``cancel`` is called under the lock that the running thread takes to unregister, so it only ever reaches
+    a statement of the thread named; the connector discards a handle that was cancelled (a late cancel must
+    not reach a later statement on it).
+    """
+
+    def __init__(self, cancel: Callable[[Any], None]) -> None:
+        self._cancel = cancel
+        self._lock = threading.Lock()
+        self._by_thread: dict[int, Running] = {}
+
+    @contextmanager
+    def running(self, handle: Any) -> Iterator[Running]:
+        entry = Running(handle)
+        thread = threading.get_ident()
+        with self._lock:
+            self._by_thread[thread] = entry
+        try:
+            yield entry
+        finally:
+            with self._lock:
+                self._by_thread.pop(thread, None)
+
+    def interrupt(self, thread: int) -> None:
+        with self._lock:
+            entry = self._by_thread.get(thread)
+            if entry is not None and not entry.cancelled:
+                entry.cancelled = True
+                self._cancel(entry.handle)
+
+
 class Connector(ABC):
     """Runs bounded SQL on one backend. Use as a context manager to close it.
 
@@ -111,6 +154,8 @@ class Connector(ABC):
     """
 
     hooks: SQLHooks = SQLHooks()
+    interrupts: Interrupts | None = None
+    """Set by a backend whose running statements can be cancelled (:meth:`interrupt`)."""
 
     def execute(self, sql: VerifiedSQL, settings: tuple[tuple[str, Any], ...] = ()) -> ExactAggregates:
         """Run the verified bounded SQL and return its rows exactly."""
@@ -126,6 +171,13 @@ class Connector(ABC):
 
     def _materialize(self, sql: VerifiedSQL, path: str) -> int:
         raise UnsupportedError(f"the {type(self).__name__} backend cannot write prepared copies")
+
+    def interrupt(self, thread: int) -> None:
+        """Cancel the statement that thread ``thread`` (a ``threading.get_ident()``) runs on this backend now,
+        if any: its :meth:`execute` then raises QueryCanceledError (57014). A CancelRequest over the wire calls
+        this; a backend without :attr:`interrupts` lets the statement finish."""
+        if self.interrupts is not None:
+            self.interrupts.interrupt(thread)
 
     def check_table(self, table: Table) -> None:  # noqa: B027 - optional hook
         """Verify the declared columns exist in the source (a schema check, no data read)."""

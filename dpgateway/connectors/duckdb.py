@@ -15,8 +15,8 @@ from typing import Any
 import duckdb
 from sqlglot import exp
 
-from dpgateway.connectors.base import Connector, ExactAggregates, SQLHooks
-from dpgateway.errors import BackendError, ConfigError
+from dpgateway.connectors.base import Connector, ExactAggregates, Interrupts, SQLHooks
+from dpgateway.errors import BackendError, ConfigError, QueryCanceledError
 from dpgateway.policies.model import Column, Config, CsvDialect, PartySources, Table
 from dpgateway.sqlcheck import VerifiedSQL
 
@@ -145,6 +145,7 @@ class DuckDBConnector(Connector):
     """
 
     hooks: DuckDBHooks
+    interrupts: Interrupts
     PREPARED = 256
     """Statements each thread keeps prepared; the least recently run one is dropped first."""
 
@@ -162,6 +163,7 @@ class DuckDBConnector(Connector):
         _lock_down(self._con, allowed_paths, allowed_directories)
         self._lock = threading.Lock()
         self._local = threading.local()  # .cursor, and .prepared: SQL text -> statement name, oldest first
+        self.interrupts = Interrupts(lambda cursor: cursor.interrupt())
 
     @classmethod
     def for_config(cls, config: Config, *, threads: int | None = None) -> DuckDBConnector:
@@ -170,19 +172,33 @@ class DuckDBConnector(Connector):
         return cls(threads=threads, allowed_paths=files, allowed_directories=[config.cache_folder])
 
     def _execute(self, sql: VerifiedSQL, settings: tuple[tuple[str, Any], ...] = ()) -> ExactAggregates:
+        running = None
         try:
             if settings:  # settings stay with a cursor: use a fresh one, closed after
                 with self._lock:
                     cursor = self._con.cursor()
                 try:
-                    for name, value in settings:
-                        cursor.execute(_set(name, value))
-                    return _exact(cursor.execute(sql))
+                    with self.interrupts.running(cursor) as running:
+                        for name, value in settings:
+                            cursor.execute(_set(name, value))
+                        return _exact(cursor.execute(sql))
                 finally:
                     cursor.close()
-            return _exact(self._run_prepared(sql))
+            local = self._local
+            if getattr(local, "cursor", None) is None:
+                with self._lock:
+                    local.cursor = self._con.cursor()
+                local.prepared = OrderedDict()
+            with self.interrupts.running(local.cursor) as running:
+                try:
+                    return _exact(self._run_prepared(local.cursor, sql))
+                finally:
+                    if running.cancelled:  # its interrupt flag may outlive the statement
+                        self._drop_cursor()
         except duckdb.Error as exc:
             self._drop_cursor()  # after an error this thread starts on a new cursor
+            if running is not None and running.cancelled:
+                raise QueryCanceledError("canceling statement due to user request") from None
             # Proof note: DuckDB messages can quote data values (e.g. conversion errors), so only the
             # error class is reported. Test: tests/test_errors.py::test_backend_error_hides_values.
             raise BackendError(
@@ -191,14 +207,8 @@ class DuckDBConnector(Connector):
                 "the data"
             ) from None
 
-    def _run_prepared(self, sql: str) -> duckdb.DuckDBPyConnection:
-        local = self._local
-        if getattr(local, "cursor", None) is None:
-            with self._lock:
-                local.cursor = self._con.cursor()
-            local.prepared = OrderedDict()
-        cursor: duckdb.DuckDBPyConnection = local.cursor
-        prepared: OrderedDict[str, str] = local.prepared
+    def _run_prepared(self, cursor: duckdb.DuckDBPyConnection, sql: str) -> duckdb.DuckDBPyConnection:
+        prepared: OrderedDict[str, str] = self._local.prepared
         name = prepared.get(sql)
         if name is None:
             if len(prepared) >= self.PREPARED:

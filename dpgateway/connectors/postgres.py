@@ -21,9 +21,9 @@ import psycopg2
 import psycopg2.extensions
 import psycopg2.pool
 
-from dpgateway.connectors.base import Connector, ExactAggregates
+from dpgateway.connectors.base import Connector, ExactAggregates, Interrupts
 from dpgateway.connectors.postgres_sql import PostgresHooks
-from dpgateway.errors import BackendError, ConfigError
+from dpgateway.errors import BackendError, ConfigError, QueryCanceledError
 from dpgateway.policies.connections import Secret
 from dpgateway.policies.model import Table
 from dpgateway.sqlcheck import VerifiedSQL
@@ -41,6 +41,7 @@ class PostgresConnector(Connector):
     """A small pool of connections to one PostgreSQL database, each query in a READ ONLY transaction."""
 
     hooks: PostgresHooks
+    interrupts: Interrupts
 
     def __init__(self, url: Secret | str, *, statement_timeout_ms: int = 60_000, pool_size: int = POOL_SIZE) -> None:
         dsn = url.reveal() if isinstance(url, Secret) else url
@@ -54,6 +55,7 @@ class PostgresConnector(Connector):
                 "server runs, and that the gateway's role may log in"
             ) from None
         self._slots = threading.BoundedSemaphore(pool_size)  # wait for a free connection, never fail for one
+        self.interrupts = Interrupts(lambda conn: conn.cancel())
         with self._connection() as conn:
             version = int(conn.server_version)
         self.hooks = PostgresHooks(input_is_valid=version >= 160000)
@@ -81,15 +83,21 @@ class PostgresConnector(Connector):
         unknown = [name for name, _ in settings if name not in ALLOWED_SETTINGS]
         if unknown:
             raise BackendError(f"setting {unknown[0]!r} is not one the PostgreSQL backend applies (this is a bug)")
+        running = None
         try:
             with self._connection() as conn, conn.cursor() as cursor:
                 local = [("statement_timeout", self._timeout), *TRANSACTION_SETTINGS, *settings]
                 for name, value in local:
                     cursor.execute("SELECT set_config(%s, %s, true)", (name, str(value)))
-                cursor.execute(sql)
-                columns = tuple(d[0] for d in cursor.description or ())
-                rows = tuple(tuple(_plain(v) for v in row) for row in cursor.fetchall())
+                with self.interrupts.running(conn) as running:
+                    cursor.execute(sql)
+                    columns = tuple(d[0] for d in cursor.description or ())
+                    rows = tuple(tuple(_plain(v) for v in row) for row in cursor.fetchall())
+                if running.cancelled:  # discard the connection: a late cancel must not reach its next statement
+                    raise psycopg2.extensions.QueryCanceledError("canceled")
         except psycopg2.Error as exc:
+            if running is not None and running.cancelled:
+                raise QueryCanceledError("canceling statement due to user request") from None
             raise BackendError(
                 f"the backend could not run the bounded query ({_kind(exc)}); {_WITHHELD}. Check that the "
                 "policy's tables and columns match the database and the statement timeout suffices"

@@ -75,9 +75,8 @@ def bound_contributions(plan: DPPlan, *, ctx: PlanContext) -> DPPlan:
 
 def _weighted(plan: DPPlan, table: Table, ctx: PlanContext) -> DPPlan:
     """Per-unit weighted contributions: each matching row counts ``k / max(n_u, k)`` (proof note above)."""
-    hooks = ctx.hooks
     assert table.privacy_unit is not None
-    typed = _typed(_needed_columns(plan, table), hooks.source(table), table, ctx)
+    typed = _source_rows(plan, _needed_columns(plan, table), table, ctx)
     n, _ = _unit_columns(table)
     keys = [exp.alias_(k.expr.copy(), k.name, quoted=True) for k in plan.group_keys]
     window = exp.Window(this=exp.Count(this=exp.Star()), partition_by=[exp.column(table.privacy_unit, quoted=True)])
@@ -105,7 +104,7 @@ def _row_bounded(plan: DPPlan, table: Table, ctx: PlanContext) -> DPPlan:
     # The hash covers every declared column (not only the ones this query reads), so an unfiltered
     # query keeps exactly the rows a prepared copy keeps (passes/prepared.py).
     columns = list(table.columns) if table.privacy_unit else _needed_columns(plan, table)
-    typed = _typed(columns, hooks.source(table), table, ctx)
+    typed = _source_rows(plan, columns, table, ctx)
     _, rn = _unit_columns(table)
     keys = [exp.alias_(k.expr.copy(), k.name, quoted=True) for k in plan.group_keys]
     ranked = exp.select(exp.Star(), *keys, copy=False).from_("typed", copy=False)
@@ -232,9 +231,8 @@ def _unit_count(plan: DPPlan, table: Table, ctx: PlanContext) -> DPPlan:
     ``min`` per unit and group (or per unit) is a different statistic, not the row-bounded one.
     Tests: tests/test_fastpath.py.
     """
-    hooks = ctx.hooks
     assert table.privacy_unit is not None
-    typed = _typed(_needed_columns(plan, table), hooks.source(table), table, ctx)
+    typed = _source_rows(plan, _needed_columns(plan, table), table, ctx)
     unit = exp.column(table.privacy_unit, quoted=True)
     taken = {c.name for c in table.columns}
     n = find_new_name(taken, "__n")
@@ -292,6 +290,14 @@ def _over_prepared(plan: DPPlan, table: Table, ctx: PlanContext) -> DPPlan:
     return _rendered(plan, bounded, f"{table.name} (prepared copy)", ctx)
 
 
+def _source_rows(plan: DPPlan, columns: list[Column], table: Table, ctx: PlanContext) -> exp.Select:
+    """The ``typed`` CTE: the declared source's columns typed, or the joined relation's columns
+    (passes/relations.py: its per-table typed CTEs are added to the statement by :func:`_rendered`)."""
+    if plan.relation is not None:
+        return plan.relation.typed(c.name for c in columns)
+    return _typed(columns, ctx.hooks.source(table), table, ctx)
+
+
 def _typed(columns: list[Column], source: exp.Expr, table: Table, ctx: PlanContext) -> exp.Select:
     """The ``typed`` CTE: each column cast to its type, the privacy unit on its exact identity."""
     hooks = ctx.hooks
@@ -316,10 +322,19 @@ def _rendered(
     free of paths, options and the key, and the audited hash does not change when the data moves.
     Tests: tests/test_sources.py::test_explain_shows_no_path_option_or_key.
     """
+    if plan.relation is not None:  # the relation's own CTEs (typed sources, per-person rows) come first
+        with_ = bounded.args["with_"]
+        ctes = [
+            exp.CTE(this=body.copy(), alias=exp.TableAlias(this=exp.to_identifier(name)))
+            for name, body in plan.relation.ctes
+        ]
+        with_.set("expressions", [*ctes, *with_.expressions])
     shown = bounded.copy()
+    shown_sources = dict(plan.relation.sources) if plan.relation is not None else {"typed": None}
     for cte in shown.find_all(exp.CTE):
-        if cte.alias == "typed":
-            cte.this.from_(exp.Table(this=exp.to_identifier(relation, quoted=True)), copy=False)
+        if cte.alias in shown_sources:
+            name = relation if plan.relation is None else shown_sources[cte.alias].name  # type: ignore[union-attr]
+            cte.this.from_(exp.Table(this=exp.to_identifier(name, quoted=True)), copy=False)
     key = ctx.hooks.row_order_key(ctx.seed)
     for literal in [n for n in shown.find_all(exp.Literal) if n.is_string and n.this == key]:
         literal.replace(exp.Literal.string(ROW_ORDER_KEY))

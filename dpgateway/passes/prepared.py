@@ -49,6 +49,10 @@ window count and rank over all of the unit's rows, the filter in the final aggre
 ``passes/bounding.py``), so a copy changes the speed of a query, never its answer or its cost. Tests:
 tests/test_fastpath.py::test_bound_first_moves_each_aggregate_by_at_most_its_sensitivity,
 tests/test_prepare.py::test_bound_first_filtered_queries_read_the_copy_and_give_the_on_the_fly_aggregates.
+
+Joined relations, unit paths and per-person subqueries (``plan.relation``, passes/relations.py) never read a
+copy: a copy's ranks and weights are one table's, not the joined relation's, so they are computed on the
+fly. Test: tests/test_relations.py::test_joins_never_read_prepared_copies.
 """
 
 from __future__ import annotations
@@ -62,6 +66,8 @@ def use_prepared_copy(plan: DPPlan, *, ctx: PlanContext) -> DPPlan:
     """Swap the source for a valid prepared copy when the query has no WHERE or bounds before filtering."""
     table = plan.table
     if table is None or not table.privacy_unit or not plan.measurements:
+        return plan
+    if plan.relation is not None:  # a copy holds one table's ranks and weights, not a joined relation's
         return plan
     if plan.where is not None and not bounds_before_filter(plan, ctx):
         return plan

@@ -14,7 +14,10 @@ def verify_backend_sql(plan: DPPlan, *, ctx: PlanContext) -> DPPlan:
     """Set ``plan.bounded_sql`` from ``plan.bounded``; the sources allowed are the table's and a prepared copy."""
     if plan.bounded is None or plan.table is None:
         return plan
-    sources = [ctx.hooks.source(plan.table)]
+    if plan.relation is not None:  # every declared table the joined relation reads (passes/relations.py)
+        sources = [ctx.hooks.source(table) for _, table in plan.relation.sources]
+    else:
+        sources = [ctx.hooks.source(plan.table)]
     if plan.prepared is not None:
         sources.append(ctx.hooks.file_source(plan.prepared))
     return plan.with_(

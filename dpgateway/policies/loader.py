@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import os
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,7 @@ from dpgateway.policies.model import (
     HeSettings,
     MpcSettings,
     PartySources,
+    PathStep,
     PrepareConfig,
     ServerConfig,
     Table,
@@ -102,6 +104,7 @@ def parse_config(raw: Any, *, base_dir: Path) -> Config:
         other = seen.setdefault(table_key(table.name), table.name)
         if other != table.name:
             raise ConfigError(f"tables.{table.name}: the same table as tables.{other} (`public.x` is `x`); keep one")
+    tables = tuple(_with_path_domain(t, tables) for t in tables)
     admins = raw.get("admins", [])
     if not isinstance(admins, list) or not all(isinstance(a, str) for a in admins):
         raise ConfigError("admins: must be a list of analyst names")
@@ -197,9 +200,14 @@ def _table(name: str, spec: Any, base_dir: Path, mpc: MpcSettings) -> Table:
         _column(f"{where}.columns.{c}", str(c), s) for c, s in _mapping(columns_raw, f"{where}.columns").items()
     )
     unit = spec.get("privacy_unit")
-    if unit is not None:
+    path: tuple[PathStep, ...] = ()
+    if isinstance(unit, dict):
+        unit, path = _unit_path(unit, f"{where}.privacy_unit", columns)
+    elif unit is not None:
         if not isinstance(unit, str):
-            raise ConfigError(f"{where}.privacy_unit: must be a column name")
+            raise ConfigError(
+                f"{where}.privacy_unit: must be a column name, or {{column, path: [{{from, table, to}}]}}"
+            )
         declared = next((c for c in columns if c.name == unit), None)
         if declared is None:
             raise ConfigError(f"{where}.privacy_unit: column {unit!r} is not declared under {where}.columns")
@@ -240,7 +248,63 @@ def _table(name: str, spec: Any, base_dir: Path, mpc: MpcSettings) -> Table:
         executor=executor,
         executors_allowed=allowed,
         units_disjoint=mpc.units_disjoint,
+        unit_path=path,
     )
+
+
+def _unit_path(spec: dict[str, Any], where: str, columns: tuple[Column, ...]) -> tuple[str, tuple[PathStep, ...]]:
+    """``{column, path: [{from, table, to}, ...]}``: the unit is ``column`` of the path's last table."""
+    _no_unknown(spec, {"column", "path"}, where)
+    column, hops = spec.get("column"), spec.get("path")
+    if not isinstance(column, str) or not column:
+        raise ConfigError(f"{where}.column: must name the unit column of the path's last table")
+    if not isinstance(hops, list) or not hops:
+        raise ConfigError(
+            f"{where}.path: list the foreign keys to follow, e.g. [{{from: l_orderkey, table: orders, to: o_orderkey}}]"
+        )
+    steps = []
+    for i, hop in enumerate(hops):
+        hop = _mapping(hop, f"{where}.path[{i}]")
+        _no_unknown(hop, {"from", "table", "to"}, f"{where}.path[{i}]")
+        if not all(isinstance(hop.get(key), str) and hop.get(key) for key in ("from", "table", "to")):
+            raise ConfigError(f"{where}.path[{i}]: give from (a column here), table and to (a column there)")
+        steps.append(PathStep(from_=hop["from"], table=hop["table"], to=hop["to"]))
+    if not any(c.name == steps[0].from_ for c in columns):
+        raise ConfigError(f"{where}.path[0].from: column {steps[0].from_!r} is not declared under the table's columns")
+    return column, tuple(steps)
+
+
+def _with_path_domain(table: Table, tables: tuple[Table, ...]) -> Table:
+    """Check a unit path against the tables it crosses; the table shares the last table's domain."""
+    if not table.unit_path:
+        return table
+    where = f"tables.{table.name}.privacy_unit"
+    by_key = {table_key(t.name): t for t in tables}
+    for i, step in enumerate(table.unit_path):
+        target = by_key.get(table_key(step.table))
+        if target is None or target is table:
+            raise ConfigError(f"{where}.path[{i}].table: {step.table!r} is not another table of the policy")
+        if target.column(step.to) is None:
+            raise ConfigError(
+                f"{where}.path[{i}].to: column {step.to!r} is not declared under tables.{target.name}.columns"
+            )
+        if i + 1 < len(table.unit_path) and target.column(table.unit_path[i + 1].from_) is None:
+            raise ConfigError(
+                f"{where}.path[{i + 1}].from: column {table.unit_path[i + 1].from_!r} is not declared under "
+                f"tables.{target.name}.columns"
+            )
+    last = by_key[table_key(table.unit_path[-1].table)]
+    if last.unit_path or last.privacy_unit is None or last.privacy_unit != table.privacy_unit:
+        raise ConfigError(
+            f"{where}.column: {table.privacy_unit!r} must be the privacy_unit column of tables.{last.name} "
+            "(the path's last table, whose unit is a column of its own)"
+        )
+    if table.domain and table.domain != last.subject_domain:
+        raise ConfigError(
+            f"tables.{table.name}.domain: {table.domain!r} differs from {last.subject_domain!r}, the domain of "
+            f"tables.{last.name} its unit path reaches; a unit reached through foreign keys is that table's person"
+        )
+    return replace(table, domain=last.subject_domain)
 
 
 def _parties(spec: dict[str, Any], where: str, base_dir: Path) -> PartySources:

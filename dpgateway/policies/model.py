@@ -91,12 +91,23 @@ class HeSettings:
 
 
 @dataclass(frozen=True)
+class PathStep:
+    """One hop of a privacy unit reached through foreign keys: this table's ``from_`` equals ``table.to``."""
+
+    from_: str
+    table: str
+    to: str
+
+
+@dataclass(frozen=True)
 class Table:
     """A table, its source and its privacy policy.
 
     ``privacy_unit`` is the column identifying the person (an ``int`` or ``str`` column: identifiers
     that round-trip exactly); ``None`` means each row is a person (row-level privacy,
-    ``max_rows_per_unit`` is then 1). ``public`` tables carry no privacy.
+    ``max_rows_per_unit`` is then 1). ``public`` tables carry no privacy. With a ``unit_path`` the
+    unit is not a column of this table: ``privacy_unit`` names the unit column of the path's last
+    table, reached by joining along the path (passes/relations.py).
     """
 
     name: str
@@ -110,6 +121,7 @@ class Table:
     executor: str = "plain"  # who computes and noises the aggregates (dpgateway/executors)
     executors_allowed: tuple[str, ...] = ()  # executors `query --executor` may choose instead
     units_disjoint: bool = False  # parties' tables: no person has rows at two parties
+    unit_path: tuple[PathStep, ...] = ()  # foreign keys to the table holding the unit (empty: a column here)
 
     @property
     def cross_party_factor(self) -> int:

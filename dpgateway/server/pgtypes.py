@@ -34,12 +34,13 @@ FLOAT8 = PgType("float8", 701, 8)
 NUMERIC = PgType("numeric", 1700, -1)
 TEXT = PgType("text", 25, -1)
 VARCHAR = PgType("varchar", 1043, -1)
+NAME = PgType("name", 19, 64)  # what current_user, current_schema() and current_database() return
 DATE = PgType("date", 1082, 4)
 UNKNOWN = PgType("unknown", 705, -2)
-BY_OID = {t.oid: t for t in (BOOL, INT2, INT4, INT8, FLOAT4, FLOAT8, NUMERIC, TEXT, VARCHAR, DATE, UNKNOWN)}
+BY_OID = {t.oid: t for t in (BOOL, INT2, INT4, INT8, FLOAT4, FLOAT8, NUMERIC, TEXT, VARCHAR, NAME, DATE, UNKNOWN)}
 INTEGERS = frozenset({INT2.oid, INT4.oid, INT8.oid})
 BINARY_RESULTS = frozenset(
-    {BOOL.oid, INT2.oid, INT4.oid, INT8.oid, FLOAT4.oid, FLOAT8.oid, NUMERIC.oid, TEXT.oid, VARCHAR.oid}
+    {BOOL.oid, INT2.oid, INT4.oid, INT8.oid, FLOAT4.oid, FLOAT8.oid, NUMERIC.oid, TEXT.oid, VARCHAR.oid, NAME.oid}
 )
 
 POLICY_TYPES = {"int": INT8, "float": FLOAT8, "str": TEXT, "bool": BOOL, "date": DATE}
@@ -65,7 +66,7 @@ def encode_value(value: Any, oid: int, fmt: int) -> bytes | None:
     if fmt and oid == NUMERIC.oid:
         return numeric_binary(Decimal(str(value)))
     if fmt:
-        if oid in (TEXT.oid, VARCHAR.oid, UNKNOWN.oid):
+        if oid in (TEXT.oid, VARCHAR.oid, NAME.oid, UNKNOWN.oid):
             return _text(value).encode()
         raise InvalidParameterValue(f"binary format is not supported for result type {BY_OID[oid].name}")
     if oid == NUMERIC.oid:

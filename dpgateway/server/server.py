@@ -178,17 +178,17 @@ class Server:
             if isinstance(event, p.GSSENCRequest):
                 writer.write(b"N")
                 continue
-            if isinstance(event, p.CancelRequest):
-                self._cancel(event)
+            if isinstance(event, p.CancelRequest):  # not in the query pool: it may be full of the queries to stop
+                await asyncio.get_running_loop().run_in_executor(None, self._cancel, event)
                 return None
             return await self._authenticate(event, codec, reader, writer)
 
     def _cancel(self, request: p.CancelRequest) -> None:
-        """Stop the session's next statement (a query already running in a thread finishes: see docs)."""
+        """Interrupt the statement the session runs now, if the key matches (it is ignored otherwise, silently,
+        as PostgreSQL does)."""
         entry = self._sessions.get(request.process_id)
         if entry is not None and hmac.compare_digest(entry[0], request.secret_key):
-            entry[1].cancel.set()
-            entry[1].cancel_shadow()
+            entry[1].interrupt()
 
     async def _authenticate(
         self, startup: p.Startup, codec: p.FrontendReader, reader: asyncio.StreamReader, writer: asyncio.StreamWriter

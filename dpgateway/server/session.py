@@ -7,22 +7,21 @@ message at a time.
 DP over the wire: the analyst is the authenticated user, never a name the client types; ``SET dp.epsilon`` and
 ``SET dp.delta`` set the session's defaults; ``SHOW dp.budget`` is the remaining epsilon of the tightest cap;
 ``EXPLAIN`` plans and spends nothing; Describe plans and spends nothing (the query runs at the first Execute,
-once per portal). Transactions are bookkeeping only: a ROLLBACK restores session settings but never returns
-budget, because a released answer cannot be taken back.
+once per portal). Settings, DP parameters and transaction status live in :mod:`~dpgateway.server.state`.
+A CancelRequest (:meth:`Session.interrupt`) interrupts the statement being handled (docs/server.md, "Cancel").
 """
 
 from __future__ import annotations
 
-import math
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from sqlglot import exp
 
 from dpgateway import __version__
-from dpgateway.errors import DPGatewayError, InvalidParameterError, UnsupportedError
+from dpgateway.errors import DPGatewayError, UnsupportedError
 from dpgateway.gateway import Gateway
 from dpgateway.server import admin
 from dpgateway.server import pgtypes as t
@@ -30,49 +29,19 @@ from dpgateway.server import protocol as p
 from dpgateway.server import statements as st
 from dpgateway.server.protocol import Field
 from dpgateway.server.shadow import ShadowCluster, ShadowConnection, ShadowError
-
-SERVER_VERSION = "15.0"
-END_WORDS = frozenset({"ROLLBACK", "ABORT", "COMMIT", "END"})
-
-
-class SessionError(DPGatewayError):
-    """A protocol-level error with its own SQLSTATE."""
-
-    def __init__(self, sqlstate: str, message: str) -> None:
-        super().__init__(message)
-        self.sqlstate = sqlstate
-
-
-# name (lower case) -> (reported name, default, sent as ParameterStatus)
-SETTINGS: dict[str, tuple[str, str, bool]] = {
-    "application_name": ("application_name", "", True),
-    "client_encoding": ("client_encoding", "UTF8", True),
-    "datestyle": ("DateStyle", "ISO, MDY", True),
-    "default_transaction_read_only": ("default_transaction_read_only", "off", True),
-    "in_hot_standby": ("in_hot_standby", "off", True),
-    "integer_datetimes": ("integer_datetimes", "on", True),
-    "intervalstyle": ("IntervalStyle", "postgres", True),
-    "server_encoding": ("server_encoding", "UTF8", True),
-    "server_version": ("server_version", f"{SERVER_VERSION} (dpgateway {__version__})", True),
-    "standard_conforming_strings": ("standard_conforming_strings", "on", True),
-    "timezone": ("TimeZone", "UTC", True),
-    "extra_float_digits": ("extra_float_digits", "1", False),
-    "search_path": ("search_path", '"$user", public', False),
-    "statement_timeout": ("statement_timeout", "0", False),
-    "lock_timeout": ("lock_timeout", "0", False),
-    "idle_in_transaction_session_timeout": ("idle_in_transaction_session_timeout", "0", False),
-    "client_min_messages": ("client_min_messages", "notice", False),
-    "bytea_output": ("bytea_output", "hex", False),
-    "default_transaction_isolation": ("default_transaction_isolation", "read committed", False),
-    "transaction_isolation": ("transaction_isolation", "read committed", False),
-    "max_identifier_length": ("max_identifier_length", "63", False),
-}
-READ_ONLY = frozenset(
-    {"server_version", "server_encoding", "integer_datetimes", "in_hot_standby", "max_identifier_length"}
+from dpgateway.server.state import (
+    DP_SETTINGS,
+    SERVER_VERSION,
+    Outcome,
+    SessionError,
+    SessionState,
+    show_field,
+    tightest,
 )
-DP_SETTINGS = ("dp.epsilon", "dp.delta")
+
 SHADOW_WORDS = frozenset({"SELECT", "WITH", "VALUES", "TABLE", "("})
 LOCAL_SHOW = frozenset({"dp.budget", "dp.audit", *DP_SETTINGS, "transaction isolation level"})
+CANCELED = "canceling statement due to user request"
 
 
 @dataclass
@@ -93,18 +62,6 @@ class Portal:
     sent: int = 0
 
 
-@dataclass
-class Outcome:
-    """What one statement produced: a row set (``fields`` not None) or a command tag, plus notices."""
-
-    tag: str
-    fields: list[Field] | None = None
-    rows: list[list[Any]] = field(default_factory=list)
-    notices: list[bytes] = field(default_factory=list)
-    empty: bool = False
-    relayed: list[bytes] | None = None  # the shadow catalog's messages, sent as they are
-
-
 class Session:
     """State of one client connection after authentication."""
 
@@ -123,40 +80,62 @@ class Session:
         self._conn: ShadowConnection | None = None
         self.user = user
         self.is_admin = is_admin
-        self.status = "I"
-        self.settings = {name: default for name, (_, default, _) in SETTINGS.items()}
-        self.settings.update({"is_superuser": "on" if is_admin else "off", "session_authorization": user})
-        self.dp: dict[str, float] = {}
-        self._snapshot: tuple[dict[str, str], dict[str, float]] | None = None
+        budget = gateway.config.budget
+        self.state = SessionState(
+            user,
+            is_admin=is_admin,
+            client=client or {},
+            defaults=(budget.default_query_epsilon, budget.default_query_delta),
+        )
         self.statements: dict[str, Prepared] = {}
         self.portals: dict[str, Portal] = {}
         self.skipping = False
-        self.cancel = threading.Event()
-        for key, value in (client or {}).items():
-            if key.lower() in SETTINGS and key.lower() not in READ_ONLY:
-                try:
-                    self._set(key.lower(), value)
-                except DPGatewayError:
-                    continue  # PostgreSQL also ignores a bad start-up option value with a warning
+        self.cancel = threading.Event()  # set by a CancelRequest while a message is being handled
+        self._lock = threading.Lock()
+        self._thread: int | None = None  # the worker thread handling a message now
+
+    @property
+    def status(self) -> str:
+        """Transaction status for ReadyForQuery: ``I`` idle, ``T`` in a transaction, ``E`` failed."""
+        return self.state.status
 
     def startup_messages(self) -> list[bytes]:
-        """ParameterStatus for every reported setting (as PostgreSQL sends them after AuthenticationOk)."""
-        reported = [(SETTINGS[n][0], v) for n, v in self.settings.items() if n in SETTINGS and SETTINGS[n][2]]
-        reported += [("is_superuser", self.settings["is_superuser"]), ("session_authorization", self.user)]
-        return [p.parameter_status(name, value) for name, value in sorted(reported)]
+        return self.state.startup_messages()
 
     # ---- messages ---------------------------------------------------------------------------------------
 
     def handle(self, message: p.Message) -> list[bytes]:
         """Answer one frontend message; raises :class:`~dpgateway.server.protocol.ProtocolViolation` for a
         message that ends the connection."""
+        with self._lock:
+            self._thread = threading.get_ident()
+        try:
+            return self._handle(message)
+        finally:
+            with self._lock:
+                self._thread = None
+                self.cancel.clear()
+
+    def interrupt(self) -> None:
+        """A CancelRequest: stop the statement running now, if any (a backend query through the connector's
+        cancel hook, a shadow statement through the shadow's own cancel); an idle session ignores it, as
+        PostgreSQL does. The interrupted statement answers 57014; how its budget is accounted: docs/server.md."""
+        with self._lock:
+            if self._thread is None:
+                return
+            self.cancel.set()
+            self.gateway.connector.interrupt(self._thread)
+        if self._conn is not None:
+            self._conn.cancel()
+
+    def _handle(self, message: p.Message) -> list[bytes]:
         kind = message.type
         if kind == b"S":
             self.skipping = False
             if self._conn is not None:
                 self._conn.sync()
             self.portals.pop("", None)
-            return [p.ready_for_query(self.status)]
+            return [p.ready_for_query(self.state.status)]
         if kind == b"H" or (self.skipping and kind != b"Q"):
             return []
         try:
@@ -171,11 +150,9 @@ class Session:
                 raise p.ProtocolViolation(f"invalid frontend message type {kind!r}")
             return handler(self, message.body)
         except DPGatewayError as exc:
-            self._fail()
+            self.state.fail()
             self.skipping = True
             return [_error(exc)]
-        finally:
-            self.cancel.clear()
 
     def _simple(self, sql: str) -> list[bytes]:
         out: list[bytes] = []
@@ -195,9 +172,9 @@ class Session:
                     out.extend(_data_rows(outcome.fields, outcome.rows, (0,) * len(outcome.fields)))
                 out.append(p.command_complete(outcome.tag))
         except DPGatewayError as exc:
-            self._fail()
+            self.state.fail()
             out.append(_error(exc))
-        out.append(p.ready_for_query(self.status))
+        out.append(p.ready_for_query(self.state.status))
         return out
 
     def _parse(self, body: bytes) -> list[bytes]:
@@ -208,7 +185,7 @@ class Session:
         if len(statements) > 1:
             raise SessionError("42601", "cannot insert multiple commands into a prepared statement")
         statement = statements[0]
-        self._check_not_failed(statement)
+        self.state.check_not_failed(statement.keyword)
         if self._to_shadow(statement):
             answer = self._shadow().extended(b"P", body)
             self.statements[message.statement] = Prepared(statement.text, statement, None, (), shadow=True)
@@ -223,7 +200,7 @@ class Session:
     def _bind(self, body: bytes) -> list[bytes]:
         message = p.parse_bind(body)
         prepared = self._statement(message.statement)
-        self._check_not_failed(prepared.statement)
+        self.state.check_not_failed(prepared.statement.keyword)
         if prepared.shadow:
             if message.portal and message.portal in self.portals:
                 raise SessionError("42P03", f'cursor "{message.portal}" already exists')
@@ -268,11 +245,11 @@ class Session:
         message = p.parse_execute(body)
         portal = self._portal(message.portal)
         if portal.prepared.shadow:
-            self._check_not_failed(portal.prepared.statement)
+            self.state.check_not_failed(portal.prepared.statement.keyword)
             return self._shadow().extended(b"E", body)
         out: list[bytes] = []
         if portal.outcome is None:
-            self._check_not_failed(portal.prepared.statement)
+            self.state.check_not_failed(portal.prepared.statement.keyword)
             portal.outcome = self._run(portal.prepared.statement, portal.sql)
             out.extend(portal.outcome.notices)
         outcome = portal.outcome
@@ -309,9 +286,9 @@ class Session:
     def _run(self, statement: st.Statement, sql: str) -> Outcome:
         if statement.is_empty:
             return Outcome("", empty=True)
-        self._check_not_failed(statement)
+        self.state.check_not_failed(statement.keyword)
         if self.cancel.is_set():
-            raise SessionError("57014", "canceling statement due to user request")
+            raise SessionError("57014", CANCELED)
         word = statement.keyword
         builtin = self._builtin(sql) if word == "SELECT" else None
         if builtin is not None:
@@ -320,7 +297,7 @@ class Session:
         if self._to_shadow(statement):
             return Outcome("", relayed=self._shadow().simple(sql))
         if word in st.TRANSACTION_WORDS:
-            return self._transaction(word, sql)
+            return self.state.transaction(word, sql)
         if word in ("SET", "RESET", "SHOW", "DISCARD"):
             return self._session_command(word, sql)
         if word == "EXPLAIN":
@@ -328,8 +305,13 @@ class Session:
         return self._query(sql)
 
     def _query(self, sql: str) -> Outcome:
-        result = self.gateway.query(sql, analyst=self.user, epsilon=self._eps(), delta=self._delta())
-        explanation = self.gateway.explain(sql, analyst=self.user, epsilon=self._eps(), delta=self._delta())
+        try:
+            result = self.gateway.query(sql, analyst=self.user, epsilon=self.state.epsilon, delta=self.state.delta)
+        except DPGatewayError:
+            if self.cancel.is_set():  # interrupted: the ledger was settled by Gateway.query (docs/server.md)
+                raise SessionError("57014", CANCELED) from None
+            raise
+        explanation = self.gateway.explain(sql, analyst=self.user, epsilon=self.state.epsilon, delta=self.state.delta)
         fields = st.result_fields(sql, explanation.plan, self.gateway.config)
         if len(fields) != len(result.columns):  # a shape the static typing did not foresee: type by value
             fields = [_field_of(name, [row[i] for row in result.rows]) for i, name in enumerate(result.columns)]
@@ -337,12 +319,14 @@ class Session:
         plan = explanation.plan
         if plan is not None and not plan.passthrough:
             notices.append(
-                _spend_notice(result.epsilon, result.delta, result.remaining, result.replayed, explanation.accuracy)
+                _spend_notice(
+                    result.epsilon, result.delta, result.remaining, result.replayed, result.accuracy
+                )  # a replay: the first release's
             )
         return Outcome(f"SELECT {len(result.rows)}", fields, result.rows, notices)
 
     def _explain(self, sql: str) -> Outcome:
-        e = self.gateway.explain(sql, analyst=self.user, epsilon=self._eps(), delta=self._delta())
+        e = self.gateway.explain(sql, analyst=self.user, epsilon=self.state.epsilon, delta=self.state.delta)
         lines = [f"epsilon: {e.epsilon:g}", f"delta: {e.delta:g}"]
         for m in e.mechanisms:
             threshold = f", threshold {m.threshold}" if m.threshold is not None else ""
@@ -359,7 +343,7 @@ class Session:
         word = prepared.statement.keyword
         if word == "SHOW":
             name = st.parse_show(prepared.sql)
-            return admin.AUDIT_FIELDS if name == "dp.audit" else [_show_field(name)]
+            return admin.AUDIT_FIELDS if name == "dp.audit" else [show_field(name)]
         builtin = self._builtin(prepared.sql) if word == "SELECT" else None
         if builtin is not None:
             return builtin[0]
@@ -370,98 +354,29 @@ class Session:
         if sql is None:
             placeholders = [_placeholder(oid) for oid in prepared.param_types]
             sql = st.bind_parameters(prepared.tree, placeholders) if placeholders else prepared.sql
-        explanation = self.gateway.explain(sql, analyst=self.user, epsilon=self._eps(), delta=self._delta())
+        explanation = self.gateway.explain(sql, analyst=self.user, epsilon=self.state.epsilon, delta=self.state.delta)
         return st.result_fields(sql, explanation.plan, self.gateway.config)
-
-    def _transaction(self, word: str, sql: str) -> Outcome:
-        notices: list[bytes] = []
-        rollback_to = word == "ROLLBACK" and " TO " in f" {sql.upper()} "
-        if word in ("BEGIN", "START"):
-            if self.status != "I":
-                notices.append(_warning("25001", "there is already a transaction in progress"))
-            else:
-                self._snapshot = (dict(self.settings), dict(self.dp))
-            self.status = "T"
-            return Outcome("BEGIN" if word == "BEGIN" else "START TRANSACTION", notices=notices)
-        if word in ("SAVEPOINT", "RELEASE") or rollback_to:
-            if self.status == "I":
-                raise SessionError(
-                    "25P01",
-                    f"{'ROLLBACK TO SAVEPOINT' if rollback_to else word} can only be used in transaction blocks",
-                )
-            self.status = "T"
-            return Outcome("ROLLBACK" if rollback_to else word)
-        failed = self.status == "E"
-        if self.status == "I":
-            notices.append(_warning("25P01", "there is no transaction in progress"))
-        if (word in ("ROLLBACK", "ABORT") or failed) and self._snapshot is not None:
-            self.settings, self.dp = self._snapshot
-        self._snapshot = None
-        self.status = "I"
-        return Outcome("COMMIT" if word in ("COMMIT", "END") and not failed else "ROLLBACK", notices=notices)
 
     def _session_command(self, word: str, sql: str) -> Outcome:
         if word == "SHOW":
             name = st.parse_show(sql)
             if name == "dp.audit":
                 return Outcome("SHOW", admin.AUDIT_FIELDS, admin.audit(self.gateway, self.user, self.is_admin))
-            return Outcome("SHOW", [_show_field(name)], [[self._show(name)]])
+            if name == "dp.budget":
+                return Outcome("SHOW", [show_field(name)], [[f"{tightest(self.gateway.remaining(self.user)):g}"]])
+            return Outcome("SHOW", [show_field(name)], [[self.state.show(name)]])
         if word == "DISCARD":
             if self._conn is not None:
                 self._conn.simple("DISCARD ALL")
             self.statements.clear()
             self.portals.clear()
-            self.dp.clear()
+            self.state.dp.clear()
             return Outcome("DISCARD ALL")
         if word == "RESET":
-            name = st.parse_reset(sql)
-            if name == "all":
-                self.dp.clear()
-                self.settings.update({n: d for n, (_, d, _) in SETTINGS.items() if n not in READ_ONLY})
-            else:
-                self._set(name, "DEFAULT")
+            self.state.reset(st.parse_reset(sql))
             return Outcome("RESET")
         command = st.parse_set(sql)
-        notices = self._set(command.name, command.value)
-        return Outcome("SET", notices=notices)
-
-    def _set(self, name: str, value: str) -> list[bytes]:
-        default = value.upper() == "DEFAULT"
-        if name in DP_SETTINGS:
-            if default:
-                self.dp.pop(name, None)
-            else:
-                self.dp[name] = _dp_value(name, value)
-            return []
-        if name not in SETTINGS:
-            if "." in name:  # a custom setting, as PostgreSQL allows
-                self.settings[name] = value
-                return []
-            raise SessionError("42704", f'unrecognized configuration parameter "{name}"')
-        if name in READ_ONLY:
-            raise SessionError("55P02", f'parameter "{name}" cannot be changed')
-        reported, fallback, report = SETTINGS[name]
-        value = fallback if default else value
-        if name == "client_encoding" and value.upper().replace("-", "") not in ("UTF8", "UNICODE"):
-            raise InvalidParameterError(f'client_encoding "{value}" is not supported: the server speaks UTF8 only')
-        if name == "client_encoding":
-            value = "UTF8"
-        if name == "datestyle" and not value.upper().startswith("ISO"):
-            raise InvalidParameterError(f'DateStyle "{value}" is not supported: only ISO date styles are')
-        self.settings[name] = value
-        return [p.parameter_status(reported, value)] if report else []
-
-    def _show(self, name: str) -> str:
-        if name == "dp.budget":
-            remaining = self.gateway.remaining(self.user)
-            return f"{_tightest(remaining):g}"
-        if name in DP_SETTINGS:
-            return f"{self._eps() if name == 'dp.epsilon' else self._delta():g}"
-        if name == "transaction isolation level":
-            return "read committed"
-        if name in self.settings:
-            return self.settings[name]
-        raise SessionError("42704", f'unrecognized configuration parameter "{name}"')
+        return Outcome("SET", notices=self.state.set(command.name, command.value))
 
     # ---- the shadow catalog -------------------------------------------------------------------------------
 
@@ -472,7 +387,7 @@ class Session:
             return False
         if statement.keyword == "SHOW":
             name = st.parse_show(statement.text)
-            return name not in LOCAL_SHOW and name not in self.settings and name != "all"
+            return name not in LOCAL_SHOW and name not in self.state.settings and name != "all"
         return (
             statement.keyword in SHADOW_WORDS
             and not st.names_policy_table(statement.text, self.gateway.config)
@@ -496,7 +411,8 @@ class Session:
             "database": self.database,
             "version": f"PostgreSQL {SERVER_VERSION} (dpgateway {__version__})",
         }
-        fields = [Field(name, t.TEXT.oid, t.TEXT.length) for name, _ in functions]
+        types = {name: t.TEXT if what == "version" else t.NAME for name, what in functions}
+        fields = [Field(name, types[name].oid, types[name].length) for name, _ in functions]
         return fields, lambda: [[values[what] for _, what in functions]]
 
     def _shadow(self) -> ShadowConnection:
@@ -506,33 +422,12 @@ class Session:
             self._conn = self.shadow.connect()
         return self._conn
 
-    def cancel_shadow(self) -> None:
-        """Forward a CancelRequest to the shadow statement running now, if any."""
-        if self._conn is not None:
-            self._conn.cancel()
-
     def close(self) -> None:
         if self._conn is not None:
             self._conn.close()
             self._conn = None
 
     # ---- helpers ------------------------------------------------------------------------------------------
-
-    def _eps(self) -> float:
-        return self.dp.get("dp.epsilon", self.gateway.config.budget.default_query_epsilon)
-
-    def _delta(self) -> float:
-        return self.dp.get("dp.delta", self.gateway.config.budget.default_query_delta)
-
-    def _check_not_failed(self, statement: st.Statement) -> None:
-        if self.status == "E" and statement.keyword not in END_WORDS:
-            raise SessionError(
-                "25P02", "current transaction is aborted, commands ignored until end of transaction block"
-            )
-
-    def _fail(self) -> None:
-        if self.status == "T":
-            self.status = "E"
 
     def _statement(self, name: str) -> Prepared:
         if name not in self.statements:
@@ -549,10 +444,6 @@ def _error(exc: DPGatewayError) -> bytes:
     if isinstance(exc, ShadowError):
         return b"".join([*exc.before, exc.raw])
     return p.error_response(exc.sqlstate, exc.message)
-
-
-def _warning(sqlstate: str, text: str) -> bytes:
-    return p.Notice("WARNING", sqlstate, text).encode()
 
 
 def _with_format(f: Field, fmt: int) -> Field:
@@ -583,12 +474,6 @@ def _field_of(name: str, values: list[Any]) -> Field:
     return Field(name, pg.oid, pg.length)
 
 
-def _show_field(name: str) -> Field:
-    if name == "dp.budget":
-        return Field(name, t.NUMERIC.oid, t.NUMERIC.length)
-    return Field(name.replace(" ", "_"), t.TEXT.oid, t.TEXT.length)
-
-
 def _placeholder(oid: int) -> Any:
     """A stand-in value of a parameter's type, for planning a statement that has no values yet."""
     if oid in t.INTEGERS:
@@ -600,27 +485,10 @@ def _placeholder(oid: int) -> Any:
     return ""
 
 
-def _dp_value(name: str, value: str) -> float:
-    try:
-        number = float(value)
-    except ValueError:
-        number = math.nan
-    if name == "dp.epsilon" and not (number > 0 and math.isfinite(number)):
-        raise InvalidParameterError(f"dp.epsilon must be a positive finite number, not {value!r}")
-    if name == "dp.delta" and not 0 <= number < 1:
-        raise InvalidParameterError(f"dp.delta must be a number in [0, 1), not {value!r}")
-    return number
-
-
-def _tightest(remaining: dict[str, Any]) -> float:
-    caps = [remaining["analyst"]["epsilon"], *(d["epsilon"] for d in remaining.get("domains", {}).values())]
-    return float(min(caps))
-
-
 def _spend_notice(
     epsilon: float, delta: float, remaining: dict[str, Any], replayed: bool, accuracy: dict[str, str]
 ) -> bytes:
     spent = "replayed an earlier answer: nothing spent" if replayed else f"spent epsilon {epsilon:g}, delta {delta:g}"
     detail = "; ".join(f"{name} {value}" for name, value in accuracy.items())
-    text = f"dp: {spent}; remaining epsilon {_tightest(remaining):g} (tightest cap)"
+    text = f"dp: {spent}; remaining epsilon {tightest(remaining):g} (tightest cap)"
     return p.notice_response(text, detail=f"95% accuracy: {detail}" if detail else "")

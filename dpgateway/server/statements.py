@@ -8,6 +8,7 @@ passed on as it was written; bound parameters are put into the parsed sqlglot tr
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import math
 import re
 from collections.abc import Mapping
@@ -20,10 +21,10 @@ from sqlglot import exp
 from sqlglot.errors import ParseError, SqlglotError, TokenError
 from sqlglot.optimizer.annotate_types import annotate_types
 from sqlglot.optimizer.qualify import qualify
-from sqlglot.tokens import TokenType
+from sqlglot.tokens import Token, TokenType
 
 from dpgateway.errors import InvalidParameterError, QuerySyntaxError, UnsupportedError
-from dpgateway.plan import DPPlan
+from dpgateway.plan import DPPlan, Output
 from dpgateway.policies.model import Config
 from dpgateway.server import pgtypes as t
 from dpgateway.server.protocol import Field
@@ -47,10 +48,21 @@ class Statement:
         return not self.keyword
 
 
+@functools.lru_cache(maxsize=512)
+def _cached_tokens(sql: str) -> tuple[Token, ...]:
+    return tuple(_POSTGRES.tokenize(sql))
+
+
+def _tokens(sql: str) -> tuple[Token, ...]:
+    """sqlglot's tokens of ``sql``; short statements are remembered (the same text is split and routed, and
+    clients repeat statements), tokens are only read."""
+    return _cached_tokens(sql) if len(sql) <= 4096 else tuple(_POSTGRES.tokenize(sql))
+
+
 def split(sql: str) -> list[Statement]:
     """Split at top-level semicolons (strings and comments respected); a trailing empty part is dropped."""
     try:
-        tokens = _POSTGRES.tokenize(sql)
+        tokens = _tokens(sql)
     except (TokenError, SqlglotError) as exc:
         raise QuerySyntaxError(f"syntax error: {_first_line(exc)}") from None
     statements: list[Statement] = []
@@ -90,7 +102,7 @@ def names_policy_table(sql: str, config: Config) -> bool:
     """
     names = {table.name.rpartition(".")[2].lower() for table in config.tables}
     try:
-        tokens = _POSTGRES.tokenize(sql)
+        tokens = _tokens(sql)
     except (TokenError, SqlglotError):
         return True  # not understood: the DP path refuses it with a syntax error
     return any(token.token_type not in _STRINGS and token.text.lower() in names for token in tokens)
@@ -297,7 +309,6 @@ def _inferred(node: exp.Parameter, columns: Mapping[str, str]) -> int:
 
 # ---- result types ----------------------------------------------------------------------------------------
 
-_KIND_TYPES = {"count": t.INT8, "sum": t.FLOAT8, "avg": t.FLOAT8, "var": t.FLOAT8, "stddev": t.FLOAT8}
 _SQLGLOT_TYPES = {
     "BOOLEAN": t.BOOL,
     "SMALLINT": t.INT2,
@@ -314,28 +325,49 @@ _SQLGLOT_TYPES = {
 def result_fields(sql: str, plan: DPPlan | None, config: Config) -> list[Field]:
     """Column names and PostgreSQL types of a query's answer, without running it.
 
-    DP answers: COUNT is int8; SUM, AVG, VAR, STDDEV float8 (noisy, so real-valued); a group key the type of
-    its policy column; other expressions as sqlglot types them over the policy schema.
+    DP answers are typed as PostgreSQL types the same aggregate over the declared schema (where ``int`` columns
+    are ``bigint``): COUNT int8; SUM, AVG, VARIANCE and STDDEV of an ``int`` column numeric, of a ``float``
+    column float8; a group key the type of its policy column; other expressions as sqlglot types them over the
+    policy schema (the statement is parsed and typed only for those).
     """
-    tree = parse_statement(sql)
-    types = _annotated(tree, config)
     if plan is not None and not plan.passthrough:
         keys = {k.name: k.expr for k in plan.group_keys}
+        types: list[t.PgType | None] | None = None
         fields = []
         for i, output in enumerate(plan.outputs):
-            pg = _KIND_TYPES.get(output.kind)
+            pg = _aggregate_type(output, plan)
             if pg is None and output.kind == "key":
                 pg = _key_type(keys.get(output.name), plan)
             if pg is None:
+                if types is None:
+                    types = _annotated(parse_statement(sql), config)
                 pg = (types[i] if i < len(types) else None) or t.FLOAT8
             fields.append(Field(output.name, pg.oid, pg.length))
         return fields
+    tree = parse_statement(sql)
     names = [s.alias_or_name or "?column?" for s in tree.selects] if isinstance(tree, exp.Query) else []
     fields = []
-    for name, pg in zip(names, types, strict=False):
+    for name, pg in zip(names, _annotated(tree, config), strict=False):
         pg = pg or t.TEXT  # an untyped NULL is text, as in PostgreSQL
         fields.append(Field(name, pg.oid, pg.length))
     return fields
+
+
+def _aggregate_type(output: Output, plan: DPPlan) -> t.PgType | None:
+    """PostgreSQL's result type of a DP aggregate: count(*) int8; sum/avg/var/stddev numeric over a bigint
+    column, float8 over a double precision column (or an expression)."""
+    if output.kind == "count":
+        return t.INT8
+    if output.kind not in ("sum", "avg", "var", "stddev"):
+        return None
+    measured = {m.name: m for m in plan.measurements}
+    columns = {c.name.lower(): c.type for c in plan.table.columns} if plan.table is not None else {}
+    kinds = {
+        columns.get((measured[name].column or "").lower())
+        for name in output.measurements
+        if name in measured and measured[name].column
+    }
+    return t.NUMERIC if kinds == {"int"} else t.FLOAT8
 
 
 def _key_type(expr: exp.Expr | None, plan: DPPlan) -> t.PgType | None:

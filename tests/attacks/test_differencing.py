@@ -234,9 +234,9 @@ def test_filter_on_one_person_is_still_bounded(tmp_path: Path) -> None:
         ("SELECT pid = 999 AS g, SUM(income) FROM t GROUP BY 1", "42501"),
         ("SELECT pid AS p, COUNT(*) FROM t GROUP BY p", "42501"),
         ("SELECT -pid AS p, COUNT(*) FROM t GROUP BY 1", "42501"),
-        ("SELECT SUM(a.income) FROM t AS a JOIN t AS b ON a.pid = b.pid WHERE a.pid = 999", "0A000"),
-        ("SELECT SUM(a.income) FROM t AS a, t AS b WHERE a.pid = 999", "0A000"),
-        ("SELECT SUM(a.income) FROM t AS a CROSS JOIN t AS b", "0A000"),
+        ("SELECT SUM(a.income) FROM t AS a JOIN t AS b ON a.age = b.age WHERE a.pid = 999", "42501"),
+        ("SELECT SUM(a.income) FROM t AS a, t AS b WHERE a.pid = 999", "42501"),
+        ("SELECT SUM(a.income) FROM t AS a CROSS JOIN t AS b", "42501"),
         ("SELECT SUM(a.income) FROM t AS a NATURAL JOIN t AS b", "0A000"),
         ("SELECT SUM(income) FROM t JOIN t AS b USING (pid)", "0A000"),
         ("SELECT SUM(income) FROM t, LATERAL (SELECT 1) AS x", "0A000"),
@@ -260,6 +260,23 @@ def test_isolation_tricks_are_refused_or_bounded(tmp_path: Path, sql: str, sqlst
         with pytest.raises(DPGatewayError, match=r".") as info:
             gw.query(sql, analyst=ATTACKER, epsilon=1.0)
         assert info.value.sqlstate == sqlstate, info.value.message
+
+
+def test_self_join_on_the_unit_is_bounded(tmp_path: Path) -> None:
+    """A self-join on the unit pairs the target's 50 rows with each other (2500 joined rows); the joined
+    relation keeps k * k of them, so one person moves the exact sum by at most its sensitivity."""
+    k, hi = 3, 100000.0
+    sql = "SELECT SUM(a.income) FROM t AS a JOIN t AS b ON a.pid = b.pid WHERE a.pid = 999"
+    exact = {}
+    for name, rows in (("with", people(50) + target(50, income=1e9)), ("without", people(50))):
+        with attack_gateway(tmp_path / name, rows, COLUMNS, k=k) as gw:
+            plan = gw.explain(sql, epsilon=1.0).plan
+            assert plan is not None and plan.table is not None and plan.table.max_rows_per_unit == k * k
+            assert plan.bounded_sql is not None
+            exact[name] = gw.connector.execute(plan.bounded_sql).rows[0][0] or 0
+    (m,) = plan.measurements
+    assert m.sensitivity == k * k * math.ceil(hi * m.scale)
+    assert 0 < abs(exact["with"] - exact["without"]) <= m.sensitivity
 
 
 # -- rare group keys ----------------------------------------------------------------------------------

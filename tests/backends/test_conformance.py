@@ -166,3 +166,37 @@ def test_row_expressions_that_could_raise_are_total_or_refused(backend: Backend,
         # DuckDB widens the sum to HUGEINT (no overflow); BIGINT on Spark overflows past age 60: NULL, no error
         kept = exact(gateway, overflow).rows[0][0]
         assert 0 < kept < got[0][0]
+
+
+# -- joins, unit paths and per-person subqueries (passes/relations.py, passes/per_unit.py) -----------------
+
+RELATIONS = [
+    "SELECT c_mktsegment, COUNT(*), SUM(o_totalprice) FROM customer JOIN orders ON c_custkey = o_custkey "
+    "GROUP BY c_mktsegment",
+    "SELECT l_returnflag, COUNT(*), AVG(l_extendedprice) FROM lineitem GROUP BY l_returnflag",
+    "SELECT COUNT(*), COUNT(o_totalprice) FROM customer LEFT JOIN orders ON c_custkey = o_custkey",
+    "SELECT o_orderpriority, SUM(l_quantity) FROM customer JOIN orders ON c_custkey = o_custkey "
+    "JOIN lineitem ON l_orderkey = o_orderkey JOIN nation ON c_nationkey = n_nationkey "
+    "WHERE n_regionkey = 1 GROUP BY o_orderpriority",
+    "SELECT COUNT(*) FROM customer JOIN orders ON c_custkey = o_custkey",
+    "SELECT COUNT(*), AVG(t) FROM (SELECT o_custkey, SUM(o_totalprice) AS t FROM orders GROUP BY o_custkey) AS s "
+    "WHERE t >= 1000000",
+    "WITH s AS (SELECT o_custkey, COUNT(*) AS n, MAX(l_quantity) AS q FROM orders JOIN lineitem "
+    "ON o_orderkey = l_orderkey GROUP BY o_custkey) SELECT c_mktsegment, COUNT(*), SUM(n), SUM(q) "
+    "FROM s JOIN customer ON c_custkey = o_custkey WHERE n > 3 GROUP BY c_mktsegment",
+]
+
+
+def _tpch(on: Backend) -> Gateway:
+    import tpch
+
+    return on.gateway(tpch.policy({name: on.load(name, frame) for name, frame in tpch.generate(60).items()}))
+
+
+def test_joins_and_per_person_subqueries_are_identical(backend: Backend, reference: Backend) -> None:
+    """Weighted and per-unit rewrites over joined relations (no unit over k): the same exact aggregates."""
+    gateway, expected = _tpch(backend), _tpch(reference)
+    for sql in RELATIONS:
+        plan = gateway.explain(sql).plan
+        assert plan is not None and plan.relation is not None and plan.rewrite in ("weighted", "unit_count"), sql
+        assert sorted_rows(exact(gateway, sql)) == sorted_rows(exact(expected, sql)), sql

@@ -174,6 +174,11 @@ def plan_fields(table: Table, *, sums: Sequence[str], avgs: Sequence[str], varia
             f"table {table.name} has no privacy_unit; the he executor encrypts per-unit bounded contributions "
             "(declare privacy_unit, or use the plain executor)"
         )
+    if table.unit_path:
+        raise UnsupportedError(
+            f"table {table.name} reaches its privacy unit through other tables; the he executor needs the unit "
+            "as a column of the table it encrypts"
+        )
     stored = [m for _, m in stored_contributions(table)]
     wanted: list[Measurement] = [m for m in stored if m.kind == "count" and m.column is None]
     for name in [*sums, *avgs, *variances]:

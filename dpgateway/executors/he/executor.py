@@ -48,6 +48,8 @@ class HeExecutor(Executor):
         where = f"table {self.table.name} runs on the he executor, which"
         if plan.selects_partitions:
             return f"{where} releases public groups only; declare public_values for the GROUP BY columns"
+        if plan.relation is not None:
+            return f"{where} reads its own encrypted rows only (no joins, unit paths or per-person subqueries)"
         if plan.where is not None:
             return f"{where} answers unfiltered queries only (the owner encrypted every row); remove the WHERE clause"
         if len(plan.group_keys) > 1:
