@@ -319,6 +319,9 @@ def _register_admin_commands() -> None:
     from dpgateway.executor_cli import enclave
 
     cli.add_command(enclave)
+    from dpgateway.he_cli import he
+
+    cli.add_command(he)
 
 
 _register_admin_commands()

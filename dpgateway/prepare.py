@@ -164,8 +164,8 @@ class AutoPreparer:
 
     def queried(self, table: Table) -> None:
         """Count a query of ``table`` that could have read a copy but found none valid."""
-        if not self._settings.auto or table.public or not table.privacy_unit:
-            return
+        if not self._settings.auto or table.public or not table.privacy_unit or table.executor != "plain":
+            return  # a confidential executor's table is never read by the gateway
         with self._lock:
             running = self._threads.get(table.name)
             if self._closed or (running is not None and running.is_alive()):

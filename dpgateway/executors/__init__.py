@@ -18,6 +18,7 @@ class ExecutorPool:
         self.plain = PlainExecutor(connector)
         self._mpc: dict[str, Executor] = {}
         self._enclave: Executor | None = None
+        self._he: dict[str, Executor] = {}
 
     def choose(self, plan: DPPlan, override: str | None = None) -> Executor:
         """The table's executor, or ``override`` where the table's policy allows it (``executors_allowed``)."""
@@ -35,6 +36,8 @@ class ExecutorPool:
         executor: Executor
         if name == "plain":
             executor = self.plain
+        elif name == "he":
+            executor = self._he_for(table.name)
         elif name == "mpc":
             executor = self._mpc_for(table.name)
         else:
@@ -64,10 +67,25 @@ class ExecutorPool:
             self._enclave = EnclaveExecutor(self.config.enclave)
         return self._enclave
 
+    def _he_for(self, name: str) -> Executor:
+        if name not in self._he:
+            try:
+                from dpgateway.executors.he.executor import HeExecutor
+            except ModuleNotFoundError as exc:  # the optional dependency
+                raise UnsupportedError(
+                    f"the he executor needs the {exc.name} package: pip install 'dpgateway[he]'"
+                ) from None
+
+            table = self.config.table(name)
+            assert table is not None
+            self._he[name] = HeExecutor(table, self.config.he)
+        return self._he[name]
+
     def close(self) -> None:
-        for executor in self._mpc.values():
+        for executor in [*self._mpc.values(), *self._he.values()]:
             executor.close()
         self._mpc.clear()
         if self._enclave is not None:
             self._enclave.close()
             self._enclave = None
+        self._he.clear()

@@ -23,6 +23,7 @@ from dpgateway.policies.model import (
     Column,
     Config,
     CsvDialect,
+    HeSettings,
     MpcSettings,
     PartySources,
     PathStep,
@@ -48,6 +49,7 @@ TABLE_KEYS = {
     "executors_allowed",
 }
 MPC_KEYS = {"collusion_threshold", "units_disjoint", "timeout_s"}
+HE_KEYS = {"key_holder", "public_key", "gateway_key", "ciphertexts", "timeout_s"}
 CSV_KEYS = {"delimiter", "quote", "escape", "header", "comment", "null"}
 UNIT_TYPES = ("int", "str")  # identifiers whose text round-trips exactly (docs: README.md, docs/privacy.md)
 COLUMN_KEYS = {"type", "bounds", "public_values"}
@@ -126,6 +128,7 @@ def parse_config(raw: Any, *, base_dir: Path) -> Config:
         prepare=_prepare(raw.get("prepare", {})),
         mpc=mpc,
         enclave=enclave,
+        he=_he(raw.get("executors", {}), base_dir),
         spark=spark_settings(raw.get("spark")),
     )
 
@@ -342,7 +345,7 @@ def _executors(spec: dict[str, Any], where: str, source: Any, public: bool) -> t
 
 def _mpc(raw: Any) -> MpcSettings:
     spec = _mapping(raw, "executors")
-    _no_unknown(spec, {"mpc", "enclave"}, "executors")
+    _no_unknown(spec, {"mpc", "enclave", "he"}, "executors")
     mpc = _mapping(spec.get("mpc", {}), "executors.mpc")
     _no_unknown(mpc, MPC_KEYS, "executors.mpc")
     t = mpc.get("collusion_threshold", 1)
@@ -352,6 +355,26 @@ def _mpc(raw: Any) -> MpcSettings:
     if not isinstance(disjoint, bool):
         raise ConfigError("executors.mpc.units_disjoint: must be true or false")
     return MpcSettings(t, disjoint, _positive(mpc.get("timeout_s", 30.0), "executors.mpc.timeout_s"))
+
+
+def _he(raw: Any, base_dir: Path) -> HeSettings:
+    spec = _mapping(_mapping(raw, "executors").get("he", {}), "executors.he")
+    _no_unknown(spec, HE_KEYS, "executors.he")
+    default = HeSettings()
+    paths = {}
+    for key in ("key_holder", "public_key", "gateway_key", "ciphertexts"):
+        value = spec.get(key, str(getattr(default, key)))
+        if not isinstance(value, str) or not value.strip():
+            raise ConfigError(f"executors.he.{key}: must be a path (relative to the config file)")
+        paths[key] = value
+    holder = paths["key_holder"]
+    return HeSettings(
+        key_holder=holder if holder.startswith("tcp://") else str(base_dir / holder),
+        public_key=base_dir / paths["public_key"],
+        gateway_key=base_dir / paths["gateway_key"],
+        ciphertexts=base_dir / paths["ciphertexts"],
+        timeout_s=_positive(spec.get("timeout_s", default.timeout_s), "executors.he.timeout_s"),
+    )
 
 
 def _csv(raw: Any, where: str) -> CsvDialect:

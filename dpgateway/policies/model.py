@@ -46,7 +46,7 @@ class CsvDialect:
     null: str = ""
 
 
-EXECUTORS = ("plain", "mpc", "enclave")
+EXECUTORS = ("plain", "mpc", "he", "enclave")
 
 
 @dataclass(frozen=True)
@@ -71,6 +71,23 @@ class MpcSettings:
     collusion_threshold: int = 1
     units_disjoint: bool = False
     timeout_s: float = 30.0
+
+
+@dataclass(frozen=True)
+class HeSettings:
+    """The ``executors: he:`` section (docs/executors.md).
+
+    ``key_holder``: the key holder's key file (the gateway starts it as its own process and never reads
+    the file) or ``tcp://host:port`` of a running one; ``public_key``: the public key file; ``ciphertexts``:
+    the folder holding one ``<table>/`` cube per table (written by ``dpgateway he encrypt``); ``gateway_key``:
+    the gateway's request key (0600), with which it signs what it asks of the key holder.
+    """
+
+    key_holder: str = "keys/holder.key"
+    public_key: Path = Path("keys/public.key")
+    gateway_key: Path = Path("keys/gateway.key")
+    ciphertexts: Path = Path("he-data")
+    timeout_s: float = 60.0
 
 
 @dataclass(frozen=True)
@@ -216,6 +233,7 @@ class Config:
     prepare: PrepareConfig = field(default_factory=PrepareConfig)
     mpc: MpcSettings = field(default_factory=MpcSettings)
     enclave: EnclaveSettings = field(default_factory=EnclaveSettings)
+    he: HeSettings = field(default_factory=HeSettings)
     spark: dict[str, Any] = field(default_factory=dict)  # {master, conf}: the Spark session (connectors/spark.py)
 
     @property
