@@ -38,6 +38,7 @@ from typing import Any
 
 import duckdb
 import numpy as np
+from sqlglot import exp
 
 from dpgateway.errors import InvalidParameterError, UnsupportedError
 from dpgateway.executors.base import decode_value, encode_value
@@ -83,7 +84,12 @@ class Field:
     def from_json(cls, data: Sequence[Any]) -> Field:
         grouping, value, rewrite, kind, column, center, squared, scale, bound = data
         m = Measurement(
-            name="", kind=kind, column=column, center=float.fromhex(center), squared=squared, scale=float.fromhex(scale)
+            name="",
+            kind=kind,
+            arg=exp.column(column) if column is not None else None,
+            center=float.fromhex(center),
+            squared=squared,
+            scale=float.fromhex(scale),
         )
         return cls(grouping, decode_value(value), rewrite, m, int(bound))
 
