@@ -56,7 +56,7 @@ def split_budget(plan: DPPlan, *, ctx: PlanContext) -> DPPlan:
         return plan.with_(delta=0.0)
     share = plan.epsilon / len(measurements)
     calibrated = []
-    count_scale = float(COUNT_SCALE) if plan.rewrite == "weighted" else 1.0
+    count_scale = float(COUNT_SCALE) if plan.rewrite in ("weighted", "unit_weighted") else 1.0
     for m in measurements:
         scale = fixed_point_scale(m.bound) if m.kind == "sum" else count_scale
         # counts: bound 1; a table split across parties counts each party's bound (Table.cross_party_factor)
