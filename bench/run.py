@@ -13,6 +13,7 @@ stage by stage, and queries per second for a repeated query (replay-cache hits) 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -34,6 +35,7 @@ from rich.table import Table as RichTable
 
 from dpgateway import Gateway, gateway, planner
 from dpgateway.budget_store import open_store
+from dpgateway.passes.rewrite import choose_rewrite
 from dpgateway.policies.loader import load_config
 
 BENCH = Path(__file__).resolve().parent
@@ -238,6 +240,71 @@ def scale_run(rows: int, reps: int) -> dict[str, Any]:
         "median_ratio_cold": statistics.median(v["ratio"] for v in cold.values()),
         "median_ratio_prepared": statistics.median(v["ratio"] for v in prepared.values()),
     }
+
+
+@contextmanager
+def previous_cold_path() -> Iterator[None]:
+    """Plan as before issue 19's cold-path work: per-row weighting for filtered scalar queries, and TRY
+    around every filter (for ``--only cold``'s before/after in the same run)."""
+    saved = planner.PASSES
+
+    def per_row(plan: Any, *, ctx: Any) -> Any:
+        plan = choose_rewrite(plan, ctx=ctx)
+        return plan.with_(rewrite="weighted") if plan.rewrite == "unit_weighted" else plan
+
+    def try_everywhere(plan: Any, *, ctx: Any) -> Any:
+        hooks = ctx.hooks
+        return plan.with_(
+            where=hooks.total(plan.where) if plan.where is not None else None,
+            group_keys=tuple(dataclasses.replace(k, expr=hooks.total(k.expr)) for k in plan.group_keys),
+        )
+
+    swap = {"choose_rewrite": per_row, "make_total": try_everywhere}
+    planner.PASSES = tuple(swap.get(p.__name__, p) for p in saved)
+    try:
+        yield
+    finally:
+        planner.PASSES = saved
+
+
+def cold_run(rows: int, reps: int) -> dict[str, Any]:
+    """``--only cold``: the cold path alone (no copy), unfiltered and filtered, now and as before, with the floor."""
+    source = generate(rows)
+    out: dict[str, Any] = {"rows": rows}
+    with tempfile.TemporaryDirectory() as tmp:
+        raw = duckdb.connect()
+        with Gateway.from_config(write_config(Path(tmp), source)) as gw:
+            for label, shapes in (("unfiltered", SHAPES), ("filtered", FILTERED)):
+                out[label] = compare(gw, raw, source, reps, label[0] + "n", shapes)
+                with previous_cold_path():
+                    out[label + " (before)"] = compare(gw, raw, source, reps, label[0] + "b", shapes)
+        floor_sql = FLOOR_SQL.format(src=f"read_parquet('{source}')")
+        out["floor_ms"] = statistics.median(timed(lambda: raw.execute(floor_sql).fetchall()) for _ in range(reps))
+    for label in ("unfiltered", "filtered", "unfiltered (before)", "filtered (before)"):
+        for shape in out[label].values():
+            shape["dp_floor_ratio"] = shape["dp_ms"] / out["floor_ms"]
+        out[f"median_dp_floor {label}"] = statistics.median(v["dp_floor_ratio"] for v in out[label].values())
+    return out
+
+
+def print_cold(results: list[dict[str, Any]]) -> None:
+    console = Console()
+    for run in results:
+        table = RichTable(title=f"cold path, {run['rows']:,} rows (floor {run['floor_ms']:.0f} ms)")
+        for column in ("query", "workload", "raw ms", "DP ms", "DP/floor", "rewrite", "before ms", "before/floor"):
+            table.add_column(column)
+        for label in ("unfiltered", "filtered"):
+            for name, now in run[label].items():
+                before = run[label + " (before)"][name]
+                table.add_row(
+                    name, label, f"{now['raw_ms']:.1f}", f"{now['dp_ms']:.1f}", f"{now['dp_floor_ratio']:.2f}x",
+                    now["rewrite"], f"{before['dp_ms']:.1f}", f"{before['dp_floor_ratio']:.2f}x",
+                )  # fmt: skip
+            table.add_row(
+                "median", label, "", "", f"{run[f'median_dp_floor {label}']:.2f}x", "", "",
+                f"{run[f'median_dp_floor {label} (before)']:.2f}x",
+            )  # fmt: skip
+        console.print(table)
 
 
 # ---- fixed overhead on a small table --------------------------------------------------------------
@@ -534,7 +601,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--markdown", type=Path, default=BENCH / "RESULTS.md")
     parser.add_argument(
         "--only",
-        choices=["overhead"],
+        choices=["overhead", "cold"],
         help="rerun only this part; the other figures are kept from --out (and say when they were measured)",
     )
     args = parser.parse_args(argv)
@@ -545,6 +612,9 @@ def main(argv: list[str] | None = None) -> int:
         "started": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()),
     }
     command = "python bench/run.py " + " ".join(f"--rows {r}" for r in (args.rows or [1_000_000, 10_000_000]))
+    if args.only == "cold":  # printed only: RESULTS.md and --out keep the full run's figures
+        print_cold([cold_run(rows, args.reps) for rows in (args.rows or [1_000_000, 10_000_000])])
+        return 0
     if args.only == "overhead":
         previous = json.loads(args.out.read_text())
         results["reps"], results["scales"] = previous["reps"], previous["scales"]
