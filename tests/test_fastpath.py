@@ -469,7 +469,7 @@ def test_unit_weighted_one_person_with_many_rows_moves_each_aggregate_by_at_most
 def test_unit_contribution_truncates_toward_zero_and_is_clamped(
     total: float | None, n: int, expected: int | None
 ) -> None:
-    """One unit's ``trunc(clamp(T * k / max(n, k), -k V, k V))`` (k = 3, V = 5): truncated toward zero, and a
+    """One unit's ``clamp(trunc(T * k / max(n, k)), -k V, k V)`` (k = 3, V = 5): truncated toward zero, and a
     total no row values could give is clamped to ``k V`` instead of failing the cast to BIGINT."""
     from sqlglot import exp
 
@@ -557,3 +557,33 @@ def _write(folder: Path, source: Path) -> Path:
     path = folder / "dpgateway.yaml"
     path.write_text(yaml.safe_dump(_policy(source) | {"ledger": f"sqlite:///{folder / 'ledger.db'}"}))
     return path
+
+
+@pytest.mark.parametrize(
+    ("sql", "binds"),
+    [
+        ("SELECT sex, COUNT(*) AS n, AVG(income) AS a FROM t GROUP BY sex", False),
+        ("SELECT sex, COUNT(*) * 2 - 1 AS n, GREATEST(SUM(income), COUNT(*)) AS a FROM t GROUP BY sex", False),
+        ("SELECT sex, COUNT(*) - sex AS n FROM t GROUP BY sex", True),  # refused by the bind
+        ("SELECT sex, COUNT(*) AS n FROM t GROUP BY sex ORDER BY n", True),
+        ("SELECT sex, COUNT(*) AS n FROM t GROUP BY sex HAVING COUNT(*) > 3", True),
+        ("SELECT COUNT(*) + 0.5 AS n FROM t", True),  # a decimal literal: no Python form
+        ("SELECT CASE WHEN age < 30 THEN 'y' ELSE 'o' END AS band, COUNT(*) AS n FROM t GROUP BY 1", False),
+    ],
+)
+def test_post_processing_is_bound_only_when_its_types_are_not_known(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, sql: str, binds: bool
+) -> None:
+    """passes/post.py binds the sandbox query unless every computing output reads numeric columns only."""
+    from dpgateway.passes import post
+
+    source = tmp_path / "t.csv"
+    _people(1).to_csv(source, index=False)
+    bound: list[str] = []
+    run = post.run_sandboxed
+    monkeypatch.setattr(post, "run_sandboxed", lambda query, **kw: bound.append(query) or run(query, **kw))
+    try:
+        build_plan(sql, epsilon=1.0, delta=1e-6, ctx=_ctx(source))
+    except Exception:
+        assert binds  # refused at plan time, by the bind
+    assert bool(bound) == binds

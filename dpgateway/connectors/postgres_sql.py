@@ -205,14 +205,14 @@ class PostgresHooks(SQLHooks):
     def finish(self, tree: exp.Expr) -> exp.Expr:
         """The bounded statement: DuckDB's ROUND semantics, and truncating bigint division (proof note above)."""
 
-        def rewrite(node: exp.Expr) -> exp.Expr:
-            if isinstance(node, exp.IntDiv):
-                return exp.Div(
-                    this=exp.cast(node.this, "BIGINT"), expression=exp.cast(node.expression, "BIGINT"), typed=True
-                )
-            return node
-
-        return _round_half_away(tree.copy().transform(rewrite))
+        tree = tree.copy()
+        # innermost first: a division nested in another's operand is rewritten too (transform() would not
+        # visit the operands of a node it has replaced)
+        for node in reversed(list(tree.find_all(exp.IntDiv))):
+            node.replace(
+                exp.Div(this=exp.cast(node.this, "BIGINT"), expression=exp.cast(node.expression, "BIGINT"), typed=True)
+            )
+        return _round_half_away(tree)
 
 
 def _check_total(node: exp.Expr) -> None:

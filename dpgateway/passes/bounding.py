@@ -51,11 +51,12 @@ Proof note (unit_weighted): one ``GROUP BY unit`` over the matching rows (NULL u
 unit's ``n_u`` and, per measurement, its total ``T_u = sum_r v(r)`` of the same per-row values ``v`` as
 above (summed as DOUBLE, so DuckDB adds in floating point instead of 128-bit integers; exact while the
 partial sums stay below 2^53, i.e. up to about 9 * 10^9 rows of one unit; ``T_u = S * COUNT(x)`` for a
-count). The unit adds ``t_u = trunc(clamp(T_u * k / max(n_u, k), -k * V, k * V))`` with
-``V = ceil(bound * scale)`` (``v = S`` for counts, bound 1), truncated toward zero, as one integer, and
-``COUNT(*)`` adds ``min(n_u, k) * S`` (its exact ``trunc``). Since ``|T_u| <= n_u * V``, the clamp changes
-nothing while the arithmetic is exact; it is there so that ``|t_u| <= k * V`` holds whatever the floating
-point does, and so the cast to BIGINT cannot fail. Adding or removing ``u`` changes no other unit's
+count). The unit adds ``t_u = clamp(trunc(T_u * k / max(n_u, k)), -k * V, k * V)`` with
+``V = ceil(bound * scale)`` (``v = S`` for counts, bound 1), the truncation toward zero computed exactly in
+BIGINT from quotient and remainder (:func:`_unit_contribution`), and ``COUNT(*)`` adds ``min(n_u, k) * S``
+(its exact ``trunc``). Since ``|T_u| <= n_u * V``, the clamp changes nothing while the sum is exact; it is
+there so that ``|t_u| <= k * V`` holds whatever the floating point does (``T_u`` is also clamped to
+``+-2^53`` before the cast, so the cast cannot fail). Adding or removing ``u`` changes no other unit's
 ``n``, ``T`` or ``t``, and moves each scalar measurement by ``|t_u| <= k * ceil(bound * scale)``: the
 sensitivity passes/budget.py charges (the same as the weighted rewrite's). It is the weighted estimator
 with the truncation applied once per unit instead of once per row (it differs from the per-row sum by
@@ -311,23 +312,35 @@ def _unit_weighted(plan: DPPlan, table: Table, ctx: PlanContext) -> DPPlan:
 
 
 def _unit_contribution(total: exp.Expr, n: str, k: int, v: int) -> exp.Expr:
-    """``trunc(clamp(total * k / max(n, k), -k v, k v))`` as a BIGINT, NULL when ``total`` is: one unit's weighted total."""
-    weighted = exp.Div(
-        this=exp.Mul(this=total, expression=number(k)),
-        expression=exp.Greatest(this=exp.column(n, quoted=True), expressions=[number(k)], ignore_nulls=True),
+    """``clamp(trunc(T * k / max(n, k)), -k v, k v)`` as a BIGINT, NULL when the unit total ``T`` is.
+
+    ``T`` (an integer-valued DOUBLE) is clamped to ``+-2^53`` and cast to BIGINT; then, with ``d = max(n, k)``
+    and ``//`` truncating, ``trunc(T k / d) = (T // d) k + ((T - (T // d) d) k) // d`` (quotient and
+    remainder share the sign of ``T``), which never overflows BIGINT (``|T // d| k <= 2^53`` since ``d >= k``,
+    and the remainder times ``k`` is below ``d k``).
+    """
+    d = exp.Greatest(this=exp.column(n, quoted=True), expressions=[number(k)], ignore_nulls=True)
+    limit = 2**53
+    clamped_total = exp.Least(
+        this=exp.Greatest(this=total.copy(), expressions=[number(-limit)], ignore_nulls=True),
+        expressions=[number(limit)],
+        ignore_nulls=True,
+    )
+    t = exp.cast(clamped_total, "BIGINT")
+    quotient = exp.Paren(this=exp.IntDiv(this=t, expression=d))
+    remainder = exp.Paren(this=exp.Sub(this=t.copy(), expression=exp.Mul(this=quotient.copy(), expression=d.copy())))
+    weighted = exp.Add(
+        this=exp.Mul(this=quotient.copy(), expression=number(k)),
+        expression=exp.IntDiv(this=exp.Mul(this=remainder, expression=number(k)), expression=d.copy()),
     )
     clamped = exp.Least(
         this=exp.Greatest(this=weighted, expressions=[number(-k * v)], ignore_nulls=True),
         expressions=[number(k * v)],
         ignore_nulls=True,
     )
-    negative = exp.LT(this=clamped, expression=number(0))
-    truncated = exp.Case(
-        ifs=[exp.If(this=negative, true=exp.Ceil(this=clamped.copy()))], default=exp.Floor(this=clamped.copy())
-    )
     # GREATEST and LEAST skip NULLs: a unit whose values are all NULL must add nothing, not the lower clamp
     present = exp.Not(this=exp.Is(this=total.copy(), expression=exp.Null()))
-    return exp.Case(ifs=[exp.If(this=present, true=exp.cast(truncated, "BIGINT"))])
+    return exp.Case(ifs=[exp.If(this=present, true=clamped)])
 
 
 def _over_prepared(plan: DPPlan, table: Table, ctx: PlanContext) -> DPPlan:
