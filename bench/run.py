@@ -288,7 +288,7 @@ def cold_run(rows: int, reps: int) -> dict[str, Any]:
 
 
 def print_cold(results: list[dict[str, Any]]) -> None:
-    console = Console()
+    console = Console(width=160)
     for run in results:
         table = RichTable(title=f"cold path, {run['rows']:,} rows (floor {run['floor_ms']:.0f} ms)")
         for column in ("query", "workload", "raw ms", "DP ms", "DP/floor", "rewrite", "before ms", "before/floor"):
