@@ -90,6 +90,8 @@ def _with_aliases(plan: DPPlan, aliases: tuple[str | None, ...]) -> DPPlan:
     if outputs == plan.outputs:
         return plan
     renamed = plan.with_(outputs=outputs)
+    if plan.post_python is not None:  # the sandbox query only if the Python form declines: rendered then
+        return renamed.with_(post_sql="")
     return renamed.with_(post_sql=post_processing_sql(renamed)) if plan.post_sql else renamed
 
 
