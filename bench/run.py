@@ -23,7 +23,7 @@ import tempfile
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager, nullcontext, suppress
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -268,21 +268,48 @@ def previous_cold_path() -> Iterator[None]:
 
 
 def cold_run(rows: int, reps: int) -> dict[str, Any]:
-    """``--only cold``: the cold path alone (no copy), unfiltered and filtered, now and as before, with the floor."""
+    """``--only cold``: the cold path alone (no copy), unfiltered and filtered, now and as before, with the
+    floor; per repetition raw, floor, DP now and DP before alternate (the machine's load moves all four)."""
     source = generate(rows)
+    src = f"read_parquet('{source}')"
+    floor_sql = FLOOR_SQL.format(src=src)
     out: dict[str, Any] = {"rows": rows}
+    floors: list[float] = []
     with tempfile.TemporaryDirectory() as tmp:
         raw = duckdb.connect()
         with Gateway.from_config(write_config(Path(tmp), source)) as gw:
             for label, shapes in (("unfiltered", SHAPES), ("filtered", FILTERED)):
-                out[label] = compare(gw, raw, source, reps, label[0] + "n", shapes)
-                with previous_cold_path():
-                    out[label + " (before)"] = compare(gw, raw, source, reps, label[0] + "b", shapes)
-        floor_sql = FLOOR_SQL.format(src=f"read_parquet('{source}')")
-        out["floor_ms"] = statistics.median(timed(lambda: raw.execute(floor_sql).fetchall()) for _ in range(reps))
+                now: dict[str, Any] = {}
+                before: dict[str, Any] = {}
+                for name, (dp_sql, raw_sql) in shapes.items():
+                    raw.execute(raw_sql.format(src=src, n=0)).fetchall()
+                    times: dict[str, list[float]] = defaultdict(list)
+                    for i in range(reps):
+                        n = 1 + i
+                        raw_query = raw_sql.format(src=src, n=n)
+                        times["raw"].append(timed(lambda q=raw_query: raw.execute(q).fetchall()))
+                        times["floor"].append(timed(lambda: raw.execute(floor_sql).fetchall()))
+                        sql = dp_sql.format(alias=f"v{label[0]}n{i}", n=n)
+                        times["now"].append(timed(lambda s=sql: gw.query(s, analyst="bench", epsilon=1.0)))
+                        with previous_cold_path():
+                            sql = dp_sql.format(alias=f"v{label[0]}b{i}", n=n + 1000)
+                            times["before"].append(timed(lambda s=sql: gw.query(s, analyst="bench", epsilon=1.0)))
+                    floor = statistics.median(times["floor"])
+                    floors.append(floor)
+                    for which, into in (("now", now), ("before", before)):
+                        with previous_cold_path() if which == "before" else nullcontext():
+                            plan = gw.explain(dp_sql.format(alias="v", n=0), epsilon=1.0).plan
+                        dp = statistics.median(times[which])
+                        into[name] = {
+                            "dp_ms": dp,
+                            "raw_ms": statistics.median(times["raw"]),
+                            "floor_ms": floor,
+                            "dp_floor_ratio": dp / floor,
+                            "rewrite": plan.rewrite if plan else "",
+                        }
+                out[label], out[label + " (before)"] = now, before
+    out["floor_ms"] = statistics.median(floors)
     for label in ("unfiltered", "filtered", "unfiltered (before)", "filtered (before)"):
-        for shape in out[label].values():
-            shape["dp_floor_ratio"] = shape["dp_ms"] / out["floor_ms"]
         out[f"median_dp_floor {label}"] = statistics.median(v["dp_floor_ratio"] for v in out[label].values())
     return out
 
