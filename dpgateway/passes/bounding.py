@@ -316,8 +316,9 @@ def _unit_contribution(total: exp.Expr, n: str, k: int, v: int) -> exp.Expr:
 
     ``T`` (an integer-valued DOUBLE) is clamped to ``+-2^53`` and cast to BIGINT; then, with ``d = max(n, k)``
     and ``//`` truncating, ``trunc(T k / d) = (T // d) k + ((T - (T // d) d) k) // d`` (quotient and
-    remainder share the sign of ``T``), which never overflows BIGINT (``|T // d| k <= 2^53`` since ``d >= k``,
-    and the remainder times ``k`` is below ``d k``).
+    remainder share the sign of ``T``), in BIGINT: ``|T // d| k <= 2^53`` since ``d >= k``, and the remainder
+    times ``k`` is below ``d k``, which fits for any unit of fewer than about ``9 * 10^18 / k`` rows (``9 * 10^14``
+    at the largest ``k``, 10^4), far beyond any table a backend could scan.
     """
     d = exp.Greatest(this=exp.column(n, quoted=True), expressions=[number(k)], ignore_nulls=True)
     limit = 2**53
