@@ -544,7 +544,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--markdown", type=Path, default=BENCH / "RESULTS.md")
     parser.add_argument(
         "--only",
-        choices=["overhead"],
+        choices=["overhead", "cold"],
         help="rerun only this part; the other figures are kept from --out (and say when they were measured)",
     )
     args = parser.parse_args(argv)
@@ -555,6 +555,11 @@ def main(argv: list[str] | None = None) -> int:
         "started": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()),
     }
     command = "python bench/run.py " + " ".join(f"--rows {r}" for r in (args.rows or [1_000_000, 10_000_000]))
+    if args.only == "cold":  # printed only: RESULTS.md and --out keep the full run's figures
+        from cold import cold_run, print_cold  # bench/cold.py imports this module
+
+        print_cold([cold_run(rows, args.reps) for rows in (args.rows or [1_000_000, 10_000_000])])
+        return 0
     if args.only == "overhead":
         previous = json.loads(args.out.read_text())
         results["reps"], results["scales"] = previous["reps"], previous["scales"]

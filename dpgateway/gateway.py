@@ -52,6 +52,10 @@ SIMULATED = "this answer was computed outside any protection; use it for develop
 CACHED = ("columns", "rows", "accuracy_95", "half_width_95", "warnings")  # what a replay returns
 REWRITE_NOTES = {
     "weighted": "bounding: each matching row weighted by k / max(rows of its unit, k) (at most k rows' worth per unit)",
+    "unit_weighted": (
+        "bounding: per-unit pre-aggregation, each unit's total weighted by k / max(rows of its unit, k) "
+        "(at most k rows' worth per unit)"
+    ),
     "rows": "bounding: each unit's rows ranked by a keyed hash, the first k kept",
     "unit_count": "bounding: per-unit pre-aggregation, SUM(LEAST(rows per unit, k)) (exactly the row-bounded count)",
 }

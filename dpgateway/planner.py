@@ -5,7 +5,12 @@ from __future__ import annotations
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Hashable
+from dataclasses import replace
+from functools import lru_cache
 
+from sqlglot import exp
+
+from dpgateway.errors import DPGatewayError
 from dpgateway.passes.aggregates import plan_aggregates
 from dpgateway.passes.bounding import bound_contributions
 from dpgateway.passes.budget import split_budget
@@ -19,7 +24,8 @@ from dpgateway.passes.rewrite import choose_rewrite
 from dpgateway.passes.total import make_total
 from dpgateway.passes.verify import verify_backend_sql
 from dpgateway.plan import DPPlan
-from dpgateway.sqlparse import normalize, parse
+from dpgateway.postprocess import post_processing_sql
+from dpgateway.sqlparse import READ_DIALECT, normalize, parse
 
 Pass = Callable[..., DPPlan]
 
@@ -55,6 +61,40 @@ def build_plan(sql: str, *, epsilon: float, delta: float, ctx: PlanContext) -> D
     return plan
 
 
+@lru_cache(maxsize=1024)
+def alias_free(sql: str) -> tuple[str, tuple[str | None, ...]] | None:
+    """The normalized SQL with each output alias replaced by its position, and the aliases (None where an
+    output has none); None when the text does not parse, has no alias, or names an alias anywhere else
+    (HAVING, ORDER BY, GROUP BY, or a column of that name), where the alias could change what is computed."""
+    try:
+        tree = parse(sql)
+    except DPGatewayError:
+        return None
+    assert isinstance(tree, exp.Select)
+    aliases = tuple(e.alias if isinstance(e, exp.Alias) else None for e in tree.expressions)
+    if not any(aliases):
+        return None
+    own = [e.args["alias"] for e in tree.expressions if isinstance(e, exp.Alias)]
+    names = {a.lower() for a in aliases if a}
+    if any(i.name.lower() in names for i in tree.find_all(exp.Identifier) if not any(i is o for o in own)):
+        return None
+    for position, item in enumerate(tree.expressions):
+        if isinstance(item, exp.Alias):
+            item.set("alias", exp.to_identifier(f"__out{position}", quoted=True))
+    return tree.sql(dialect=READ_DIALECT, normalize=True), aliases
+
+
+def _with_aliases(plan: DPPlan, aliases: tuple[str | None, ...]) -> DPPlan:
+    """A cached plan with the output names of the query at hand (the plans differ in nothing else)."""
+    outputs = tuple(o if a is None else replace(o, name=a) for o, a in zip(plan.outputs, aliases, strict=True))
+    if outputs == plan.outputs:
+        return plan
+    renamed = plan.with_(outputs=outputs)
+    if plan.post_python is not None:  # the sandbox query only if the Python form declines: rendered then
+        return renamed.with_(post_sql="")
+    return renamed.with_(post_sql=post_processing_sql(renamed)) if plan.post_sql else renamed
+
+
 class PlanCache:
     """A small LRU of built plans.
 
@@ -63,6 +103,13 @@ class PlanCache:
     normalization as the replay key, memoized, so it costs nothing extra), epsilon and delta: any
     policy, config or source change gives new keys, so a stale plan is never reused. Plans are frozen
     and never mutated after building, so sharing them between queries is safe. Refusals are not cached.
+
+    DP plans are keyed without their output aliases (:func:`alias_free`): two queries that differ only
+    in the names of their outputs share one plan, and the names are set on the copy handed out. Output
+    names reach only the released column names and the post-processing query (whose columns are read by
+    position); the bounded SQL, measurements, costs and noise do not depend on them. A query whose alias
+    appears anywhere else keys on its full text, and so do passthrough plans (their SQL carries the aliases).
+    Test: tests/test_fastpath.py::test_plans_are_shared_by_queries_that_differ_only_in_output_aliases.
     """
 
     def __init__(self, maxsize: int = 256) -> None:
@@ -71,13 +118,19 @@ class PlanCache:
         self._lock = threading.Lock()
 
     def build(self, sql: str, *, epsilon: float, delta: float, ctx: PlanContext) -> DPPlan:
-        key = (ctx.fingerprint, normalize(sql), epsilon, delta)
+        free = alias_free(sql)
+        full_key = (ctx.fingerprint, normalize(sql), epsilon, delta)
+        free_key = (ctx.fingerprint, "\x00" + free[0], epsilon, delta) if free else None
         with self._lock:
-            plan = self._plans.get(key)
-            if plan is not None:
-                self._plans.move_to_end(key)
-                return plan if plan.sql == sql else plan.with_(sql=sql)
+            for key in (free_key, full_key):
+                plan = self._plans.get(key) if key is not None else None
+                if plan is not None:
+                    self._plans.move_to_end(key)
+                    if key is free_key and free is not None:
+                        plan = _with_aliases(plan, free[1])
+                    return plan if plan.sql == sql else plan.with_(sql=sql)
         plan = build_plan(sql, epsilon=epsilon, delta=delta, ctx=ctx)
+        key = free_key if free_key is not None and not plan.passthrough else full_key
         with self._lock:
             self._plans[key] = plan
             while len(self._plans) > self.maxsize:

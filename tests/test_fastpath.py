@@ -355,3 +355,235 @@ def test_bound_first_moves_each_aggregate_by_at_most_its_sensitivity(tmp_path: P
         moves.append(moved)
     # Weighted: the person's matching rows always count. Rows: their k kept rows may all fail the filter.
     assert any(moves) or plan.rewrite == "rows", moves
+
+
+def _unit_weighted_reference(frame: pd.DataFrame, policy: dict, sql_where: str, plan: DPPlan) -> list[int]:
+    """``sum_u trunc(T_u * k / max(n_u, k))``, ``T_u`` the unit's exact integer total, in Python integers."""
+    k = policy["tables"]["t"]["max_rows_per_unit"]
+    rows = frame[frame["pid"].notna()].query(sql_where)
+    columns = policy["tables"]["t"]["columns"]
+    out = [0] * len(plan.measurements)
+    for _, unit in rows.groupby("pid"):
+        n_u = len(unit)
+        for j, m in enumerate(plan.measurements):
+            total = 0
+            for x in unit[m.column] if m.column else [1] * n_u:
+                if pd.isna(x):
+                    continue
+                if m.kind == "count":
+                    total += 10**6
+                    continue
+                lo, hi = columns[m.column]["bounds"]
+                value = min(max(float(x), lo), hi) - m.center
+                value = (value**2 if m.squared else value) * m.scale
+                total += int(np.floor(abs(value) + 0.5)) * (1 if value >= 0 else -1)  # ROUND half away from 0
+            magnitude = abs(total) * k // max(n_u, k)
+            out[j] += magnitude if total >= 0 else -magnitude  # truncation toward zero
+    return out
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize(
+    ("sql", "where"),
+    [
+        ("SELECT SUM(income), COUNT(*), COUNT(income) FROM t WHERE age > 40", "age > 40"),
+        ("SELECT AVG(income), VAR_POP(age) FROM t WHERE income < 100 OR sex = 1", "income < 100 or sex == 1"),
+        ("SELECT STDDEV(income) FROM t WHERE region <> 2", "region != 2"),
+    ],
+)
+def test_unit_weighted_rewrite_matches_an_independent_reference(
+    tmp_path: Path, seed: int, sql: str, where: str
+) -> None:
+    """Filtered scalar queries under filter_first pre-aggregate per unit; the exact aggregates equal a Python
+    per-unit reference (NULL values, negative values before and after centring)."""
+    frame = _people(seed)
+    frame.loc[np.random.default_rng(seed).random(len(frame)) < 0.1, "income"] = None
+    source = tmp_path / "t.csv"
+    frame.to_csv(source, index=False)
+    policy = _policy(source)
+    policy["tables"]["t"]["columns"]["income"]["bounds"] = [-500, 1000]
+    config = parse_config(policy, base_dir=tmp_path)
+    plan = build_plan(sql, epsilon=1.0, delta=0.0, ctx=PlanContext(config=config, hooks=DuckDBHooks(), seed=b"s"))
+    assert plan.rewrite == "unit_weighted" and "OVER" not in plan.bounded_sql and "GROUP BY" in plan.bounded_sql
+    (row,) = _exact(plan)
+    assert [int(v or 0) for v in row] == _unit_weighted_reference(pd.read_csv(source), policy, where, plan)
+
+
+@pytest.mark.parametrize(
+    "sql",
+    [
+        "SELECT SUM(income) FROM t WHERE age > 0",
+        "SELECT COUNT(income), AVG(income), VAR_POP(age) FROM t WHERE sex = 1 OR age < 50",
+        "SELECT STDDEV(income), COUNT(*) FROM t WHERE income > -100000",
+    ],
+)
+@pytest.mark.parametrize("rows", [1000, 20_000])
+def test_unit_weighted_one_person_with_many_rows_moves_each_aggregate_by_at_most_its_sensitivity(
+    tmp_path: Path, sql: str, rows: int
+) -> None:
+    """Exact aggregates on D and on D plus one person with many rows (negative values, NULLs)."""
+    base = _people(7)
+    rng = np.random.default_rng(1)
+    income = rng.uniform(-1e6, 1e6, size=rows)
+    income[rng.random(rows) < 0.2] = np.nan
+    big = pd.DataFrame(
+        {
+            "pid": 10_000,
+            "age": rng.integers(-10, 120, size=rows),
+            "income": income,
+            "sex": rng.integers(0, 2, size=rows),
+            "region": rng.integers(0, 50, size=rows),
+        }
+    )
+    results = []
+    for i, frame in enumerate([base, pd.concat([base, big], ignore_index=True)]):
+        source = tmp_path / f"t{i}.csv"
+        frame.to_csv(source, index=False)
+        policy = _policy(source)
+        policy["tables"]["t"]["columns"]["income"]["bounds"] = [-500, 1000]
+        config = parse_config(policy, base_dir=tmp_path)
+        plan = build_plan(sql, epsilon=1.0, delta=0.0, ctx=PlanContext(config=config, hooks=DuckDBHooks(), seed=b"s"))
+        assert plan.rewrite == "unit_weighted"
+        (row,) = _exact(plan)
+        results.append((plan, row))
+    (plan, before), (_, after) = results
+    moves = [abs(int(a or 0) - int(b or 0)) for a, b in zip(after, before, strict=True)]
+    for m, moved in zip(plan.measurements, moves, strict=True):
+        assert moved <= m.sensitivity, (m.label, moved, m.sensitivity)
+    assert any(moves), moves
+
+
+@pytest.mark.parametrize(
+    ("total", "n", "expected"),
+    [
+        (7.0, 5, 4),
+        (-7.0, 5, -4),
+        (-1.0, 10, 0),
+        (1.0, 10, 0),
+        (-6.0, 2, -6),
+        (1e300, 10, 3 * 5),
+        (-1e300, 4, -3 * 5),
+        (None, 4, None),  # every value of the unit NULL: nothing (GREATEST would have skipped the NULL)
+    ],
+)
+def test_unit_contribution_truncates_toward_zero_and_is_clamped(
+    total: float | None, n: int, expected: int | None
+) -> None:
+    """One unit's ``clamp(trunc(T * k / max(n, k)), -k V, k V)`` (k = 3, V = 5): truncated toward zero, and a
+    total no row values could give is clamped to ``k V`` instead of failing the cast to BIGINT."""
+    from sqlglot import exp
+
+    from dpgateway.passes.bounding import _unit_contribution
+
+    expr = _unit_contribution(exp.column("t", quoted=True), "n", 3, 5)
+    sql = exp.select(expr).from_(
+        exp.Values(
+            expressions=[
+                exp.Tuple(
+                    expressions=[
+                        exp.cast(exp.Literal.number(repr(total)) if total is not None else exp.Null(), "DOUBLE"),
+                        exp.Literal.number(n),
+                    ]
+                )
+            ],
+            alias=exp.TableAlias(this=exp.to_identifier("v"), columns=[exp.to_identifier("t"), exp.to_identifier("n")]),
+        )
+    )
+    with DuckDBConnector() as con:
+        (row,) = con.execute(trusted_sql(sql.sql("duckdb"))).rows
+    assert row[0] == expected
+
+
+@pytest.mark.parametrize(
+    ("where", "wrapped"),
+    [
+        ("income > -5", False),
+        ("age BETWEEN 18 AND 65 AND NOT (income IS NULL OR sex IN (0, 1))", False),
+        ("income > 1.5 OR age <= income", False),
+        ("age > 1.5", True),  # int column against a decimal: a DECIMAL that need not hold the value
+        ("age > 99999999999999999999", True),
+        ("age + 1 > 5", True),
+        ("CAST(income AS INT) > 5", True),
+        ("age * 4 > 5", True),  # BIGINT overflow on the extreme rows without TRY
+    ],
+)
+def test_try_only_around_expressions_that_can_fail(tmp_path: Path, where: str, wrapped: bool) -> None:
+    """passes/total.py leaves comparisons of typed columns with literals of their kind alone; anything else keeps
+    TRY. An int column holding the extreme BIGINT values never fails any of them."""
+    frame = pd.DataFrame(
+        {"pid": [1, 2, 3], "age": [2**63 - 1, -(2**63) + 1, 30], "income": [1e300, -1e300, 5.0], "sex": [0, 1, 1]}
+    )
+    frame["region"] = 0
+    source = tmp_path / "t.csv"
+    frame.to_csv(source, index=False)
+    ctx = _ctx(source)
+    plan = build_plan(f"SELECT COUNT(*), SUM(income) FROM t WHERE {where}", epsilon=1.0, delta=0.0, ctx=ctx)
+    assert ("TRY(" in plan.bounded_sql) == wrapped
+    _exact(plan)  # runs: no data-dependent error
+
+
+def test_plans_are_shared_by_queries_that_differ_only_in_output_aliases(tmp_path: Path, monkeypatch) -> None:
+    """One plan for queries that differ only in output names; each answer carries its own names. An alias
+    named anywhere else (ORDER BY, a column) keys on the full text: swapping names there changes the query."""
+    from dpgateway import planner
+
+    source = tmp_path / "t.csv"
+    _people(1).to_csv(source, index=False)
+    built: list[str] = []
+    build_plan_ = planner.build_plan
+    monkeypatch.setattr(planner, "build_plan", lambda sql, **kw: built.append(sql) or build_plan_(sql, **kw))
+    cache = PlanCache()
+    ctx = _ctx(source)
+    sql = "SELECT sex, COUNT(*) AS {a}, AVG(income) + 1 AS {b} FROM t GROUP BY sex"
+    first = cache.build(sql.format(a="n0", b="m0"), epsilon=1.0, delta=0.0, ctx=ctx)
+    second = cache.build(sql.format(a="n1", b="m1"), epsilon=1.0, delta=0.0, ctx=ctx)
+    assert len(built) == 1
+    assert [o.name for o in first.outputs] == ["sex", "n0", "m0"]
+    assert [o.name for o in second.outputs] == ["sex", "n1", "m1"]
+    assert second.bounded_sql == first.bounded_sql and second.measurements == first.measurements
+    assert second.sql == sql.format(a="n1", b="m1") and '"n0"' not in second.post_sql  # rendered when needed
+    assert cache.build(sql.format(a="n0", b="m0"), epsilon=1.0, delta=0.0, ctx=ctx) is first  # names as first built
+    ordered = "SELECT COUNT(*) AS {a}, SUM(income) AS {b} FROM t ORDER BY a"
+    by_count = cache.build(ordered.format(a="a", b="b"), epsilon=1.0, delta=0.0, ctx=ctx)
+    by_sum = cache.build(ordered.format(a="b", b="a"), epsilon=1.0, delta=0.0, ctx=ctx)
+    assert len(built) == 3 and by_count.post_sql != by_sum.post_sql
+    with Gateway.from_config(_write(tmp_path, source)) as gw:
+        for i in range(2):
+            result = gw.query(sql.format(a=f"n{i}", b=f"m{i}"), analyst="a", epsilon=1.0)
+            assert result.columns == ["sex", f"n{i}", f"m{i}"]
+
+
+def _write(folder: Path, source: Path) -> Path:
+    path = folder / "dpgateway.yaml"
+    path.write_text(yaml.safe_dump(_policy(source) | {"ledger": f"sqlite:///{folder / 'ledger.db'}"}))
+    return path
+
+
+@pytest.mark.parametrize(
+    ("sql", "binds"),
+    [
+        ("SELECT sex, COUNT(*) AS n, AVG(income) AS a FROM t GROUP BY sex", False),
+        ("SELECT sex, COUNT(*) * 2 - 1 AS n, GREATEST(SUM(income), COUNT(*)) AS a FROM t GROUP BY sex", False),
+        ("SELECT sex, COUNT(*) - sex AS n FROM t GROUP BY sex", True),  # refused by the bind
+        ("SELECT sex, COUNT(*) AS n FROM t GROUP BY sex ORDER BY n", True),
+        ("SELECT sex, COUNT(*) AS n FROM t GROUP BY sex HAVING COUNT(*) > 3", True),
+        ("SELECT COUNT(*) + 0.5 AS n FROM t", True),  # a decimal literal: no Python form
+        ("SELECT CASE WHEN age < 30 THEN 'y' ELSE 'o' END AS band, COUNT(*) AS n FROM t GROUP BY 1", False),
+    ],
+)
+def test_post_processing_is_bound_only_when_its_types_are_not_known(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, sql: str, binds: bool
+) -> None:
+    """passes/post.py binds the sandbox query unless every computing output reads numeric columns only."""
+    from dpgateway.passes import post
+
+    source = tmp_path / "t.csv"
+    _people(1).to_csv(source, index=False)
+    bound: list[str] = []
+    run = post.run_sandboxed
+    monkeypatch.setattr(post, "run_sandboxed", lambda query, **kw: bound.append(query) or run(query, **kw))
+    try:
+        build_plan(sql, epsilon=1.0, delta=1e-6, ctx=_ctx(source))
+    except Exception:
+        assert binds  # refused at plan time, by the bind
+    assert bool(bound) == binds

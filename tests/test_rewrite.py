@@ -5,8 +5,9 @@ expected bounded SQL as ``explain`` shows it (``plan.shown_sql``: the source rea
 the row-order key as a placeholder; each ending with ``;``). The bounded SQL is also run on DuckDB and compared with
 an independent pandas computation: row bounding keeps every row (the policy keeps 4 rows per person,
 the most anyone has, so only clamping and fixed-point rounding apply); for weighted plans the reference
-computes each person's matching row count ``n`` and sums ``trunc(v * k / max(n, k))`` per row itself, with
-``k`` patched lower so that the weights matter.
+computes each person's matching row count ``n`` and sums ``trunc(v * k / max(n, k))`` per row itself (per
+person's total ``T`` for ``unit_weighted`` plans: ``trunc(T * k / max(n, k))``), with ``k`` patched lower so
+that the weights matter.
 Regenerate after an intended change with ``DPGATEWAY_UPDATE_GOLDEN=1 pytest tests/test_rewrite.py``.
 """
 
@@ -93,7 +94,8 @@ def test_rewrite_text(name: str, sql: str, expected: str, path: Path) -> None:
 def test_rewrite_meaning(
     name: str, sql: str, expected: str, path: Path, workdir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    plan = _plan(sql, k=2 if _plan(sql).rewrite == "weighted" else 4)  # k = 2 < some people's row counts
+    weighted = _plan(sql).rewrite in ("weighted", "unit_weighted")
+    plan = _plan(sql, k=2 if weighted else 4)  # k = 2 < some people's row counts
     k = plan.table.max_rows_per_unit
     monkeypatch.chdir(workdir)
     con = duckdb.connect()  # its own connection: the default one may hold another test's unfinished result
@@ -110,7 +112,8 @@ def test_rewrite_meaning(
     for key in plan.group_keys:
         raw[key.name] = con.sql(f"SELECT {key.expr.sql('duckdb')} AS k FROM raw").df()["k"].to_numpy()
     n = raw.groupby("pid")["pid"].transform("size").to_numpy()  # matching rows per person
-    assert plan.rewrite != "weighted" or (n > k).any()
+    assert not weighted or (n > k).any()
+    per_unit = plan.rewrite == "unit_weighted"  # each person's total weighted once, not each row
     for m in plan.measurements:
         if m.kind == "count":
             raw[m.name] = int(m.scale) * (1 if m.column is None else raw[m.column].notna().astype(int))
@@ -127,6 +130,11 @@ def test_rewrite_meaning(
             fixed = pd.Series(_truncated_weights(fixed.to_numpy(), n, k), index=fixed.index)
         raw[m.name] = fixed
     names = [m.name for m in plan.measurements]
+    if per_unit:  # T_u per person (NULL when every value is), then trunc(T_u * k / max(n_u, k))
+        units = raw.groupby("pid")
+        totals = units[names].sum(min_count=1)
+        sizes = units["pid"].size().to_numpy()
+        raw = pd.DataFrame({name: _truncated_weights(totals[name].to_numpy(), sizes, k) for name in names})
     reference = raw.groupby(keys)[names].sum().reset_index() if keys else raw[names].sum().to_frame().T
     got = got.sort_values(keys).reset_index(drop=True) if keys else got
     reference = reference.sort_values(keys).reset_index(drop=True) if keys else reference

@@ -24,7 +24,8 @@ from dpgateway.budget_store.base import (
     scope_name,
     split_scope,
 )
-from dpgateway.budget_store.sql import DEFAULT_LEASE_SECONDS, SQLBudgetStore
+from dpgateway.budget_store.sql import SQLBudgetStore
+from dpgateway.budget_store.sql_schema import DEFAULT_LEASE_SECONDS
 from dpgateway.errors import ConfigError
 from dpgateway.policies.model import Budget
 

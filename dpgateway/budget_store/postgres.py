@@ -15,7 +15,8 @@ from collections.abc import Sequence
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
-from dpgateway.budget_store.sql import Executor, SQLBudgetStore
+from dpgateway.budget_store.sql import SQLBudgetStore
+from dpgateway.budget_store.sql_schema import Executor
 
 TRANSIENT_SQLSTATES = frozenset({"40001", "40P01", "55P03"})  # serialization failure, deadlock, lock timeout
 

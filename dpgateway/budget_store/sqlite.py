@@ -28,7 +28,8 @@ from sqlalchemy.engine import Connection, Dialect, Engine
 from sqlalchemy.pool import PoolProxiedConnection, StaticPool
 from sqlalchemy.sql.compiler import SQLCompiler
 
-from dpgateway.budget_store.sql import PREBUILT, SQLBudgetStore
+from dpgateway.budget_store.sql import SQLBudgetStore
+from dpgateway.budget_store.sql_schema import PREBUILT
 from dpgateway.errors import InternalError
 
 BUSY_TIMEOUT_SECONDS = 30.0
@@ -46,7 +47,7 @@ def _flatten(parameters: Mapping[str, Any]) -> dict[str, Any]:
 
 
 class DriverStatements:
-    """Runs the :data:`~dpgateway.budget_store.sql.PREBUILT` statements on the sqlite3 connection itself.
+    """Runs the :data:`~dpgateway.budget_store.sql_schema.PREBUILT` statements on the sqlite3 connection itself.
 
     Each is compiled by the engine's dialect once per shape of its parameters (their names, and how many
     values an expanding ``IN`` gets; SQLAlchemy also compiles per shape), so the SQL text and its bound

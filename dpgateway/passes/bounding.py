@@ -3,6 +3,8 @@
 - ``weighted`` (public or no group keys): every matching row of unit ``u`` counts with weight
   ``w_u = k / max(n_u, k)``, ``n_u`` the unit's matching row count (a window count, no sort);
 - ``unit_count`` (scalar ``COUNT(*)``): per-unit pre-aggregation ``SUM(LEAST(n_u, k))``;
+- ``unit_weighted`` (other scalar queries filtered under ``filter_first``): per-unit pre-aggregation, each
+  unit's total weighted once (proof note below);
 - ``rows`` (private group keys, row-level tables): hash-ordered row bounding, below;
 - filtered queries under ``prepare.filtered: bound_first`` (passes/rewrite.py): the window count or rank
   over all of the unit's rows, the filter in the final aggregate (proof note in passes/prepared.py);
@@ -49,9 +51,29 @@ proportionally (a different estimator from keeping ``k`` hash-chosen rows). Weig
 number of groups a unit touches, so private group keys (partition selection) keep row bounding.
 Tests: tests/test_fastpath.py (one person with 1000 rows, negative values, an independent reference),
 tests/test_rewrite.py (golden SQL executed against pandas).
+
+Proof note (unit_weighted): one ``GROUP BY unit`` over the matching rows (NULL units dropped) gives each
+unit's ``n_u`` and, per measurement, its total ``T_u = sum_r v(r)`` of the same per-row values ``v`` as
+above (summed as DOUBLE, so DuckDB adds in floating point instead of 128-bit integers; exact while the
+partial sums stay below 2^53, i.e. up to about 9 * 10^9 rows of one unit; ``T_u = S * COUNT(x)`` for a
+count). The unit adds ``t_u = clamp(trunc(T_u * k / max(n_u, k)), -k * V, k * V)`` with
+``V = ceil(bound * scale)`` (``v = S`` for counts, bound 1), the truncation toward zero computed exactly in
+BIGINT from quotient and remainder (:func:`_unit_contribution`), and ``COUNT(*)`` adds ``min(n_u, k) * S``
+(its exact ``trunc``). Since ``|T_u| <= n_u * V``, the clamp changes nothing while the sum is exact; it is
+there so that ``|t_u| <= k * V`` holds whatever the floating point does (``T_u`` is also clamped to
+``+-2^53`` before the cast, so the cast cannot fail). Adding or removing ``u`` changes no other unit's
+``n``, ``T`` or ``t``, and moves each scalar measurement by ``|t_u| <= k * ceil(bound * scale)``: the
+sensitivity passes/budget.py charges (the same as the weighted rewrite's). It is the weighted estimator
+with the truncation applied once per unit instead of once per row (it differs from the per-row sum by
+less than one fixed-point unit per row), so it is chosen only where a prepared copy is never read (scalar
+queries with WHERE under ``prepare.filtered: filter_first``, passes/rewrite.py): a copy stores per-row
+contributions, and a copy must not change an answer. Tests: tests/test_fastpath.py (one person with many
+rows, negative values, NULLs; an independent per-unit reference), tests/test_rewrite.py.
 """
 
 from __future__ import annotations
+
+import math
 
 from sqlglot import exp
 from sqlglot.helper import find_new_name
@@ -74,6 +96,8 @@ def bound_contributions(plan: DPPlan, *, ctx: PlanContext) -> DPPlan:
         return _over_prepared(plan, table, ctx)
     if plan.rewrite == "unit_count":
         return _unit_count(plan, table, ctx)
+    if plan.rewrite == "unit_weighted":
+        return _unit_weighted(plan, table, ctx)
     if plan.rewrite == "weighted":
         return _weighted(plan, table, ctx)
     return _row_bounded(plan, table, ctx)
@@ -259,6 +283,74 @@ def _unit_count(plan: DPPlan, table: Table, ctx: PlanContext) -> DPPlan:
     bounded = exp.select(exp.alias_(total, name, quoted=True), copy=False).from_("per_unit", copy=False)
     bounded = bounded.with_("typed", as_=typed, copy=False).with_("per_unit", as_=per_unit, copy=False)
     return _rendered(plan, bounded, table.name, ctx)
+
+
+def _unit_weighted(plan: DPPlan, table: Table, ctx: PlanContext) -> DPPlan:
+    """Scalar measurements by per-unit pre-aggregation, each unit's total weighted once (proof note above)."""
+    assert table.privacy_unit is not None and not plan.group_keys
+    typed = _source_rows(plan, _needed_columns(plan, table), table, ctx)
+    n, _ = _unit_columns(table)
+    k = table.max_rows_per_unit
+    per_unit = exp.select(exp.alias_(exp.Count(this=exp.Star()), n, quoted=True), copy=False)
+    totals: list[exp.Expr] = []
+    for m in plan.measurements:
+        if m.kind == "count" and m.arg is None:  # trunc(n_u * S * k / max(n_u, k)) = min(n_u, k) * S
+            least = exp.Least(this=exp.column(n, quoted=True), expressions=[number(k)], ignore_nulls=True)
+            totals.append(exp.Mul(this=least, expression=number(int(m.scale))))
+            continue
+        if m.kind == "count":  # COUNT(x): x a column or a total row expression (passes/intervals.py)
+            assert m.arg is not None
+            count = exp.Count(this=m.arg.copy())
+            unit_total: exp.Expr = exp.Mul(this=exp.cast(count, "DOUBLE"), expression=number(m.scale))
+        else:
+            unit_total = exp.Sum(this=exp.cast(_fixed_point(m), "DOUBLE"))
+        per_unit = per_unit.select(exp.alias_(unit_total, m.name, quoted=True), copy=False)
+        totals.append(_unit_contribution(exp.column(m.name, quoted=True), n, k, math.ceil(m.bound * m.scale)))
+    where = plan.where.copy() if plan.where is not None else None
+    per_unit = (
+        per_unit.from_("typed", copy=False)
+        .where(_and_unit_not_null(where, table), copy=False)
+        .group_by(exp.column(table.privacy_unit, quoted=True), copy=False)
+    )
+    bounded = exp.select(
+        *(exp.alias_(exp.Sum(this=t), m.name, quoted=True) for m, t in zip(plan.measurements, totals, strict=True)),
+        copy=False,
+    ).from_("per_unit", copy=False)
+    bounded = bounded.with_("typed", as_=typed, copy=False).with_("per_unit", as_=per_unit, copy=False)
+    return _rendered(plan, bounded, table.name, ctx)
+
+
+def _unit_contribution(total: exp.Expr, n: str, k: int, v: int) -> exp.Expr:
+    """``clamp(trunc(T * k / max(n, k)), -k v, k v)`` as a BIGINT, NULL when the unit total ``T`` is.
+
+    ``T`` (an integer-valued DOUBLE) is clamped to ``+-2^53`` and cast to BIGINT; then, with ``d = max(n, k)``
+    and ``//`` truncating, ``trunc(T k / d) = (T // d) k + ((T - (T // d) d) k) // d`` (quotient and
+    remainder share the sign of ``T``), in BIGINT: ``|T // d| k <= 2^53`` since ``d >= k``, and the remainder
+    times ``k`` is below ``d k``, which fits for any unit of fewer than about ``9 * 10^18 / k`` rows (``9 * 10^14``
+    at the largest ``k``, 10^4), far beyond any table a backend could scan.
+    """
+    d = exp.Greatest(this=exp.column(n, quoted=True), expressions=[number(k)], ignore_nulls=True)
+    limit = 2**53
+    clamped_total = exp.Least(
+        this=exp.Greatest(this=total.copy(), expressions=[number(-limit)], ignore_nulls=True),
+        expressions=[number(limit)],
+        ignore_nulls=True,
+    )
+    t = exp.cast(clamped_total, "BIGINT")
+    quotient = exp.Paren(this=exp.IntDiv(this=t, expression=d))
+    remainder = exp.Paren(this=exp.Sub(this=t.copy(), expression=exp.Mul(this=quotient.copy(), expression=d.copy())))
+    weighted = exp.Add(
+        this=exp.Mul(this=quotient.copy(), expression=number(k)),
+        expression=exp.IntDiv(this=exp.Mul(this=remainder, expression=number(k)), expression=d.copy()),
+    )
+    clamped = exp.Least(
+        this=exp.Greatest(this=weighted, expressions=[number(-k * v)], ignore_nulls=True),
+        expressions=[number(k * v)],
+        ignore_nulls=True,
+    )
+    # GREATEST and LEAST skip NULLs: a unit whose values are all NULL must add nothing, not the lower clamp
+    present = exp.Not(this=exp.Is(this=total.copy(), expression=exp.Null()))
+    return exp.Case(ifs=[exp.If(this=present, true=clamped)])
 
 
 def _over_prepared(plan: DPPlan, table: Table, ctx: PlanContext) -> DPPlan:

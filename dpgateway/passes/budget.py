@@ -58,7 +58,7 @@ def split_budget(plan: DPPlan, *, ctx: PlanContext) -> DPPlan:
         return plan.with_(delta=0.0)
     share = plan.epsilon / len(measurements)
     calibrated = []
-    count_scale = float(COUNT_SCALE) if plan.rewrite == "weighted" else 1.0
+    count_scale = float(COUNT_SCALE) if plan.rewrite in ("weighted", "unit_weighted") else 1.0
     for m in measurements:
         if m.kind == "quantile":  # OpenDP's quantile mechanism: its own calibration (dpgateway/quantile_mechanism.py)
             calibrated.append(calibrate_quantile(m, plan, share))

@@ -1,6 +1,16 @@
 """Pass 9: render the post-processing query (SELECT list, HAVING, ORDER BY, LIMIT over the noisy frame) and
 its Python form once per plan, so a cached plan does not build them again for every query; and bind the
-query now, over an empty relation of the release's column types, so that it cannot fail after the spend."""
+query now, over an empty relation of the release's column types, so that it cannot fail after the spend.
+
+Proof note (bind skipped): the bind (about 5 ms) is skipped only when :func:`_types_check` proves it would
+pass: no HAVING, ORDER BY, LIMIT or OFFSET, every output compiled to a Python evaluator (a column of the
+release, integer literals, unary minus, ``+ - * /``, GREATEST/LEAST, nothing else), and every column that
+such an output computes with (anything but a bare column) a measurement (BIGINT or DOUBLE) or a key typed
+BIGINT or DOUBLE by the same inference the bind uses. Numeric operators over numbers always bind in DuckDB,
+and a bare column of any type does, so the sandbox query (run when the Python form declines at run time,
+e.g. on NULLs) binds too: what remains at run time is value-dependent, as with the bind. Test:
+tests/test_fastpath.py::test_post_processing_is_bound_only_when_its_types_are_not_known.
+"""
 
 from __future__ import annotations
 
@@ -31,10 +41,33 @@ def render_post_processing(plan: DPPlan, *, ctx: PlanContext) -> DPPlan:
             post_python=post_python, post_sql="" if post_python is not None else post_processing_sql(plan)
         )
     sql = post_processing_sql(plan)
-    empty = exp.select(*_typed_nulls(plan), copy=False).limit(0, copy=False)
-    bind = post_processing_query(plan).with_(NOISY, as_=empty, copy=False).sql(dialect="duckdb")
-    run_sandboxed(bind, what="the query's outputs, HAVING or ORDER BY")
-    return plan.with_(post_python=python_evaluators(plan), post_sql=sql)
+    post_python = python_evaluators(plan)
+    if post_python is None or not _types_check(plan):
+        empty = exp.select(*_typed_nulls(plan), copy=False).limit(0, copy=False)
+        bind = post_processing_query(plan).with_(NOISY, as_=empty, copy=False).sql(dialect="duckdb")
+        run_sandboxed(bind, what="the query's outputs, HAVING or ORDER BY")
+    return plan.with_(post_python=post_python, post_sql=sql)
+
+
+def _types_check(plan: DPPlan) -> bool:
+    """Whether every output that computes (not a bare column) reads numeric columns only (proof note above);
+    call only when the outputs compiled to Python evaluators."""
+    assert plan.table is not None
+    measured = {m.name for m in plan.measurements}
+    keys = {k.name: k for k in plan.group_keys}
+    for output in plan.outputs:
+        expr = output.expr
+        while isinstance(expr, exp.Paren):
+            expr = expr.this
+        if isinstance(expr, exp.Column):
+            continue
+        for column in expr.find_all(exp.Column):
+            if column.name in measured:
+                continue
+            key = keys.get(column.name)
+            if key is None or _key_type(key, plan.table) not in ("BIGINT", "DOUBLE"):
+                return False
+    return True
 
 
 _INTEGER_TYPES = ("BIGINT",)

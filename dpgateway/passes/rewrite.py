@@ -5,6 +5,9 @@
   dropping rows gives. Also tables without a privacy unit (row-level: nothing to bound).
 - ``unit_count``: scalar ``COUNT(*)``, ``SUM(LEAST(n_u, k))`` per unit: exactly the row-bounded count
   (and the weighted count divided by its scale), with a GROUP BY instead of a window over all rows.
+- ``unit_weighted``: other scalar queries with WHERE under ``filter_first``: the weighted estimator by
+  per-unit pre-aggregation (each unit's total weighted once; a GROUP BY instead of a window). Unfiltered
+  and ``bound_first`` queries keep ``weighted``, whose per-row contributions a prepared copy stores.
 - ``weighted``: everything else (public or no group keys): each row counts with its unit's weight
   ``k / max(n_u, k)``. Counts become fixed-point sums, so ``passes/budget.py`` reads this choice.
 
@@ -36,7 +39,7 @@ BOUND_FIRST_NOTE = (
 
 
 def choose_rewrite(plan: DPPlan, *, ctx: PlanContext) -> DPPlan:
-    """Set ``plan.rewrite`` to 'rows', 'unit_count' or 'weighted', and say which filtered estimator applies."""
+    """Set ``plan.rewrite`` to 'rows', 'unit_count', 'unit_weighted' or 'weighted', and say which filtered estimator applies."""
     table = plan.table
     assert table is not None
     if plan.where is not None and table.privacy_unit:
@@ -50,6 +53,8 @@ def choose_rewrite(plan: DPPlan, *, ctx: PlanContext) -> DPPlan:
     scalar_count = [(m.kind, m.arg) for m in plan.measurements] == [("count", None)]
     if not plan.group_keys and scalar_count and not bounds_before_filter(plan, ctx):
         return plan.with_(rewrite="unit_count")
+    if not plan.group_keys and plan.where is not None and not bounds_before_filter(plan, ctx):
+        return plan.with_(rewrite="unit_weighted")
     return plan.with_(rewrite="weighted")
 
 

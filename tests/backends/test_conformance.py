@@ -1,6 +1,6 @@
 """One suite, every backend: the same bounded plans give the same exact aggregates on each engine.
 
-For the rewrites that do not depend on the row hash (weighted, unit_count, and row bounding when no unit
+For the rewrites that do not depend on the row hash (weighted, unit_weighted, unit_count, and row bounding when no unit
 has more than k rows) the exact bounded aggregates must be IDENTICAL to DuckDB's, the reference backend
 (whose own tests check it against independent references). For row bounding each unit keeps the same
 number of rows; and one person moves each exact aggregate by at most its sensitivity on every backend.
@@ -35,7 +35,8 @@ IDENTICAL = [
     ("weighted", "SELECT COUNT(*), SUM(income), AVG(age) FROM pums"),
     ("weighted", "SELECT sex, COUNT(*), SUM(income), COUNT(age) FROM pums GROUP BY sex"),
     ("weighted", "SELECT married, AVG(income) FROM pums WHERE age > 30 AND race IN (1, 2) GROUP BY married"),
-    ("weighted", "SELECT VARIANCE(age), STDDEV(income) FROM pums WHERE income BETWEEN 1000 AND 90000"),
+    ("unit_weighted", "SELECT VARIANCE(age), STDDEV(income) FROM pums WHERE income BETWEEN 1000 AND 90000"),
+    ("unit_weighted", "SELECT COUNT(*), COUNT(age), SUM(income), AVG(age) FROM pums WHERE age > 30 OR sex = 2"),
     ("unit_count", "SELECT COUNT(*) FROM pums WHERE age >= 40"),
     # row expressions (passes/intervals.py) and FILTER: PostgreSQL semantics on every backend
     ("weighted", "SELECT age / 10, COUNT(*), SUM(income) FROM pums GROUP BY age / 10"),

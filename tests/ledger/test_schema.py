@@ -7,7 +7,7 @@ import pytest
 import sqlalchemy as sa
 from conftest import BUDGET, DAY, FakeClock, make_spend
 
-from dpgateway.budget_store.sql import SCHEMA_VERSION, charge_scopes, charges, meta_table
+from dpgateway.budget_store.sql_schema import SCHEMA_VERSION, charge_scopes, charges, meta_table
 from dpgateway.errors import BudgetError, ConfigError
 
 JOINED = (  # the schema-1 usage sums: every charge in the window, joined to its scopes

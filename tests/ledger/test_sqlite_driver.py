@@ -13,7 +13,7 @@ import sqlalchemy as sa
 from conftest import BUDGET, DAY, FakeClock, make_spend
 from helpers import run_concurrently
 
-from dpgateway.budget_store import sql
+from dpgateway.budget_store import sql_base
 from dpgateway.budget_store import sqlite as sqlite_store
 from dpgateway.budget_store.sql import SQLBudgetStore
 from dpgateway.budget_store.sqlite import SQLiteBudgetStore
@@ -106,7 +106,7 @@ def test_a_locked_ledger_is_retried_until_free_then_reported(tmp_path, monkeypat
     assert time.monotonic() - started >= 0.25
     releaser.join()
 
-    monkeypatch.setattr(sql, "MAX_RETRIES", 3)
+    monkeypatch.setattr(sql_base, "MAX_RETRIES", 3)
     other.execute("BEGIN IMMEDIATE")
     with pytest.raises(
         BackendError, match=r"Ledger database sqlite:///.*ledger\.db failed: OperationalError: .*locked"
