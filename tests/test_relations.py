@@ -85,7 +85,7 @@ def _round(values: pd.Series) -> pd.Series:
 def reference(plan: DPPlan, frame: pd.DataFrame, keys: list[str]) -> list[tuple[Any, ...]]:
     """Per group, every measurement of ``plan`` over ``frame`` when no unit has more than k rows (weight 1)."""
     assert plan.table is not None
-    count_scale = COUNT_SCALE if plan.rewrite == "weighted" else 1
+    count_scale = COUNT_SCALE if plan.rewrite in ("weighted", "unit_weighted") else 1
     groups = frame.groupby(keys, dropna=False) if keys else [((), frame)]
     rows = []
     for key, part in groups:
