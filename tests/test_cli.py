@@ -12,9 +12,10 @@ import yaml
 from click.testing import CliRunner
 
 from dpgateway import Gateway, noise
+from dpgateway.answers import avg_warnings
 from dpgateway.cli import cli
 from dpgateway.errors import InvalidParameterError
-from dpgateway.gateway import PUBLIC, _avg_warnings, resolve_analyst
+from dpgateway.gateway import PUBLIC, resolve_analyst
 from dpgateway.mechanisms import laplace_half_width
 from dpgateway.noise import Noisy
 
@@ -253,13 +254,13 @@ def test_avg_warning_rule_is_the_documented_floor(demo_gateway: Gateway) -> None
     at, above = int(floor), int(floor) + 1
     values = {count.name: [above, at], total.name: [0.0, 0.0]}
     released = Noisy(columns=columns, values=([0, 1], *(values[m.name] for m in plan.measurements)))
-    (warning,) = _avg_warnings(plan, released)
+    (warning,) = avg_warnings(plan, released)
     assert f"in 1 of 2 group(s): (sex=1; noisy n={at})" in warning and f"at most {floor:.6g}" in warning
     released = Noisy(
         columns=columns,
         values=([0, 1], *([above, above] if m.kind == "count" else [0.0, 0.0] for m in plan.measurements)),
     )
-    assert _avg_warnings(plan, released) == ()
+    assert avg_warnings(plan, released) == ()
 
 
 QUERY = "SELECT COUNT(*) FROM pums"

@@ -32,12 +32,13 @@ def frames(workload: Workload) -> dict[str, Any]:
     """Each table as pandas, with the unit column (attached along its path if needed) renamed ``uid``."""
     import pandas as pd
 
-    loaded = {t.name: pd.read_csv(csv_path(workload, t.name)) for t in workload.tables}
+    raw = {t.name: pd.read_csv(csv_path(workload, t.name)) for t in workload.tables}
+    loaded = {}
     for t in workload.tables:
-        frame = loaded[t.name]
-        for hop_from, parent, hop_to in t.path:
+        frame = raw[t.name]
+        for hop_from, parent, hop_to in t.path:  # attach the unit along the path, from the parents' raw rows
             parent_unit = table(workload, parent).unit
-            keys = loaded[parent][[hop_to, parent_unit]]
+            keys = raw[parent][[hop_to, parent_unit]]
             frame = frame.merge(keys, left_on=hop_from, right_on=hop_to, how="inner")
             if hop_to != hop_from:
                 frame = frame.drop(columns=[hop_to])
