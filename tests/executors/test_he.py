@@ -72,11 +72,9 @@ def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     table = config.table("enc")
     assert table is not None
     fields = cube.plan_fields(table, sums=["x"], avgs=["x"], variances=[], groupings=["g"])
-    with Gateway(config) as gw:
-        prepared = gw.prepare("enc")
     public = folder / "keys" / "public.key"
     cube.encrypt_table(
-        table, Path(prepared.path), scheme.read_keys(public), folder / "he-data" / "enc", fields=fields,
+        table, cube.owner_copy(config, "enc"), scheme.read_keys(public), folder / "he-data" / "enc", fields=fields,
         key_digest=cube.key_id(public),
     )  # fmt: skip
     return folder
