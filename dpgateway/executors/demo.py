@@ -22,9 +22,9 @@ import duckdb
 from dpgateway.errors import UnsupportedError
 
 SETUPS: dict[str, str] = {
-    "he": "dpgateway.executors.he.demo",
     "mpc": "dpgateway.executors.mpc.demo",
     "enclave": "dpgateway.executors.enclave.demo",
+    "he": "dpgateway.executors.he.demo",
 }
 EXTRAS: dict[str, str] = {"he": "he", "enclave": "enclave"}  # pip install 'dpgateway[EXTRA]'
 CHOICES = ("he", "mpc", "enclave")
