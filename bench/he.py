@@ -70,10 +70,9 @@ def measure(rows: int, folder: Path, reps: int = 3) -> dict[str, Any]:
     assert table is not None
     with Gateway(config) as gw:
         started = time.perf_counter()
-        prepared = gw.prepare("people")
         fields = cube.plan_fields(table, sums=["x"], avgs=[], variances=[], groupings=["g"])
         encrypted = cube.encrypt_table(
-            table, Path(prepared.path), scheme.read_keys(public_key), folder / "he-data" / "people",
+            table, cube.owner_copy(config, "people"), scheme.read_keys(public_key), folder / "he-data" / "people",
             fields=fields, key_digest=cube.key_id(public_key),
         )  # fmt: skip
         encrypt_s = time.perf_counter() - started

@@ -59,7 +59,7 @@ executor_option = click.option(
     "--executor",
     default=None,
     metavar="NAME",
-    help="Run on this executor instead of the table's (plain, mpc, enclave) where its policy allows it "
+    help="Run on this executor instead of the table's (plain, mpc, enclave, he) where its policy allows it "
     "(tables.<name>.executors_allowed).",
 )
 delta_option = click.option(
@@ -172,7 +172,7 @@ def demo(epsilon: float, init_dir: str | None, executor: str | None, fmt: str) -
     """Run example queries on the bundled PUMS sample (1,000 people, 1-4 rows each).
 
     Uses a throwaway ledger, so your own budget is untouched. With --executor, the data owner's steps (split
-    across parties, seal, ...) run first, then each query runs on the executor and on plain, timed.
+    across parties, seal, encrypt) run first, then each query runs on the executor and on plain, timed.
     """
     data = resources.files("dpgateway") / "data"
     if init_dir:

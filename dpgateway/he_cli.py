@@ -85,25 +85,24 @@ def encrypt(
     or without one of the GROUP BY columns.
     """
     from dpgateway.executors.he import cube, scheme
-    from dpgateway.gateway import Gateway
+    from dpgateway.policies.loader import load_config
 
     started = time.monotonic()
-    with Gateway.from_config(config_path) as gw:
-        policy = gw.config.table(table)
-        if policy is None:
-            raise UnknownTableError(f'relation "{table}" does not exist in the policy')
-        fields = cube.plan_fields(policy, sums=sums, avgs=avgs, variances=variances, groupings=groupings)
-        keys = scheme.read_keys(Path(public_key))
-        copy = gw.prepare(policy.name)
-        result = cube.encrypt_table(
-            policy,
-            Path(copy.path),
-            keys,
-            Path(out) / policy.name,
-            fields=fields,
-            key_digest=cube.key_id(Path(public_key)),
-            pad_to=pad_to,
-        )
+    config = load_config(config_path)
+    policy = config.table(table)
+    if policy is None:
+        raise UnknownTableError(f'relation "{table}" does not exist in the policy')
+    fields = cube.plan_fields(policy, sums=sums, avgs=avgs, variances=variances, groupings=groupings)
+    keys = scheme.read_keys(Path(public_key))
+    result = cube.encrypt_table(
+        policy,
+        cube.owner_copy(config, policy.name),
+        keys,
+        Path(out) / policy.name,
+        fields=fields,
+        key_digest=cube.key_id(Path(public_key)),
+        pad_to=pad_to,
+    )
     click.echo(
         f"encrypted {policy.name}: {result.ciphertexts} ciphertexts, {len(fields)} fields per row, "
         f"in {result.folder} ({time.monotonic() - started:.1f} s)"

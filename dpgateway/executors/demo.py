@@ -1,8 +1,10 @@
 """``dpgateway demo --executor NAME``: the bundled sample prepared for one executor, and the queries it answers.
 
-Each entry of :data:`SETUPS` names a module with ``prepare(folder, parquet, table) -> dict`` (the data owner's
-steps: split, seal, encrypt, ... into ``folder``; it returns ``step`` (what it did), ``table`` (the table's
-source and executor) and ``executors`` (the config section)). bench/executors.py uses the same entries.
+Each entry of :data:`SETUPS` names a module with ``prepare(folder, parquet, table, policy) -> dict`` (the data
+owner's steps: split, seal, encrypt, ... into ``folder``; ``policy`` is the table's ``privacy_unit``,
+``max_rows_per_unit`` and ``columns``, which the he owner bounds with; it returns ``step`` (what it did),
+``table`` (the table's source and executor) and ``executors`` (the config section)). bench/executors.py uses
+the same entries.
 An executor whose package is not installed is refused with the extra to install (:data:`EXTRAS`).
 """
 
@@ -22,6 +24,7 @@ from dpgateway.errors import UnsupportedError
 SETUPS: dict[str, str] = {
     "mpc": "dpgateway.executors.mpc.demo",
     "enclave": "dpgateway.executors.enclave.demo",
+    "he": "dpgateway.executors.he.demo",
 }
 EXTRAS: dict[str, str] = {"he": "he", "enclave": "enclave"}  # pip install 'dpgateway[EXTRA]'
 CHOICES = ("he", "mpc", "enclave")
@@ -40,6 +43,8 @@ COLUMNS: dict[str, Any] = {
     "sex": {"type": "int", "public_values": [0, 1]},
     "married": {"type": "int", "public_values": [0, 1]},
 }
+POLICY: dict[str, Any] = {"privacy_unit": "pid", "max_rows_per_unit": 3, "columns": COLUMNS}
+Preparer = Callable[..., dict[str, Any]]  # (folder, parquet, table, policy, **options) -> the entries
 
 
 @dataclass
@@ -50,7 +55,7 @@ class Setup:
     timings: dict[str, float] = field(default_factory=dict)
 
 
-def preparer(name: str) -> Callable[[Path, Path, str], dict[str, Any]]:
+def preparer(name: str) -> Preparer:
     """Executor ``name``'s data-owner step, or UnsupportedError naming what to install."""
     if name not in SETUPS:
         extra = EXTRAS.get(name, name)
@@ -58,7 +63,7 @@ def preparer(name: str) -> Callable[[Path, Path, str], dict[str, Any]]:
             f"the {name} executor is not part of this installation yet; it will need pip install 'dpgateway[{extra}]'"
         )
     try:
-        prepare: Callable[[Path, Path, str], dict[str, Any]] = importlib.import_module(SETUPS[name]).prepare
+        prepare: Preparer = importlib.import_module(SETUPS[name]).prepare
     except ModuleNotFoundError as exc:
         raise UnsupportedError(
             f"the {name} executor needs the {exc.name} package: pip install 'dpgateway[{EXTRAS.get(name, name)}]'"
@@ -77,13 +82,12 @@ def setup(name: str, folder: Path, csv: Path) -> Setup:
     con.close()
     timings["owner: CSV to Parquet"] = time.perf_counter() - start
     start = time.perf_counter()
-    spec = prepare(folder, parquet, "pums")
+    spec = prepare(folder, parquet, "pums", POLICY)
     timings[f"owner: {spec.pop('step')}"] = time.perf_counter() - start
-    policy = {"privacy_unit": "pid", "max_rows_per_unit": 3, "columns": COLUMNS}
     config = {
         "tables": {
-            "pums_plain": {"source": str(parquet), **policy},
-            "pums": {**spec.pop("table"), **policy},
+            "pums_plain": {"source": str(parquet), **POLICY},
+            "pums": {**spec.pop("table"), **POLICY},
         },
         "executors": spec.pop("executors"),
         "ledger": f"sqlite:///{folder / 'demo-ledger.db'}",

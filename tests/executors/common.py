@@ -1,6 +1,6 @@
-"""Shared by the executor tests: one data set served by every executor: a table split across three parties (mpc), its pooled copy (plain) and
-the pooled copy sealed for the enclave. Units are disjoint across parties, so every executor's plan, noise
-and debit must equal plain's.
+"""Shared by the executor tests: one data set served by every executor: a table split across three parties (mpc), its pooled copy (plain),
+the pooled copy sealed for the enclave and encrypted by its owner for he. Units are disjoint across parties, so
+every executor's plan, noise and debit must equal plain's.
 """
 
 from __future__ import annotations
@@ -18,20 +18,17 @@ from dpgateway.policies.loader import parse_config
 
 K = 3
 GROUPS = ["a", "b"]
-HE_AVAILABLE = importlib.util.find_spec("dpgateway.executors.he") is not None
-# executor -> the conformance table that runs on it (the he executor adds its table here when it lands)
-TABLES = {"plain": "pooled", "mpc": "trial", "enclave": "vault"}
-EXECUTORS = [
-    "plain",
-    "mpc",
-    "enclave",
-    pytest.param("he", marks=pytest.mark.skipif(not HE_AVAILABLE, reason="the he executor is not installed")),
-]
+HE_AVAILABLE = importlib.util.find_spec("tenseal") is not None
+HE_MISSING = pytest.mark.skipif(not HE_AVAILABLE, reason="the he executor's extra (tenseal) is not installed")
+# executor -> the conformance table that runs on it
+TABLES = {"plain": "pooled", "mpc": "trial", "enclave": "vault", "he": "cipher"}
+EXECUTORS = ["plain", "mpc", "enclave", pytest.param("he", marks=HE_MISSING)]
 COLUMNS = {
     "pid": {"type": "int"},
     "g": {"type": "str", "public_values": GROUPS},
     "x": {"type": "int", "bounds": [0, 50]},
 }
+POLICY: dict[str, Any] = {"privacy_unit": "pid", "columns": COLUMNS}
 
 
 @dataclass(frozen=True)
@@ -56,20 +53,20 @@ def executor_config(folder: Path, *, enclave: dict[str, Any] | None = None, **mp
     """The conformance policy: the same columns and bounds on every executor's table."""
     return {
         "tables": {
-            "pooled": {"source": "all.parquet", "privacy_unit": "pid", "columns": COLUMNS},
+            "pooled": {"source": "all.parquet", **POLICY},
             "trial": {
                 "source": {"parties": [f"site{i}.parquet" for i in range(K)]},
                 "executor": "mpc",
-                "privacy_unit": "pid",
-                "columns": COLUMNS,
+                **POLICY,
             },
             # the source never exists on the gateway's host: only the enclave opens the sealed copy
             "vault": {
                 "source": "vault.parquet",
                 "executor": "enclave",
-                "privacy_unit": "pid",
-                "columns": COLUMNS,
+                **POLICY,
             },
+            # its owner encrypted all.parquet into he-data/cipher (conftest.py, dpgateway/executors/he/demo.py)
+            "cipher": {"source": "cipher_at_owner.parquet", "executor": "he", **POLICY},
         },
         "executors": {
             "mpc": {"units_disjoint": True, "timeout_s": 5, **mpc},
@@ -78,6 +75,13 @@ def executor_config(folder: Path, *, enclave: dict[str, Any] | None = None, **mp
                 "allow_simulated": True,
                 "sealed": {"vault": {"file": "vault.sealed", "key": "vault.key"}},
                 **(enclave or {}),
+            },
+            "he": {
+                "key_holder": "he-keys/holder.key",
+                "public_key": "he-keys/public.key",
+                "gateway_key": "he-keys/gateway.key",
+                "ciphertexts": "he-data",
+                "timeout_s": 30,
             },
         },
         "ledger": f"sqlite:///{folder / 'ledger.db'}",

@@ -7,7 +7,7 @@ from collections.abc import Iterator
 import pytest
 
 from dpgateway.gateway import Gateway
-from executors.common import GROUPS, Data, K, open_gateway, write_parquet
+from executors.common import GROUPS, HE_AVAILABLE, POLICY, Data, K, open_gateway, write_parquet
 
 
 @pytest.fixture(scope="session")
@@ -22,6 +22,10 @@ def executor_data(tmp_path_factory: pytest.TempPathFactory) -> Data:
     write_parquet(folder / "all.parquet", pooled)
     key = protocol.new_key_file(folder / "vault.key")
     (folder / "vault.sealed").write_bytes(protocol.seal((folder / "all.parquet").read_bytes(), key))
+    if HE_AVAILABLE:  # the he owner's step of `dpgateway demo --executor he`: keys, bounding, encryption
+        from dpgateway.executors.he.demo import prepare
+
+        prepare(folder, folder / "all.parquet", "cipher", POLICY, averages=False)
     return Data(folder, pooled)
 
 

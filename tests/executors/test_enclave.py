@@ -4,6 +4,7 @@ what crosses the boundary, refusals before the reservation, the executor overrid
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +18,7 @@ from dpgateway.executors.enclave import protocol
 from dpgateway.executors.enclave.executor import EnclaveExecutor
 from dpgateway.gateway import Gateway
 from dpgateway.policies.loader import parse_config
-from executors.common import Data, executor_config
+from executors.common import HE_MISSING, Data, executor_config
 
 SQL = "SELECT g, COUNT(*) AS n, SUM(x) AS s FROM vault GROUP BY g"
 
@@ -179,13 +180,17 @@ def test_seal_command_and_measurement(tmp_path: Path, executor_data: Data) -> No
     assert out.exit_code == 0 and len(out.output.strip()) == 96
 
 
-def test_demo_refuses_he_until_it_exists() -> None:
+def test_demo_refuses_he_without_its_extra(monkeypatch: pytest.MonkeyPatch) -> None:
+    from dpgateway.executors.he import scheme
+
+    monkeypatch.setattr(scheme, "seal", None)  # as if tenseal were not installed
+    monkeypatch.delitem(sys.modules, "dpgateway.executors.he.demo", raising=False)
     out = CliRunner().invoke(cli, ["demo", "--executor", "he"])
-    assert out.exit_code != 0 and "dpgateway[he]" in out.output
+    assert out.exit_code != 0 and "tenseal" in out.output and "dpgateway[he]" in out.output
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("executor", ["mpc", "enclave"])
+@pytest.mark.parametrize("executor", ["mpc", "enclave", pytest.param("he", marks=HE_MISSING)])
 def test_demo_runs_end_to_end_with_timings(executor: str) -> None:
     out = CliRunner().invoke(cli, ["demo", "--executor", executor, "--format", "json"])
     assert out.exit_code == 0, out.output

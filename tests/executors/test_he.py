@@ -5,7 +5,6 @@ from __future__ import annotations
 import base64
 import copy
 import json
-import math
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,6 +13,7 @@ from typing import Any
 import duckdb
 import numpy as np
 import pytest
+from helpers import chi_square, dlap_pmf
 
 pytest.importorskip("tenseal")
 
@@ -72,11 +72,9 @@ def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     table = config.table("enc")
     assert table is not None
     fields = cube.plan_fields(table, sums=["x"], avgs=["x"], variances=[], groupings=["g"])
-    with Gateway(config) as gw:
-        prepared = gw.prepare("enc")
     public = folder / "keys" / "public.key"
     cube.encrypt_table(
-        table, Path(prepared.path), scheme.read_keys(public), folder / "he-data" / "enc", fields=fields,
+        table, cube.owner_copy(config, "enc"), scheme.read_keys(public), folder / "he-data" / "enc", fields=fields,
         key_digest=cube.key_id(public),
     )  # fmt: skip
     return folder
@@ -306,8 +304,6 @@ def test_released_noise_is_the_central_distribution(folder: Path, monkeypatch: p
 
     Seeded by construction (OpenDP cannot be seeded): the chi-square test fails with probability 0.001.
     """
-    from executors.test_mpc import _chi_square_ok
-
     recorder = Recorder(monkeypatch)
     with _gateway(folder) as gw:
         gw.query("SELECT COUNT(*) AS n FROM enc", analyst="dist", epsilon=0.5)  # unit count: sensitivity k = 2
@@ -317,9 +313,7 @@ def test_released_noise_is_the_central_distribution(folder: Path, monkeypatch: p
     exact = sum(min(n, 2) for n in _units().values())
     holder = Holder(folder / "keys" / "holder.key")
     draws = [holder.handle(message)["values"][noise.measurements[0].name][0] - exact for _ in range(800)]
-    alpha = math.exp(-1 / scale)
-    pmf = {z: (1 - alpha) / (1 + alpha) * alpha ** abs(z) for z in range(-200, 201)}
-    stat, critical = _chi_square_ok(draws, pmf)
+    stat, critical = chi_square(draws, {z: dlap_pmf(scale, z) for z in range(-200, 201)})
     assert stat < critical, (stat, critical)
 
 

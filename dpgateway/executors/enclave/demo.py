@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from dpgateway.executors.enclave import protocol
 
 
-def prepare(folder: Path, parquet: Path, table: str) -> dict[str, Any]:
+def prepare(folder: Path, parquet: Path, table: str, policy: Mapping[str, Any]) -> dict[str, Any]:
     """Seal ``parquet`` (its key file beside it) and return the policy entries of the simulated enclave."""
     key = protocol.new_key_file(folder / f"{table}.key")
     sealed = folder / f"{table}.parquet.sealed"

@@ -27,6 +27,7 @@ batches; the gateway learns the number of ciphertexts, so the row count rounded 
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -47,7 +48,7 @@ from dpgateway.passes.aggregates import moment_center
 from dpgateway.passes.bounding import stored_contributions
 from dpgateway.passes.budget import COUNT_SCALE, FIXED_POINT_DIGITS
 from dpgateway.plan import Measurement
-from dpgateway.policies.model import Column, Table
+from dpgateway.policies.model import Column, Config, Table
 
 VERSION = 1
 MANIFEST = "manifest.json"
@@ -243,6 +244,19 @@ def period_for(n_fields: int) -> int:
             "group-by columns"
         )
     return period
+
+
+def owner_copy(config: Config, name: str) -> Path:
+    """The owner's bounded per-row copy of table ``name`` (``Gateway.prepare`` on the owner's own config).
+
+    The owner holds the rows, so the table is read as ``plain`` here even when the shared policy says ``he``
+    (the gateway refuses to prepare a confidential table because it never reads its rows; the owner does).
+    """
+    from dpgateway.gateway import Gateway
+
+    tables = tuple(dataclasses.replace(t, executor="plain") if t.name == name else t for t in config.tables)
+    with Gateway(dataclasses.replace(config, tables=tables)) as gw:
+        return Path(gw.prepare(name).path)
 
 
 def contributions(rows: dict[str, np.ndarray], table: Table, fields: Sequence[Field], period: int) -> np.ndarray:

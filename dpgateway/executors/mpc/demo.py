@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -10,7 +11,7 @@ import duckdb
 PARTIES = 3
 
 
-def prepare(folder: Path, parquet: Path, table: str) -> dict[str, Any]:
+def prepare(folder: Path, parquet: Path, table: str, policy: Mapping[str, Any]) -> dict[str, Any]:
     """Write one Parquet file per party (each person's rows at one party) and return the policy entries."""
     con = duckdb.connect()
     files = []
