@@ -47,6 +47,11 @@ class DuckDBHooks(SQLHooks):
         # A CSV's column names, read from its header line once (schema metadata, not a person's value).
         self._headers: dict[tuple[str, CsvDialect], tuple[str, ...]] = {}
 
+    def date_part(self, part: str, value: exp.Expr) -> exp.Expr:
+        """As :meth:`SQLHooks.date_part`, DOW spelled DAYOFWEEK (0 = Sunday, as PostgreSQL's DOW): the name
+        sqlglot writes for DuckDB, so the statement parses back to the tree built (dpgateway/sqlcheck.py)."""
+        return super().date_part("DAYOFWEEK" if part == "DOW" else part, value)
+
     def source(self, table: Table) -> exp.Expr:
         if isinstance(table.source, PartySources):  # each party binds this name to its own rows
             return exp.to_table(PARTY_RELATION)
