@@ -106,7 +106,9 @@ def test_date_keys_have_public_domains_and_exact_aggregates(
     got = exact_by_group(gateway.connector.execute(plan.bounded_sql), 1)
     assert {g: v for g, v in got.items() if g != (None,)} == _expected(frame, key_of)
     result = gateway.query(sql, epsilon=1.0)
-    assert sorted(r[0] for r in result.rows) == sorted(v.isoformat() if isinstance(v, dt.datetime) else v for v in domain)
+    assert sorted(r[0] for r in result.rows) == sorted(
+        v.isoformat() if isinstance(v, dt.datetime) else v for v in domain
+    )
 
 
 def test_domains_are_the_image_of_the_bounds(tmp_path: Path) -> None:
@@ -122,7 +124,11 @@ def test_domains_are_the_image_of_the_bounds(tmp_path: Path) -> None:
         assert domain("EXTRACT(month FROM d)") == (1, 11, 12)
         assert domain("EXTRACT(quarter FROM d)") == (1, 4)
         assert domain("EXTRACT(day FROM d)") == tuple(range(1, 32))  # all of December
-        assert domain("date_trunc('month', d)") == (dt.datetime(2021, 11, 1), dt.datetime(2021, 12, 1), dt.datetime(2022, 1, 1))
+        assert domain("date_trunc('month', d)") == (
+            dt.datetime(2021, 11, 1),
+            dt.datetime(2021, 12, 1),
+            dt.datetime(2022, 1, 1),
+        )
 
 
 def test_date_keys_stay_private_without_bounds_or_beyond_the_cap(tmp_path: Path, gateway: Gateway) -> None:

@@ -66,6 +66,7 @@ def date_key(expr: exp.Expr, name: str, table: Table, hooks: SQLHooks, cells: in
         ignore_nulls=True,
     )
     value = exp.Case(ifs=[exp.If(this=exp.Not(this=exp.Is(this=x.copy(), expression=exp.Null())), true=clamped)])
+    domain: tuple[Any, ...] | None
     if isinstance(expr, exp.Extract):
         bounded, domain = hooks.date_part(part, value), _part_domain(part, lo, hi)
     else:

@@ -424,7 +424,9 @@ def _column(where: str, name: str, spec: Any) -> Column:
 
 def _date_bounds(bounds: Any, where: str) -> tuple[dt.date, dt.date]:
     """``[YYYY-MM-DD, YYYY-MM-DD]`` (YAML dates or ISO text), years 1 to 9999 (every backend's range), lo <= hi."""
-    fix = f"{where}.bounds: must be [lo, hi] with dates written YYYY-MM-DD and lo <= hi, such as [2020-01-01, 2024-12-31]"
+    fix = (
+        f"{where}.bounds: must be [lo, hi] with dates written YYYY-MM-DD and lo <= hi, such as [2020-01-01, 2024-12-31]"
+    )
     if not isinstance(bounds, list) or len(bounds) != 2:
         raise ConfigError(fix)
     days = []

@@ -300,7 +300,9 @@ def test_date_keys_are_identical(backend: Backend, reference: Backend) -> None:
     and date_trunc (a timestamp at midnight) give the same keys and aggregates on every backend."""
     days = pd.date_range("2019-11-20", "2022-02-10", freq="5D").strftime("%Y-%m-%d").tolist()
     text = [*days, "", "2021-02-30", "1999-12-31", "2030-06-01"]  # NULL, not a day, before and after the bounds
-    frame = pd.DataFrame({"pid": [i // 2 for i in range(len(text))], "d": text, "x": [i % 50 for i in range(len(text))]})
+    frame = pd.DataFrame(
+        {"pid": [i // 2 for i in range(len(text))], "d": text, "x": [i % 50 for i in range(len(text))]}
+    )
     columns = {
         "pid": {"type": "int"},
         "d": {"type": "date", "bounds": ["2020-01-01", "2021-12-31"]},
