@@ -240,6 +240,9 @@ QUANTILES_AND_DISTINCT = [
     "SELECT sex, COUNT(DISTINCT pid), COUNT(*) FROM pums GROUP BY sex",
     "SELECT MIN(age), MAX(income), COUNT(DISTINCT educ), COUNT(*) FROM pums",
     "SELECT educ, MEDIAN(age), quantile_cont(income, 0.75) FROM pums WHERE sex = 1 GROUP BY educ",
+    # quantiles of expressions: the value over clamped columns, clamped to its derived interval, then binned
+    "SELECT sex, MEDIAN(age + 1), PERCENTILE_CONT(0.9) WITHIN GROUP (ORDER BY income / 1000) FROM pums GROUP BY sex",
+    "SELECT MAX(age / 7 - 2), quantile_disc(ROUND(income / 3) * 2 + age, 0.3), MEDIAN(income) FROM pums",
 ]
 
 
