@@ -54,6 +54,8 @@ class DuckDBHooks(SQLHooks):
         """``EXTRACT(DOW|DOY ...)`` spelled DAYOFWEEK/DAYOFYEAR (DuckDB's names for the same fields, 0 = Sunday
         as PostgreSQL's DOW): what sqlglot writes for DuckDB, so the statement parses back to the tree
         built (dpgateway/sqlcheck.py; without it a key such as ``EXTRACT(dow FROM d)`` was refused)."""
+        if not any(n.name.upper() in _DUCKDB_PARTS for n in tree.find_all(exp.Extract)):
+            return tree
         tree = tree.copy()
         for node in tree.find_all(exp.Extract):
             spelled = _DUCKDB_PARTS.get(node.name.upper())
