@@ -57,6 +57,7 @@ class Measurement:
     noise_scale: float = 0.0  # discrete Laplace scale, integer units
     threshold: int | None = None  # set on the count that selects partitions
     alpha: float | None = None  # quantile: the fraction (passes/quantiles.py); noise_scale is then the noisy max's
+    integer: bool = False  # quantile: ``arg`` is an integer, its candidate grid whole numbers over ``bounds``
 
     @property
     def is_laplace(self) -> bool:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 from pathlib import Path
 
 import pytest
@@ -87,6 +88,16 @@ BAD = [
     ("budget.default_query_delta", "tiny", r"must be a number in \[0, 1\)"),
     ("budget.replay", "everyone", "budget.replay: must be one of analyst, global, off"),
     ("ledger", 5, "ledger: must be a URL"),
+    # date bounds: two dates, YYYY-MM-DD, lo <= hi
+    ("tables.t.columns.d", {"type": "date", "bounds": ["2020-01-01", "2024-12-31"]}, None),
+    ("tables.t.columns.d", {"type": "date", "bounds": ["2020-01-01", "2020-01-01"]}, None),  # one day
+    ("tables.t.columns.d", {"type": "date", "bounds": ["2024-01-01", "2020-01-01"]}, "2024-01-01 is after 2020-01-01"),
+    ("tables.t.columns.d", {"type": "date", "bounds": ["2020-02-30", "2024-01-01"]}, "dates written YYYY-MM-DD"),
+    ("tables.t.columns.d", {"type": "date", "bounds": ["2020-1-1", "2024-01-01"]}, "dates written YYYY-MM-DD"),
+    ("tables.t.columns.d", {"type": "date", "bounds": [0, 10]}, "dates written YYYY-MM-DD"),
+    ("tables.t.columns.d", {"type": "date", "bounds": ["2020-01-01"]}, "dates written YYYY-MM-DD"),
+    ("tables.t.columns.d", {"type": "date", "bounds": "2020-01-01"}, "dates written YYYY-MM-DD"),
+    ("tables.t.columns.d", {"type": "str", "bounds": [0, 1]}, "only int, float and date columns take bounds"),
     ("admins", "root", "admins: must be a list"),
 ]
 
@@ -106,6 +117,17 @@ def test_public_values_take_the_column_type() -> None:
     spec = _with("tables.t.columns", {"pid": {"type": "int"}, "s": {"type": "str", "public_values": [1, 2]}})
     column = parse_config(spec, base_dir=Path(".")).tables[0].column("s")
     assert column is not None and column.public_values == ("1", "2")
+
+
+def test_date_bounds_read_yaml_dates_and_text() -> None:
+    text = "tables: {t: {source: t.csv, columns: {d: {type: date, bounds: [2020-01-01, '2024-12-31']}}}}"
+    column = parse_config(yaml.safe_load(text), base_dir=Path(".")).tables[0].column("d")
+    assert column is not None and column.bounds is None
+    assert column.date_bounds == (dt.date(2020, 1, 1), dt.date(2024, 12, 31))
+    timestamp = "tables: {t: {source: t.csv, columns: {d: {type: date, bounds: [2020-01-01 10:00:00, 2024-12-31]}}}}"
+    with pytest.raises(ConfigError, match="dates written YYYY-MM-DD") as info:
+        parse_config(yaml.safe_load(timestamp), base_dir=Path("."))  # YAML reads a timestamp: not a date
+    assert info.value.sqlstate == "F0000"
 
 
 def test_row_level_table_takes_no_k() -> None:

@@ -22,7 +22,7 @@ from sqlglot import exp
 
 from dpgateway.connectors.duckdb import DuckDBHooks
 from dpgateway.passes.context import PlanContext
-from dpgateway.passes.quantiles import BIN, column_grid, quantile_columns
+from dpgateway.passes.quantiles import BIN, grid, quantile_sources
 from dpgateway.plan import DPPlan
 from dpgateway.planner import build_plan
 from dpgateway.policies.loader import parse_config
@@ -48,6 +48,15 @@ QUERIES = {
     "quantile by private key with a filter": "SELECT educ, quantile_cont(income, 0.9) FROM pums WHERE age > 30 GROUP BY educ",
     "distinct counts": "SELECT sex, COUNT(DISTINCT pid), COUNT(DISTINCT educ) FROM pums GROUP BY sex",
     "two columns and a distinct count": "SELECT sex, MEDIAN(age), MAX(income), COUNT(DISTINCT educ) FROM pums GROUP BY sex",
+    "quantiles of expressions": (
+        "SELECT sex, MEDIAN(age + 1), PERCENTILE_CONT(0.9) WITHIN GROUP (ORDER BY income / 1000), "
+        "quantile_cont(income / 1000, 0.1), MEDIAN(age) FROM pums GROUP BY sex"
+    ),
+}
+# Each expression a query takes quantiles of, evaluated independently in pandas (columns clamped to the bounds)
+EXPRESSIONS = {
+    "age + 1": lambda f: f["age"].clip(18, 90) + 1,
+    "income / 1000": lambda f: f["income"].clip(0, 200000) / 1000,
 }
 
 
@@ -95,18 +104,18 @@ def test_golden_meaning(name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPat
     keys = [k.name for k in plan.group_keys]
     for key in plan.group_keys:
         raw[key.name] = con.sql(f"SELECT {key.expr.sql('duckdb')} AS k FROM raw").df()["k"].to_numpy()
-    columns = quantile_columns(plan)
-    bin_names = [f"{BIN}{i}" for i in range(len(columns))]
-    for i, name in enumerate(columns):  # set i: rows with __bin<i> set, one histogram per column
-        column = plan.table.column(name)
-        assert column is not None and column.bounds is not None
-        (lo, hi), g = column.bounds, column_grid(column)
+    sources = quantile_sources(plan)
+    bin_names = [f"{BIN}{i}" for i in range(len(sources))]
+    for i, source in enumerate(sources):  # set i: rows with __bin<i> set, one histogram per value
+        assert source.bounds is not None
+        (lo, hi), g = source.bounds, grid(source, plan.table)
+        values = raw[source.column] if source.column else EXPRESSIONS[source.text](raw)
         raw[bin_names[i]] = [
-            min(g.size - 1, max(0, math.floor((min(max(v, lo), hi) - g.lo) * g.per_unit + 0.5))) for v in raw[name]
+            min(g.size - 1, max(0, math.floor((min(max(v, lo), hi) - g.lo) * g.per_unit + 0.5))) for v in values
         ]
         reference = raw.groupby([*keys, bin_names[i]]).size().rename("n").reset_index()
         rows = got[got[bin_names[i]].notna() & (got[bin_names[i]] >= 0)]
-        for q in (m for m in plan.measurements if m.kind == "quantile" and m.column == name):
+        for q in (m for m in plan.measurements if m.kind == "quantile" and m.arg == source.arg):
             merged = rows[[*keys, bin_names[i], q.name]].merge(reference, on=[*keys, bin_names[i]], how="outer")
             assert (merged[q.name].fillna(0).astype("int64") == merged["n"].fillna(0).astype("int64")).all(), q.label
     plain = got[got[bin_names].isna().all(axis=1)] if bin_names else got  # the (keys) set

@@ -52,7 +52,9 @@ REFUSED = [
     ("SELECT MEDIAN(educ) FROM pums", "42501"),  # no bounds: no public candidates (docs/sql.md)
     ("SELECT MAX(pid) FROM pums", "42501"),
     ("SELECT SUM(DISTINCT income) FROM pums", "0A000"),
-    ("SELECT MEDIAN(income / 1000) FROM pums", "0A000"),
+    ("SELECT MEDIAN(educ + 1) FROM pums", "42501"),  # a quantile of an unbounded expression
+    ("SELECT MEDIAN(income / age) FROM pums", "42501"),  # age can be 0
+    ("SELECT MEDIAN(LENGTH(CAST(income AS TEXT))) FROM pums", "0A000"),
     ("SELECT PERCENTILE_CONT(0.5) FROM pums", "0A000"),
     ("SELECT COUNT(*) FROM (SELECT * FROM pums WHERE age > 30) AS t", "0A000"),
     ("SELECT COUNT(*) FROM pums WHERE age IN (SELECT age FROM pums)", "0A000"),

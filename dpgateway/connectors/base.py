@@ -64,6 +64,17 @@ class SQLHooks:
         safe = expr.copy().transform(lambda n: exp.TryCast(**n.args) if type(n) is exp.Cast else n)
         return exp.Try(this=safe)
 
+    def date_part(self, part: str, value: exp.Expr) -> exp.Expr:
+        """``EXTRACT(part FROM value)`` of a DATE as a BIGINT with PostgreSQL's meaning (passes/dates.py):
+        ``part`` is YEAR, QUARTER, MONTH, DAY or DOW (0 = Sunday)."""
+        return exp.cast(exp.Extract(this=exp.var(part), expression=value), "BIGINT")
+
+    def date_trunc(self, unit: str, value: exp.Expr) -> exp.Expr:
+        """``date_trunc(unit, value)`` of a DATE as a TIMESTAMP (no time zone) at midnight of the first day of
+        its YEAR, QUARTER or MONTH (passes/dates.py)."""
+        truncated = exp.TimestampTrunc(this=exp.cast(value, "TIMESTAMP"), unit=exp.var(unit))
+        return exp.cast(truncated, "TIMESTAMP")
+
     def unit(self, column: Column) -> exp.Expr:
         """The privacy unit on its exact identity: NULL (the row is then dropped) unless it round-trips.
 

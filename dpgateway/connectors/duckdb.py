@@ -24,6 +24,9 @@ PARTY_RELATION = "party_rows"  # the relation a party exposes its own rows as (d
 INTEGER_TYPES = ("TINYINT", "SMALLINT", "INTEGER", "BIGINT", "HUGEINT", "UTINYINT", "USMALLINT", "UINTEGER", "UBIGINT")
 
 
+_DUCKDB_PARTS = {"DOW": "DAYOFWEEK", "DOY": "DAYOFYEAR"}
+
+
 class DuckDBHooks(SQLHooks):
     """DuckDB reads files directly, CSV with the policy's dialect; private CSV columns arrive as text and
     are cast by the policy's types.
@@ -46,6 +49,19 @@ class DuckDBHooks(SQLHooks):
     def __init__(self) -> None:
         # A CSV's column names, read from its header line once (schema metadata, not a person's value).
         self._headers: dict[tuple[str, CsvDialect], tuple[str, ...]] = {}
+
+    def finish(self, tree: exp.Expr) -> exp.Expr:
+        """``EXTRACT(DOW|DOY ...)`` spelled DAYOFWEEK/DAYOFYEAR (DuckDB's names for the same fields, 0 = Sunday
+        as PostgreSQL's DOW): what sqlglot writes for DuckDB, so the statement parses back to the tree
+        built (dpgateway/sqlcheck.py; without it a key such as ``EXTRACT(dow FROM d)`` was refused)."""
+        if not any(n.name.upper() in _DUCKDB_PARTS for n in tree.find_all(exp.Extract)):
+            return tree
+        tree = tree.copy()
+        for node in tree.find_all(exp.Extract):
+            spelled = _DUCKDB_PARTS.get(node.name.upper())
+            if spelled is not None:
+                node.set("this", exp.var(spelled))
+        return tree
 
     def source(self, table: Table) -> exp.Expr:
         if isinstance(table.source, PartySources):  # each party binds this name to its own rows

@@ -45,6 +45,11 @@ the edge inputs against a real server and checks none raises):
   CONCAT/||, FLOOR/CEIL/ROUND) cannot raise on values of the declared types; type mismatches fail while
   planning, from the SQL and the schema alone.
 
+- Date keys with public domains (passes/dates.py) are built by the planner, not by ``total``: ``EXTRACT``
+  (cast to bigint), the cast to ``timestamp`` and ``DATE_TRUNC`` read the date clamped to its declared
+  bounds, a real day of years 1 to 9999 (policies/loader.py), where none of them can raise (the timestamp
+  range reaches 294276 AD). An unbounded date's ``DATE_TRUNC`` key stays refused as above.
+
 - ``render``: ``ROUND(v)`` is half away from zero as on DuckDB (PostgreSQL's ``round(double)`` rounds
   half to even), computed exactly as ``trunc(v) + CASE WHEN abs(v - trunc(v)) >= 0.5 THEN sign(v) ELSE 0
   END`` (``v - trunc(v)`` is exact in binary floating point). The weighted rewrite's integer division is

@@ -21,6 +21,10 @@ Proof note (every row expression is total, so no row's value can make a query fa
 - ``SUM`` of BIGINT is BIGINT on Spark (HUGEINT on DuckDB): every summed per-row value is at most
   ``10**6 + 1`` in magnitude (passes/budget.py's fixed-point scale; weighted values are smaller), so a
   sum overflows only past 9e12 rows, beyond any table a gateway serves.
+- ``EXTRACT(DOW)`` is 1 (Sunday) to 7 on Spark, so :meth:`SparkHooks.total` (WHERE, private keys) and
+  :meth:`SparkHooks.date_part` (date keys, passes/dates.py) take one off (PostgreSQL's 0 to 6). A date key's
+  truncation is cast to ``TIMESTAMP_NTZ`` (midnight, no zone, as on DuckDB and PostgreSQL); its clamped
+  date lies in years 1 to 9999, Spark's range.
 - The row hash is ``xxhash64(key, c1, c1 IS NULL, ..., cn, cn IS NULL)``: Spark's hash skips NULL
   arguments, so the flags keep ``(1, NULL)`` and ``(NULL, 1)`` apart; the secret key comes first as in
   ``SQLHooks.row_hash``.
@@ -90,9 +94,21 @@ class SparkHooks(SQLHooks):
             wrapper = _SAFE.get(type(node))
             if wrapper is not None:
                 return wrapper(this=node.this, expression=node.expression)
+            if isinstance(node, exp.Extract) and node.name.upper() == "DOW":  # PostgreSQL's 0 (Sunday) to 6
+                return exp.Paren(this=exp.Sub(this=node.copy(), expression=exp.Literal.number(1)))
             return node
 
         return _bottom_up(expr.copy(), safe)
+
+    def date_part(self, part: str, value: exp.Expr) -> exp.Expr:
+        """As :meth:`SQLHooks.date_part`; Spark's DOW counts 1 (Sunday) to 7, so one is taken off."""
+        extracted = super().date_part(part, value)
+        return exp.Sub(this=extracted, expression=exp.Literal.number(1)) if part == "DOW" else extracted
+
+    def date_trunc(self, unit: str, value: exp.Expr) -> exp.Expr:
+        """As :meth:`SQLHooks.date_trunc`, as a ``TIMESTAMP_NTZ`` (Spark's TIMESTAMP carries the session's
+        time zone; midnight without a zone is what DuckDB and PostgreSQL return)."""
+        return exp.cast(exp.TimestampTrunc(this=value, unit=exp.var(unit)), "TIMESTAMPNTZ")
 
     def row_hash(self, key: exp.Expr, columns: Sequence[exp.Expr]) -> exp.Expr:
         flagged: list[exp.Expr] = []

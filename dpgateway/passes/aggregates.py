@@ -203,7 +203,7 @@ def _post(
         for key in keys:
             if n == key.expr:
                 return exp.column(key.name)
-        special = quantiles.plan_special(n, registry.measurements, table)  # quantiles, COUNT(DISTINCT)
+        special = quantiles.plan_special(n, registry.measurements, table, registry.total)  # quantiles, COUNT(DISTINCT)
         if special is not None:
             return special
         if isinstance(n, exp.Anonymous) and n.name.upper() in ANONYMOUS_AGGREGATES:

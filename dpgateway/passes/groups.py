@@ -15,6 +15,7 @@ from dpgateway.errors import (
     UnsupportedError,
 )
 from dpgateway.passes.context import PlanContext
+from dpgateway.passes.dates import date_key
 from dpgateway.passes.intervals import Interval, bounded_value
 from dpgateway.plan import DPPlan, GroupKey
 from dpgateway.policies.model import Table
@@ -60,6 +61,8 @@ def _binned(expr: exp.Expr, name: str, table: Table, ctx: PlanContext) -> GroupK
     """
     if isinstance(expr, exp.WidthBucket):
         return _width_bucket(expr, name, table)
+    if isinstance(expr, (exp.Extract, exp.TimestampTrunc, exp.DateTrunc)):  # of a bounded date (passes/dates.py)
+        return date_key(row_expression(expr, "GROUP BY"), name, table, ctx.hooks, MAX_PUBLIC_CELLS)
     if isinstance(expr, exp.Column) or not expr.find(exp.Column):
         return None
     needs_bounds = any(not isinstance(n, ROW_SAFE) for n in expr.walk())  # e.g. '/': only over bounded columns

@@ -12,6 +12,19 @@ rows of set ``i`` carry ``COUNT(x_i)`` per candidate: the histogram of each quan
 statement, one pass over the kept rows, answers any mix of aggregates, quantiles of several columns and
 distinct counts.
 
+Proof note (quantiles of expressions, ``MEDIAN(x + 1)``, ``PERCENTILE_CONT(0.9) WITHIN GROUP (ORDER BY
+income / 1000)``): passes/intervals.py rebuilds the expression over clamped columns and derives the interval
+``[lo, hi]`` holding every value it can take (the interval ``SUM`` of the same expression is clamped to; its
+proof note rules out every error a row could raise). The candidate grid spans that interval (a double
+interval's ends rounded to a millionth of its width), a function of the policy and the SQL only, so it is
+public as a column's grid is. Each kept row's value is computed from that row alone, clamped to the grid's
+range and snapped, so it lands in exactly one bin (or none when NULL), as a column's value does: one unit
+still changes the histograms by at most ``k`` rows, and the mechanism's sensitivity and charge are unchanged
+(dpgateway/quantile_mechanism.py). Expressions the interval arithmetic cannot bound (a column without
+bounds, a divisor that can be 0, ...) are refused with 42501 naming the declaration. Tests:
+tests/test_quantiles.py (histograms against pandas, one person with 1000 rows, refusals),
+tests/test_quantiles_golden.py.
+
 MIN and MAX are the ``MIN_ALPHA`` and ``1 - MIN_ALPHA`` quantiles: the true minimum is one person's value,
 so any DP release of it is noise spanning the bounds; a quantile just inside the extreme is what can be
 released accurately (docs/sql.md).
@@ -26,6 +39,7 @@ counts people). Tests: tests/test_quantiles.py::test_count_distinct_sensitivity.
 
 from __future__ import annotations
 
+import math
 from dataclasses import replace
 from typing import Any
 
@@ -33,10 +47,11 @@ from sqlglot import exp
 
 from dpgateway.connectors.base import ExactAggregates
 from dpgateway.errors import GroupingError, InternalError, PrivacyViolationError, UnsupportedError
+from dpgateway.passes.intervals import Total, bounded_value
 from dpgateway.plan import DPPlan, Measurement
 from dpgateway.policies.model import Column, Table
 from dpgateway.quantile_mechanism import Grid, calibrate, grid_for, noisy_index, rank_half_width
-from dpgateway.sqlparse import number
+from dpgateway.sqlparse import number, row_expression_value
 
 MIN_ALPHA = 0.01  # MIN(x) is the 1st percentile, MAX(x) the 99th (module docstring)
 BIN = "__bin"  # __bin0, __bin1, ...: one per quantile column
@@ -68,19 +83,22 @@ def output_name(node: exp.Expr) -> str | None:
     return None
 
 
-def plan_special(node: exp.Expr, measurements: list[Measurement], table: Table) -> exp.Expr | None:
-    """The noisy expression for a quantile or COUNT(DISTINCT) aggregate (registering it), or None."""
+def plan_special(node: exp.Expr, measurements: list[Measurement], table: Table, total: Total) -> exp.Expr | None:
+    """The noisy expression for a quantile or COUNT(DISTINCT) aggregate (registering it), or None.
+
+    ``total`` makes a condition in a quantile's expression argument total on the backend (passes/total.py).
+    """
     if isinstance(node, exp.Count) and isinstance(node.this, exp.Distinct):
         return exp.column(_distinct(node.this, measurements, table))
     found = _quantile(node)
     if found is None:
         return None
     name, arg, alpha = found
-    column = _bounded_column(name, arg, table)
-    for m in measurements:
-        if (m.kind, m.column, m.alpha) == ("quantile", column.name, alpha):
-            return exp.column(m.name)
-    m = Measurement(name=f"__m{len(measurements)}", kind="quantile", arg=exp.column(column.name), alpha=alpha)
+    m = _argument(name, arg, table, total)
+    for known in measurements:
+        if (known.kind, known.arg, known.alpha) == ("quantile", m.arg, alpha):
+            return exp.column(known.name)
+    m = replace(m, name=f"__m{len(measurements)}", alpha=alpha)
     measurements.append(m)
     return exp.column(m.name)
 
@@ -125,11 +143,35 @@ def _fraction(node: exp.Expr | None, name: str) -> float:
     raise UnsupportedError(f"{name} needs one fraction between 0 and 1 written as a number, e.g. 0.5")
 
 
-def _bounded_column(name: str, arg: exp.Expr | None, table: Table) -> Column:
+def _argument(name: str, arg: exp.Expr | None, table: Table, total: Total) -> Measurement:
+    """A quantile's value (a bounded column, or an expression bounded by passes/intervals.py) and its grid's range.
+
+    A column's range is its declared bounds. An expression's is the interval passes/intervals.py derives for
+    it (the one ``SUM`` of the expression is clamped to), a double interval's ends rounded to a millionth of
+    its width (they were widened outward by a relative 1e-9 for rounding; the grid needs no such margin,
+    since every value is clamped to the range before it is snapped).
+    """
     if arg is not None and arg.find(exp.AggFunc):
         raise GroupingError("aggregate function calls cannot be nested")
-    if not isinstance(arg, exp.Column):
-        raise UnsupportedError(f"{name} over an expression is not supported yet; aggregate a column directly")
+    if isinstance(arg, exp.Column):
+        column = _bounded_column(name, arg, table)
+        return Measurement(
+            name="", kind="quantile", arg=exp.column(column.name), bounds=column.bounds, integer=column.type == "int"
+        )
+    if arg is None:
+        raise UnsupportedError(f"{name} needs an argument")
+    what = f"{name}({arg.sql('postgres')})"
+    built, interval = bounded_value(row_expression_value(arg, what), table, what=what, total=total)
+    lo, hi = interval.lo, interval.hi
+    if not interval.integer and hi > lo:
+        unit = 10.0 ** (math.floor(math.log10(hi - lo)) - 6)
+        lo, hi = (float(f"{round(v / unit) * unit:.12g}") for v in (lo, hi))
+    return Measurement(
+        name="", kind="quantile", arg=built, bounds=(lo, hi), integer=interval.integer, text=arg.sql("postgres")
+    )
+
+
+def _bounded_column(name: str, arg: exp.Column, table: Table) -> Column:
     column = table.column(arg.name)
     assert column is not None  # resolve_table checked every column
     if column.name == table.privacy_unit:
@@ -172,43 +214,47 @@ def distinct_sensitivity(m: Measurement, plan: DPPlan) -> int:
 
 
 def grid(m: Measurement, table: Table) -> Grid:
-    """The public candidate grid of a quantile measurement's column."""
-    column = table.column(m.column or "")
-    assert column is not None
-    return column_grid(column)
-
-
-def column_grid(column: Column) -> Grid:
-    """The public candidate grid of a column, from its declared bounds and type only."""
-    assert column.bounds is not None
-    lo, hi = column.bounds
-    return grid_for(float(lo), float(hi), column.type == "int")
+    """The public candidate grid of a quantile measurement: from its value's range and type only."""
+    assert m.bounds is not None
+    lo, hi = m.bounds
+    return grid_for(float(lo), float(hi), m.integer)
 
 
 # -- SQL hooks (passes/bounding.py) ------------------------------------------------------------------------
 
 
+def _value(m: Measurement) -> exp.Expr:
+    """The measured row value: a bare column (quoted), or the bounded expression over clamped columns."""
+    assert m.arg is not None
+    return exp.column(m.column, quoted=True) if m.column else m.arg.copy()
+
+
 def aggregate_sql(m: Measurement) -> exp.Expr | None:
     """The per-group (per-bin, for quantiles) aggregate of a quantile or distinct-count measurement."""
     if m.kind == "quantile":
-        return exp.Count(this=exp.column(m.column or "", quoted=True))
+        return exp.Count(this=_value(m))
     if m.kind == "count_distinct":
         return exp.Count(this=exp.Distinct(expressions=[exp.column(m.column or "", quoted=True)]))
     return None
 
 
-def quantile_columns(plan: DPPlan) -> list[str]:
-    """The columns the query takes quantiles of, in order of first use (one histogram each)."""
-    return list(dict.fromkeys(m.column or "" for m in plan.measurements if m.kind == "quantile"))
+def quantile_sources(plan: DPPlan) -> list[Measurement]:
+    """One quantile measurement per distinct value the query takes quantiles of, in order of first use (one
+    histogram each; quantiles of one value at several fractions share it)."""
+    first: dict[exp.Expr, Measurement] = {}
+    for m in plan.measurements:
+        if m.kind == "quantile" and m.arg is not None:
+            first.setdefault(m.arg, m)
+    return list(first.values())
 
 
 def with_bins(plan: DPPlan, table: Table, final: exp.Select) -> exp.Select:
     """``final`` grouped by ``GROUPING SETS ((keys), (keys, __bin0), ...)`` when the query has quantiles."""
-    columns = quantile_columns(plan)
-    if not columns:
+    sources = quantile_sources(plan)
+    if not sources:
         return final
     keys = [exp.column(k.name, quoted=True) for k in plan.group_keys]
-    bins = [bin_index(column, table) for column in columns]
+    bins = [bin_index(m, table) for m in sources]
     final = final.select(*(exp.alias_(b, f"{BIN}{i}", quoted=True) for i, b in enumerate(bins)), copy=False)
 
     def grouping_set(items: list[exp.Expr]) -> exp.Expr:  # the parser's shape: (a) is a Paren, () and (a, b) Tuples
@@ -220,18 +266,18 @@ def with_bins(plan: DPPlan, table: Table, final: exp.Select) -> exp.Select:
     return final
 
 
-def bin_index(name: str, table: Table) -> exp.Expr:
-    """The index of the candidate nearest to ``clamp(x)``: ``floor((clamp(x) - lo) * (1 / step) + 1/2)``, -1 for NULL x.
+def bin_index(m: Measurement, table: Table) -> exp.Expr:
+    """The index of the candidate nearest to ``clamp(v)``: ``floor((clamp(v) - lo) * (1 / step) + 1/2)``, -1 for NULL v.
 
-    Computed in DOUBLE on every backend (IEEE multiplication and FLOOR agree across engines; a product, since
-    dialects disagree on what ``/`` means), then clamped to ``[0, size - 1]`` so a rounding at the top edge
-    cannot leave the grid. Which candidate a row snaps to is a function of that row alone.
+    ``v`` is the measured value (a column, or an expression over clamped columns), clamped to the grid's
+    range. Computed in DOUBLE on every backend (IEEE multiplication and FLOOR agree across engines; a product,
+    since dialects disagree on what ``/`` means), then clamped to ``[0, size - 1]`` so a rounding at the top
+    edge cannot leave the grid. Which candidate a row snaps to is a function of that row alone.
     """
-    column = table.column(name)
-    assert column is not None and column.bounds is not None
-    lo, hi = column.bounds
-    g = column_grid(column)
-    x = exp.column(column.name, quoted=True)
+    assert m.bounds is not None
+    lo, hi = m.bounds
+    g = grid(m, table)
+    x = _value(m)
     clamped = exp.Least(
         this=exp.Greatest(this=x, expressions=[number(lo)], ignore_nulls=True),
         expressions=[number(hi)],
@@ -245,7 +291,7 @@ def bin_index(name: str, table: Table) -> exp.Expr:
         expressions=[exp.Literal.number(g.size - 1)],
         ignore_nulls=True,
     )
-    not_null = exp.Not(this=exp.Is(this=x.copy(), expression=exp.Null()))
+    not_null = exp.Not(this=exp.Is(this=_value(m), expression=exp.Null()))
     return exp.Case(ifs=[exp.If(this=not_null, true=index)], default=exp.Literal.number(-1))
 
 
@@ -265,17 +311,17 @@ Histograms = dict[str, dict[Key, dict[int, int]]]
 
 def split_bins(plan: DPPlan, exact: ExactAggregates) -> tuple[ExactAggregates, Histograms]:
     """The grouping sets' rows apart: the ``(keys)`` rows as the exact aggregates, the others as histograms."""
-    columns = quantile_columns(plan)
-    if not columns:
+    sources = quantile_sources(plan)
+    if not sources:
         return exact, {}
     n_keys, names = len(plan.group_keys), [m.name for m in plan.measurements]
-    if len(exact.columns) != n_keys + len(names) + len(columns):
+    if len(exact.columns) != n_keys + len(names) + len(sources):
         raise InternalError("the backend returned an unexpected number of columns")
     rows = []
     histograms: Histograms = {m.name: {} for m in plan.measurements if m.kind == "quantile"}
     readers = [
-        [(n_keys + j, m.name) for j, m in enumerate(plan.measurements) if m.column == c and m.kind == "quantile"]
-        for c in columns
+        [(n_keys + j, m.name) for j, m in enumerate(plan.measurements) if m.kind == "quantile" and m.arg == s.arg]
+        for s in sources
     ]
     for row in exact.rows:
         bins = row[n_keys + len(names) :]

@@ -45,7 +45,7 @@ against pandas), tests/backends/test_conformance.py.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from sqlglot import exp
 
@@ -367,7 +367,7 @@ class RelationBuilder:
             found = next(t for n, t in self.sources if n == expr.table).column(expr.name)
             assert found is not None
             declared = found
-        return Column(name=name, type=declared.type, bounds=declared.bounds, public_values=declared.public_values)
+        return replace(declared, name=name)  # its type and every declared bound (numeric or date) kept
 
 
 def _untied(rep: Instance, other: Instance) -> str:

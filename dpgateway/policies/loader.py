@@ -5,6 +5,7 @@ Every problem is a :class:`ConfigError` naming the key path, the rule and the fi
 
 from __future__ import annotations
 
+import datetime as dt
 import math
 import os
 from dataclasses import replace
@@ -412,9 +413,12 @@ def _column(where: str, name: str, spec: Any) -> Column:
     if ctype not in COLUMN_TYPES:
         raise ConfigError(f"{where}.type: must be one of {', '.join(COLUMN_TYPES)}, not {ctype!r}")
     bounds = spec.get("bounds")
-    if bounds is not None:
+    date_bounds = None
+    if bounds is not None and ctype == "date":
+        date_bounds, bounds = _date_bounds(bounds, where), None
+    elif bounds is not None:
         if ctype not in ("int", "float"):
-            raise ConfigError(f"{where}.bounds: only int and float columns take bounds")
+            raise ConfigError(f"{where}.bounds: only int, float and date columns take bounds")
         if (
             not isinstance(bounds, list)
             or len(bounds) != 2
@@ -438,7 +442,29 @@ def _column(where: str, name: str, spec: Any) -> Column:
             raise ConfigError(
                 f"{where}.public_values: {duplicate!r} is listed twice once read as {ctype}; list each value once"
             )
-    return Column(name=name, type=ctype, bounds=bounds, public_values=values)
+    return Column(name=name, type=ctype, bounds=bounds, public_values=values, date_bounds=date_bounds)
+
+
+def _date_bounds(bounds: Any, where: str) -> tuple[dt.date, dt.date]:
+    """``[YYYY-MM-DD, YYYY-MM-DD]`` (YAML dates or ISO text), years 1 to 9999 (every backend's range), lo <= hi."""
+    fix = (
+        f"{where}.bounds: must be [lo, hi] with dates written YYYY-MM-DD and lo <= hi, such as [2020-01-01, 2024-12-31]"
+    )
+    if not isinstance(bounds, list) or len(bounds) != 2:
+        raise ConfigError(fix)
+    days = []
+    for b in bounds:
+        if isinstance(b, str):
+            try:
+                b = dt.date.fromisoformat(b.strip()) if len(b.strip()) == 10 else None
+            except ValueError:
+                b = None
+        if not isinstance(b, dt.date) or isinstance(b, dt.datetime):  # a timestamp is not a date bound
+            raise ConfigError(fix)
+        days.append(b)
+    if days[0] > days[1]:
+        raise ConfigError(f"{where}.bounds: {days[0]} is after {days[1]}; write [lo, hi] with lo <= hi")
+    return days[0], days[1]
 
 
 _NONE = object()

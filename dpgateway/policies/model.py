@@ -5,6 +5,7 @@ Everything here is frozen: a loaded config is a value that the planner reads and
 
 from __future__ import annotations
 
+import datetime as dt
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,12 +19,17 @@ NUMERIC_TYPES: frozenset[str] = frozenset({"int", "float"})
 
 @dataclass(frozen=True)
 class Column:
-    """One declared column; only declared columns can be queried."""
+    """One declared column; only declared columns can be queried.
+
+    ``bounds`` are a numeric column's; a ``date`` column's declared bounds are ``date_bounds`` (a separate
+    field, so no numeric code path can read a date as a number).
+    """
 
     name: str
     type: ColumnType
     bounds: tuple[float, float] | None = None
     public_values: tuple[Any, ...] | None = None
+    date_bounds: tuple[dt.date, dt.date] | None = None
 
     @property
     def is_numeric(self) -> bool:
