@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import re
+from collections.abc import Callable
 from functools import lru_cache
 
 import sqlglot
@@ -296,3 +297,16 @@ def int_clause(select: exp.Select, key: str) -> int | None:
     if not isinstance(value, exp.Literal) or value.is_string or not value.name.isdigit():
         raise UnsupportedError(f"{key.upper()} must be a non-negative integer literal")
     return int(value.name)
+
+
+def bottom_up(tree: exp.Expr, rewrite: Callable[[exp.Expr], exp.Expr]) -> exp.Expr:
+    """``tree`` with ``rewrite`` applied to every node, children first (``transform`` skips the children of a
+    node it replaced, so a rewrite nested inside another, e.g. an integer division or ROUND inside one,
+    would be missed). Mutates ``tree``; copy it first if it is shared."""
+    for node in reversed(list(tree.walk(bfs=True))):
+        new = rewrite(node)
+        if new is not node:
+            if node is tree:
+                return new
+            node.replace(new)
+    return tree

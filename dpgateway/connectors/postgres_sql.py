@@ -60,7 +60,7 @@ the edge inputs against a real server and checks none raises):
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 from sqlglot import exp
@@ -68,6 +68,7 @@ from sqlglot import exp
 from dpgateway.connectors.base import SQLHooks
 from dpgateway.errors import UnsupportedError
 from dpgateway.policies.model import Column, Table
+from dpgateway.sqlparse import bottom_up
 
 BIGINT_MIN, BIGINT_MAX = -(2**63), 2**63 - 1
 # Catalog types a declared type is read from by a direct (widening, never failing) cast.
@@ -238,7 +239,7 @@ class PostgresHooks(SQLHooks):
             return node
 
         # children first: an aggregate argument nests integer divisions and ROUNDs inside the planner's own
-        return _round_half_away(_bottom_up(tree.copy(), rewrite))
+        return _round_half_away(bottom_up(tree.copy(), rewrite))
 
 
 def _check_total(node: exp.Expr) -> None:
@@ -275,19 +276,7 @@ def _round_half_away(tree: exp.Expr) -> exp.Expr:
         )
         return exp.Paren(this=exp.Add(this=whole, expression=step))
 
-    return _bottom_up(tree, rewrite)
-
-
-def _bottom_up(tree: exp.Expr, rewrite: Callable[[exp.Expr], exp.Expr]) -> exp.Expr:
-    """``tree`` with ``rewrite`` applied to every node, children first (``transform`` skips the children of a
-    node it replaced, so a ROUND or integer division nested in another would keep its PostgreSQL meaning)."""
-    for node in reversed(list(tree.walk(bfs=True))):
-        new = rewrite(node)
-        if new is not node:
-            if node is tree:
-                return new
-            node.replace(new)
-    return tree
+    return bottom_up(tree, rewrite)
 
 
 def _when(condition: exp.Expr, value: exp.Expr) -> exp.Expr:

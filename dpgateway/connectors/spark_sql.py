@@ -33,12 +33,13 @@ Proof note (every row expression is total, so no row's value can make a query fa
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 from sqlglot import exp
 
 from dpgateway.connectors.base import SQLHooks
 from dpgateway.policies.model import Column, Table
+from dpgateway.sqlparse import bottom_up
 
 INTEGER_TYPES = ("tinyint", "smallint", "int", "bigint")  # typeof() names; Spark has no unsigned integers
 _SAFE: dict[type[exp.Expr], type[exp.Expr]] = {
@@ -98,7 +99,7 @@ class SparkHooks(SQLHooks):
                 return exp.Paren(this=exp.Sub(this=node.copy(), expression=exp.Literal.number(1)))
             return node
 
-        return _bottom_up(expr.copy(), safe)
+        return bottom_up(expr.copy(), safe)
 
     def date_part(self, part: str, value: exp.Expr) -> exp.Expr:
         """As :meth:`SQLHooks.date_part`; Spark's DOW counts 1 (Sunday) to 7, so one is taken off."""
@@ -126,19 +127,7 @@ class SparkHooks(SQLHooks):
                 return exp.TryCast(**{**node.args, "safe": True})
             return node
 
-        return _bottom_up(tree.copy(), safe)
+        return bottom_up(tree.copy(), safe)
 
     def file_source(self, path: str) -> exp.Expr:
         return exp.Table(this=exp.to_identifier(path, quoted=True), db=exp.to_identifier("parquet"))
-
-
-def _bottom_up(tree: exp.Expr, rewrite: Callable[[exp.Expr], exp.Expr]) -> exp.Expr:
-    """``tree`` with ``rewrite`` applied to every node, children first (``transform`` skips the children
-    of a node it replaced, so nested casts or sums would keep their unsafe form)."""
-    for node in reversed(list(tree.walk(bfs=True))):
-        new = rewrite(node)
-        if new is not node:
-            if node is tree:
-                return new
-            node.replace(new)
-    return tree

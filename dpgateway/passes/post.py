@@ -23,6 +23,7 @@ from dpgateway.passes.context import PlanContext
 from dpgateway.plan import DPPlan, GroupKey
 from dpgateway.policies.model import Table
 from dpgateway.postprocess import NOISY, post_processing_query, post_processing_sql, python_evaluators, run_sandboxed
+from dpgateway.sqlparse import bottom_up
 
 _SQL_TYPES = {"int": "BIGINT", "float": "DOUBLE", "str": "VARCHAR", "bool": "BOOLEAN", "date": "DATE"}
 
@@ -108,14 +109,7 @@ def _postgres_division(plan: DPPlan) -> DPPlan:
         return node
 
     def fixed(tree: exp.Expr) -> exp.Expr:
-        tree = tree.copy()
-        for node in reversed(list(tree.walk(bfs=True))):  # children first: nested divisions
-            new = rewrite(node)
-            if new is not node:
-                if node is tree:
-                    return new
-                node.replace(new)
-        return tree
+        return bottom_up(tree.copy(), rewrite)  # children first: nested divisions
 
     return plan.with_(
         outputs=tuple(replace(o, expr=fixed(o.expr)) for o in plan.outputs),

@@ -13,7 +13,8 @@ from helpers import chi_square, dlap_pmf
 from dpgateway.errors import BackendError, PrivacyViolationError, UnsupportedError
 from dpgateway.executors.mpc import executor as mpc_executor
 from dpgateway.executors.mpc import field
-from dpgateway.executors.mpc.party import Party, _Server
+from dpgateway.executors.mpc.party import Party
+from dpgateway.executors.mpc.wire import MessageServer
 from dpgateway.gateway import Gateway
 from dpgateway.policies.loader import parse_config
 
@@ -157,7 +158,7 @@ def test_released_noise_is_the_central_distribution(data: Any, threshold: int) -
     servers = []
     for i in range(K):
         party = Party(folder / f"site{i}.parquet", collusion_threshold=threshold, timeout=5)
-        server = _Server(("127.0.0.1", 0), party)
+        server = MessageServer(("127.0.0.1", 0), party.handle)
         threading.Thread(target=server.serve_forever, daemon=True).start()
         servers.append(server)
     peers = [f"tcp://127.0.0.1:{s.server_address[1]}" for s in servers]

@@ -36,7 +36,6 @@ import argparse
 import base64
 import hmac
 import math
-import socketserver
 import sys
 from pathlib import Path
 from typing import Any
@@ -114,31 +113,11 @@ class Holder:
         return {"values": released, "fingerprint": fingerprint}
 
 
-class _Handler(socketserver.BaseRequestHandler):
-    server: _Server
-
-    def handle(self) -> None:
-        try:
-            message = wire.receive(self.request)
-        except (ConnectionError, ValueError, OSError):
-            return
-        wire.send(self.request, self.server.holder.handle(message))
-
-
-class _Server(socketserver.ThreadingTCPServer):
-    daemon_threads = True
-    allow_reuse_address = True
-
-    def __init__(self, address: tuple[str, int], holder: Holder) -> None:
-        self.holder = holder
-        super().__init__(address, _Handler)
-
-
 def serve(key_file: Path, listen: str) -> None:
     """Run the key holder until killed, printing ``listening HOST:PORT`` once ready."""
     holder = Holder(key_file)
     host, _, port = listen.rpartition(":")
-    with _Server((host, int(port)), holder) as server:
+    with wire.MessageServer((host, int(port)), holder.handle) as server:
         bound_host, bound_port = str(server.server_address[0]), int(server.server_address[1])
         sys.stdout.write(f"listening {bound_host}:{bound_port}\n")
         sys.stdout.flush()

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import socketserver
 import sys
 import threading
 import time
@@ -161,26 +160,6 @@ def _address(text: str) -> tuple[str, int]:
     return host, int(port)
 
 
-class _Handler(socketserver.BaseRequestHandler):
-    server: _Server
-
-    def handle(self) -> None:
-        try:
-            message = wire.receive(self.request)
-        except (ConnectionError, ValueError, OSError):
-            return
-        wire.send(self.request, self.server.party.handle(message))
-
-
-class _Server(socketserver.ThreadingTCPServer):
-    daemon_threads = True
-    allow_reuse_address = True
-
-    def __init__(self, address: tuple[str, int], party: Party) -> None:
-        self.party = party
-        super().__init__(address, _Handler)
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m dpgateway.executors.mpc.party")
     parser.add_argument("--data", required=True, type=Path, help="this party's rows (Parquet)")
@@ -190,7 +169,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=None, help="DuckDB threads (default: all cores)")
     args = parser.parse_args(argv)
     party = Party(args.data, collusion_threshold=args.collusion_threshold, timeout=args.timeout, threads=args.threads)
-    with _Server(_address(args.listen), party) as server:
+    with wire.MessageServer(_address(args.listen), party.handle) as server:
         host, port = str(server.server_address[0]), int(server.server_address[1])
         sys.stdout.write(f"listening {host}:{port}\n")
         sys.stdout.flush()

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import socket
+import socketserver
 import struct
+from collections.abc import Callable
 from typing import Any
 
 MAX_MESSAGE = 64 * 2**20
@@ -30,6 +32,28 @@ def request(address: tuple[str, int], message: dict[str, Any], timeout: float) -
     with socket.create_connection(address, timeout=timeout) as sock:
         send(sock, message)
         return receive(sock)
+
+
+class MessageServer(socketserver.ThreadingTCPServer):
+    """A threaded TCP server answering each connection's one message with ``handle(message)``."""
+
+    daemon_threads = True
+    allow_reuse_address = True
+
+    def __init__(self, address: tuple[str, int], handle: Callable[[dict[str, Any]], dict[str, Any]]) -> None:
+        self.handle = handle
+        super().__init__(address, _Handler)
+
+
+class _Handler(socketserver.BaseRequestHandler):
+    server: MessageServer
+
+    def handle(self) -> None:
+        try:
+            message = receive(self.request)
+        except (ConnectionError, ValueError, OSError):
+            return
+        send(self.request, self.server.handle(message))
 
 
 def _exactly(sock: socket.socket, n: int) -> bytes:
