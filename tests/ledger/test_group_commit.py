@@ -163,3 +163,20 @@ def test_an_interrupted_writer_fails_the_rows_it_did_not_write():
     assert sorted(type(e).__name__ for e in errors) == ["InternalError", "InternalError", "InternalError", "Interrupt"]
     assert written == ["lead"]
     assert next(e for e in errors if isinstance(e, InternalError)).sqlstate == "XX000"
+
+
+@pytest.mark.timeout(300)
+def test_gateway_replays_from_16_threads_are_each_audited_once(demo_gateway):
+    sql = "SELECT COUNT(*) AS n FROM pums WHERE income > -1"
+    first = demo_gateway.query(sql, analyst="alice", epsilon=0.5)
+    assert not first.replayed
+
+    def replays(i: int) -> None:
+        for _ in range(REPLAYS):
+            result = demo_gateway.query(sql, analyst="alice", epsilon=0.5)
+            assert result.replayed and result.rows == first.rows and result.epsilon == 0.0
+
+    assert run_threads(THREADS, replays) == []
+    log = demo_gateway.store.audit_log(analyst="alice", limit=None)
+    assert sum(r.outcome == "replayed" for r in log) == THREADS * REPLAYS
+    assert [r.outcome for r in log if r.outcome != "replayed"] == ["released"]
