@@ -24,6 +24,7 @@ from dpgateway.budget_store.base import (
     Usage,
     split_scope,
 )
+from dpgateway.budget_store.group_commit import GroupCommit
 from dpgateway.budget_store.ledger_time import check_skew, stamp
 from dpgateway.budget_store.sql_schema import (
     DATABASE_NOW,
@@ -78,6 +79,7 @@ class SQLLedgerBase(BudgetStore):
         self.lease_seconds = float(lease_seconds)
         self.window_seconds = budget.window_days * 86400.0
         self.engine = self._create_engine(url)
+        self._audit_batch: GroupCommit[dict[str, Any]] = GroupCommit(self._write_audit)
         self._seed: bytes | None = None
         self._run(self._create_schema)
         self.reap_abandoned()
@@ -248,19 +250,29 @@ class SQLLedgerBase(BudgetStore):
         )
 
     def _audit_spend(self, spend: Spend, outcome: AuditOutcome, message: str) -> None:
+        """Audit a query that spends nothing (replayed, refused, public); returns once the record is committed.
+
+        Concurrent calls are group-committed (``group_commit.py``): one transaction writes them all."""
+        self._audit_batch.submit(
+            {
+                "analyst": spend.analyst,
+                "sql": spend.sql,
+                "rewritten_sha256": spend.rewritten_sha256,
+                "epsilon": spend.epsilon,
+                "delta": spend.delta,
+                "outcome": outcome,
+                "message": message,
+                "query_key": spend.query_key,
+                "charge_id": None,
+            }
+        )
+
+    def _write_audit(self, rows: Sequence[dict[str, Any]]) -> None:
+        """Insert audit ``rows`` in one transaction, in order, stamped with its ledger time."""
+
         def work(conn: Executor) -> None:
-            self._audit(
-                conn,
-                at=self._now(conn),
-                analyst=spend.analyst,
-                sql=spend.sql,
-                rewritten_sha256=spend.rewritten_sha256,
-                epsilon=spend.epsilon,
-                delta=spend.delta,
-                outcome=outcome,
-                message=message,
-                query_key=spend.query_key,
-            )
+            at = self._now(conn)
+            conn.execute(INSERT_AUDIT, [{**row, "at": at} for row in rows])
 
         self._run_prebuilt(work)
 

@@ -7,7 +7,10 @@ a reservation's cap check and its insert are atomic against every other process 
 
 The hot path (``_run_prebuilt``: reserve, commit, replay lookup, remaining) runs the prebuilt statements
 on one sqlite3 connection of the store, held under a lock, as the SQL text SQLAlchemy compiled for them
-(:class:`DriverStatements`); SQLAlchemy's per-execution work was most of a query's ledger time.
+(:class:`DriverStatements`); SQLAlchemy's per-execution work was most of a query's ledger time. Its reads
+that need no transaction (the replay lookup, the budget left) run on a second such connection under a lock of
+its own, so that they do not queue behind a write transaction's fsync; in WAL mode they see every committed
+transaction (an in-memory ledger has one connection for everything).
 
 A new ledger file is created with mode 0600 whatever the umask (it holds the secret seed, analysts' SQL
 and released answers); SQLite gives its ``-wal``, ``-shm`` and ``-journal`` files the database file's
@@ -108,7 +111,8 @@ class SQLiteBudgetStore(SQLBudgetStore):
     def __init__(self, url: str, *args: Any, **options: Any) -> None:
         self._in_memory = sa.make_url(url).database in (None, "", ":memory:")
         self._mutex = threading.Lock()  # guards the hot path's connection (in memory: the only connection)
-        self._driver: tuple[PoolProxiedConnection, DriverStatements] | None = None
+        self._read_mutex = threading.Lock()  # guards its reading connection (single read statements)
+        self._drivers: dict[bool, tuple[PoolProxiedConnection, DriverStatements]] = {}  # by "reads only"
         super().__init__(url, *args, **options)
 
     def _create_engine(self, url: str) -> Engine:
@@ -150,14 +154,11 @@ class SQLiteBudgetStore(SQLBudgetStore):
 
     @contextmanager
     def _prebuilt_transaction(self, *, write: bool | None) -> Iterator[DriverStatements]:
-        with self._mutex:
-            if self._driver is None:
-                pooled = self.engine.raw_connection()
-                driver = pooled.driver_connection
-                if not isinstance(driver, sqlite3.Connection):
-                    raise InternalError(f"the SQLite ledger's driver connection is a {type(driver).__name__}")
-                self._driver = pooled, DriverStatements(driver, self.engine.dialect)
-            statements = self._driver[1]
+        # a single read statement (write=None) runs on a second connection, so that it does not wait for a
+        # write transaction's fsync (WAL readers see every committed transaction); in memory there is one
+        reader = write is None and not self._in_memory
+        with self._read_mutex if reader else self._mutex:
+            statements = self._hot_connection(reader)
             db = statements.db
             try:
                 if write is not None:
@@ -173,11 +174,22 @@ class SQLiteBudgetStore(SQLBudgetStore):
                     raise sa.exc.DBAPIError.instance(None, None, exc, sqlite3.Error) from exc
                 raise
 
+    def _hot_connection(self, reader: bool) -> DriverStatements:
+        """The hot path's writing (or reading) connection, opened on first use; its mutex is held."""
+        held = self._drivers.get(reader)
+        if held is None:
+            pooled = self.engine.raw_connection()
+            driver = pooled.driver_connection
+            if not isinstance(driver, sqlite3.Connection):
+                raise InternalError(f"the SQLite ledger's driver connection is a {type(driver).__name__}")
+            held = self._drivers[reader] = pooled, DriverStatements(driver, self.engine.dialect)
+        return held[1]
+
     def close(self) -> None:
-        with self._mutex:
-            if self._driver is not None:
-                self._driver[0].close()
-                self._driver = None
+        with self._mutex, self._read_mutex:
+            for pooled, _ in self._drivers.values():
+                pooled.close()
+            self._drivers.clear()
         super().close()
 
     def _is_transient(self, exc: sa.exc.DBAPIError) -> bool:

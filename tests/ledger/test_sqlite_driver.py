@@ -79,7 +79,9 @@ def test_the_driver_path_keeps_the_same_ledger_as_sqlalchemy(tmp_path):
         clock = FakeClock()
         store = kind(f"sqlite:///{tmp_path / name}.db", BUDGET, clock=clock, database_clock=clock, lease_seconds=60)
         runs.append(scenario(store, clock))
-        assert (store._driver is not None) == (kind is SQLiteBudgetStore)
+        assert (set(store._drivers) == {False, True}) == (
+            kind is SQLiteBudgetStore
+        )  # the writing and reading connections
         store.close()
     assert runs[0] == runs[1]
     assert any(isinstance(step, tuple) and step[0] == "BudgetError" for step in runs[0])
@@ -148,4 +150,22 @@ def test_only_prebuilt_statements_run_on_the_driver():
     store = SQLiteBudgetStore("sqlite:///:memory:", BUDGET)
     with pytest.raises(InternalError, match=r"not prebuilt: .*; this is a bug"):
         store._run_prebuilt(lambda conn: conn.execute(sa.select(sa.literal(1))))
+    store.close()
+
+
+def test_reads_do_not_wait_for_the_writing_connection(tmp_path):
+    """The replay lookup and the budget left run on the reading connection: they answer, with every committed
+    write, while a write transaction holds the writing connection (as during its fsync)."""
+    store = SQLiteBudgetStore(f"sqlite:///{tmp_path / 'ledger.db'}", BUDGET)
+    store.commit(store.reserve(make_spend(key="k")), epsilon=0.5, delta=0.0, answer=[7])
+    answers: list[Any] = []
+    with store._mutex:  # the writing connection is busy
+        reader = threading.Thread(
+            target=lambda: answers.extend([store.cached_answer("alice", "k"), store.remaining("alice", ["pid"])])
+        )
+        reader.start()
+        reader.join(10)
+        assert not reader.is_alive()
+    assert answers[0] == [7]
+    assert answers[1].analyst.spent_epsilon == 0.5
     store.close()
