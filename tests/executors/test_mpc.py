@@ -155,9 +155,10 @@ def test_released_noise_is_the_central_distribution(data: Any, threshold: int) -
     Seeded by construction (OpenDP cannot be seeded): the test fails with probability 0.001 per case.
     """
     folder, parts = data
-    servers = []
+    servers, parties = [], []
     for i in range(K):
         party = Party(folder / f"site{i}.parquet", collusion_threshold=threshold, timeout=5)
+        parties.append(party)
         server = MessageServer(("127.0.0.1", 0), party.handle)
         threading.Thread(target=server.serve_forever, daemon=True).start()
         servers.append(server)
@@ -185,7 +186,8 @@ def test_released_noise_is_the_central_distribution(data: Any, threshold: int) -
         for s in servers:
             s.shutdown()
             s.server_close()
-            s.party.close()
+        for party in parties:
+            party.close()
     single = {z: dlap_pmf(scale, z) for z in range(-25, 26)}
     pmf = (
         single

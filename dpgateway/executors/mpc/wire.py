@@ -41,7 +41,7 @@ class MessageServer(socketserver.ThreadingTCPServer):
     allow_reuse_address = True
 
     def __init__(self, address: tuple[str, int], handle: Callable[[dict[str, Any]], dict[str, Any]]) -> None:
-        self.handle = handle
+        self.respond = handle
         super().__init__(address, _Handler)
 
 
@@ -53,7 +53,7 @@ class _Handler(socketserver.BaseRequestHandler):
             message = receive(self.request)
         except (ConnectionError, ValueError, OSError):
             return
-        send(self.request, self.server.handle(message))
+        send(self.request, self.server.respond(message))
 
 
 def _exactly(sock: socket.socket, n: int) -> bytes:
