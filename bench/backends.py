@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import io
 import os
-import re
 import statistics
 import sys
 import tempfile
@@ -32,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from run import BACKENDS_END as END
 from run import BACKENDS_START as START
-from run import BIG, POLICY, SHAPES, generate
+from run import BIG, POLICY, SHAPES, generate, replace_section
 
 from dpgateway import Gateway
 from dpgateway.policies.loader import parse_config
@@ -206,10 +205,7 @@ def main(argv: list[str] | None = None) -> int:
         results[name]["load"] = os.getloadavg()[0]
     command = "python bench/backends.py " + " ".join(argv if argv is not None else sys.argv[1:])
     section = markdown(args.rows, args.reps, results, command.strip())
-    text = args.markdown.read_text() if args.markdown.is_file() else ""
-    pattern = re.compile(re.escape(START) + ".*?" + re.escape(END), re.S)
-    text = pattern.sub(lambda _: section, text) if pattern.search(text) else text.rstrip("\n") + "\n\n" + section + "\n"
-    args.markdown.write_text(text)
+    replace_section(args.markdown, START, END, section)
     return 0
 
 

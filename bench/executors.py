@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import statistics
 import sys
 import tempfile
@@ -29,6 +28,9 @@ from dpgateway.errors import UnsupportedError
 from dpgateway.executors import demo
 from dpgateway.gateway import Gateway
 from dpgateway.policies.loader import parse_config
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from run import replace_section
 
 BENCH = Path(__file__).resolve().parent
 DATA = BENCH / "data"
@@ -184,10 +186,7 @@ def main(argv: list[str] | None = None) -> int:
         entry["load"] = (load, os.getloadavg()[0])
     command = "python bench/executors.py " + " ".join(argv if argv is not None else sys.argv[1:])
     section = markdown(runs, args.reps, command.strip())
-    text = args.markdown.read_text() if args.markdown.is_file() else ""
-    pattern = re.compile(re.escape(START) + ".*?" + re.escape(END), re.S)
-    text = pattern.sub(lambda _: section, text) if pattern.search(text) else text.rstrip("\n") + "\n\n" + section + "\n"
-    args.markdown.write_text(text)
+    replace_section(args.markdown, START, END, section)
     return 0
 
 

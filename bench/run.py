@@ -535,6 +535,14 @@ def kept_sections(path: Path) -> str:
     return "".join(f"\n{block.group(0)}\n" for block in blocks)
 
 
+def replace_section(path: Path, start: str, end: str, section: str) -> None:
+    """Write ``section`` (from ``start`` to ``end``) into RESULTS.md in place of the old one, or append it."""
+    text = path.read_text() if path.is_file() else ""
+    pattern = re.compile(re.escape(start) + ".*?" + re.escape(end), re.S)
+    text = pattern.sub(lambda _: section, text) if pattern.search(text) else text.rstrip("\n") + "\n\n" + section + "\n"
+    path.write_text(text)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", type=int, action="append", help="table size (repeatable; default 1M and 10M)")

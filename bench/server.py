@@ -32,7 +32,6 @@ import argparse
 import dataclasses
 import multiprocessing as mp
 import os
-import re
 import shutil
 import signal
 import socket
@@ -51,6 +50,8 @@ from typing import Any
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from run import replace_section
 
 BENCH = Path(__file__).resolve().parent
 START, END = "<!-- server: start -->", "<!-- server: end -->"
@@ -461,13 +462,6 @@ def targets(m: dict[str, dict[str, float]], args: argparse.Namespace) -> list[st
     return out
 
 
-def replace_section(path: Path, section: str) -> None:
-    text = path.read_text() if path.is_file() else ""
-    pattern = re.compile(re.escape(START) + ".*?" + re.escape(END), re.S)
-    text = pattern.sub(lambda _: section, text) if pattern.search(text) else text.rstrip("\n") + "\n\n" + section + "\n"
-    path.write_text(text)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--clients", type=int, action="append", help="concurrent clients (repeatable; 1, 16, 64)")
@@ -484,7 +478,7 @@ def main(argv: list[str] | None = None) -> int:
     command = "python bench/server.py " + " ".join(argv if argv is not None else sys.argv[1:])
     results = run(args)
     if not args.no_write:
-        replace_section(args.markdown, markdown(results, args, command.strip()))
+        replace_section(args.markdown, START, END, markdown(results, args, command.strip()))
     return 0
 
 
