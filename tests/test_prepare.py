@@ -62,9 +62,10 @@ def _write_data(path: Path, seed: int = 3, n_units: int = 300, *, nulls: bool = 
             "region": rng.integers(0, 8, size=n),
         }
     )
-    if nulls:  # NULL values in every column, and NULL units
+    if nulls:  # NULL values in every column, and NULL units; NaN and infinities among the incomes
         for column in ("age", "income", "region", "pid"):
             frame[column] = frame[column].astype(object).where(rng.random(n) > 0.1)
+        frame.loc[frame.index[[3, 17, 41]], "income"] = ["nan", "inf", "-inf"]
     frame.to_csv(path, index=False)
 
 

@@ -375,8 +375,11 @@ def _over_prepared(plan: DPPlan, table: Table, ctx: PlanContext) -> DPPlan:
     columns = _needed_columns(plan.with_(measurements=unstored), table)
     if not unstored:
         columns = [c for c in columns if c.name != table.privacy_unit or _read_by(plan, c.name)]
-    typed = _typed(columns, hooks.file_source(plan.prepared), table, ctx)
-    typed = typed.select(*(exp.column(name, quoted=True) for name in extra), copy=False)
+    # The copy stores every column already typed (prepared_copy_tree): typing is idempotent, so its columns
+    # are read as they are, which lets the engine push a filter into the scan.
+    names = [*(c.name for c in columns), *extra]
+    typed = exp.select(*(exp.column(name, quoted=True) for name in names), copy=False)
+    typed = typed.from_(hooks.file_source(plan.prepared), copy=False)
     keys = [exp.alias_(k.expr.copy(), k.name, quoted=True) for k in plan.group_keys]
     rows = exp.select(exp.Star(), *keys, copy=False).from_("typed", copy=False)
     if plan.rewrite == "weighted":
