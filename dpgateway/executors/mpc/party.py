@@ -263,6 +263,16 @@ def _address(text: str) -> tuple[str, int]:
     return host, int(port)
 
 
+def serve(data: Path, key: Path, listen: str, *, collusion_threshold: int, timeout: float, threads: int | None) -> None:
+    """Run one party until killed, printing ``listening HOST:PORT`` once ready."""
+    party = Party(data, keys.read_party(key), collusion_threshold=collusion_threshold, timeout=timeout, threads=threads)
+    with wire.MessageServer(_address(listen), party.handle, challenge=True) as server:
+        host, port = str(server.server_address[0]), int(server.server_address[1])
+        sys.stdout.write(f"listening {host}:{port}\n")
+        sys.stdout.flush()
+        server.serve_forever()
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m dpgateway.executors.mpc.party")
     parser.add_argument("--data", required=True, type=Path, help="this party's rows (Parquet)")
@@ -272,18 +282,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--timeout", type=float, default=30.0)
     parser.add_argument("--threads", type=int, default=None, help="DuckDB threads (default: all cores)")
     args = parser.parse_args(argv)
-    party = Party(
+    serve(
         args.data,
-        keys.read_party(args.key),
+        args.key,
+        args.listen,
         collusion_threshold=args.collusion_threshold,
         timeout=args.timeout,
         threads=args.threads,
     )
-    with wire.MessageServer(_address(args.listen), party.handle, challenge=True) as server:
-        host, port = str(server.server_address[0]), int(server.server_address[1])
-        sys.stdout.write(f"listening {host}:{port}\n")
-        sys.stdout.flush()
-        server.serve_forever()
 
 
 if __name__ == "__main__":
