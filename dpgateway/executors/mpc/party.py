@@ -30,6 +30,12 @@ the honest parties' total, whose sensitivity is at most the planned one (every p
 unless units are disjoint: Table.cross_party_factor). With t = 0 exactly one party noises and the release
 has exactly the central distribution; in general the noise is a sum of t + 1 independent central draws.
 Tests: tests/executors/test_mpc.py (distribution, what crosses the gateway boundary, drop-out).
+
+Who may ask (keys.py, wire.py): a party computes only for a request MACed with its own request key, bound to
+its connection's fresh challenge and next sequence number, so only the gateway (the one other holder of that
+key, and the one place queries are charged) can obtain partial sums, and no request runs twice. It takes a
+share only under the pair key of the party the share names, and signs its partial sum for the request it
+answers. Tests: tests/executors/test_mpc.py (unsigned, tampered, wrong key, replayed, forged share/partial).
 """
 
 from __future__ import annotations
