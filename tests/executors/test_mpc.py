@@ -356,3 +356,21 @@ def test_keygen_writes_private_files_and_refuses_to_overwrite(tmp_path: Path) ->
     (tmp_path / "party1.key").chmod(0o644)
     with pytest.raises(InvalidParameterError, match="readable by others"):
         keys.read_party(tmp_path / "party1.key")
+
+
+def test_a_party_reads_its_file_again_once_it_changed(tmp_path: Path) -> None:
+    for name in [f"site{i}" for i in range(K)] + ["all"]:
+        _write(tmp_path / f"{name}.parquet", [(0, "a", 1)])
+    keys.generate(K, tmp_path / "keys")
+    with _gateway(tmp_path) as gw:
+        plan = gw.explain("SELECT g, COUNT(*) AS n FROM trial GROUP BY g").plan
+    assert plan is not None
+    noise = NoisePlan.from_plan(plan)
+    party = Party(tmp_path / "site0.parquet", keys.read_party(tmp_path / "keys" / "party0.key"), collusion_threshold=1)
+    try:
+        before = party._local(str(plan.bounded_sql), noise)  # exact local aggregates, in fixed point
+        _write(tmp_path / "site0.parquet", [(j, "b", 1) for j in range(5)])
+        after = party._local(str(plan.bounded_sql), noise)
+    finally:
+        party.close()
+    assert before[0][1] == 0 < before[0][0] and after[0][0] == 0 < after[0][1] == 5 * before[0][0]

@@ -69,12 +69,24 @@ class MpcExecutor(Executor):
         )
 
     def addresses(self) -> list[str]:
-        """The parties' addresses, starting local parties (one process per file) on first use."""
+        """The parties' addresses, starting local parties (one process per file, all at once) on first use."""
         if not self._addresses:
             assert isinstance(self.table.source, PartySources)
             folder = self._key_set()
-            for i, entry in enumerate(self.table.source.parties):
-                self._addresses.append(entry if entry.startswith("tcp://") else self._spawn(entry, folder, i))
+            started = {
+                i: self._spawn(entry, folder, i)
+                for i, entry in enumerate(self.table.source.parties)
+                if not entry.startswith("tcp://")
+            }
+            try:
+                addresses = [
+                    self._listening(started[i]) if i in started else entry
+                    for i, entry in enumerate(self.table.source.parties)
+                ]
+            except BackendError:
+                self.close()  # no half-started set: the next query starts them all again
+                raise
+            self._addresses = addresses
         return self._addresses
 
     def _key_set(self) -> Path:
@@ -92,7 +104,7 @@ class MpcExecutor(Executor):
             )
         return folder
 
-    def _spawn(self, data: str, folder: Path, index: int) -> str:
+    def _spawn(self, data: str, folder: Path, index: int) -> subprocess.Popen[str]:
         process = subprocess.Popen(
             [
                 sys.executable,
@@ -114,6 +126,10 @@ class MpcExecutor(Executor):
             text=True,
         )
         self._processes.append(process)
+        return process
+
+    def _listening(self, process: subprocess.Popen[str]) -> str:
+        """The address a started party prints once it listens."""
         assert process.stdout is not None
         line = process.stdout.readline()
         if not line.startswith("listening "):
