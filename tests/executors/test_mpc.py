@@ -374,3 +374,40 @@ def test_a_party_reads_its_file_again_once_it_changed(tmp_path: Path) -> None:
     finally:
         party.close()
     assert before[0][1] == 0 < before[0][0] and after[0][0] == 0 < after[0][1] == 5 * before[0][0]
+
+
+def test_shares_cross_the_network_masked(deployment: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Someone reading every link sees only padded shares: y_i = partial_i - in_i + out_i needs the pair keys."""
+    key_folder, peers, gw = deployment
+    index = {("127.0.0.1", int(p.rpartition(":")[2])): i for i, p in enumerate(peers)}
+    shares: list[tuple[int, int, list[int]]] = []  # (sender, receiver, values on the wire)
+    partials: dict[int, list[int]] = {}
+    qids: set[str] = set()
+    send = wire.send
+
+    def tap(sock: socket.socket, message: dict[str, Any]) -> None:
+        if message.get("type") == "query":
+            qids.add(message["qid"])
+        if message.get("type") == "share":
+            shares.append((message["sender"], index[sock.getpeername()[:2]], list(message["values"])))
+        if "partial" in message:
+            partials[index[sock.getsockname()[:2]]] = list(message["partial"])
+        send(sock, message)
+
+    monkeypatch.setattr(wire, "send", tap)  # the parties run in this process: their sends are tapped too
+    gw.query("SELECT COUNT(*) AS n FROM trial", analyst="eavesdrop", epsilon=1.0)
+    assert len(shares) == K * (K - 1) and sorted(partials) == list(range(K))
+    pair = {i: keys.read_party(keys.party_file(key_folder, i)).pair_keys for i in range(K)}
+    (qid,) = qids
+
+    def local(i: int, unmask: bool) -> int:
+        def clear(sender: int, receiver: int, values: list[int]) -> int:
+            pad = field.pad(pair[sender][receiver], qid, sender, receiver, 1)[0] if unmask else 0
+            return (values[0] - pad) % field.PRIME
+
+        received = sum(clear(s, r, v) for s, r, v in shares if r == i)
+        sent = sum(clear(s, r, v) for s, r, v in shares if s == i)
+        return field.decode(partials[i][0] - received + sent)
+
+    assert all(abs(local(i, unmask=True)) < 2**40 for i in range(K))  # with the keys: each party's y_i
+    assert all(abs(local(i, unmask=False)) > 2**100 for i in range(K))  # without: uniform (P < 2^-26 each to fail)

@@ -14,7 +14,7 @@ Run one per data holder: ``python -m dpgateway.executors.mpc.party --data site_a
 3. Parties 0..t (t = collusion threshold) each add OpenDP discrete Laplace noise of the planned scale:
    y_i = x_i + e_i; the others send y_i = x_i.
 4. It splits y_i into K additive shares over GF(2^127 - 1) (field.py), sends share j to party j directly
-   (signed with their pair key, so party j takes it only from party i) and keeps its own; after receiving
+   (masked with a pad from their pair key and signed with it, so party j takes it only from party i) and keeps its own; after receiving
    K - 1 shares it returns their sum s_i to the gateway, signed with its request key. The gateway
    adds the s_i and learns only sum_i y_i = sum_i x_i + sum_{i<=t} e_i.
 
@@ -116,9 +116,10 @@ class Party:
         with self._arrived:
             if len(self._inbox) >= MAX_PENDING and message["qid"] not in self._inbox:
                 self._inbox.pop(next(iter(self._inbox)))
-            self._inbox.setdefault(str(message["qid"]), {})[int(message["sender"])] = [
-                int(v) for v in message["values"]
-            ]
+            qid, sender = str(message["qid"]), int(message["sender"])
+            masked = [int(v) for v in message["values"]]
+            mask = field.pad(self.keys.pair_keys[sender], qid, sender, self.keys.index, len(masked))
+            self._inbox.setdefault(qid, {})[sender] = [(v - m) % field.PRIME for v, m in zip(masked, mask, strict=True)]
             self._arrived.notify_all()
         return {"ok": True}
 
@@ -155,7 +156,7 @@ class Party:
         return {"partial": field.add([shares[index], *received.values()]), "fingerprint": noise.fingerprint()}
 
     def _send_shares(self, qid: str, peers: list[tuple[str, int]], shares: list[list[int]]) -> list[_Sent]:
-        """Share j to party j, signed with their pair key, on connections kept open (receipts read later)."""
+        """Share j to party j, masked and signed with their pair key (field.pad), on connections kept open."""
         index, sent = self.keys.index, list[_Sent]()
         for j, address in enumerate(peers):
             if j == index:
@@ -167,9 +168,10 @@ class Party:
                 raise Refused(f"party {j} is unreachable") from None
             sent.append(_Sent(j, address, connection))
             try:
-                connection.send(
-                    {"type": "share", "qid": qid, "sender": index, "values": shares[j]}, self.keys.pair_keys[j]
-                )
+                mask = field.pad(self.keys.pair_keys[j], qid, index, j, len(shares[j]))
+                masked = [(v + m) % field.PRIME for v, m in zip(shares[j], mask, strict=True)]
+                message = {"type": "share", "qid": qid, "sender": index, "values": masked}
+                connection.send(message, self.keys.pair_keys[j])
             except OSError:
                 _close(sent)
                 raise Refused(f"party {j} is unreachable") from None
