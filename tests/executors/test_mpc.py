@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import socket
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -411,3 +412,28 @@ def test_shares_cross_the_network_masked(deployment: Any, monkeypatch: pytest.Mo
 
     assert all(abs(local(i, unmask=True)) < 2**40 for i in range(K))  # with the keys: each party's y_i
     assert all(abs(local(i, unmask=False)) > 2**100 for i in range(K))  # without: uniform (P < 2^-26 each to fail)
+
+
+def test_a_pool_replaces_a_connection_the_server_closed(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(wire, "IDLE_S", 0.2)  # the server drops connections idle for 0.2 s
+    server = wire.MessageServer(("127.0.0.1", 0), lambda m, s: {"seen": s.fresh(m)}, challenge=True)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    address = ("127.0.0.1", int(server.server_address[1]))
+    pool = wire.Pool(5, challenge=True)
+    try:
+        first = pool.take(address)
+        first.send({"type": "ping"}, b"k" * 32)
+        assert first.receive() == {"seen": True}
+        pool.give(address, first)
+        assert pool.take(address) is first  # reused while open
+        pool.give(address, first)
+        time.sleep(0.6)
+        second = pool.take(address)  # the server closed the first: a new connection, a new challenge
+        assert second is not first and second.nonce != first.nonce and second.seq == 0
+        second.send({"type": "ping"}, b"k" * 32)
+        assert second.receive() == {"seen": True}
+        second.close()
+    finally:
+        pool.close()
+        server.shutdown()
+        server.server_close()

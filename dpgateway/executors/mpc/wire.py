@@ -24,6 +24,7 @@ from typing import Any
 from dpgateway.executors import signing
 
 MAX_MESSAGE = 64 * 2**20
+IDLE_S = 600.0  # a server closes a connection that sends nothing for this long (a pool then reconnects)
 
 
 def send(sock: socket.socket, message: dict[str, Any]) -> None:
@@ -163,6 +164,7 @@ class _Handler(socketserver.BaseRequestHandler):
 
     def handle(self) -> None:
         self.request.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.request.settimeout(IDLE_S)
         session = Session(secrets.token_hex(16))
         try:
             if self.server.challenge:
