@@ -157,7 +157,8 @@ class Party:
 
     def _send_shares(self, qid: str, peers: list[tuple[str, int]], shares: list[list[int]]) -> list[_Sent]:
         """Share j to party j, masked and signed with their pair key (field.pad), on connections kept open."""
-        index, sent = self.keys.index, list[_Sent]()
+        index = self.keys.index
+        sent: list[_Sent] = []
         for j, address in enumerate(peers):
             if j == index:
                 continue
