@@ -316,9 +316,10 @@ def _register_admin_commands() -> None:
 
     cli.add_command(serve)
     cli.add_command(user)
-    from dpgateway.executor_cli import enclave
+    from dpgateway.executor_cli import enclave, mpc
 
     cli.add_command(enclave)
+    cli.add_command(mpc)
     from dpgateway.he_cli import he
 
     cli.add_command(he)

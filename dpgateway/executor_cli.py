@@ -1,4 +1,5 @@
-"""Executor commands: ``dpgateway demo --executor NAME`` (its runner) and ``dpgateway enclave seal|measurement``."""
+"""Executor commands: ``dpgateway demo --executor NAME`` (its runner), ``dpgateway enclave seal|measurement`` and
+``dpgateway mpc keygen|party``."""
 
 from __future__ import annotations
 
@@ -104,3 +105,48 @@ def measurement() -> None:
     except ModuleNotFoundError as exc:
         raise UnsupportedError(f"the enclave executor needs {exc.name}: pip install 'dpgateway[enclave]'") from None
     click.echo(code_measurement().hex())
+
+
+@click.group()
+def mpc() -> None:
+    """The mpc executor's set-up: keys for the gateway and each party, and running a party (docs/executors.md)."""
+
+
+@mpc.command("keygen")
+@click.option("--parties", required=True, type=click.IntRange(min=2), help="Number of parties (K).")
+@click.option(
+    "--out",
+    default="keys/mpc",
+    show_default=True,
+    type=click.Path(file_okay=False),
+    help="Folder for gateway.key (the gateway's) and party0.key ... (one per party), each mode 0600.",
+)
+@reports_errors
+def mpc_keygen(parties: int, out: str) -> None:
+    """Make the keys with which the gateway signs its requests to each party and the parties sign their shares."""
+    from dpgateway.executors.mpc import keys
+
+    folder = Path(out)
+    keys.generate(parties, folder)
+    files = ", ".join(str(keys.party_file(folder, i)) for i in range(parties))
+    click.echo(
+        f"wrote {keys.gateway_file(folder)} (the gateway's: executors.mpc.keys: {folder}) and {files} "
+        "(each to its party only), mode 0600"
+    )
+
+
+@mpc.command("party")
+@click.option("--data", required=True, type=click.Path(dir_okay=False, exists=True), help="This party's rows.")
+@click.option("--key", required=True, type=click.Path(dir_okay=False, exists=True), help="Its party<i>.key.")
+@click.option("--listen", default="127.0.0.1:0", show_default=True, help="HOST:PORT (port 0: any free port).")
+@click.option("--collusion-threshold", default=1, show_default=True, type=click.IntRange(min=0))
+@click.option("--timeout", default=30.0, show_default=True, type=float, help="Seconds to wait for the others' shares.")
+@click.option("--threads", default=None, type=click.IntRange(min=1), help="DuckDB threads (default: all cores).")
+@reports_errors
+def mpc_party(data: str, key: str, listen: str, collusion_threshold: int, timeout: float, threads: int | None) -> None:
+    """Run one party on its own rows until stopped; it answers only requests signed with its key."""
+    from dpgateway.executors.mpc import party
+
+    party.serve(
+        Path(data), Path(key), listen, collusion_threshold=collusion_threshold, timeout=timeout, threads=threads
+    )

@@ -49,7 +49,7 @@ TABLE_KEYS = {
     "executor",
     "executors_allowed",
 }
-MPC_KEYS = {"collusion_threshold", "units_disjoint", "timeout_s"}
+MPC_KEYS = {"collusion_threshold", "units_disjoint", "timeout_s", "keys"}
 HE_KEYS = {"key_holder", "public_key", "gateway_key", "ciphertexts", "timeout_s"}
 CSV_KEYS = {"delimiter", "quote", "escape", "header", "comment", "null"}
 UNIT_TYPES = ("int", "str")  # identifiers whose text round-trips exactly (docs: README.md, docs/privacy.md)
@@ -99,7 +99,7 @@ def parse_config(raw: Any, *, base_dir: Path) -> Config:
     tables_raw = _mapping(raw.get("tables"), "tables")
     if not tables_raw:
         raise ConfigError("tables: declare at least one table")
-    mpc = _mpc(raw.get("executors", {}))
+    mpc = _mpc(raw.get("executors", {}), base_dir)
     enclave = enclave_settings(raw.get("executors", {}).get("enclave"), base_dir)
     tables = tuple(_table(str(name), spec, base_dir, mpc) for name, spec in tables_raw.items())
     check_enclave_tables(tables, enclave)
@@ -236,6 +236,11 @@ def _table(name: str, spec: Any, base_dir: Path, mpc: MpcSettings) -> Table:
     if "csv" in spec and (not isinstance(source, Path) or source.suffix.lower() in (".parquet", ".pq")):
         raise ConfigError(f"{where}.csv: only a CSV file source takes csv options; remove {where}.csv")
     executor, allowed = _executors(spec, where, source, public)
+    if isinstance(source, PartySources) and mpc.keys is None and any(p.startswith("tcp://") for p in source.parties):
+        raise ConfigError(
+            f"{where}.source: a party running elsewhere (tcp://) only answers requests signed with its key; run "
+            "`dpgateway mpc keygen --parties K --out DIR` and set executors.mpc.keys: DIR"
+        )
     if isinstance(source, PartySources) and mpc.collusion_threshold >= len(source.parties):
         raise ConfigError(
             f"{where}.source: {len(source.parties)} parties cannot tolerate executors.mpc.collusion_threshold "
@@ -344,7 +349,7 @@ def _executors(spec: dict[str, Any], where: str, source: Any, public: bool) -> t
     return executor, tuple(dict.fromkeys(allowed))
 
 
-def _mpc(raw: Any) -> MpcSettings:
+def _mpc(raw: Any, base_dir: Path) -> MpcSettings:
     spec = _mapping(raw, "executors")
     _no_unknown(spec, {"mpc", "enclave", "he"}, "executors")
     mpc = _mapping(spec.get("mpc", {}), "executors.mpc")
@@ -355,7 +360,15 @@ def _mpc(raw: Any) -> MpcSettings:
     disjoint = mpc.get("units_disjoint", False)
     if not isinstance(disjoint, bool):
         raise ConfigError("executors.mpc.units_disjoint: must be true or false")
-    return MpcSettings(t, disjoint, _positive(mpc.get("timeout_s", 30.0), "executors.mpc.timeout_s"))
+    keys = mpc.get("keys")
+    if keys is not None and (not isinstance(keys, str) or not keys.strip()):
+        raise ConfigError("executors.mpc.keys: must be the folder of `dpgateway mpc keygen` (relative to the config)")
+    return MpcSettings(
+        t,
+        disjoint,
+        _positive(mpc.get("timeout_s", 30.0), "executors.mpc.timeout_s"),
+        None if keys is None else base_dir / keys,
+    )
 
 
 def _he(raw: Any, base_dir: Path) -> HeSettings:

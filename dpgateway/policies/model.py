@@ -71,12 +71,16 @@ class MpcSettings:
     """The ``executors: mpc:`` section.
 
     ``collusion_threshold`` t: the guarantee holds while at most t parties (and the gateway) collude;
-    ``units_disjoint``: each person's rows are at one party only, so the sensitivity is not multiplied by K.
+    ``units_disjoint``: each person's rows are at one party only, so the sensitivity is not multiplied by K;
+    ``keys``: the folder of ``dpgateway mpc keygen`` (the gateway reads ``gateway.key``; parties it starts get
+    ``party<i>.key``), required when a party runs elsewhere; without it the gateway makes a fresh set for the
+    parties it starts.
     """
 
     collusion_threshold: int = 1
     units_disjoint: bool = False
     timeout_s: float = 30.0
+    keys: Path | None = None
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,7 @@ from helpers import chi_square, dlap_pmf
 pytest.importorskip("tenseal")
 
 from dpgateway.errors import BackendError, ConfigError, InvalidParameterError, UnsupportedError
+from dpgateway.executors import signing
 from dpgateway.executors.base import NoisePlan
 from dpgateway.executors.he import cube, scheme
 from dpgateway.executors.he.executor import HeExecutor
@@ -187,7 +188,7 @@ def _request(folder: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
 
 def _signed(folder: Path, message: dict[str, Any]) -> dict[str, Any]:
     """``message`` signed with the gateway's request key (as a gateway that meant to send it would)."""
-    return {**message, "mac": scheme.sign(scheme.read_request_key(folder / "keys" / "gateway.key"), message)}
+    return {**message, "mac": signing.sign(scheme.read_request_key(folder / "keys" / "gateway.key"), message)}
 
 
 def test_key_holder_refuses_a_plan_that_does_not_match(folder: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -16,6 +16,7 @@ from typing import Any
 from sqlglot import exp
 
 from dpgateway.errors import BackendError, InvalidParameterError
+from dpgateway.executors import signing
 from dpgateway.executors.base import Evidence, Executor, NoisePlan, NoisyResult
 from dpgateway.executors.he import scheme
 from dpgateway.executors.he.cube import Cube, field_key, key_id, policy_digest
@@ -112,7 +113,7 @@ class HeExecutor(Executor):
             "bounds": [f.bound for f in cube.fields] + [0] * (cube.period - len(cube.fields)),
             "capacity": cube.capacity,
         }
-        message["mac"] = scheme.sign(self._request_key(), message)
+        message["mac"] = signing.sign(self._request_key(), message)
         reply = self.ask(message)
         if "values" not in reply or reply.get("fingerprint") != noise.fingerprint():
             raise BackendError(f"table {self.table.name}: the he key holder refused ({reply.get('error', 'no reply')})")

@@ -34,12 +34,12 @@ from __future__ import annotations
 
 import argparse
 import base64
-import hmac
 import math
 import sys
 from pathlib import Path
 from typing import Any
 
+from dpgateway.executors import signing
 from dpgateway.executors.base import NoisePlan
 from dpgateway.executors.he import scheme
 from dpgateway.executors.mpc import wire
@@ -70,8 +70,7 @@ class Holder:
             return {"error": f"key holder failed: {type(exc).__name__}"}
 
     def _decrypt(self, message: dict[str, Any]) -> dict[str, Any]:
-        mac = message.get("mac")
-        if not isinstance(mac, str) or not hmac.compare_digest(mac, scheme.sign(self.keys.request_key, message)):
+        if not signing.signed_by(self.keys.request_key, message):
             raise Refused("the request is not signed by the gateway this key holder serves")
         noise = NoisePlan.from_json(message["noise"])
         fingerprint = noise.fingerprint()
@@ -117,7 +116,7 @@ def serve(key_file: Path, listen: str) -> None:
     """Run the key holder until killed, printing ``listening HOST:PORT`` once ready."""
     holder = Holder(key_file)
     host, _, port = listen.rpartition(":")
-    with wire.MessageServer((host, int(port)), holder.handle) as server:
+    with wire.MessageServer((host, int(port)), lambda message, _: holder.handle(message)) as server:
         bound_host, bound_port = str(server.server_address[0]), int(server.server_address[1])
         sys.stdout.write(f"listening {bound_host}:{bound_port}\n")
         sys.stdout.flush()

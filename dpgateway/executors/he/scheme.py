@@ -24,10 +24,6 @@ addition), which lets the gateway add thousands of them with numpy from a memory
 
 from __future__ import annotations
 
-import base64
-import hashlib
-import hmac
-import json
 import os
 import secrets
 import struct
@@ -40,6 +36,7 @@ from typing import Any
 import numpy as np
 
 from dpgateway.errors import InvalidParameterError
+from dpgateway.executors.signing import read_key_file, write_key_file
 
 try:
     import tenseal.sealapi as seal
@@ -141,56 +138,23 @@ def write_keys(keys: Keys, holder: Path, public: Path, gateway: Path) -> None:
     gateway's request key (0600), with which it signs every request the key holder accepts."""
     parts = {"params": _bytes(parameters()), "public_key": _bytes(keys.public_key), "galois": _bytes(keys.galois_keys)}
     request_key = secrets.token_bytes(32)
-    _write(holder, {**parts, "secret_key": _bytes(keys.secret_key), "request_key": request_key}, 0o600)
-    _write(public, parts, 0o644)
-    _write(gateway, {"request_key": request_key}, 0o600)
-
-
-def sign(request_key: bytes, message: dict[str, Any]) -> str:
-    """HMAC-SHA256 over the canonical JSON of ``message`` without its ``mac``."""
-    body = {k: v for k, v in message.items() if k != "mac"}
-    text = json.dumps(body, sort_keys=True, separators=(",", ":"))
-    return hmac.new(request_key, text.encode(), hashlib.sha256).hexdigest()
+    write_key_file(holder, {**parts, "secret_key": _bytes(keys.secret_key), "request_key": request_key}, 0o600)
+    write_key_file(public, parts, 0o644)
+    write_key_file(gateway, {"request_key": request_key}, 0o600)
 
 
 def read_request_key(path: Path) -> bytes:
     """The gateway's request key (``gateway.key`` from ``he keygen``; must be private)."""
-    parts = _read(path, private=True)
+    parts = read_key_file(path, private=True)
     if "request_key" not in parts:
         raise InvalidParameterError(f"{path} holds no request key; point executors.he.gateway_key at gateway.key")
     return parts["request_key"]
 
 
-def _read(path: Path, *, private: bool) -> dict[str, bytes]:
-    try:
-        text = path.read_text(encoding="ascii")
-        mode = path.stat().st_mode & 0o777
-    except OSError as exc:
-        raise InvalidParameterError(f"key file {str(path)!r} cannot be read ({exc.strerror})") from None
-    if private and mode & 0o077:
-        raise InvalidParameterError(f"key file {path} is readable by others (mode {mode:o}); chmod 600 it")
-    try:
-        return {name: base64.b64decode(value) for name, value in (line.split(" ", 1) for line in text.splitlines())}
-    except ValueError:
-        raise InvalidParameterError(f"{path} is not a dpgateway key file") from None
-
-
-def _write(path: Path, parts: dict[str, bytes], mode: int) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(path.name + ".tmp")
-    temporary.unlink(missing_ok=True)
-    descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
-    with os.fdopen(descriptor, "w", encoding="ascii") as handle:
-        os.fchmod(handle.fileno(), mode)  # O_CREAT's mode is reduced by the umask; fchmod is not
-        for name, data in parts.items():
-            handle.write(f"{name} {base64.b64encode(data).decode()}\n")
-    os.replace(temporary, path)
-
-
 def read_keys(path: Path, *, secret: bool = False) -> Keys:
     """Load a key file; ``secret=True`` (the key holder) requires the secret key and a 0600 file."""
     s = require()
-    raw = _read(path, private=secret)
+    raw = read_key_file(path, private=secret)
     if secret and ("secret_key" not in raw or "request_key" not in raw):
         raise InvalidParameterError(f"{path} holds no secret key; point the key holder at the file `he keygen` wrote")
     if not secret and "secret_key" in raw:

@@ -1,4 +1,5 @@
-"""The mpc demo's data-owner step: the sample split across three parties by person (units disjoint)."""
+"""The mpc demo's set-up: the sample split across three parties by person (units disjoint), and their keys
+(``dpgateway mpc keygen``)."""
 
 from __future__ import annotations
 
@@ -8,11 +9,13 @@ from typing import Any
 
 import duckdb
 
+from dpgateway.executors.mpc import keys
+
 PARTIES = 3
 
 
 def prepare(folder: Path, parquet: Path, table: str, policy: Mapping[str, Any]) -> dict[str, Any]:
-    """Write one Parquet file per party (each person's rows at one party) and return the policy entries."""
+    """Write one Parquet file per party (each person's rows at one party) and a key set, return the policy entries."""
     con = duckdb.connect()
     files = []
     for i in range(PARTIES):
@@ -22,8 +25,9 @@ def prepare(folder: Path, parquet: Path, table: str, policy: Mapping[str, Any]) 
         )
         files.append(str(target))
     con.close()
+    keys.generate(PARTIES, folder / "mpc-keys")
     return {
-        "step": f"split across {PARTIES} parties",
+        "step": f"split across {PARTIES} parties, keys for the gateway and each party",
         "table": {"source": {"parties": files}, "executor": "mpc"},
-        "executors": {"mpc": {"collusion_threshold": 1, "units_disjoint": True}},
+        "executors": {"mpc": {"collusion_threshold": 1, "units_disjoint": True, "keys": str(folder / "mpc-keys")}},
     }

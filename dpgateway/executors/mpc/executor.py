@@ -1,6 +1,9 @@
 """The gateway's side of ``mpc``: dispatch to the K parties, add their partial sums, decode the noisy total.
 
 The gateway receives only partial sums of shares (party.py), never a party's aggregate or an unnoised total.
+It signs each party's request with that party's request key (keys.py) on a connection kept open across
+queries (wire.py), sends all K requests before reading any reply so the parties work at once, and takes a
+partial sum only if the party signed it for this request.
 """
 
 from __future__ import annotations
@@ -9,12 +12,14 @@ import os
 import secrets
 import subprocess
 import sys
-from concurrent.futures import ThreadPoolExecutor
+import tempfile
+from pathlib import Path
 from typing import Any
 
-from dpgateway.errors import BackendError, InternalError
+from dpgateway.errors import BackendError, ConfigError, InternalError
+from dpgateway.executors import signing
 from dpgateway.executors.base import Evidence, Executor, NoisePlan, NoisyResult
-from dpgateway.executors.mpc import field, wire
+from dpgateway.executors.mpc import field, keys, wire
 from dpgateway.mechanisms import I64_MAX, laplace_half_width
 from dpgateway.plan import DPPlan
 from dpgateway.policies.model import MpcSettings, PartySources, Table
@@ -32,6 +37,9 @@ class MpcExecutor(Executor):
         self.settings = settings
         self._processes: list[subprocess.Popen[str]] = []
         self._addresses: list[str] = []
+        self._keys: list[bytes] = []
+        self._key_folder: tempfile.TemporaryDirectory[str] | None = None
+        self.pool = wire.Pool(settings.timeout_s + 5, challenge=True)
 
     @property
     def parties(self) -> int:
@@ -61,14 +69,42 @@ class MpcExecutor(Executor):
         )
 
     def addresses(self) -> list[str]:
-        """The parties' addresses, starting local parties (one process per file) on first use."""
+        """The parties' addresses, starting local parties (one process per file, all at once) on first use."""
         if not self._addresses:
             assert isinstance(self.table.source, PartySources)
-            for entry in self.table.source.parties:
-                self._addresses.append(entry if entry.startswith("tcp://") else self._spawn(entry))
+            folder = self._key_set()
+            started = {
+                i: self._spawn(entry, folder, i)
+                for i, entry in enumerate(self.table.source.parties)
+                if not entry.startswith("tcp://")
+            }
+            try:
+                addresses = [
+                    self._listening(started[i]) if i in started else entry
+                    for i, entry in enumerate(self.table.source.parties)
+                ]
+            except BackendError:
+                self.close()  # no half-started set: the next query starts them all again
+                raise
+            self._addresses = addresses
         return self._addresses
 
-    def _spawn(self, data: str) -> str:
+    def _key_set(self) -> Path:
+        """The key folder: ``executors.mpc.keys``, or a fresh set (0600, private folder) for parties started here."""
+        folder = self.settings.keys
+        if folder is None:
+            self._key_folder = tempfile.TemporaryDirectory(prefix="dpgateway-mpc-keys-")
+            folder = Path(self._key_folder.name)
+            keys.generate(self.parties, folder)
+        self._keys = keys.read_gateway(keys.gateway_file(folder))
+        if len(self._keys) != self.parties:
+            raise ConfigError(
+                f"executors.mpc.keys: {folder} holds keys for {len(self._keys)} parties; table {self.table.name} has "
+                f"{self.parties} (run `dpgateway mpc keygen --parties {self.parties}`)"
+            )
+        return folder
+
+    def _spawn(self, data: str, folder: Path, index: int) -> subprocess.Popen[str]:
         process = subprocess.Popen(
             [
                 sys.executable,
@@ -76,6 +112,8 @@ class MpcExecutor(Executor):
                 "dpgateway.executors.mpc.party",
                 "--data",
                 data,
+                "--key",
+                str(keys.party_file(folder, index)),
                 "--collusion-threshold",
                 str(self.settings.collusion_threshold),
                 "--timeout",
@@ -88,10 +126,14 @@ class MpcExecutor(Executor):
             text=True,
         )
         self._processes.append(process)
+        return process
+
+    def _listening(self, process: subprocess.Popen[str]) -> str:
+        """The address a started party prints once it listens."""
         assert process.stdout is not None
         line = process.stdout.readline()
         if not line.startswith("listening "):
-            raise BackendError(f"table {self.table.name}: a party did not start (check its Parquet file)")
+            raise BackendError(f"table {self.table.name}: a party did not start (check its Parquet file and key)")
         return "tcp://" + line.split()[1]
 
     def execute(self, plan: DPPlan, noise: NoisePlan) -> NoisyResult:
@@ -107,8 +149,7 @@ class MpcExecutor(Executor):
             "collusion_threshold": self.settings.collusion_threshold,
             "peers": peers,
         }
-        with ThreadPoolExecutor(max_workers=len(peers)) as pool:
-            replies = list(pool.map(lambda i: self._ask(peers[i], {**message, "index": i}), range(len(peers))))
+        replies = self._ask_all(peers, message)
         for i, reply in enumerate(replies):
             if "partial" not in reply or reply.get("fingerprint") != noise.fingerprint():
                 raise BackendError(f"table {self.table.name}: mpc party {i} aborted the query ({reply.get('error')})")
@@ -132,14 +173,40 @@ class MpcExecutor(Executor):
             ),
         )
 
-    def _ask(self, address: str, message: dict[str, Any]) -> dict[str, Any]:
-        host, _, port = address.removeprefix("tcp://").rpartition(":")
-        try:
-            return wire.request((host, int(port)), message, self.settings.timeout_s + 5)
-        except (OSError, ConnectionError, ValueError):
-            return {"error": "unreachable"}
+    def _ask_all(self, peers: list[str], message: dict[str, Any]) -> list[dict[str, Any]]:
+        """Every party's signed request sent first, then the replies read: the K parties work at once."""
+        replies: list[dict[str, Any]] = [{"error": "unreachable"} for _ in peers]
+        waiting: list[tuple[int, wire.Connection, int]] = []
+        for i, peer in enumerate(peers):
+            try:
+                connection = self.pool.take(_address(peer))
+            except (OSError, ValueError):
+                continue
+            seq = connection.seq
+            try:
+                connection.send({**message, "index": i}, self._keys[i])
+            except OSError:
+                connection.close()
+                continue
+            waiting.append((i, connection, seq))
+        for i, connection, seq in waiting:
+            try:
+                reply = connection.receive()
+            except (OSError, ValueError):
+                connection.close()
+                continue
+            self.pool.give(_address(peers[i]), connection)
+            if "partial" in reply and not (
+                signing.signed_by(self._keys[i], reply)
+                and reply.get("qid") == message["qid"]
+                and reply.get("seq") == seq
+            ):
+                reply = {"error": "its reply is not signed by it for this request"}
+            replies[i] = reply
+        return replies
 
     def close(self) -> None:
+        self.pool.close()
         for process in self._processes:
             process.terminate()
         for process in self._processes:
@@ -152,6 +219,14 @@ class MpcExecutor(Executor):
                 process.stdout.close()
         self._processes.clear()
         self._addresses.clear()
+        if self._key_folder is not None:
+            self._key_folder.cleanup()
+            self._key_folder = None
+
+
+def _address(text: str) -> tuple[str, int]:
+    host, _, port = text.removeprefix("tcp://").rpartition(":")
+    return host, int(port)
 
 
 def _saturate(value: int) -> int:
