@@ -108,6 +108,10 @@ class SQLHooks:
         """Per-query engine settings for a plan that keeps ``k`` rows per unit."""
         return ()
 
+    def per_unit_settings(self) -> tuple[tuple[str, Any], ...]:
+        """Per-query engine settings for the scalar ``COUNT(*)`` pre-aggregation (one ``GROUP BY unit``)."""
+        return ()
+
     def file_source(self, path: str) -> exp.Expr:
         """The relation reading a Parquet file written by the gateway (a prepared copy)."""
         return exp.to_table(path)

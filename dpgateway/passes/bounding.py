@@ -318,7 +318,7 @@ def _unit_count(plan: DPPlan, table: Table, ctx: PlanContext) -> DPPlan:
     name = plan.measurements[0].name
     bounded = exp.select(exp.alias_(total, name, quoted=True), copy=False).from_("per_unit", copy=False)
     bounded = bounded.with_("typed", as_=typed, copy=False).with_("per_unit", as_=per_unit, copy=False)
-    return _rendered(plan, bounded, table.name, ctx)
+    return _rendered(plan, bounded, table.name, ctx, settings=ctx.hooks.per_unit_settings())
 
 
 def _unit_weighted(plan: DPPlan, table: Table, ctx: PlanContext) -> DPPlan:
