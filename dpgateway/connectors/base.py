@@ -108,6 +108,10 @@ class SQLHooks:
         """Per-query engine settings for a plan that keeps ``k`` rows per unit."""
         return ()
 
+    def unit_count_by_join(self, table: Table) -> bool:
+        """Whether the weighted rewrite over ``table`` (a single source) takes ``n_u`` by the join form."""
+        return self.UNIT_COUNT_BY_JOIN
+
     def per_unit_settings(self) -> tuple[tuple[str, Any], ...]:
         """Per-query engine settings for the scalar ``COUNT(*)`` pre-aggregation (one ``GROUP BY unit``)."""
         return ()

@@ -106,6 +106,17 @@ class DuckDBHooks(SQLHooks):
         integer = exp.In(this=kind, expressions=[exp.Literal.string(t) for t in INTEGER_TYPES])
         return exp.Case(ifs=[exp.If(this=integer, true=self.typed(column))], default=exact)
 
+    def unit_count_by_join(self, table: Table) -> bool:
+        """The join form over Parquet sources only. DuckDB 2.0 pushes a ``TRY_CAST`` of a column into
+        ``read_csv``, whose ``ignore_errors`` then drops a record with an unparsable value instead of making
+        the value NULL, and whether it does depends on the plan: the join form's two reads of one CSV could
+        disagree (a unit counted in ``n_u`` with a row missing, or the reverse), so CSV sources keep the window.
+        Test: tests/test_weighted_forms.py::test_csv_sources_keep_the_window."""
+        source = table.source
+        if not self.UNIT_COUNT_BY_JOIN or isinstance(source, (dict, PartySources)):
+            return False
+        return Path(source).suffix.lower() in (".parquet", ".pq")
+
     def csv_columns(self, path: Path, dialect: CsvDialect, table: Table) -> tuple[str, ...]:
         """The file's column names in order: its header line (read once), else the declared columns."""
         if not dialect.header:

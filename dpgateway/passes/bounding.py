@@ -24,8 +24,9 @@ Row-bounding shape (DuckDB rendering)::
 
 Weighted shape: ``ranked`` carries ``COUNT(*) OVER (PARTITION BY unit) AS __n`` instead of ``__rn``, and
 each row value ``v`` (the fixed-point value above; ``S`` = COUNT_SCALE for a count) is summed as
-``v * k // GREATEST(__n, k)``. Where the backend's hooks set ``UNIT_COUNT_BY_JOIN`` (DuckDB: a hash
-aggregate and a hash join instead of the window's partition-and-sort, about half the time), ``__n`` comes
+``v * k // GREATEST(__n, k)``. Where the backend's hooks choose it for a single-table source
+(``SQLHooks.unit_count_by_join``; DuckDB over Parquet: a hash aggregate and a hash join instead of the
+window's partition-and-sort, about half the time), ``__n`` comes
 from ``per_unit AS (SELECT unit AS __u, COUNT(*) AS __n FROM typed WHERE (<where>) AND unit IS NOT NULL
 GROUP BY unit)`` and ``ranked`` is ``SELECT *, <keys> FROM typed JOIN per_unit ON unit = __u WHERE (<where>)``.
 
@@ -128,7 +129,9 @@ def _weighted(plan: DPPlan, table: Table, ctx: PlanContext) -> DPPlan:
     after = bounds_before_filter(plan, ctx)  # n_u over all of the unit's rows, the filter on the weighted rows
     before = plan.where.copy() if plan.where is not None and not after else None
     ctes: list[tuple[str, exp.Select]] = [("typed", typed)]
-    if ctx.hooks.UNIT_COUNT_BY_JOIN:  # n_u by GROUP BY unit, joined back to the unit's rows (proof note above)
+    if plan.relation is None and ctx.hooks.unit_count_by_join(
+        table
+    ):  # n_u by GROUP BY unit, joined back (proof note above)
         joined = find_new_name({c.name for c in table.columns} | {n}, "__u")
         per_unit = (
             exp.select(
