@@ -178,9 +178,9 @@ def markdown(rows: int, reps: int, results: dict[str, dict[str, Any]], command: 
     lines += [
         f"Load average (1 min) on the machine's {os.cpu_count()} cores when each backend finished: "
         + ", ".join(f"{b} {r['load']:.1f}" for b, r in results.items())
-        + ". On PostgreSQL the raw aggregates run with parallel workers and the bounded queries' per-person "
-        "window in one process, so under load the raw query takes a larger share of the CPU and the ratio "
-        "overstates the quiet-machine one.",
+        + ". On PostgreSQL the raw aggregates run with parallel workers and the weighted rewrite's per-person "
+        "window in one process (scalar COUNT(*) groups by person with parallel workers), so under load the raw "
+        "query takes a larger share of the CPU and the ratio overstates the quiet-machine one.",
         "",
         DUCKDB_NOTE,
         "",

@@ -1,14 +1,14 @@
-"""``python bench/run.py --only cold``: the cold path alone, as planned now and as planned before session 5.
+"""``python bench/run.py --only cold``: the cold path alone, as planned now and as planned before session 6.
 
 Per query shape (unfiltered and filtered, bench/run.py's workloads), each repetition times the raw aggregate,
-the per-person floor, the DP query as planned now and the DP query as planned before (per-row weighting for
-filtered scalar queries, TRY around every filter), alternating, so the machine's load moves all four alike.
-Printed only: RESULTS.md and results.json keep the full run's figures.
+the per-person floor, the DP query as planned now and the DP query as planned before (the weighted rewrite's
+unit row count ``n_u`` by a ``COUNT(*) OVER (PARTITION BY unit)`` window instead of a GROUP BY joined back),
+alternating, so the machine's load moves all four alike. The exact aggregates are the same either way
+(tests/test_weighted_forms.py). Printed only: RESULTS.md and results.json keep the full run's figures.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import statistics
 import tempfile
 from collections import defaultdict
@@ -22,33 +22,21 @@ from rich.console import Console
 from rich.table import Table as RichTable
 from run import FILTERED, FLOOR_SQL, SHAPES, generate, timed, write_config
 
-from dpgateway import Gateway, planner
-from dpgateway.passes.rewrite import choose_rewrite
+from dpgateway import Gateway
+from dpgateway.connectors.duckdb import DuckDBHooks
+from dpgateway.planner import PlanCache
 
 
 @contextmanager
-def previous_cold_path() -> Iterator[None]:
-    """Plan as before issue 19's cold-path work: per-row weighting for filtered scalar queries, and TRY
-    around every filter (for ``--only cold``'s before/after in the same run)."""
-    saved = planner.PASSES
-
-    def per_row(plan: Any, *, ctx: Any) -> Any:
-        plan = choose_rewrite(plan, ctx=ctx)
-        return plan.with_(rewrite="weighted") if plan.rewrite == "unit_weighted" else plan
-
-    def try_everywhere(plan: Any, *, ctx: Any) -> Any:
-        hooks = ctx.hooks
-        return plan.with_(
-            where=hooks.total(plan.where) if plan.where is not None else None,
-            group_keys=tuple(dataclasses.replace(k, expr=hooks.total(k.expr)) for k in plan.group_keys),
-        )
-
-    swap = {"choose_rewrite": per_row, "make_total": try_everywhere}
-    planner.PASSES = tuple(swap.get(p.__name__, p) for p in saved)
+def previous_cold_path(gw: Gateway, cache: PlanCache) -> Iterator[None]:
+    """Plan as before session 6: the weighted rewrite's ``n_u`` by a window (for ``--only cold``'s before/after
+    in the same run), with ``cache`` as the plan cache (its key does not cover a hooks class flag)."""
+    saved, plans = DuckDBHooks.UNIT_COUNT_BY_JOIN, gw._plans
+    DuckDBHooks.UNIT_COUNT_BY_JOIN, gw._plans = False, cache
     try:
         yield
     finally:
-        planner.PASSES = saved
+        DuckDBHooks.UNIT_COUNT_BY_JOIN, gw._plans = saved, plans
 
 
 def cold_run(rows: int, reps: int) -> dict[str, Any]:
@@ -61,6 +49,7 @@ def cold_run(rows: int, reps: int) -> dict[str, Any]:
     floors: list[float] = []
     with tempfile.TemporaryDirectory() as tmp:
         raw = duckdb.connect()
+        before_plans = PlanCache()
         with Gateway.from_config(write_config(Path(tmp), source)) as gw:
             for label, shapes in (("unfiltered", SHAPES), ("filtered", FILTERED)):
                 now: dict[str, Any] = {}
@@ -75,13 +64,13 @@ def cold_run(rows: int, reps: int) -> dict[str, Any]:
                         times["floor"].append(timed(lambda: raw.execute(floor_sql).fetchall()))
                         sql = dp_sql.format(alias=f"v{label[0]}n{i}", n=n)
                         times["now"].append(timed(lambda s=sql: gw.query(s, analyst="bench", epsilon=1.0)))
-                        with previous_cold_path():
+                        with previous_cold_path(gw, before_plans):
                             sql = dp_sql.format(alias=f"v{label[0]}b{i}", n=n + 1000)
                             times["before"].append(timed(lambda s=sql: gw.query(s, analyst="bench", epsilon=1.0)))
                     floor = statistics.median(times["floor"])
                     floors.append(floor)
                     for which, into in (("now", now), ("before", before)):
-                        with previous_cold_path() if which == "before" else nullcontext():
+                        with previous_cold_path(gw, before_plans) if which == "before" else nullcontext():
                             plan = gw.explain(dp_sql.format(alias="v", n=0), epsilon=1.0).plan
                         dp = statistics.median(times[which])
                         into[name] = {

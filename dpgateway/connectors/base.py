@@ -45,6 +45,10 @@ class SQLHooks:
     """Node kinds these hooks build beyond :data:`dpgateway.sqlcheck.BACKEND_NODES` (allowed in verified SQL)."""
     BACKEND_FUNCTIONS: frozenset[str] = frozenset()
     """Names of untyped (anonymous) functions these hooks call besides ``HASH`` (allowed in verified SQL)."""
+    UNIT_COUNT_BY_JOIN = False
+    """Weighted rewrite: each unit's row count ``n_u`` by ``GROUP BY unit`` joined back to its rows, instead of
+    a ``COUNT(*) OVER (PARTITION BY unit)`` window (the same ``n_u`` on every row; passes/bounding.py).
+    Set where the join measured faster (bench/README.md)."""
 
     def source(self, table: Table) -> exp.Expr:
         """The relation to read ``table`` from."""
@@ -102,6 +106,14 @@ class SQLHooks:
 
     def settings(self, k: int) -> tuple[tuple[str, Any], ...]:
         """Per-query engine settings for a plan that keeps ``k`` rows per unit."""
+        return ()
+
+    def unit_count_by_join(self, table: Table) -> bool:
+        """Whether the weighted rewrite over ``table`` (a single source) takes ``n_u`` by the join form."""
+        return self.UNIT_COUNT_BY_JOIN
+
+    def per_unit_settings(self) -> tuple[tuple[str, Any], ...]:
+        """Per-query engine settings for the scalar ``COUNT(*)`` pre-aggregation (one ``GROUP BY unit``)."""
         return ()
 
     def file_source(self, path: str) -> exp.Expr:

@@ -43,6 +43,7 @@ class DuckDBHooks(SQLHooks):
     """
 
     DIALECT = "duckdb"
+    UNIT_COUNT_BY_JOIN = True  # hash aggregate + hash join: about half the window's time (bench/README.md)
     # No per-query settings: disabling DuckDB's top_n_window_elimination for k > 1 (DESIGN performance
     # rules) made no measurable difference on DuckDB 2.0 (bench/RESULTS.md), so the default plan is kept.
 
@@ -104,6 +105,17 @@ class DuckDBHooks(SQLHooks):
         kind = exp.func("typeof", exp.column(column.name, quoted=True))
         integer = exp.In(this=kind, expressions=[exp.Literal.string(t) for t in INTEGER_TYPES])
         return exp.Case(ifs=[exp.If(this=integer, true=self.typed(column))], default=exact)
+
+    def unit_count_by_join(self, table: Table) -> bool:
+        """The join form over Parquet sources only. DuckDB 2.0 pushes a ``TRY_CAST`` of a column into
+        ``read_csv``, whose ``ignore_errors`` then drops a record with an unparsable value instead of making
+        the value NULL, and whether it does depends on the plan: the join form's two reads of one CSV could
+        disagree (a unit counted in ``n_u`` with a row missing, or the reverse), so CSV sources keep the window.
+        Test: tests/test_weighted_forms.py::test_csv_sources_keep_the_window."""
+        source = table.source
+        if not self.UNIT_COUNT_BY_JOIN or isinstance(source, (dict, PartySources)):
+            return False
+        return Path(source).suffix.lower() in (".parquet", ".pq")
 
     def csv_columns(self, path: Path, dialect: CsvDialect, table: Table) -> tuple[str, ...]:
         """The file's column names in order: its header line (read once), else the declared columns."""

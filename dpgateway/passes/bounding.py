@@ -24,7 +24,23 @@ Row-bounding shape (DuckDB rendering)::
 
 Weighted shape: ``ranked`` carries ``COUNT(*) OVER (PARTITION BY unit) AS __n`` instead of ``__rn``, and
 each row value ``v`` (the fixed-point value above; ``S`` = COUNT_SCALE for a count) is summed as
-``SIGN(v) * ((ABS(v) * k) // GREATEST(__n, k))``.
+``v * k // GREATEST(__n, k)``. Where the backend's hooks choose it for a single-table source
+(``SQLHooks.unit_count_by_join``; DuckDB over Parquet: a hash aggregate and a hash join instead of the
+window's partition-and-sort, about half the time), ``__n`` comes
+from ``per_unit AS (SELECT unit AS __u, COUNT(*) AS __n FROM typed WHERE (<where>) AND unit IS NOT NULL
+GROUP BY unit)`` and ``ranked`` is ``SELECT *, <keys> FROM typed JOIN per_unit ON unit = __u WHERE (<where>)``.
+
+Proof note (the join form is the window form): ``per_unit`` groups exactly the rows the window partitions
+(the same ``typed`` rows, the same filter, NULL units dropped), by the same equality on the unit, so its
+``__n`` for unit ``u`` is the window's ``COUNT(*)`` over ``u``'s partition. The inner join on ``unit = __u``
+pairs each such row with exactly one ``per_unit`` row, its own unit's (``__u`` is unique after GROUP BY),
+and drops rows with a NULL unit as the window form's ``unit IS NOT NULL`` does; the filter is applied to
+the joined rows as to the windowed ones. So ``ranked`` holds the same rows with the same ``__n``, the final
+aggregate is the same expression, and every exact aggregate is identical (the proof note "weighted" holds
+unchanged). Under ``bound_first`` neither form filters before counting, and both filter in the final
+aggregate. Tests: tests/test_weighted_forms.py (both forms on DuckDB, persons of many rows, negative and
+NULL values, NULL and text units, filters), tests/backends/test_conformance.py (join on DuckDB, window on
+PostgreSQL and Spark, identical aggregates).
 
 Proof note (row bounding): the filter runs before ranking, so each unit keeps at most ``k`` of its own
 matching rows; which ones depends only on a keyed hash of that unit's own row content, never on other
@@ -108,18 +124,41 @@ def _weighted(plan: DPPlan, table: Table, ctx: PlanContext) -> DPPlan:
     assert table.privacy_unit is not None
     typed = _source_rows(plan, _needed_columns(plan, table), table, ctx)
     n, _ = _unit_columns(table)
+    unit = exp.column(table.privacy_unit, quoted=True)
     keys = [exp.alias_(k.expr.copy(), k.name, quoted=True) for k in plan.group_keys]
-    window = exp.Window(this=exp.Count(this=exp.Star()), partition_by=[exp.column(table.privacy_unit, quoted=True)])
-    rows = exp.select(exp.Star(), *keys, exp.alias_(window, n, quoted=True), copy=False).from_("typed", copy=False)
     after = bounds_before_filter(plan, ctx)  # n_u over all of the unit's rows, the filter on the weighted rows
     before = plan.where.copy() if plan.where is not None and not after else None
-    rows = rows.where(_and_unit_not_null(before, table), copy=False)
+    ctes: list[tuple[str, exp.Select]] = [("typed", typed)]
+    if plan.relation is None and ctx.hooks.unit_count_by_join(
+        table
+    ):  # n_u by GROUP BY unit, joined back (proof note above)
+        joined = find_new_name({c.name for c in table.columns} | {n}, "__u")
+        per_unit = (
+            exp.select(
+                exp.alias_(unit.copy(), joined, quoted=True),
+                exp.alias_(exp.Count(this=exp.Star()), n, quoted=True),
+                copy=False,
+            )
+            .from_("typed", copy=False)
+            .where(_and_unit_not_null(before.copy() if before is not None else None, table), copy=False)
+            .group_by(unit.copy(), copy=False)
+        )
+        on = exp.EQ(this=unit.copy(), expression=exp.column(joined, quoted=True))
+        rows = exp.select(exp.Star(), *keys, copy=False).from_("typed", copy=False).join("per_unit", on=on, copy=False)
+        if before is not None:
+            rows = rows.where(before, copy=False)
+        ctes.append(("per_unit", per_unit))
+    else:
+        window = exp.Window(this=exp.Count(this=exp.Star()), partition_by=[unit.copy()])
+        rows = exp.select(exp.Star(), *keys, exp.alias_(window, n, quoted=True), copy=False).from_("typed", copy=False)
+        rows = rows.where(_and_unit_not_null(before, table), copy=False)
     final = _final(plan, table, "ranked", weight=n)
     if after:
         assert plan.where is not None
         final = final.where(plan.where.copy(), copy=False)
-    bounded = final.with_("typed", as_=typed, copy=False).with_("ranked", as_=rows, copy=False)
-    return _rendered(plan, bounded, table.name, ctx)
+    for name, body in [*ctes, ("ranked", rows)]:
+        final = final.with_(name, as_=body, copy=False)
+    return _rendered(plan, final, table.name, ctx)
 
 
 def _unit_columns(table: Table) -> tuple[str, str]:
@@ -282,7 +321,7 @@ def _unit_count(plan: DPPlan, table: Table, ctx: PlanContext) -> DPPlan:
     name = plan.measurements[0].name
     bounded = exp.select(exp.alias_(total, name, quoted=True), copy=False).from_("per_unit", copy=False)
     bounded = bounded.with_("typed", as_=typed, copy=False).with_("per_unit", as_=per_unit, copy=False)
-    return _rendered(plan, bounded, table.name, ctx)
+    return _rendered(plan, bounded, table.name, ctx, settings=ctx.hooks.per_unit_settings())
 
 
 def _unit_weighted(plan: DPPlan, table: Table, ctx: PlanContext) -> DPPlan:

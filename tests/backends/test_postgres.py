@@ -192,3 +192,24 @@ def test_prepare_is_refused_with_the_reason(
     with Gateway(config) as gw, pytest.raises(UnsupportedError, match=r"cannot be prepared on postgres: .*READ ONLY"):
         gw.prepare("pums")
     assert not list(tmp_path.glob("**/*.parquet"))  # nothing was written
+
+
+def test_scalar_count_groups_by_unit_without_hashagg_and_the_same_answer(
+    pg_database: PostgresDatabase, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The scalar COUNT(*) pre-aggregation runs with ``enable_hashagg = off`` (parallel sort and group,
+    postgres_sql.PostgresHooks.per_unit_settings); the setting changes the plan, not the rows."""
+    pg_database.load("pums", pums_frame())
+    monkeypatch.setenv(URL_ENV, pg_database.reader_url)
+    source = {"connector": "postgres", "url": {"$env": URL_ENV}, "table": "census.pums"}
+    spec = {"source": source, "privacy_unit": "pid", "max_rows_per_unit": 2, "columns": PUMS_COLUMNS}
+    config = parse_config({"tables": {"pums": spec}, "ledger": f"sqlite:///{tmp_path / 'l.db'}"}, base_dir=tmp_path)
+    with Gateway(config) as gw:
+        plan = gw.explain("SELECT COUNT(*) FROM pums WHERE age > 30", epsilon=1.0).plan
+        assert plan is not None and plan.rewrite == "unit_count"
+        assert plan.settings == (("enable_hashagg", "off"),)
+        probe = trusted_sql("SELECT current_setting('enable_hashagg')")
+        assert gw.connector.execute(probe, plan.settings).rows == (("off",),)
+        without = gw.connector.execute(plan.bounded_sql).rows
+        assert gw.connector.execute(plan.bounded_sql, plan.settings).rows == without
+        assert without[0][0] > 0
