@@ -36,7 +36,8 @@ class Result:
     ``frame`` (pandas) and ``rows`` (plain, JSON-friendly values) are built from ``released`` when first read.
     ``accuracy`` describes each output column's 95% error (``"±18"``, ``"exact (public data)"``, ...);
     ``half_width`` is that half-width as a number where it is exact (COUNT and SUM; 0 for exact columns),
-    else None; ``warnings`` flag values that are mostly noise (see :func:`avg_warnings`).
+    else None; ``warnings`` flag values that are mostly noise (see :func:`avg_warnings`); ``plan`` is the plan
+    the query was answered under (not part of the released answer).
     """
 
     released: Released
@@ -47,6 +48,7 @@ class Result:
     accuracy: dict[str, str] = field(default_factory=dict)
     half_width: dict[str, float | None] = field(default_factory=dict)
     warnings: tuple[str, ...] = ()
+    plan: DPPlan | None = field(default=None, repr=False, compare=False)  # what answered (e.g. the server types it)
 
     @property
     def columns(self) -> list[str]:

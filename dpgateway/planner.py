@@ -89,10 +89,10 @@ def _with_aliases(plan: DPPlan, aliases: tuple[str | None, ...]) -> DPPlan:
     outputs = tuple(o if a is None else replace(o, name=a) for o, a in zip(plan.outputs, aliases, strict=True))
     if outputs == plan.outputs:
         return plan
-    renamed = plan.with_(outputs=outputs)
     if plan.post_python is not None:  # the sandbox query only if the Python form declines: rendered then
-        return renamed.with_(post_sql="")
-    return renamed.with_(post_sql=post_processing_sql(renamed)) if plan.post_sql else renamed
+        return plan.renamed(outputs=outputs, post_sql="")
+    renamed = plan.renamed(outputs=outputs)
+    return renamed.renamed(post_sql=post_processing_sql(renamed)) if plan.post_sql else renamed
 
 
 class PlanCache:
@@ -128,7 +128,7 @@ class PlanCache:
                     self._plans.move_to_end(key)
                     if key is free_key and free is not None:
                         plan = _with_aliases(plan, free[1])
-                    return plan if plan.sql == sql else plan.with_(sql=sql)
+                    return plan if plan.sql == sql else plan.renamed(sql=sql)
         plan = build_plan(sql, epsilon=epsilon, delta=delta, ctx=ctx)
         key = free_key if free_key is not None and not plan.passthrough else full_key
         with self._lock:
