@@ -63,6 +63,7 @@ class Gateway:
                     self.connector.check_table(table)
         self._ctx = PlanContext(config=config, hooks=self.connector.hooks, seed=self.store.secret_seed())
         self._plans = PlanCache()
+        self._copies = prepare.CopyCheck(config, self._ctx.seed)  # which prepared copies are valid, per query
         self._prepare_lock = threading.Lock()  # one build at a time (manual and automatic share the scratch names)
         self.auto_prepare = prepare.AutoPreparer(config.prepare, self.prepare)
         self.executors = ExecutorPool(config, self.connector)
@@ -249,7 +250,7 @@ class Gateway:
 
     def _context(self) -> PlanContext:
         """The planning context, with the prepared copies that are valid right now."""
-        copies = prepare.valid_copies(self.config, self._ctx.seed)
+        copies = self._copies.valid()
         if copies != self._ctx.prepared:
             self._ctx = dataclasses.replace(self._ctx, prepared=copies)
         return self._ctx
