@@ -385,7 +385,7 @@ def _spend(analyst: str, plan: DPPlan | None, sql: str, key: str) -> Spend:
         query_key=key,
         sql=sql,
         # the placeholder rendering: the same hash wherever the source lives (no host path, key or option)
-        rewritten_sha256=hashlib.sha256(plan.shown_sql.encode()).hexdigest(),
+        rewritten_sha256=plan.memo("shown_sha256", lambda p: hashlib.sha256(p.shown_sql.encode()).hexdigest()),
     )
 
 

@@ -190,11 +190,12 @@ class CopyCheck:
     def valid(self) -> tuple[PreparedCopy, ...]:
         found = []
         for table, manifest, source in self._tables:
+            manifest_stat = _stat(manifest)
+            if manifest_stat is None:  # no manifest: no copy (the full check would fail to read it)
+                continue
             known = self._known.get(table.name)
             copy_path = known[1].path if known is not None and known[1] is not None else None
-            signature = (_stat(manifest), _stat(source), None if copy_path is None else _stat(copy_path))
-            if signature[0] is None:  # no manifest: no copy (the full check would fail to read it)
-                continue
+            signature = (manifest_stat, _stat(source), None if copy_path is None else _stat(copy_path))
             if known is None or known[0] != signature:
                 copy = _valid_copy(self.config.cache_folder, table, self.seed)
                 if copy is not None and copy.path != copy_path:  # a new copy file: its stat joins the signature
