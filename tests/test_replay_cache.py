@@ -69,9 +69,11 @@ def test_a_query_the_new_policy_refuses_is_never_replayed(demo_config_path: Path
         assert gw.query(SQL, analyst="ann", epsilon=0.5).replayed  # remembered
     table = config.tables[0]
     narrower = dataclasses.replace(table, columns=tuple(c for c in table.columns if c.name != "income"))
-    with Gateway(dataclasses.replace(config, tables=(narrower,)), store=store) as gw:
-        with pytest.raises(DPGatewayError, match="income"):
-            gw.query(SQL, analyst="ann", epsilon=0.5)
+    with (
+        Gateway(dataclasses.replace(config, tables=(narrower,)), store=store) as gw,
+        pytest.raises(DPGatewayError, match="income"),
+    ):
+        gw.query(SQL, analyst="ann", epsilon=0.5)
     # a policy under which the query still plans: replayed, as the ledger itself replays (key: SQL, epsilon, delta)
     k4 = dataclasses.replace(table, max_rows_per_unit=4)
     with Gateway(dataclasses.replace(config, tables=(k4,)), store=store) as gw:
