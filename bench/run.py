@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import re
@@ -309,11 +310,16 @@ def overhead_run(n_queries: int) -> dict[str, Any]:
                 breakdown["other (Python glue, audit text, result)"] = max(
                     0.0, statistics.mean(totals) - sum(breakdown.values())
                 )
+                backend = stages.get("backend", [])
+                outside = [t - b for t, b in zip(totals, backend, strict=True)] if len(backend) == len(totals) else []
                 result[label] = {
                     "p50_ms": total,
                     "p90_ms": statistics.quantiles(totals, n=10)[-1],
                     "raw_p50_ms": statistics.median(raws),
                     "overhead_p50_ms": total - statistics.median(raws),
+                    # the issue-19 definition: each query's time outside its own backend call (parse, plan,
+                    # ledger, noise, post-processing, glue), p50 over the queries
+                    "outside_backend_p50_ms": statistics.median(outside) if outside else float("nan"),
                     "mean_ms_by_stage": breakdown,
                 }
         with Gateway(config) as gw:
@@ -496,8 +502,10 @@ def markdown(results: dict[str, Any], command: str) -> str:
         ("p50_ms", "DP query p50"),
         ("raw_p50_ms", "raw aggregate p50"),
         ("overhead_p50_ms", "overhead p50 (DP - raw)"),
+        ("outside_backend_p50_ms", "outside the backend p50 (each query minus its backend call)"),
     ):
-        lines.append(f"| **{text}** | " + " | ".join(f"**{overhead[lb][key]:.2f}**" for lb in labels) + " |")
+        if all(key in overhead[lb] for lb in labels):
+            lines.append(f"| **{text}** | " + " | ".join(f"**{overhead[lb][key]:.2f}**" for lb in labels) + " |")
     lines += [
         "",
         f"Queries per second (one thread): repeated query answered from the replay cache {overhead['replayed_qps']:.0f}; "
@@ -517,9 +525,12 @@ def markdown(results: dict[str, Any], command: str) -> str:
         f"- DP/raw median ratio cold <= 8 at {biggest['rows']:,} rows: {biggest['median_ratio_cold']:.1f}x, "
         f"{ok[biggest['median_ratio_cold'] <= 8]} (the per-person floor alone: {biggest['median_floor_ratio']:.1f}x).",
         f"- after `prepare` <= 2: {biggest['median_ratio_prepared']:.1f}x, {ok[biggest['median_ratio_prepared'] <= 2]}.",
-        f"- fixed overhead <= 5 ms p50 (SQLite ledger): {overhead[labels[1]]['overhead_p50_ms']:.1f} ms with plan cache "
-        f"hits, {overhead[labels[0]]['overhead_p50_ms']:.1f} ms for distinct queries, "
-        f"{ok[overhead[labels[1]]['overhead_p50_ms'] <= 5]}.",
+        f"- fixed overhead <= 3 ms p50 on the small table (SQLite ledger; issue 19), outside the backend: "
+        f"{overhead[labels[1]].get('outside_backend_p50_ms', math.nan):.1f} ms with plan cache hits, "
+        f"{overhead[labels[0]].get('outside_backend_p50_ms', math.nan):.1f} ms for distinct queries, "
+        f"{ok[overhead[labels[1]].get('outside_backend_p50_ms', math.inf) <= 3]}; DP - raw (the bounded query's "
+        f"extra time on the engine included): {overhead[labels[1]]['overhead_p50_ms']:.1f} and "
+        f"{overhead[labels[0]]['overhead_p50_ms']:.1f} ms.",
         "",
         "Why, where not met: see bench/README.md (analysis of where the time goes).",
         "",

@@ -36,7 +36,8 @@ class Result:
     ``frame`` (pandas) and ``rows`` (plain, JSON-friendly values) are built from ``released`` when first read.
     ``accuracy`` describes each output column's 95% error (``"±18"``, ``"exact (public data)"``, ...);
     ``half_width`` is that half-width as a number where it is exact (COUNT and SUM; 0 for exact columns),
-    else None; ``warnings`` flag values that are mostly noise (see :func:`avg_warnings`).
+    else None; ``warnings`` flag values that are mostly noise (see :func:`avg_warnings`); ``plan`` is the plan
+    the query was answered under (not part of the released answer).
     """
 
     released: Released
@@ -47,6 +48,7 @@ class Result:
     accuracy: dict[str, str] = field(default_factory=dict)
     half_width: dict[str, float | None] = field(default_factory=dict)
     warnings: tuple[str, ...] = ()
+    plan: DPPlan | None = field(default=None, repr=False, compare=False)  # what answered (e.g. the server types it)
 
     @property
     def columns(self) -> list[str]:
@@ -120,7 +122,13 @@ class Explanation:
 
 def plain_rows(rows: list[tuple[Any, ...]]) -> list[list[Any]]:
     """Rows as JSON-friendly lists (what the CLI prints and the replay cache stores)."""
-    return [[v if type(v) is int or type(v) is str else _plain(v) for v in row] for row in rows]
+    return [[v if _is_plain(v) else _plain(v) for v in row] for row in rows]
+
+
+def _is_plain(value: Any) -> bool:
+    """Already JSON-friendly as it is: an int (not a bool), a string or a finite float."""
+    kind = type(value)
+    return kind is int or kind is str or (kind is float and math.isfinite(value))
 
 
 def _plain(value: Any) -> Any:
@@ -229,7 +237,6 @@ def avg_warnings(plan: DPPlan, noisy: Noisy, executor: Executor | None = None) -
     Test: tests/test_cli.py::test_avg_over_a_tiny_group_warns.
     """
     position = {name: i for i, name in enumerate(noisy.columns)}
-    keys = [k.expr.sql(dialect="postgres") for k in plan.group_keys]
     warnings = []
     for output in plan.outputs:
         if output.kind != "avg" or len(output.measurements) != 2:
@@ -242,6 +249,7 @@ def avg_warnings(plan: DPPlan, noisy: Noisy, executor: Executor | None = None) -
         tiny = [i for i, n in enumerate(counts) if n <= floor]
         if not tiny:
             continue
+        keys = [k.expr.sql(dialect="postgres") for k in plan.group_keys]  # rendered only for a warning
         if keys:
             shown = ", ".join(
                 "(" + ", ".join(f"{k}={noisy.values[j][i]!r}" for j, k in enumerate(keys)) + f"; noisy n={counts[i]})"

@@ -63,6 +63,7 @@ class Gateway:
                     self.connector.check_table(table)
         self._ctx = PlanContext(config=config, hooks=self.connector.hooks, seed=self.store.secret_seed())
         self._plans = PlanCache()
+        self._copies = prepare.CopyCheck(config, self._ctx.seed)  # which prepared copies are valid, per query
         self._prepare_lock = threading.Lock()  # one build at a time (manual and automatic share the scratch names)
         self.auto_prepare = prepare.AutoPreparer(config.prepare, self.prepare)
         self.executors = ExecutorPool(config, self.connector)
@@ -112,43 +113,31 @@ class Gateway:
         spend = _spend(who, plan, sql, key)
         if plan.passthrough:
             released = self._passthrough(plan)
-            self.store.audit_event(spend, outcome="released", message="public data: no privacy cost")
+            left = self.store.audit_and_remaining(
+                spend, outcome="released", message="public data: no privacy cost", domains=()
+            )
             exact = {str(c): PUBLIC for c in released.columns}
             return Result(
-                released,
-                0.0,
-                0.0,
-                self.store.remaining(who, []).as_dict(),
-                accuracy=exact,
-                half_width=dict.fromkeys(exact, 0.0),
+                released, 0.0, 0.0, left.as_dict(), accuracy=exact, half_width=dict.fromkeys(exact, 0.0), plan=plan
             )
         try:
             runner = self.executors.choose(plan, executor)
         except DPGatewayError as exc:
             self.store.audit_event(spend, outcome="refused", message=_audit_text(exc))
             raise
-        accuracy, half_width = accuracies(plan, runner)
         if not plan.measurements:  # only public key values are listed: the data is not read
+            accuracy, half_width = accuracies(plan, runner)
             keys_only = ExactAggregates(columns=tuple(k.name for k in plan.group_keys), rows=())
             released = post_process(plan, add_noise(plan, keys_only))
-            self.store.audit_event(spend, outcome="released", message="public key domain only: no privacy cost")
-            left = self.store.remaining(who, spend.domains).as_dict()
-            return Result(released, 0.0, 0.0, left, accuracy=accuracy, half_width=half_width)
-        cached = self.store.cached_answer(who, key)
-        if cached is not None:
-            self.store.audit_event(spend, outcome="replayed")
-            released = Released(tuple(cached["columns"]), [tuple(row) for row in cached["rows"]])
-            return Result(
-                released,
-                0.0,
-                0.0,
-                self.store.remaining(who, spend.domains).as_dict(),
-                replayed=True,
-                accuracy=cached.get("accuracy_95", accuracy),  # the first release's noise is what applies
-                half_width=cached.get("half_width_95", half_width),
-                warnings=tuple(cached.get("warnings", ())),
+            left = self.store.audit_and_remaining(
+                spend, outcome="released", message="public key domain only: no privacy cost", domains=spend.domains
             )
-        noise = NoisePlan.from_plan(plan)  # fixed before dispatch: the executor only applies it
+            return Result(released, 0.0, 0.0, left.as_dict(), accuracy=accuracy, half_width=half_width, plan=plan)
+        cached = self.store.cached_answer(who, key)
+        if cached is not None:  # the audit record is committed (with the budget left read) before it is returned
+            return self._replay(plan, runner, spend, cached)
+        accuracy, half_width = accuracies(plan, runner)
+        noise = plan.memo("noise", NoisePlan.from_plan)  # fixed before dispatch: the executor only applies it
         try:
             runner = runner.admit(plan, noise)  # e.g. attestation and key release: reads no data, costs nothing
         except DPGatewayError as exc:
@@ -261,7 +250,7 @@ class Gateway:
 
     def _context(self) -> PlanContext:
         """The planning context, with the prepared copies that are valid right now."""
-        copies = prepare.valid_copies(self.config, self._ctx.seed)
+        copies = self._copies.valid()
         if copies != self._ctx.prepared:
             self._ctx = dataclasses.replace(self._ctx, prepared=copies)
         return self._ctx
@@ -313,6 +302,7 @@ class Gateway:
                 accuracy=accuracy,
                 half_width=half_width,
                 warnings=warnings,
+                plan=plan,
             )
             return result, {
                 key: value for key, value in result.to_dict().items() if key in CACHED
@@ -330,6 +320,28 @@ class Gateway:
             if error is exc:
                 raise
             raise error from exc
+
+    def _replay(self, plan: DPPlan, runner: Executor, spend: Spend, cached: dict[str, Any]) -> Result:
+        """An earlier release of the same query, free; audited (``replayed``) before it is returned.
+
+        ``cached`` is shared with the store's replay map: only read here, its containers copied."""
+        left = self.store.audit_and_remaining(spend, outcome="replayed", domains=spend.domains)
+        if "accuracy_95" in cached and "half_width_95" in cached:  # the first release's noise is what applies
+            accuracy, half_width = cached["accuracy_95"], cached["half_width_95"]
+        else:  # an answer stored before accuracies were: today's statement of what is missing
+            planned = accuracies(plan, runner)
+            accuracy, half_width = cached.get("accuracy_95", planned[0]), cached.get("half_width_95", planned[1])
+        return Result(
+            Released(tuple(cached["columns"]), [tuple(row) for row in cached["rows"]]),
+            0.0,
+            0.0,
+            left.as_dict(),
+            replayed=True,
+            accuracy=dict(accuracy),
+            half_width=dict(half_width),
+            warnings=tuple(cached.get("warnings", ())),
+            plan=plan,
+        )
 
     def _passthrough(self, plan: DPPlan) -> Released:
         """Public data only: constants in the sandbox, or the verified statement over the public table."""
@@ -373,7 +385,7 @@ def _spend(analyst: str, plan: DPPlan | None, sql: str, key: str) -> Spend:
         query_key=key,
         sql=sql,
         # the placeholder rendering: the same hash wherever the source lives (no host path, key or option)
-        rewritten_sha256=hashlib.sha256(plan.shown_sql.encode()).hexdigest(),
+        rewritten_sha256=plan.memo("shown_sha256", lambda p: hashlib.sha256(p.shown_sql.encode()).hexdigest()),
     )
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, TypeVar, cast
 
 from sqlglot import exp
 
@@ -15,6 +15,7 @@ if TYPE_CHECKING:
     from dpgateway.passes.relations import Relation
 
 MeasureKind = Literal["count", "sum", "quantile", "count_distinct"]
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -148,3 +149,25 @@ class DPPlan:
 
     def with_(self, **changes: Any) -> DPPlan:
         return replace(self, **changes)
+
+    def memo(self, name: str, compute: Callable[[DPPlan], T]) -> T:
+        """``compute(self)``, once per finished plan: for values derived from the planned computation only
+        (measurements, keys, table, delta, bounded SQL), never from the output names or the SQL text, since
+        :meth:`renamed` copies share them. Not for use while planning (passes replace those fields)."""
+        memo: dict[str, Any] = self.__dict__.setdefault("_memo", {})
+        if name not in memo:
+            memo[name] = compute(self)
+        return cast(T, memo[name])
+
+    def renamed(self, **changes: Any) -> DPPlan:
+        """A copy with other output names, post-processing or SQL text (the plan cache's copies for queries
+        that differ only in those): the computation is the same, so the copy shares :meth:`memo`'s values."""
+        if not changes.keys() <= RENAMING:
+            raise ValueError(f"renamed() changes only {sorted(RENAMING)}, not {sorted(changes.keys() - RENAMING)}")
+        copy = replace(self, **changes)
+        copy.__dict__["_memo"] = self.__dict__.setdefault("_memo", {})
+        return copy
+
+
+RENAMING = frozenset({"sql", "outputs", "post_sql", "post_python"})
+"""The fields :meth:`DPPlan.renamed` may change: they name or reshape the released columns only."""

@@ -89,10 +89,10 @@ def _with_aliases(plan: DPPlan, aliases: tuple[str | None, ...]) -> DPPlan:
     outputs = tuple(o if a is None else replace(o, name=a) for o, a in zip(plan.outputs, aliases, strict=True))
     if outputs == plan.outputs:
         return plan
-    renamed = plan.with_(outputs=outputs)
     if plan.post_python is not None:  # the sandbox query only if the Python form declines: rendered then
-        return renamed.with_(post_sql="")
-    return renamed.with_(post_sql=post_processing_sql(renamed)) if plan.post_sql else renamed
+        return plan.renamed(outputs=outputs, post_sql="")
+    renamed = plan.renamed(outputs=outputs)
+    return renamed.renamed(post_sql=post_processing_sql(renamed)) if plan.post_sql else renamed
 
 
 class PlanCache:
@@ -109,6 +109,8 @@ class PlanCache:
     names reach only the released column names and the post-processing query (whose columns are read by
     position); the bounded SQL, measurements, costs and noise do not depend on them. A query whose alias
     appears anywhere else keys on its full text, and so do passthrough plans (their SQL carries the aliases).
+    A renamed copy is also kept under its own text's key, so a repeated text gets the same plan object
+    (no renaming, and per-plan memos such as the result typing stay warm).
     Test: tests/test_fastpath.py::test_plans_are_shared_by_queries_that_differ_only_in_output_aliases.
     """
 
@@ -122,17 +124,26 @@ class PlanCache:
         full_key = (ctx.fingerprint, normalize(sql), epsilon, delta)
         free_key = (ctx.fingerprint, "\x00" + free[0], epsilon, delta) if free else None
         with self._lock:
-            for key in (free_key, full_key):
-                plan = self._plans.get(key) if key is not None else None
-                if plan is not None:
-                    self._plans.move_to_end(key)
-                    if key is free_key and free is not None:
-                        plan = _with_aliases(plan, free[1])
-                    return plan if plan.sql == sql else plan.with_(sql=sql)
+            plan = self._plans.get(full_key)  # this text (normalized) before: passthrough, or a renamed copy
+            if plan is not None:
+                self._plans.move_to_end(full_key)
+                return plan if plan.sql == sql else plan.renamed(sql=sql)
+            plan = self._plans.get(free_key) if free_key is not None else None
+            if plan is not None and free is not None:
+                self._plans.move_to_end(free_key)
+                plan = _with_aliases(plan, free[1])
+                plan = plan if plan.sql == sql else plan.renamed(sql=sql)
+                self._remember(full_key, plan)  # the next time this text comes, no renaming
+                return plan
         plan = build_plan(sql, epsilon=epsilon, delta=delta, ctx=ctx)
         key = free_key if free_key is not None and not plan.passthrough else full_key
         with self._lock:
-            self._plans[key] = plan
-            while len(self._plans) > self.maxsize:
-                self._plans.popitem(last=False)
+            self._remember(key, plan)
         return plan
+
+    def _remember(self, key: Hashable, plan: DPPlan) -> None:
+        """Store ``plan`` (the lock is held), dropping the least recently used beyond ``maxsize``."""
+        self._plans[key] = plan
+        self._plans.move_to_end(key)
+        while len(self._plans) > self.maxsize:
+            self._plans.popitem(last=False)

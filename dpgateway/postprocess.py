@@ -164,9 +164,15 @@ def _int_divide(left: Any, right: Any) -> int:
 
 def _extreme(pick: Callable[..., Any], values: list[Any]) -> Any:
     """GREATEST/LEAST: DOUBLE if any argument is, else BIGINT."""
-    numbers = [_number(v) for v in values]
-    chosen = pick(numbers)
-    return float(chosen) if any(type(v) is float for v in numbers) else chosen
+    double = False
+    for v in values:  # (one pass: this runs per cell and argument)
+        kind = type(v)
+        if kind is float:
+            double = True
+        elif kind is not int:
+            raise _Declined  # e.g. a text key: DuckDB's error message is kept
+    chosen = pick(values)
+    return float(chosen) if double else chosen
 
 
 def post_processing_sql(plan: DPPlan) -> str:

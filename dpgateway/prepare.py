@@ -15,9 +15,9 @@ when the copy was taken (captured *before* it was read, so a change during ``pre
 ``os.utime`` can restore an mtime but sets the ctime to now, and a file replaced by rename has a new
 inode, so a rewrite is always seen; a content hash would read the whole file per query) and the table's
 policy, the ledger's secret seed and the fixed-point constants (the stored contributions depend on the
-bounds and on ``passes/budget.py``'s scales) hash to the same value. :func:`valid_copies` checks this for every
-query (a ``stat`` and a small JSON read per prepared table); the plan cache is keyed by the result, so
-a stale copy is never read. Which queries may read a copy, and why that is private: proof note in
+bounds and on ``passes/budget.py``'s scales) hash to the same value. :func:`valid_copies` checks this; the
+gateway runs it for every query through :class:`CopyCheck` (three ``stat`` calls per table, the manifest read
+again only when one of them changed); the plan cache is keyed by the result, so a stale copy is never read. Which queries may read a copy, and why that is private: proof note in
 ``dpgateway/passes/prepared.py``. The copy holds person-level rows: the gateway creates ``cache_dir``
 0700 and the copy and its manifest 0600 whatever the umask (written in a private scratch folder, then
 moved into place).
@@ -121,28 +121,93 @@ def write_manifest(folder: Path, table: Table, *, file: Path, source: dict[str, 
 
 def valid_copies(config: Config, seed: bytes) -> tuple[PreparedCopy, ...]:
     """The prepared copies that match their source file and policy right now."""
-    folder = config.cache_folder
-    found = []
-    for table in config.tables:
-        if table.public or not table.privacy_unit:
-            continue
-        try:
-            manifest = json.loads(manifest_path(folder, table).read_text())
-        except (OSError, ValueError):
-            continue
-        if not isinstance(manifest, dict) or manifest.get("version") != MANIFEST_VERSION:
-            continue
-        file = folder / str(manifest.get("file", ""))
-        state = source_state(table)
-        if (
-            state is None
-            or manifest.get("source") != state
-            or manifest.get("policy") != policy_digest(table, seed)
-            or not file.is_file()
-        ):
-            continue
-        found.append(PreparedCopy(table=table.name, path=str(file), k=table.max_rows_per_unit))
-    return tuple(found)
+    found = (_valid_copy(config.cache_folder, table, seed) for table in config.tables)
+    return tuple(copy for copy in found if copy is not None)
+
+
+def _valid_copy(folder: Path, table: Table, seed: bytes) -> PreparedCopy | None:
+    if table.public or not table.privacy_unit:
+        return None
+    try:
+        manifest = json.loads(manifest_path(folder, table).read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(manifest, dict) or manifest.get("version") != MANIFEST_VERSION:
+        return None
+    file = folder / str(manifest.get("file", ""))
+    state = source_state(table)
+    if (
+        state is None
+        or manifest.get("source") != state
+        or manifest.get("policy") != policy_digest(table, seed)
+        or not file.is_file()
+    ):
+        return None
+    return PreparedCopy(table=table.name, path=str(file), k=table.max_rows_per_unit)
+
+
+Signature = tuple[Any, ...]
+
+
+def _stat(path: str) -> Signature | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_mode
+
+
+class CopyCheck:
+    """:func:`valid_copies` for one gateway (one config and seed), remembering each table's verdict while
+    nothing it was drawn from changed: three ``stat`` calls per table and query instead of reading and
+    parsing the manifest, resolving the source path and hashing the policy.
+
+    Proof note (as safe as the full check): the verdict is a function of the manifest's content, the source
+    file's state (device, inode, size, mtime, ctime: the manifest's criterion, see the module docstring),
+    the policy and seed (fixed for the gateway) and whether the copy file exists. The remembered verdict is
+    reused only while a ``stat`` of the manifest, of the source (following links: a re-pointed link is
+    another inode) and of the copy returns exactly what it returned just *before* that verdict was drawn,
+    so every change the full check can see (the manifest replaced by rename, as :func:`write_manifest`
+    does, or edited: new inode, size or times; the source rewritten or replaced; the copy removed) makes the
+    next query draw it again (a file edited in place twice within one tick of the file system's clock, to the
+    same size, looks unchanged to a ``stat``: the limit the source check already has, see the module
+    docstring). The one thing it skips is comparing the source's resolved path string: the same inode
+    reached by another path is the same file. Tests: tests/test_copy_check.py.
+    """
+
+    def __init__(self, config: Config, seed: bytes) -> None:
+        self.config = config
+        self.seed = seed
+        folder = config.cache_folder
+        self._tables = [
+            (table, str(manifest_path(folder, table)), str(table.source))
+            for table in config.tables
+            if not (table.public or not table.privacy_unit)
+        ]
+        self._known: dict[str, tuple[Signature, PreparedCopy | None]] = {}
+        self._lock = threading.Lock()
+
+    def valid(self) -> tuple[PreparedCopy, ...]:
+        found = []
+        for table, manifest, source in self._tables:
+            manifest_stat = _stat(manifest)
+            if manifest_stat is None:  # no manifest: no copy (the full check would fail to read it)
+                continue
+            known = self._known.get(table.name)
+            copy_path = known[1].path if known is not None and known[1] is not None else None
+            signature = (manifest_stat, _stat(source), None if copy_path is None else _stat(copy_path))
+            if known is None or known[0] != signature:
+                copy = _valid_copy(self.config.cache_folder, table, self.seed)
+                if copy is not None and copy.path != copy_path:  # a new copy file: its stat joins the signature
+                    signature = (signature[0], signature[1], _stat(copy.path))
+                    if signature[2] is None:  # removed since the check: not valid, and nothing remembered
+                        continue
+                known = (signature, copy)
+                with self._lock:
+                    self._known[table.name] = known
+            if known[1] is not None:
+                found.append(known[1])
+        return tuple(found)
 
 
 class AutoPreparer:

@@ -110,8 +110,10 @@ def parse(sql: str) -> exp.Expr:
     return statement
 
 
+@lru_cache(maxsize=1024, typed=True)  # typed: 1 and 1.0 have other reprs, so other keys
 def query_key(sql: str, *parameters: object) -> str:
-    """Replay-cache key: the normalized SQL (parsed and regenerated) plus the privacy parameters."""
+    """Replay-cache key: the normalized SQL (parsed and regenerated) plus the privacy parameters (memoized:
+    a pure function of its arguments)."""
     payload = "\x1f".join([normalize(sql), *map(repr, parameters)])
     return hashlib.sha256(payload.encode()).hexdigest()
 

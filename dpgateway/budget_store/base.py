@@ -191,6 +191,14 @@ class BudgetStore(ABC):
     def audit_event(self, spend: Spend, *, outcome: Outcome, message: str = "") -> None:
         """Record a query that never reserved (e.g. refused by the validator or replayed)."""
 
+    def audit_and_remaining(
+        self, spend: Spend, *, outcome: Outcome, message: str = "", domains: Sequence[str]
+    ) -> Remaining:
+        """:meth:`audit_event`, then :meth:`remaining` of the spend's analyst; stores may do both in one
+        transaction (a replay's or a free answer's whole ledger work)."""
+        self.audit_event(spend, outcome=outcome, message=message)
+        return self.remaining(spend.analyst, domains)
+
     @abstractmethod
     def secret_seed(self) -> bytes:
         """The secret seed of the keyed hash used for contribution bounding, created once."""

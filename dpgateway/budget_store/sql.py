@@ -45,6 +45,14 @@ releases the answer, so a crash at any point leaves either no released answer or
 reservation whose process died is indistinguishable from one whose query touched the data, so it is
 never dropped: it keeps counting at its reserved amount until it leaves the window, and after the
 lease it is marked ``abandoned`` in the ledger and the audit log. Test: ``tests/ledger/test_crash.py``.
+
+A reservation's transaction is committed before the backend runs, visible to every process (the cap checks
+of point 1 see it) and durable against this process dying, but on SQLite it is not forced to disk on its
+own (``synchronous=NORMAL`` for that one transaction; WAL mode writes it to the log file at commit, and
+the next fully synced commit, at the latest the debit's, forces it to disk with everything logged before
+it). Only a power loss or operating-system crash between the reservation and its debit can lose it, and
+then nothing was released: the debit, the answer's only way out, is synced before the answer leaves.
+This saves one fsync per query (about 0.45 ms on the benchmark machine).
 """
 
 from __future__ import annotations
@@ -165,7 +173,7 @@ class SQLBudgetStore(SQLLedgerBase):
             )
 
         try:
-            self._run_prebuilt(work)
+            self._run_prebuilt(work, synced=False)  # see the proof note (crashes): the debit's commit syncs it
         except (BudgetError, ClockSkewError) as exc:
             self._audit_spend(spend, "refused", exc.message)
             raise
@@ -302,11 +310,29 @@ class SQLBudgetStore(SQLLedgerBase):
         self._run(work)
 
     def cached_answer(self, analyst: str, query_key: str) -> Any | None:
+        """The first answer released under ``query_key`` (to ``analyst``, unless the scope is ``global``); from
+        the process's replay map when the ledger already returned it (proof note in ``replays.py``)."""
         if self.replay == "off":
             return None
+        slot = (analyst if self.replay == "analyst" else "", query_key)
+        known = self._replays.get(slot)
+        if known is not None:
+            return known
         query, params = CACHED_ANSWER[self.replay], {"query_key": query_key, "analyst": analyst}
         found = self._run_prebuilt(lambda conn: conn.execute(query, params).fetchone(), write=None)
-        return None if found is None else json.loads(found[0])
+        if found is None:
+            return None
+        answer = json.loads(found[0])
+        self._replays.remember(slot, answer)
+        return answer
+
+    def audit_and_remaining(
+        self, spend: Spend, *, outcome: Outcome, message: str = "", domains: Sequence[str]
+    ) -> Remaining:
+        """One group-committed transaction: the audit record, and the budget left read after it."""
+        left = self._audit_spend(spend, outcome, message, remaining=domains)
+        assert left is not None  # _audit_spend raises otherwise
+        return left
 
     def remaining(self, analyst: str, domains: Sequence[str]) -> Remaining:
         # two reads, the clock then the sums: no explicit transaction needed

@@ -9,6 +9,7 @@ import time
 from abc import abstractmethod
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
+from dataclasses import dataclass
 from typing import Any, ClassVar, TypeVar
 
 import sqlalchemy as sa
@@ -19,13 +20,16 @@ from dpgateway.budget_store.base import (
     AuditOutcome,
     BudgetStore,
     Clock,
+    Remaining,
     ReplayScope,
     Spend,
     Usage,
+    scope_name,
     split_scope,
 )
 from dpgateway.budget_store.group_commit import GroupCommit
 from dpgateway.budget_store.ledger_time import check_skew, stamp
+from dpgateway.budget_store.replays import ReplayMap
 from dpgateway.budget_store.sql_schema import (
     DATABASE_NOW,
     DEFAULT_LEASE_SECONDS,
@@ -51,6 +55,16 @@ from dpgateway.policies.model import Budget, Cap
 T = TypeVar("T")
 C = TypeVar("C")
 MAX_RETRIES = 20
+
+
+@dataclass(eq=False)
+class AuditRow:
+    """One group-committed audit record: its column values, and (``domains`` not None) a request for the budget
+    left of its analyst and those domains, which the writing transaction fills in as ``remaining``."""
+
+    values: dict[str, Any]
+    domains: tuple[str, ...] | None = None
+    remaining: Remaining | None = None
 
 
 class SQLLedgerBase(BudgetStore):
@@ -79,7 +93,8 @@ class SQLLedgerBase(BudgetStore):
         self.lease_seconds = float(lease_seconds)
         self.window_seconds = budget.window_days * 86400.0
         self.engine = self._create_engine(url)
-        self._audit_batch: GroupCommit[dict[str, Any]] = GroupCommit(self._write_audit)
+        self._audit_batch: GroupCommit[AuditRow] = GroupCommit(self._write_audit)
+        self._replays = ReplayMap()  # answers the ledger returned (replays.py)
         self._seed: bytes | None = None
         self._run(self._create_schema)
         self.reap_abandoned()
@@ -101,8 +116,12 @@ class SQLLedgerBase(BudgetStore):
         with self.engine.begin() as conn:
             yield conn
 
-    def _prebuilt_transaction(self, *, write: bool | None) -> AbstractContextManager[Executor]:
-        """A transaction like :meth:`_transaction` whose work executes only :data:`PREBUILT` statements."""
+    def _prebuilt_transaction(self, *, write: bool | None, synced: bool = True) -> AbstractContextManager[Executor]:
+        """A transaction like :meth:`_transaction` whose work executes only :data:`PREBUILT` statements.
+
+        ``synced=False`` (a reservation): the commit must be visible to every process and survive this process
+        dying, but need not survive a power loss before a later synced commit (SQLite: ``synchronous=NORMAL``);
+        stores without the distinction commit as usual."""
         return self._transaction(write=write)
 
     def _lock(self, conn: Executor, keys: Sequence[str]) -> None:
@@ -119,9 +138,9 @@ class SQLLedgerBase(BudgetStore):
         """Run ``work`` in a transaction, retrying transient lock errors; map database errors to BackendError."""
         return self._retrying(lambda: self._transaction(write=write), work)
 
-    def _run_prebuilt(self, work: Callable[[Executor], T], *, write: bool | None = True) -> T:
+    def _run_prebuilt(self, work: Callable[[Executor], T], *, write: bool | None = True, synced: bool = True) -> T:
         """:meth:`_run` for the hot path: ``work`` executes only :data:`PREBUILT` statements."""
-        return self._retrying(lambda: self._prebuilt_transaction(write=write), work)
+        return self._retrying(lambda: self._prebuilt_transaction(write=write, synced=synced), work)
 
     def _retrying(self, transaction: Callable[[], AbstractContextManager[C]], work: Callable[[C], T]) -> T:
         for attempt in range(MAX_RETRIES):
@@ -249,11 +268,14 @@ class SQLLedgerBase(BudgetStore):
             },
         )
 
-    def _audit_spend(self, spend: Spend, outcome: AuditOutcome, message: str) -> None:
+    def _audit_spend(
+        self, spend: Spend, outcome: AuditOutcome, message: str, *, remaining: Sequence[str] | None = None
+    ) -> Remaining | None:
         """Audit a query that spends nothing (replayed, refused, public); returns once the record is committed.
 
-        Concurrent calls are group-committed (``group_commit.py``): one transaction writes them all."""
-        self._audit_batch.submit(
+        Concurrent calls are group-committed (``group_commit.py``): one transaction writes them all.
+        ``remaining``: the subject domains whose budget left (and the analyst's) to read in that transaction."""
+        row = AuditRow(
             {
                 "analyst": spend.analyst,
                 "sql": spend.sql,
@@ -264,15 +286,32 @@ class SQLLedgerBase(BudgetStore):
                 "message": message,
                 "query_key": spend.query_key,
                 "charge_id": None,
-            }
+            },
+            None if remaining is None else tuple(remaining),
         )
+        self._audit_batch.submit(row)
+        if remaining is not None and row.remaining is None:
+            raise InternalError("the audit batch returned no budget left; this is a bug")
+        return row.remaining
 
-    def _write_audit(self, rows: Sequence[dict[str, Any]]) -> None:
-        """Insert audit ``rows`` in one transaction, in order, stamped with its ledger time."""
+    def _write_audit(self, rows: Sequence[AuditRow]) -> None:
+        """Insert audit ``rows`` in one transaction, in order, stamped with its ledger time; then read, in the
+        same transaction, the budget left of every row that asks for it (one statement for all of them)."""
 
         def work(conn: Executor) -> None:
             at = self._now(conn)
-            conn.execute(INSERT_AUDIT, [{**row, "at": at} for row in rows])
+            conn.execute(INSERT_AUDIT, [{**row.values, "at": at} for row in rows])
+            asking = [row for row in rows if row.domains is not None]
+            if not asking:
+                return
+            scopes = {scope_name("analyst", row.values["analyst"]) for row in asking}
+            scopes.update(scope_name("domain", d) for row in asking for d in row.domains or ())
+            usages = self._usages(conn, sorted(scopes), at)
+            for row in asking:
+                row.remaining = Remaining(
+                    analyst=usages[scope_name("analyst", row.values["analyst"])],
+                    domains={d: usages[scope_name("domain", d)] for d in row.domains or ()},
+                )
 
         self._run_prebuilt(work)
 

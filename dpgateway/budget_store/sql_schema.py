@@ -169,14 +169,14 @@ AUDIT_COMMIT = sa.insert(audit).from_select(
         charges.c.id,
     ).where(_CHARGE),
 )
-CACHED_ANSWER = {
+CACHED_ANSWER = {  # the first answer released under the key: it never changes afterwards (replays.py)
     "analyst": sa.select(answers.c.answer)
     .where(answers.c.query_key == sa.bindparam("query_key"), answers.c.analyst == sa.bindparam("analyst"))
-    .order_by(answers.c.at.desc())
+    .order_by(answers.c.at, answers.c.charge_id)
     .limit(1),
     "global": sa.select(answers.c.answer)
     .where(answers.c.query_key == sa.bindparam("query_key"))
-    .order_by(answers.c.at.desc())
+    .order_by(answers.c.at, answers.c.charge_id)
     .limit(1),
 }
 PREBUILT: tuple[ClauseElement, ...] = (

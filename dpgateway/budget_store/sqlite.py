@@ -153,14 +153,17 @@ class SQLiteBudgetStore(SQLBudgetStore):
             yield conn
 
     @contextmanager
-    def _prebuilt_transaction(self, *, write: bool | None) -> Iterator[DriverStatements]:
+    def _prebuilt_transaction(self, *, write: bool | None, synced: bool = True) -> Iterator[DriverStatements]:
         # a single read statement (write=None) runs on a second connection, so that it does not wait for a
         # write transaction's fsync (WAL readers see every committed transaction); in memory there is one
         reader = write is None and not self._in_memory
+        relaxed = not synced and bool(write) and not self._in_memory
         with self._read_mutex if reader else self._mutex:
             statements = self._hot_connection(reader)
             db = statements.db
             try:
+                if relaxed:  # only outside a transaction; set back below, whatever happens
+                    db.execute("PRAGMA synchronous=NORMAL")
                 if write is not None:
                     db.execute("BEGIN IMMEDIATE" if write else "BEGIN")
                 yield statements
@@ -173,6 +176,22 @@ class SQLiteBudgetStore(SQLBudgetStore):
                 if isinstance(exc, sqlite3.Error):  # as SQLAlchemy wraps it, for _run's retry and error mapping
                     raise sa.exc.DBAPIError.instance(None, None, exc, sqlite3.Error) from exc
                 raise
+            finally:
+                if relaxed:
+                    self._restore_full_sync(db)
+
+    def _restore_full_sync(self, db: sqlite3.Connection) -> None:
+        """Back to ``synchronous=FULL`` after a relaxed transaction; a connection that cannot be set back is
+        closed (the next transaction opens a new one, with FULL), so no later commit runs relaxed."""
+        try:
+            db.execute("PRAGMA synchronous=FULL")
+        except sqlite3.Error as exc:
+            held = self._drivers.pop(False, None)
+            if held is not None:
+                with suppress(sqlite3.Error, sa.exc.SQLAlchemyError):
+                    held[0].invalidate()
+            # not retried: the transaction committed (a reservation stands, and is charged if never committed)
+            raise InternalError(f"the SQLite ledger could not restore synchronous=FULL ({exc})") from None
 
     def _hot_connection(self, reader: bool) -> DriverStatements:
         """The hot path's writing (or reading) connection, opened on first use; its mutex is held."""

@@ -311,12 +311,11 @@ class Session:
             if self.cancel.is_set():  # interrupted: the ledger was settled by Gateway.query (docs/server.md)
                 raise SessionError("57014", CANCELED) from None
             raise
-        explanation = self.gateway.explain(sql, analyst=self.user, epsilon=self.state.epsilon, delta=self.state.delta)
-        fields = st.result_fields(sql, explanation.plan, self.gateway.config)
+        plan = result.plan  # the plan that answered: types the columns (no second planning)
+        fields = st.result_fields(sql, plan, self.gateway.config)
         if len(fields) != len(result.columns):  # a shape the static typing did not foresee: type by value
             fields = [_field_of(name, [row[i] for row in result.rows]) for i, name in enumerate(result.columns)]
         notices = []
-        plan = explanation.plan
         if plan is not None and not plan.passthrough:
             notices.append(
                 _spend_notice(
