@@ -64,7 +64,7 @@ def noisy_integers(plan: DPPlan, exact: ExactAggregates) -> tuple[list[Key], dic
         if m.name in noisy
         else noisy_indexes(plan, m, histograms, cells)
         if m.kind == "quantile"
-        else noisy_vector(values[m.name], m.noise_scale)
+        else noisy_vector(values[m.name], m.noise_scale, m.mechanism)
         for m in plan.measurements
     }
 
