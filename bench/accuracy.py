@@ -242,7 +242,7 @@ of our COUNT and SUM error.
 
 **AVG.** AVG is released as the midpoint of the bounds plus a noisy centred sum over a noisy count. The
 query's ε is split to minimise the expected error from the bounds alone (docs/sql.md, "Accuracy"): the sum
-gets 3^(1/3) = 1.44 times the count's share, right when the mean lies anywhere in the bounds on average.
+gets 3^(1/3) = 1.44 times the count's share, the best split when the mean could lie anywhere in the bounds.
 With income bounds [0, 500000] and mean incomes near 25,000-47,000 the count's term is larger than that
 average (it grows with the distance of the mean from the midpoint), so for AVG(income) equal shares would
 be slightly better; for AVG(age) the split helps. At total ε = 1, a third of what SmartNoise spends,

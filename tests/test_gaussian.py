@@ -298,3 +298,27 @@ def test_large_scale_half_width(scale: float, confidence: float) -> None:
     assert quantile <= w + 1 and w <= quantile + 2
     if scale == 1e4:
         assert w == math.ceil(dp.discrete_gaussian_scale_to_accuracy(scale, 1 - confidence)) - 1
+
+
+@pytest.mark.parametrize(
+    ("noise", "sql", "expected"),
+    [
+        ("laplace", WIDE, "laplace"),
+        ("gaussian", "SELECT SUM(x0) AS s FROM t", "gaussian"),
+        ("auto", "SELECT SUM(x0) AS s FROM t", "laplace"),
+    ],
+)
+def test_budget_noise_setting(tmp_path: Any, noise: str, sql: str, expected: str) -> None:
+    """``budget.noise``: laplace keeps pure DP for wide queries; gaussian takes it even where Laplace is better."""
+    with make_gateway(tmp_path, _data(3, per_group=1), POLICY, noise=noise) as gateway:
+        plan = _plan(gateway, sql)
+        assert {m.mechanism for m in plan.measurements} == {expected}
+        assert plan.delta == (DELTA if expected == "gaussian" else 0.0)
+        assert plan.spent_epsilon <= EPSILON
+
+
+def test_budget_noise_setting_is_checked(tmp_path: Any) -> None:
+    from dpgateway.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"budget\.noise: must be one of auto, laplace, gaussian"):
+        make_gateway(tmp_path, _data(3, per_group=1), POLICY, noise="normal")

@@ -92,13 +92,16 @@ def split_budget(plan: DPPlan, *, ctx: PlanContext) -> DPPlan:
     sized = [_sized(m, plan) for m in measurements if m.kind != "quantile"]
     rest = plan.epsilon - math.fsum(q.epsilon for q in quantiles.values())
     gaussian_ok = (
-        plan.delta > 0
+        ctx.config.budget.noise != "laplace"
+        and plan.delta > 0
         and plan.epsilon <= GAUSSIAN_MAX_EPSILON
         and not private_keys
         and not ({plan.table.executor, *plan.table.executors_allowed} & LAPLACE_ONLY_EXECUTORS)
     )
     for _ in range(8):  # floating-point sums: shrink the rest until the total charged is at most epsilon
-        noisy, zcdp, delta = choose_noise(plan, sized, rest, selector, k, gaussian_ok)
+        noisy, zcdp, delta = choose_noise(
+            plan, sized, rest, selector, k, gaussian_ok, prefer_gaussian=ctx.config.budget.noise == "gaussian"
+        )
         by_name = {m.name: m for m in noisy} | quantiles
         out = plan.with_(
             measurements=tuple(by_name[m.name] for m in measurements),
@@ -125,13 +128,21 @@ def _sized(m: Measurement, plan: DPPlan) -> Measurement:
 
 
 def choose_noise(
-    plan: DPPlan, sized: list[Measurement], epsilon: float, selector: str | None, k: int, gaussian_ok: bool
+    plan: DPPlan,
+    sized: list[Measurement],
+    epsilon: float,
+    selector: str | None,
+    k: int,
+    gaussian_ok: bool,
+    *,
+    prefer_gaussian: bool = False,
 ) -> tuple[list[Measurement], tuple[float, float], float]:
     """The calibrated measurements, (rho, its epsilon) of the Gaussian ones, and the delta they spend.
 
     Both candidates use the error-minimising split of passes/split.py; the Gaussian is taken only when its
     expected weighted squared error (``sum_i w_i sigma_i^2``, real units) is below the Laplace one's (exact
-    discrete Laplace variances), at the same epsilon and the delta asked.
+    discrete Laplace variances), at the same epsilon and the delta asked; ``prefer_gaussian`` (``budget.noise:
+    gaussian``) takes it whenever it is allowed.
     """
     if not sized:
         return [], (0.0, 0.0), 0.0
@@ -154,14 +165,14 @@ def choose_noise(
     best_case = math.fsum(weights[m.name] ** 0.5 * real[m.name] for m in sized) ** 2 / (
         2 * gaussian_rho_upper(epsilon, plan.delta)
     )
-    if best_case >= laplace_error:
+    if best_case >= laplace_error and not prefer_gaussian:
         return laplace, (0.0, 0.0), 0.0
     gaussian = gaussian_plan(sized, weights, real, epsilon, plan.delta)
     if gaussian is None:
         return laplace, (0.0, 0.0), 0.0
     noisy, rho, (eps, delta) = gaussian
     gaussian_error = math.fsum(weights[m.name] * (m.noise_scale / m.scale) ** 2 for m in noisy)
-    if gaussian_error >= laplace_error:
+    if gaussian_error >= laplace_error and not prefer_gaussian:
         return laplace, (0.0, 0.0), 0.0
     return noisy, (rho, eps), delta
 
