@@ -19,6 +19,7 @@ import pytest
 from helpers import bernstein_half_width, chi_square, exact_by_group, make_gateway
 
 from dpgateway import Gateway
+from dpgateway.errors import ConfigError
 from dpgateway.mechanisms import (
     gaussian_half_width,
     gaussian_rho_upper,
@@ -318,7 +319,5 @@ def test_budget_noise_setting(tmp_path: Any, noise: str, sql: str, expected: str
 
 
 def test_budget_noise_setting_is_checked(tmp_path: Any) -> None:
-    from dpgateway.errors import ConfigError
-
     with pytest.raises(ConfigError, match=r"budget\.noise: must be one of auto, laplace, gaussian"):
         make_gateway(tmp_path, _data(3, per_group=1), POLICY, noise="normal")
