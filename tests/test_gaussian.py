@@ -16,7 +16,7 @@ import numpy as np
 import opendp.prelude as dp
 import pandas as pd
 import pytest
-from helpers import bernstein_half_width, chi_square, exact_by_group, make_gateway
+from helpers import bernstein_half_width, chi_square, dlap_variance, exact_by_group, make_gateway
 
 from dpgateway import Gateway
 from dpgateway.errors import ConfigError
@@ -28,7 +28,7 @@ from dpgateway.mechanisms import (
     zcdp_budget,
     zcdp_to_approx,
 )
-from dpgateway.passes.budget import dlap_variance, gaussian_plan, split_budget
+from dpgateway.passes.budget import gaussian_plan, split_budget
 from dpgateway.passes.split import error_weights
 from dpgateway.plan import DPPlan
 

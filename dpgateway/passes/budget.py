@@ -160,19 +160,17 @@ def choose_noise(
         )
     if not gaussian_ok:
         return laplace, (0.0, 0.0), 0.0
-    laplace_error = math.fsum(weights[m.name] * dlap_variance(m.noise_scale) / m.scale**2 for m in laplace)
+    laplace_error = expected_error(weights, laplace)
     # the Gaussian's error at the largest rho any conversion could allow: skip OpenDP's search when it cannot win
-    best_case = math.fsum(weights[m.name] ** 0.5 * real[m.name] for m in sized) ** 2 / (
-        2 * gaussian_rho_upper(epsilon, plan.delta)
-    )
-    if best_case >= laplace_error and not prefer_gaussian:
+    spread = math.fsum(weights[m.name] ** 0.5 * real[m.name] for m in sized)
+    best_case = spread * spread / (2 * gaussian_rho_upper(epsilon, plan.delta))
+    if not best_case < laplace_error and not prefer_gaussian:
         return laplace, (0.0, 0.0), 0.0
     gaussian = gaussian_plan(sized, weights, real, epsilon, plan.delta)
     if gaussian is None:
         return laplace, (0.0, 0.0), 0.0
     noisy, rho, (eps, delta) = gaussian
-    gaussian_error = math.fsum(weights[m.name] * (m.noise_scale / m.scale) ** 2 for m in noisy)
-    if gaussian_error >= laplace_error and not prefer_gaussian:
+    if not expected_error(weights, noisy) < laplace_error and not prefer_gaussian:
         return laplace, (0.0, 0.0), 0.0
     return noisy, (rho, eps), delta
 
@@ -206,9 +204,23 @@ def gaussian_plan(
     return None
 
 
-def dlap_variance(scale: float) -> float:
-    """Variance of the discrete Laplace of ``scale``: ``2 q / (1 - q)^2``, ``q = exp(-1 / scale)``."""
+def expected_error(weights: dict[str, float], measurements: list[Measurement]) -> float:
+    """``sum_i w_i Var_i`` in real units (discrete Laplace exactly, discrete Gaussian by its bound ``scale^2``);
+    infinite when extreme bounds overflow it (the choice then keeps Laplace)."""
+    total = 0.0
+    try:
+        for m in measurements:
+            sd = m.noise_scale if m.mechanism == "gaussian" else dlap_sd(m.noise_scale)
+            ratio = sd / m.scale
+            total += weights[m.name] * ratio * ratio
+    except (OverflowError, ZeroDivisionError):
+        return math.inf
+    return total if math.isfinite(total) else math.inf
+
+
+def dlap_sd(scale: float) -> float:
+    """Standard deviation of the discrete Laplace of ``scale``: ``sqrt(2 q) / (1 - q)``, ``q = exp(-1 / scale)``,
+    written ``1 / (sqrt(2) sinh(1 / (2 scale)))`` so that it neither overflows nor divides by zero."""
     if scale <= 0:
         return 0.0
-    q = math.exp(-1 / scale)
-    return 2 * q / (-math.expm1(-1 / scale)) ** 2
+    return 1 / (math.sqrt(2) * math.sinh(0.5 / scale))

@@ -41,6 +41,7 @@ test_split_beats_equal_shares_for_avg_and_variance).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 
 from dpgateway.plan import DPPlan, Measurement
@@ -57,22 +58,31 @@ def error_weights(plan: DPPlan, measurements: Sequence[Measurement]) -> dict[str
         used = [by_name[n] for n in output.measurements if n in by_name]
         if not used:
             continue
-        special = _moment_weights(output.kind, used)
+        try:
+            special = _moment_weights(output.kind, used)
+        except (OverflowError, ZeroDivisionError):
+            special = None
         for m in used:
             weights[m.name] += special[m.name] if special is not None else standalone_weight(m)
     for name, m in by_name.items():  # HAVING / ORDER BY only, or the partition-selecting count
         if weights[name] <= 0:
             weights[name] = standalone_weight(m)
+    if not all(0 < w < math.inf for w in weights.values()):  # bounds so extreme the proxies overflow: equal weights
+        return dict.fromkeys(by_name, 1.0)
     return weights
 
 
 def standalone_weight(m: Measurement) -> float:
-    """``1 / E[v^2]`` of the measured per-row value ``v`` (1 for counts): its relative error weight alone."""
+    """``1 / E[v^2]`` of the measured per-row value ``v`` (1 for counts): its relative error weight alone
+    (infinite when the bounds are so extreme that it overflows; error_weights then weighs all equally)."""
     if m.kind != "sum" or m.bounds is None:
         return 1.0
     lo, hi = m.bounds[0] - m.center, m.bounds[1] - m.center
-    second = _uniform_moment(lo, hi, 4 if m.squared else 2)  # E[v^2], v = (x - c)^2 for a squared sum
-    return 1.0 / second if second > 0 else 1.0
+    try:
+        second = _uniform_moment(lo, hi, 4 if m.squared else 2)  # E[v^2], v = (x - c)^2 for a squared sum
+    except (OverflowError, ZeroDivisionError):
+        return math.inf
+    return 1.0 / second if second > 0 else math.inf
 
 
 def _moment_weights(kind: str, used: Sequence[Measurement]) -> dict[str, float] | None:
@@ -105,8 +115,12 @@ def laplace_shares(
     weights: Mapping[str, float], sensitivities: Mapping[str, float], epsilon: float
 ) -> dict[str, float]:
     """``eps_i = epsilon * c_i / sum c`` with ``c_i = (w_i r_i^2)^(1/3)`` (real-unit sensitivities ``r_i``)."""
-    costs = {name: (weights[name] * sensitivities[name] ** 2) ** (1 / 3) for name in weights}
+    costs = {name: _cube_root(weights[name]) * _cube_root(sensitivities[name]) ** 2 for name in weights}
     return _proportional(costs, epsilon)
+
+
+def _cube_root(value: float) -> float:
+    return value ** (1 / 3)
 
 
 def gaussian_shares(weights: Mapping[str, float], sensitivities: Mapping[str, float], rho: float) -> dict[str, float]:
