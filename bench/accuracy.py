@@ -240,12 +240,13 @@ person, chosen by a keyed hash, and pays for them with noise scaled to k = 3. In
 {dropped} of {rows} rows: a {bias:.1%} downward bias of counts and sums against the raw rows, which is most
 of our COUNT and SUM error.
 
-**AVG.** AVG is released as the midpoint of the bounds plus a noisy centred sum over a noisy count, the
-two measurements sharing the query's ε equally. With income bounds [0, 500000] and mean incomes near
-25,000-47,000, both terms matter about equally, and equal shares are the best data-independent split (the
-count's term grows with the distance of the mean from the midpoint, at worst half the range, which makes
-the two terms equal). So at total ε = 1, a third of what SmartNoise spends, AVG(income) by sex is on a par
-with SmartNoise; at equal total ε it is several times more accurate.
+**AVG.** AVG is released as the midpoint of the bounds plus a noisy centred sum over a noisy count. The
+query's ε is split to minimise the expected error from the bounds alone (docs/sql.md, "Accuracy"): the sum
+gets 3^(1/3) = 1.44 times the count's share, the best split when the mean could lie anywhere in the bounds.
+With income bounds [0, 500000] and mean incomes near 25,000-47,000 the count's term is larger than that
+average (it grows with the distance of the mean from the midpoint), so for AVG(income) equal shares would
+be slightly better; for AVG(age) the split helps. At total ε = 1, a third of what SmartNoise spends,
+AVG(income) by sex is on a par with SmartNoise; at equal total ε it is several times more accurate.
 
 **Public keys and small cells.** With `educ` public every one of its 16 values is released, including
 cells of a handful of rows whose relative error is large, and they enter the mean over matched cells.

@@ -12,7 +12,7 @@ from typing import Any
 import pandas as pd
 
 from dpgateway.executors.base import Executor
-from dpgateway.mechanisms import laplace_half_width
+from dpgateway.mechanisms import noise_half_width
 from dpgateway.noise import Noisy
 from dpgateway.passes.quantiles import grid, quantile_accuracy
 from dpgateway.plan import DPPlan, Measurement
@@ -190,6 +190,11 @@ def _mechanism_name(plan: DPPlan, m: Measurement) -> str:
     if m.kind == "quantile":
         assert plan.table is not None
         return f"OpenDP quantile (report noisy max over {grid(m, plan.table).size} candidates)"
+    if m.mechanism == "gaussian":
+        return (
+            f"discrete Gaussian (zCDP rho {m.rho:.6g}; the plan's rho {plan.zcdp_rho:.6g} costs epsilon "
+            f"{plan.zcdp_epsilon:.6g} at delta {plan.delta:.3g})"
+        )
     return "discrete Laplace threshold (partition selection)" if m.threshold is not None else "discrete Laplace"
 
 
@@ -202,7 +207,7 @@ def accuracies(plan: DPPlan, executor: Executor) -> tuple[dict[str, str], dict[s
             number[o.name] = 0.0
         elif o.kind in ("count", "sum") and len(o.measurements) == 1:
             m = plan.measurement(o.measurements[0])
-            number[o.name] = executor.half_width(m.noise_scale) / m.scale
+            number[o.name] = executor.half_width(m.noise_scale, mechanism=m.mechanism) / m.scale
         else:
             number[o.name] = None
     return text, number
@@ -211,7 +216,7 @@ def accuracies(plan: DPPlan, executor: Executor) -> tuple[dict[str, str], dict[s
 def _accuracy(plan: DPPlan, executor: Executor, kind: str, used: tuple[str, ...]) -> str:
     """95% half-width of one output column (exact for COUNT/SUM, per group size n for AVG)."""
     ms = [plan.measurement(n) for n in used]
-    widths = {m.name: executor.half_width(m.noise_scale) / m.scale for m in ms if m.is_laplace}
+    widths = {m.name: executor.half_width(m.noise_scale, mechanism=m.mechanism) / m.scale for m in ms if m.is_laplace}
     if kind == "key":
         return "exact key" if not plan.selects_partitions else "exact key (released by partition selection)"
     if not ms:
@@ -242,8 +247,9 @@ def avg_warnings(plan: DPPlan, noisy: Noisy, executor: Executor | None = None) -
         if output.kind != "avg" or len(output.measurements) != 2:
             continue
         count, total = sorted((plan.measurement(n) for n in output.measurements), key=lambda m: m.kind)
-        width = executor.half_width if executor is not None else laplace_half_width
-        w_count, w_sum = width(count.noise_scale) / count.scale, width(total.noise_scale) / total.scale
+        width = executor.half_width if executor is not None else noise_half_width
+        w_count = width(count.noise_scale, mechanism=count.mechanism) / count.scale
+        w_sum = width(total.noise_scale, mechanism=total.mechanism) / total.scale
         floor = max(w_count, w_sum / total.bound) if total.bound > 0 else w_count
         counts = noisy.values[position[count.name]]
         tiny = [i for i, n in enumerate(counts) if n <= floor]

@@ -55,14 +55,18 @@ class Measurement:
     scale: float = 1.0
     sensitivity: int = 1
     epsilon: float = 0.0
-    noise_scale: float = 0.0  # discrete Laplace scale, integer units
+    noise_scale: float = 0.0  # discrete Laplace (or Gaussian, see ``mechanism``) scale, integer units
     threshold: int | None = None  # set on the count that selects partitions
     alpha: float | None = None  # quantile: the fraction (passes/quantiles.py); noise_scale is then the noisy max's
     integer: bool = False  # quantile: ``arg`` is an integer, its candidate grid whole numbers over ``bounds``
+    # 'gaussian': discrete Gaussian under zCDP (passes/budget.py); ``rho`` is then its cost and ``epsilon`` 0,
+    # the plan's Gaussians costing DPPlan.zcdp_epsilon together
+    mechanism: Literal["laplace", "gaussian"] = "laplace"
+    rho: float = 0.0
 
     @property
     def is_laplace(self) -> bool:
-        """Whether this is an integer noised with discrete Laplace (every kind but the quantile)."""
+        """Whether this is an integer noised additively (discrete Laplace or Gaussian: every kind but the quantile)."""
         return self.kind != "quantile"
 
     @property
@@ -131,6 +135,8 @@ class DPPlan:
     # the same SELECT list as Python functions of the noisy columns, or None where DuckDB must evaluate it
     post_python: tuple[Callable[[Sequence[list[Any]]], list[Any]], ...] | None = None
     notes: tuple[str, ...] = field(default=())
+    zcdp_rho: float = 0.0  # the Gaussian measurements' total rho (zCDP composes by adding rho)
+    zcdp_epsilon: float = 0.0  # ... as epsilon at ``delta``, OpenDP's conversion (mechanisms.zcdp_to_approx)
 
     @property
     def selects_partitions(self) -> bool:
@@ -139,7 +145,8 @@ class DPPlan:
 
     @property
     def spent_epsilon(self) -> float:
-        return sum(m.epsilon for m in self.measurements)
+        """Basic composition: the pure-DP measurements' epsilons plus the Gaussians' converted epsilon."""
+        return sum(m.epsilon for m in self.measurements) + self.zcdp_epsilon
 
     def measurement(self, name: str) -> Measurement:
         for m in self.measurements:

@@ -225,7 +225,7 @@ def test_public_key_only_and_replayed_answers_say_what_applies(run, public_confi
 @pytest.fixture
 def no_noise(monkeypatch: pytest.MonkeyPatch) -> None:
     """Noisy values equal the exact bounded aggregates, so the warning is deterministic."""
-    monkeypatch.setattr(noise, "noisy_vector", lambda values, scale: list(values))
+    monkeypatch.setattr(noise, "noisy_vector", lambda values, scale, mechanism="laplace": list(values))
 
 
 def test_avg_over_a_tiny_group_warns(run, demo_gateway: Gateway, demo_config_path: Path, no_noise: None) -> None:

@@ -89,13 +89,16 @@ def _plan(gw: Gateway) -> DPPlan:
 def test_noise_scale_is_sensitivity_over_epsilon_share(setting: tuple[Gateway, pd.DataFrame]) -> None:
     gw, _ = setting
     plan = _plan(gw)
-    share = EPSILON / len(plan.measurements)
     count, total = plan.measurements
     assert (count.kind, total.kind) == ("count", "sum")
     assert count.sensitivity == K
     assert total.sensitivity == K * math.ceil(max(map(abs, BOUNDS)) * fixed_point_scale(max(map(abs, BOUNDS))))
+    # passes/split.py: shares proportional to (w r^2)^(1/3), w = 1 for a count and 1 / E[x^2] = 3 / 100 for a
+    # sum of x uniform on [-10, 10], r the real-unit sensitivity (k, and k * 10)
+    cost = {count.name: (1.0 * K**2) ** (1 / 3), total.name: (3 / 100 * (K * 10) ** 2) ** (1 / 3)}
     for m in plan.measurements:
-        assert m.noise_scale == pytest.approx(m.sensitivity / share, rel=1e-12)
+        share = EPSILON * cost[m.name] / sum(cost.values())
+        assert m.noise_scale == pytest.approx(m.sensitivity / share, rel=1e-9)
         # The charged epsilon is OpenDP's map of this very scale, and the shares compose to at most EPSILON.
         measurement = dp.m.make_laplace(
             dp.vector_domain(dp.atom_domain(T="i64")), dp.l1_distance(T="i64"), scale=m.noise_scale

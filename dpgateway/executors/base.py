@@ -3,7 +3,8 @@
 The accountant (passes/budget.py) calibrates every measurement before an executor is chosen; the
 :class:`NoisePlan` is that calibration as a value, with a fingerprint. An executor computes the bounded
 aggregates wherever it computes them (the gateway's backend, K parties, ...), adds exactly the planned
-discrete Laplace noise and returns noisy integers in fixed-point units. Executors never choose noise.
+noise (discrete Laplace, or discrete Gaussian where the accountant chose it: ``MeasurementNoise.mechanism``)
+and returns noisy integers in fixed-point units. Executors never choose noise.
 
 Proof note (the gateway accepts only the planned release): :func:`accept` rejects a result whose noise-plan
 fingerprint differs from the plan the ledger reserved for, whose measurement names differ, whose released
@@ -23,7 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from dpgateway.errors import InternalError
-from dpgateway.mechanisms import laplace_half_width
+from dpgateway.mechanisms import Mechanism, noise_half_width
 from dpgateway.passes.groups import public_cells
 from dpgateway.passes.quantiles import grid
 from dpgateway.plan import DPPlan
@@ -34,6 +35,9 @@ Key = tuple[Any, ...]
 @dataclass(frozen=True)
 class MeasurementNoise:
     """The noise of one measurement: discrete Laplace of ``scale`` on an integer of L1 ``sensitivity``.
+
+    With ``mechanism`` 'gaussian' it is OpenDP's discrete Gaussian of ``scale`` instead (zCDP), costing
+    ``rho`` for an L2 ``sensitivity`` (``epsilon`` is then 0: the plan's Gaussians cost one (epsilon, delta)).
 
     A ``quantile`` measurement is instead OpenDP's quantile mechanism (dpgateway/quantile_mechanism.py):
     ``scale`` is its noisy max's, ``sensitivity`` the score's L-infinity sensitivity, and the released
@@ -48,6 +52,8 @@ class MeasurementNoise:
     threshold: int | None = None  # partition selection: released only where the noisy count reaches it
     alpha: float | None = None  # quantile only
     candidates: int | None = None  # quantile only: the grid's size (released indexes are below it)
+    mechanism: Mechanism = "laplace"
+    rho: float = 0.0  # gaussian only
 
 
 @dataclass(frozen=True)
@@ -79,6 +85,8 @@ class NoisePlan:
                     m.threshold,
                     m.alpha,
                     grid(m, plan.table).size if m.kind == "quantile" and plan.table is not None else None,
+                    m.mechanism,
+                    m.rho,
                 )
                 for m in plan.measurements
             ),
@@ -94,6 +102,7 @@ class NoisePlan:
             "measurements": [
                 [m.name, m.kind, m.sensitivity, float(m.scale).hex(), float(m.epsilon).hex(), m.threshold]
                 + ([] if m.alpha is None else [float(m.alpha).hex(), m.candidates])  # quantiles only
+                + ([] if m.mechanism == "laplace" else [{"mechanism": m.mechanism, "rho": float(m.rho).hex()}])
                 for m in self.measurements
             ],
             "cells": None if self.cells is None else [[encode_value(v) for v in cell] for cell in self.cells],
@@ -124,8 +133,12 @@ class NoisePlan:
 
 
 def _measurement_from_json(entry: list[Any]) -> MeasurementNoise:
-    name, kind, sensitivity, scale, epsilon, threshold, *quantile = entry
-    alpha, candidates = quantile if quantile else (None, None)
+    name, kind, sensitivity, scale, epsilon, threshold, *rest = entry
+    noise: dict[str, Any] = rest.pop() if rest and isinstance(rest[-1], dict) else {}
+    alpha, candidates = rest if rest else (None, None)
+    mechanism = str(noise.get("mechanism", "laplace"))
+    if mechanism not in ("laplace", "gaussian"):
+        raise InternalError(f"unknown noise mechanism {mechanism!r} in a noise plan")
     return MeasurementNoise(
         name,
         kind,
@@ -135,6 +148,8 @@ def _measurement_from_json(entry: list[Any]) -> MeasurementNoise:
         threshold,
         None if alpha is None else float.fromhex(alpha),
         None if candidates is None else int(candidates),
+        "gaussian" if mechanism == "gaussian" else "laplace",
+        float.fromhex(noise["rho"]) if "rho" in noise else 0.0,
     )
 
 
@@ -202,9 +217,9 @@ class Executor(ABC):
     def execute(self, plan: DPPlan, noise: NoisePlan) -> NoisyResult:
         """Run ``plan`` and return its values noised exactly as ``noise`` says."""
 
-    def half_width(self, scale: float, confidence: float = 0.95) -> int:
+    def half_width(self, scale: float, confidence: float = 0.95, mechanism: Mechanism = "laplace") -> int:
         """The released noise's half-width at ``confidence`` for a measurement planned with ``scale``."""
-        return laplace_half_width(scale, confidence)
+        return noise_half_width(scale, confidence, mechanism)
 
     def describe(self) -> str:
         """One line for ``explain`` and the audit log."""

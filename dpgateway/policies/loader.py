@@ -66,7 +66,9 @@ BUDGET_KEYS = {
     "default_query_epsilon",
     "default_query_delta",
     "replay",
+    "noise",
 }
+NOISE_CHOICES = ("auto", "laplace", "gaussian")
 MAX_ROWS_PER_UNIT = 10_000
 
 
@@ -518,7 +520,14 @@ def _budget(raw: Any) -> Budget:
         default_query_epsilon=eps,
         default_query_delta=float(delta),
         replay=_replay(raw.get("replay", default.replay)),
+        noise=_noise(raw.get("noise", default.noise)),
     )
+
+
+def _noise(value: Any) -> Any:
+    if value not in NOISE_CHOICES:
+        raise ConfigError(f"budget.noise: must be one of {', '.join(NOISE_CHOICES)}, not {value!r}")
+    return value
 
 
 REPLAY_SCOPES = ("analyst", "global", "off")

@@ -207,6 +207,9 @@ class Budget:
     default_query_epsilon: float = 0.5
     default_query_delta: float = 1e-7
     replay: ReplayScope = "analyst"  # who gets a released answer again for free: analyst, global or off
+    # which noise a query with delta > 0 may use (passes/budget.py): the more accurate of Laplace and Gaussian,
+    # Laplace always (pure DP, delta left for partition selection), or Gaussian wherever it is possible
+    noise: Literal["auto", "laplace", "gaussian"] = "auto"
 
 
 @dataclass(frozen=True)

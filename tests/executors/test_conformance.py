@@ -11,9 +11,11 @@ from typing import Any
 import pytest
 from helpers import chi_square, dlap_pmf
 
-from dpgateway.errors import AuthenticationError, BackendError, InternalError
+from dpgateway.errors import AuthenticationError, BackendError, InternalError, UnsupportedError
 from dpgateway.executors.base import Executor, NoisePlan, NoisyResult, accept
 from dpgateway.gateway import Gateway
+from dpgateway.passes.budget import gaussian_plan
+from dpgateway.passes.split import error_weights
 from executors.common import EXECUTORS, TABLES, Data
 
 SQL = "SELECT g, COUNT(*) AS n, SUM(x) AS s FROM {table} GROUP BY g ORDER BY g"
@@ -45,6 +47,44 @@ def test_answers_are_within_noise_of_the_exact_and_plain_answers(
     for (g, n, s), (_, plain_n, plain_s) in zip(result.rows, plain.rows, strict=True):
         assert abs(n - exact[g][0]) <= width[n_name] and abs(s - exact[g][1]) <= width[s_name]
         assert abs(plain_n - exact[g][0]) <= width[n_name] and abs(plain_s - exact[g][1]) <= width[s_name]
+
+
+def _as_gaussian(plan: Any, epsilon: float, delta: float) -> Any:
+    """The plan with its measurements as discrete Gaussians (what passes/budget.py releases for wide queries)."""
+    sized = list(plan.measurements)
+    real = {m.name: m.sensitivity / m.scale for m in sized}
+    planned = gaussian_plan(sized, error_weights(plan, sized), real, epsilon, delta)
+    assert planned is not None
+    noisy, rho, (eps, dlt) = planned
+    return plan.with_(measurements=tuple(noisy), zcdp_rho=rho, zcdp_epsilon=eps, delta=dlt)
+
+
+@pytest.mark.parametrize("executor", EXECUTORS)
+def test_gaussian_noise_plans_run_where_supported(
+    executor_gateway: Gateway, executor_data: Data, executor: str
+) -> None:
+    """plain, enclave and he add the planned discrete Gaussian (answers within its half-width); mpc parties add
+    Laplace only, so the executor refuses a Gaussian plan, and a party refuses one sent to it regardless."""
+    gw, exact = executor_gateway, executor_data.exact()
+    laplace = _plan(gw, SQL.format(table=TABLES[executor]), 2.0)
+    plan = _as_gaussian(laplace, 2.0, 1e-5)
+    noise = NoisePlan.from_plan(plan)
+    assert {m.mechanism for m in noise.measurements} == {"gaussian"}
+    assert NoisePlan.from_json(noise.to_json()) == noise
+    if executor == "mpc":
+        with pytest.raises(UnsupportedError, match="discrete Laplace noise only"):
+            gw.executors.choose(plan)
+        with pytest.raises(BackendError, match="aborted the query"):
+            gw.executors.choose(laplace).execute(plan, noise)
+        return
+    runner = gw.executors.choose(plan).admit(plan, noise)
+    result = runner.execute(plan, noise)
+    accept(noise, result)
+    values = len(plan.measurements) * len(exact)
+    for i, m in enumerate(plan.measurements):
+        width = runner.half_width(m.noise_scale, 1 - FAILURE / values, mechanism="gaussian") / m.scale
+        for cell, released in zip(result.cells, result.values[m.name], strict=True):
+            assert abs(released / m.scale - exact[cell[0]][i]) <= width
 
 
 @pytest.mark.parametrize("executor", EXECUTORS)

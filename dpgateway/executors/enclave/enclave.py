@@ -213,7 +213,7 @@ def noisy_release(noise: NoisePlan, exact: ExactAggregates) -> tuple[list[Key], 
         cells = list(noise.cells)
     exact_values = exact_vectors(by_key, cells, n_keys, names)
     return cells, {
-        m.name: selected[m.name] if m.name in selected else noisy_vector(exact_values[m.name], m.scale)
+        m.name: selected[m.name] if m.name in selected else noisy_vector(exact_values[m.name], m.scale, m.mechanism)
         for m in noise.measurements
     }
 

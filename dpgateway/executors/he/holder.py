@@ -92,7 +92,10 @@ class Holder:
         for m, column in zip(noise.measurements, slots, strict=True):
             if not (m.scale > 0 and math.isfinite(m.scale)) or m.threshold is not None:
                 raise Refused(f"measurement {m.name} needs a positive, finite noise scale")
-            if m.epsilon < (m.sensitivity / m.scale) * (1 - EPSILON_SLACK):
+            if m.mechanism == "gaussian":  # rho = d^2 / (2 s^2) (zCDP) instead of epsilon = d / s
+                if m.rho < m.sensitivity**2 / (2 * m.scale**2) * (1 - EPSILON_SLACK):
+                    raise Refused(f"measurement {m.name}: its noise does not pay for its declared rho")
+            elif m.epsilon < (m.sensitivity / m.scale) * (1 - EPSILON_SLACK):
                 raise Refused(f"measurement {m.name}: its noise does not pay for its declared epsilon")
             for s in column:
                 bound = int(bounds[s])
@@ -106,7 +109,7 @@ class Holder:
         if any(values[j] != values[j % period] for j in range(period, len(values))):
             raise Refused("not a final aggregate (the ciphertext is not folded to one period)")
         released = {
-            m.name: noisy_vector([values[int(s)] for s in column], m.scale)
+            m.name: noisy_vector([values[int(s)] for s in column], m.scale, m.mechanism)
             for m, column in zip(noise.measurements, slots, strict=True)
         }
         return {"values": released, "fingerprint": fingerprint}

@@ -20,7 +20,7 @@ from dpgateway.errors import BackendError, ConfigError, InternalError
 from dpgateway.executors import signing
 from dpgateway.executors.base import Evidence, Executor, NoisePlan, NoisyResult
 from dpgateway.executors.mpc import field, keys, wire
-from dpgateway.mechanisms import I64_MAX, laplace_half_width
+from dpgateway.mechanisms import I64_MAX, Mechanism, laplace_half_width
 from dpgateway.plan import DPPlan
 from dpgateway.policies.model import MpcSettings, PartySources, Table
 
@@ -50,6 +50,8 @@ class MpcExecutor(Executor):
         reason = super().unsupported(plan)  # integer sums only: no quantiles, no distinct counts
         if reason is not None:
             return reason
+        if any(m.mechanism != "laplace" for m in plan.measurements):  # the planner keeps Laplace for mpc tables
+            return f"table {self.table.name} runs on the mpc executor, whose parties add discrete Laplace noise only"
         if plan.selects_partitions:
             return (
                 f"table {self.table.name} runs on the mpc executor, which releases public groups only; declare "
@@ -57,8 +59,10 @@ class MpcExecutor(Executor):
             )
         return None
 
-    def half_width(self, scale: float, confidence: float = 0.95) -> int:
+    def half_width(self, scale: float, confidence: float = 0.95, mechanism: Mechanism = "laplace") -> int:
         """Noise is a sum of t + 1 central draws: a union bound gives (t + 1) * w at ``1 - alpha / (t + 1)``."""
+        if mechanism != "laplace":
+            raise InternalError("the mpc executor adds discrete Laplace noise only; this is a bug")
         n = self.settings.collusion_threshold + 1
         return n * laplace_half_width(scale, 1 - (1 - confidence) / n)
 

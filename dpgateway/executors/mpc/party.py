@@ -136,6 +136,8 @@ class Party:
             raise Refused("private group keys (partition selection) are not supported")
         if any(not (m.scale > 0 and math.isfinite(m.scale)) or m.threshold is not None for m in noise.measurements):
             raise Refused("every measurement needs a positive, finite noise scale")
+        if any(m.mechanism != "laplace" for m in noise.measurements):  # the proof note is for Laplace draws
+            raise Refused("only discrete Laplace noise is supported")
         local = self._local(message["sql"], noise)
         if index <= int(message["collusion_threshold"]):  # parties 0..t add the central noise
             local = [noisy_vector(column, m.scale) for column, m in zip(local, noise.measurements, strict=True)]
