@@ -6,6 +6,8 @@ import base64
 import copy
 import json
 import os
+import secrets
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -22,7 +24,7 @@ from dpgateway.executors import signing
 from dpgateway.executors.base import NoisePlan
 from dpgateway.executors.he import cube, scheme
 from dpgateway.executors.he.executor import HeExecutor
-from dpgateway.executors.he.holder import Holder
+from dpgateway.executors.he.holder import FRESH_SECONDS, Holder
 from dpgateway.gateway import Gateway
 from dpgateway.mechanisms import laplace_half_width
 from dpgateway.policies.loader import parse_config
@@ -167,7 +169,19 @@ def test_gateway_receives_only_ciphertexts_and_noisy_values(folder: Path, monkey
     (message,) = recorder.sent
     (reply,) = recorder.received
     # what the gateway sends: the plan, the layout and one ciphertext; what it gets back: noisy values only
-    sent = {"type", "noise", "fingerprint", "ciphertext", "period", "slots", "bounds", "capacity", "mac"}
+    sent = {
+        "type",
+        "noise",
+        "fingerprint",
+        "ciphertext",
+        "period",
+        "slots",
+        "bounds",
+        "capacity",
+        "nonce",
+        "issued",
+        "mac",
+    }
     assert set(message) == sent
     assert set(reply) == {"values", "fingerprint"}
     holder = Holder(folder / "keys" / "holder.key")
@@ -187,8 +201,25 @@ def _request(folder: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
 
 
 def _signed(folder: Path, message: dict[str, Any]) -> dict[str, Any]:
-    """``message`` signed with the gateway's request key (as a gateway that meant to send it would)."""
+    """``message`` signed with the gateway's request key (as a gateway that meant to send it would), fresh."""
+    message = {k: v for k, v in message.items() if k != "mac"} | {"nonce": secrets.token_hex(16), "issued": time.time()}
     return {**message, "mac": signing.sign(scheme.read_request_key(folder / "keys" / "gateway.key"), message)}
+
+
+def test_key_holder_answers_a_signed_request_once_and_only_while_fresh(
+    folder: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A captured request replayed to the key holder gets no second, independently noised answer."""
+    message = _request(folder, monkeypatch)
+    holder = Holder(folder / "keys" / "holder.key")
+    assert "values" in holder.handle(message)
+    assert holder.handle(message) == {"error": "key holder refused: the request was already answered (a replay)"}
+    key = scheme.read_request_key(folder / "keys" / "gateway.key")
+    stale = {k: v for k, v in message.items() if k != "mac"} | {"nonce": secrets.token_hex(16)}
+    stale["issued"] = time.time() - 2 * FRESH_SECONDS
+    stale["mac"] = signing.sign(key, stale)
+    assert "not fresh" in holder.handle(stale)["error"]
+    assert "values" in holder.handle(_signed(folder, message))  # the same plan, newly issued: answered
 
 
 def test_key_holder_refuses_a_plan_that_does_not_match(folder: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -313,7 +344,9 @@ def test_released_noise_is_the_central_distribution(folder: Path, monkeypatch: p
     scale = noise.measurements[0].scale
     exact = sum(min(n, 2) for n in _units().values())
     holder = Holder(folder / "keys" / "holder.key")
-    draws = [holder.handle(message)["values"][noise.measurements[0].name][0] - exact for _ in range(800)]
+    draws = [
+        holder.handle(_signed(folder, message))["values"][noise.measurements[0].name][0] - exact for _ in range(800)
+    ]
     stat, critical = chi_square(draws, {z: dlap_pmf(scale, z) for z in range(-200, 201)})
     assert stat < critical, (stat, critical)
 

@@ -9,8 +9,10 @@ receives back is noisy integers (holder.py); it never sees a row, an exact total
 from __future__ import annotations
 
 import base64
+import secrets
 import subprocess
 import sys
+import time
 from typing import Any
 
 from sqlglot import exp
@@ -112,6 +114,8 @@ class HeExecutor(Executor):
             "slots": [slots[m.name] for m in noise.measurements],
             "bounds": [f.bound for f in cube.fields] + [0] * (cube.period - len(cube.fields)),
             "capacity": cube.capacity,
+            "nonce": secrets.token_hex(16),  # the key holder answers each signed request once (holder.py, rule 0)
+            "issued": time.time(),
         }
         message["mac"] = signing.sign(self._request_key(), message)
         reply = self.ask(message)

@@ -4,12 +4,16 @@ Run it as its own process beside its own key file (created 0600 by ``dpgateway h
 others can read it): ``dpgateway he holder --key keys/holder.key --listen 127.0.0.1:0`` (it prints
 ``listening HOST:PORT``), or let the gateway start it from ``executors.he.key_holder``. The gateway never
 opens the key file; it sends one request per query:
-``{"type": "decrypt", "noise", "fingerprint", "ciphertext", "period", "slots", "bounds", "capacity", "mac"}``.
+``{"type": "decrypt", "noise", "fingerprint", "ciphertext", "period", "slots", "bounds", "capacity", "nonce",
+"issued", "mac"}``.
 
 What the key holder checks before it releases anything (each refusal names its rule):
 
 0. the request is signed by the gateway: ``mac`` is HMAC-SHA256 under the request key ``he keygen`` gave
-   both (``gateway.key``), over the whole request, so only that gateway can have anything decrypted;
+   both (``gateway.key``), over the whole request, so only that gateway can have anything decrypted; and
+   it is fresh: issued within ``FRESH_SECONDS`` of the key holder's clock, with a nonce not seen in that
+   window, so a captured request replayed to the key holder gets no second, independently noised
+   answer (a restarted key holder forgets the nonces of the last ``FRESH_SECONDS``: docs/executors.md);
 1. the noise plan hashes to the fingerprint sent (the plan the ledger reserved for);
 2. public cells only (no partition selection), every scale positive and finite, and every measurement's
    declared epsilon pays for its noise: ``epsilon >= sensitivity / scale`` (discrete Laplace), with the
@@ -36,6 +40,8 @@ import argparse
 import base64
 import math
 import sys
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +52,7 @@ from dpgateway.executors.mpc import wire
 from dpgateway.mechanisms import noisy_vector
 
 EPSILON_SLACK = 1e-9  # relative: floating-point rounding of epsilon * scale
+FRESH_SECONDS = 300.0  # a request is answered only within this long of being issued, and only once
 
 
 class Refused(Exception):
@@ -58,6 +65,8 @@ class Holder:
     def __init__(self, key_file: Path) -> None:
         self.keys = scheme.read_keys(key_file, secret=True)
         self.decryptor = scheme.Decryptor(self.keys)
+        self._seen: dict[str, float] = {}  # nonce -> issued, for the requests of the last FRESH_SECONDS
+        self._lock = threading.Lock()
 
     def handle(self, message: dict[str, Any]) -> dict[str, Any]:
         if message.get("type") != "decrypt":
@@ -72,6 +81,7 @@ class Holder:
     def _decrypt(self, message: dict[str, Any]) -> dict[str, Any]:
         if not signing.signed_by(self.keys.request_key, message):
             raise Refused("the request is not signed by the gateway this key holder serves")
+        self._once(message)
         noise = NoisePlan.from_json(message["noise"])
         fingerprint = noise.fingerprint()
         if fingerprint != message.get("fingerprint"):
@@ -113,6 +123,17 @@ class Holder:
             for m, column in zip(noise.measurements, slots, strict=True)
         }
         return {"values": released, "fingerprint": fingerprint}
+
+    def _once(self, message: dict[str, Any]) -> None:
+        """Refuse a stale request or one whose nonce was already answered (rule 0)."""
+        nonce, issued, now = message.get("nonce"), message.get("issued"), time.time()
+        if not isinstance(nonce, str) or not isinstance(issued, (int, float)) or abs(now - issued) > FRESH_SECONDS:
+            raise Refused("the request is not fresh (no nonce, or issued too long ago)")
+        with self._lock:
+            self._seen = {n: t for n, t in self._seen.items() if now - t <= FRESH_SECONDS}
+            if nonce in self._seen:
+                raise Refused("the request was already answered (a replay)")
+            self._seen[nonce] = float(issued)
 
 
 def serve(key_file: Path, listen: str) -> None:
