@@ -16,10 +16,10 @@ OpenDP samples from the operating system's CSPRNG and cannot be seeded, by desig
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from functools import lru_cache
 from statistics import NormalDist
-from typing import Literal
+from typing import Any, Literal
 
 import opendp.prelude as dp
 
@@ -73,12 +73,7 @@ def laplace_scale(sensitivity: int, epsilon: float) -> tuple[float, float]:
             f"epsilon {epsilon!r} is too small: the noise scale for sensitivity {sensitivity} would be infinite; "
             "ask for a larger epsilon"
         )
-    for _ in range(64):
-        cost = _vector_laplace(scale).map(sensitivity)
-        if cost <= epsilon:
-            return scale, cost
-        scale = math.nextafter(scale, math.inf)
-    raise InternalError(f"could not calibrate a Laplace scale for sensitivity {sensitivity} at epsilon {epsilon}")
+    return _calibrated(_vector_laplace, scale, sensitivity, epsilon, "a Laplace scale", "epsilon")
 
 
 @lru_cache(maxsize=4096)
@@ -95,12 +90,19 @@ def gaussian_scale(sensitivity: int, rho: float) -> tuple[float, float]:
     scale = sensitivity / math.sqrt(2 * rho)
     if not math.isfinite(scale):
         raise InvalidParameterError(f"the budget is too small for a Gaussian of sensitivity {sensitivity}")
+    return _calibrated(_vector_gaussian, scale, sensitivity, rho, "a Gaussian scale", "rho")
+
+
+def _calibrated(
+    measurement: Callable[[float], Any], scale: float, sensitivity: int, budget: float, what: str, unit: str
+) -> tuple[float, float]:
+    """From ``scale`` upwards, the first float scale whose OpenDP map at ``sensitivity`` is within ``budget``."""
     for _ in range(64):
-        cost = _vector_gaussian(scale).map(sensitivity)
-        if cost <= rho:
+        cost = measurement(scale).map(sensitivity)
+        if cost <= budget:
             return scale, cost
         scale = math.nextafter(scale, math.inf)
-    raise InternalError(f"could not calibrate a Gaussian scale for sensitivity {sensitivity} at rho {rho}")
+    raise InternalError(f"could not calibrate {what} for sensitivity {sensitivity} at {unit} {budget}")
 
 
 @lru_cache(maxsize=1024)
