@@ -1,4 +1,4 @@
-"""Measurements of one noise scale are noised in one OpenDP call (noise.py ``_laplace_by_scale``): each keeps its
+"""Measurements of one noise scale and mechanism are noised in one OpenDP call (noise.py ``_noised_by_scale``): each keeps its
 own values, its own scale's spread, and its noise is independent of the others' (no draw shared or reused)."""
 
 from __future__ import annotations
@@ -19,22 +19,24 @@ def discrete_laplace_variance(scale: float) -> float:
 
 
 def test_same_scale_measurements_share_a_call_but_not_their_noise(monkeypatch) -> None:
-    calls: list[tuple[int, float]] = []
+    calls: list[tuple[int, float, str]] = []
     real = noise.noisy_vector
 
-    def counting(values, scale):
-        calls.append((len(values), scale))
-        return real(values, scale)
+    def counting(values, scale, mechanism):
+        calls.append((len(values), scale, mechanism))
+        return real(values, scale, mechanism)
 
     monkeypatch.setattr(noise, "noisy_vector", counting)
     ms = [
         Measurement("a", "count", None, noise_scale=20.0),
         Measurement("b", "count", None, noise_scale=20.0),
         Measurement("c", "sum", None, noise_scale=5.0),
+        Measurement("d", "sum", None, noise_scale=20.0, mechanism="gaussian"),  # same scale, other mechanism
     ]
-    values = {"a": [1000] * N, "b": [-7] * N, "c": [0] * N}
-    out = noise._laplace_by_scale(ms, values)
-    assert sorted(calls) == [(N, 5.0), (2 * N, 20.0)]  # one call per scale
+    values = {"a": [1000] * N, "b": [-7] * N, "c": [0] * N, "d": [0] * N}
+    out = noise._noised_by_scale(ms, values)
+    # one call per (scale, mechanism)
+    assert sorted(calls) == [(N, 5.0, "laplace"), (N, 20.0, "gaussian"), (2 * N, 20.0, "laplace")]
     a, b, c = (np.array(out[name]) - values[name][0] for name in "abc")
     assert len(a) == len(b) == len(c) == N
     # Each measurement's noise has its own scale's variance: the sample variance of N draws is within 5
