@@ -39,7 +39,6 @@ from __future__ import annotations
 import argparse
 import base64
 import math
-import sys
 import threading
 import time
 from pathlib import Path
@@ -139,12 +138,7 @@ class Holder:
 def serve(key_file: Path, listen: str) -> None:
     """Run the key holder until killed, printing ``listening HOST:PORT`` once ready."""
     holder = Holder(key_file)
-    host, _, port = listen.rpartition(":")
-    with wire.MessageServer((host, int(port)), lambda message, _: holder.handle(message)) as server:
-        bound_host, bound_port = str(server.server_address[0]), int(server.server_address[1])
-        sys.stdout.write(f"listening {bound_host}:{bound_port}\n")
-        sys.stdout.flush()
-        server.serve_forever()
+    wire.serve_announced(listen, lambda message, _: holder.handle(message))
 
 
 def main(argv: list[str] | None = None) -> None:

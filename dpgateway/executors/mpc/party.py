@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import sys
 import threading
 import time
 from collections import OrderedDict
@@ -277,11 +276,7 @@ def _address(text: str) -> tuple[str, int]:
 def serve(data: Path, key: Path, listen: str, *, collusion_threshold: int, timeout: float, threads: int | None) -> None:
     """Run one party until killed, printing ``listening HOST:PORT`` once ready."""
     party = Party(data, keys.read_party(key), collusion_threshold=collusion_threshold, timeout=timeout, threads=threads)
-    with wire.MessageServer(_address(listen), party.handle, challenge=True) as server:
-        host, port = str(server.server_address[0]), int(server.server_address[1])
-        sys.stdout.write(f"listening {host}:{port}\n")
-        sys.stdout.flush()
-        server.serve_forever()
+    wire.serve_announced(listen, party.handle, challenge=True)
 
 
 def main(argv: list[str] | None = None) -> None:

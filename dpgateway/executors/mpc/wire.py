@@ -16,6 +16,7 @@ import select
 import socket
 import socketserver
 import struct
+import sys
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -157,6 +158,19 @@ class MessageServer(socketserver.ThreadingTCPServer):
         self.respond = handle
         self.challenge = challenge
         super().__init__(address, _Handler)
+
+
+def serve_announced(
+    listen: str, handle: Callable[[dict[str, Any], Session], dict[str, Any]], *, challenge: bool = False
+) -> None:
+    """Serve ``handle`` on ``listen`` (``[tcp://]HOST:PORT``, port 0: any free port) until killed, printing
+    ``listening HOST:PORT`` once ready (what a parent process reads to find the service)."""
+    host, _, port = listen.removeprefix("tcp://").rpartition(":")
+    with MessageServer((host, int(port)), handle, challenge=challenge) as server:
+        bound_host, bound_port = str(server.server_address[0]), int(server.server_address[1])
+        sys.stdout.write(f"listening {bound_host}:{bound_port}\n")
+        sys.stdout.flush()
+        server.serve_forever()
 
 
 class _Handler(socketserver.BaseRequestHandler):
