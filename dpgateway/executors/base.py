@@ -18,8 +18,9 @@ from __future__ import annotations
 import datetime
 import hashlib
 import json
+import subprocess
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -249,3 +250,20 @@ def accept(noise: NoisePlan, result: NoisyResult) -> None:
     for m in noise.measurements:  # a quantile releases the index of one of its public candidates
         if m.candidates is not None and any(not 0 <= v < m.candidates for v in result.values[m.name]):
             raise InternalError(f"executor {result.evidence.executor} released a quantile outside its candidates")
+
+
+def stop_processes(processes: Iterable[subprocess.Popen[Any]]) -> None:
+    """Stop helper processes (parties, key holder, enclave): terminate all, wait up to 5 s each (then kill),
+    and close their pipes."""
+    processes = list(processes)
+    for process in processes:
+        process.terminate()
+    for process in processes:
+        try:
+            process.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+        for stream in (process.stdin, process.stdout, process.stderr):
+            if stream is not None:
+                stream.close()

@@ -21,7 +21,7 @@ from typing import Any
 from cryptography.hazmat.primitives import serialization
 
 from dpgateway.errors import BackendError, ConfigError, InternalError
-from dpgateway.executors.base import Evidence, Executor, NoisePlan, NoisyResult, decode_value
+from dpgateway.executors.base import Evidence, Executor, NoisePlan, NoisyResult, decode_value, stop_processes
 from dpgateway.executors.enclave import broker, protocol, simulated
 from dpgateway.executors.enclave.verify import Anchor, Policy
 from dpgateway.plan import DPPlan
@@ -171,17 +171,8 @@ class EnclaveExecutor(Executor):
 
     def _stop(self) -> None:
         process, self._process = self._process, None
-        if process is None:
-            return
-        for stream in (process.stdin, process.stdout):
-            if stream is not None:
-                stream.close()
-        process.terminate()
-        try:
-            process.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        if process is not None:
+            stop_processes([process])
 
     def close(self) -> None:
         with self._lock:

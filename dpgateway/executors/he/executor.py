@@ -19,7 +19,7 @@ from sqlglot import exp
 
 from dpgateway.errors import BackendError, InvalidParameterError
 from dpgateway.executors import signing
-from dpgateway.executors.base import Evidence, Executor, NoisePlan, NoisyResult
+from dpgateway.executors.base import Evidence, Executor, NoisePlan, NoisyResult, stop_processes
 from dpgateway.executors.he import scheme
 from dpgateway.executors.he.cube import Cube, field_key, key_id, policy_digest
 from dpgateway.executors.mpc import wire
@@ -185,14 +185,5 @@ class HeExecutor(Executor):
 
     def close(self) -> None:
         process, self._process, self._address = self._process, None, ""
-        if process is None:
-            return
-        process.terminate()
-        try:
-            process.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-        for stream in (process.stdout, process.stderr):
-            if stream is not None:
-                stream.close()
+        if process is not None:
+            stop_processes([process])

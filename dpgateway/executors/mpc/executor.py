@@ -18,7 +18,7 @@ from typing import Any
 
 from dpgateway.errors import BackendError, ConfigError, InternalError
 from dpgateway.executors import signing
-from dpgateway.executors.base import Evidence, Executor, NoisePlan, NoisyResult
+from dpgateway.executors.base import Evidence, Executor, NoisePlan, NoisyResult, stop_processes
 from dpgateway.executors.mpc import field, keys, wire
 from dpgateway.mechanisms import I64_MAX, Mechanism, laplace_half_width
 from dpgateway.plan import DPPlan
@@ -211,16 +211,7 @@ class MpcExecutor(Executor):
 
     def close(self) -> None:
         self.pool.close()
-        for process in self._processes:
-            process.terminate()
-        for process in self._processes:
-            try:
-                process.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
-            if process.stdout is not None:
-                process.stdout.close()
+        stop_processes(self._processes)
         self._processes.clear()
         self._addresses.clear()
         if self._key_folder is not None:
