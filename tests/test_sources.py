@@ -16,11 +16,13 @@ from typing import Any
 
 import pytest
 from helpers import exact_by_group, make_gateway
+from sqlglot import exp
 
 from dpgateway import Gateway
 from dpgateway.errors import ConfigError, InternalError
 from dpgateway.passes.groups import public_cells
 from dpgateway.plan import GroupKey
+from dpgateway.sqlcheck import verify
 
 K = 2
 POLICY: dict[str, Any] = {
@@ -100,6 +102,18 @@ def test_parse_problems_stay_in_their_row(gateway: Gateway, record: bytes, sql: 
     alone = _exact(gateway, sql, record)
     assert _exact(gateway, sql, before + record + after) == _plus(without, alone)
     assert _exact(gateway, sql, before + after + record.rstrip(b"\n")) == _plus(without, alone)  # last, no newline
+
+
+def test_unparsable_value_is_null_in_every_plan(gateway: Gateway) -> None:
+    """A cast right above the CSV scan is the plan where DuckDB 2.0 pushed it into ``read_csv`` and dropped
+    the whole record with ``ignore_errors``; the connector keeps the record and reads the value as NULL."""
+    table = gateway.config.tables[0]
+    Path(table.source).write_bytes(HEADER + b"1,0,2,10,a\n2,1,3,oops,b\n3,0,4,30,c\n")
+    source = gateway.connector.hooks.source(table)
+    income = exp.TryCast(this=exp.column("income"), to=exp.DataType.build("BIGINT"))
+    tree = exp.select(exp.column("pid"), income).from_(source.copy())
+    rows = gateway.connector.execute(verify(tree, "duckdb", sources=[source]))
+    assert sorted(rows.rows) == [("1", 10), ("2", None), ("3", 30)]
 
 
 def test_unterminated_quote_is_confined_with_quote_off(tmp_path: Path) -> None:

@@ -107,11 +107,11 @@ class DuckDBHooks(SQLHooks):
         return exp.Case(ifs=[exp.If(this=integer, true=self.typed(column))], default=exact)
 
     def unit_count_by_join(self, table: Table) -> bool:
-        """The join form over Parquet sources only. DuckDB 2.0 pushes a ``TRY_CAST`` of a column into
-        ``read_csv``, whose ``ignore_errors`` then drops a record with an unparsable value instead of making
-        the value NULL, and whether it does depends on the plan: the join form's two reads of one CSV could
-        disagree (a unit counted in ``n_u`` with a row missing, or the reverse), so CSV sources keep the window.
-        Test: tests/test_weighted_forms.py::test_csv_sources_keep_the_window."""
+        """The join form over Parquet sources only. It was chosen when DuckDB 2.0 could drop a CSV record with
+        an unparsable value depending on the plan (the join form's two reads of one CSV could then disagree);
+        the connector now disables that pushdown (``type_pushdown``, see :class:`DuckDBConnector`), and CSV
+        sources keep the window, which parses the file once. Test:
+        tests/test_weighted_forms.py::test_csv_sources_keep_the_window."""
         source = table.source
         if not self.UNIT_COUNT_BY_JOIN or isinstance(source, (dict, PartySources)):
             return False
@@ -185,7 +185,11 @@ class DuckDBConnector(Connector):
         allowed_directories: Sequence[str | os.PathLike[str]] = (),
     ) -> None:
         self.hooks = DuckDBHooks()  # per connector: it remembers the CSV headers it read
-        self._con = duckdb.connect(":memory:")
+        # type_pushdown off: DuckDB 2.0 would push a TRY_CAST of a CSV column into read_csv, whose
+        # ignore_errors then drops the whole record with an unparsable value instead of reading NULL, and
+        # only in plans where the cast sits right above the scan (tests/test_sources.py::
+        # test_unparsable_value_is_null_in_every_plan). Parquet columns are typed: no measurable cost.
+        self._con = duckdb.connect(":memory:", config={"disabled_optimizers": "type_pushdown"})
         if threads:
             self._con.execute("SET threads = ?", [threads])
         _lock_down(self._con, allowed_paths, allowed_directories)
