@@ -115,8 +115,9 @@ def test_prepared_copy_gives_the_on_the_fly_aggregates_and_is_private(
 
 
 def test_a_changed_added_or_removed_source_file_makes_the_copy_unused(spark_session: Any, tmp_path: Path) -> None:
-    """A folder source: every change to its files is seen before a query plans, so a copy of the old files
-    is never read; a new copy answers as bounding the new files on the fly does."""
+    """A folder source: a change to its files is seen before a query plans, so a copy of the old files is
+    never read; a new copy answers as bounding the new files on the fly does (each kind of change, at any
+    depth, without Spark: tests/test_copy_check.py)."""
     data = tmp_path / "data"
     (data / "more").mkdir(parents=True)
     for i in range(3):
@@ -124,23 +125,23 @@ def test_a_changed_added_or_removed_source_file_makes_the_copy_unused(spark_sess
         _parquet(tmp_path / f"{i}.csv", data / ("more" if i == 2 else "") / f"part-{i}.parquet")
     source = {"connector": "spark", "path": str(data), "format": "parquet"}
     sql = "SELECT sex, COUNT(*), SUM(income) FROM t GROUP BY sex"
-    changes = [
-        lambda: _parquet(tmp_path / "0.csv", data / "more" / "part-3.parquet"),  # added, in a subfolder
-        lambda: shutil.copyfile(data / "part-0.parquet", data / "part-1.parquet"),  # rewritten in place
-        lambda: (data / "more" / "part-2.parquet").unlink(),  # removed
-    ]
     with _gateway(spark_session, tmp_path, source) as gw:
         gw.prepare("t")
-        for change in changes:
-            assert _copy_used(gw)
-            change()
-            assert not _copy_used(gw)
-            fresh = _exact(gw, sql)
-            assert not fresh[0]
-            gw.prepare("t")
-            assert _exact(gw, sql) == (True, *fresh[1:])
+        assert _copy_used(gw)
+        _parquet(tmp_path / "0.csv", data / "more" / "part-3.parquet")  # added, in a subfolder
+        assert not _copy_used(gw)
+        fresh = _exact(gw, sql)
+        assert not fresh[0]
+        gw.prepare("t")
+        assert _exact(gw, sql) == (True, *fresh[1:])
+        shutil.copyfile(data / "part-0.parquet", data / "part-1.parquet")  # rewritten in place
+        assert not _copy_used(gw)
+        gw.prepare("t")
+        assert _copy_used(gw)
+        (data / "more" / "part-2.parquet").unlink()  # removed
+        assert not _copy_used(gw)
         copies = [p for p in (tmp_path / "cache").iterdir() if p.is_dir()]
-        assert len(copies) == 2  # the copy in use and the one it replaced; older ones are removed
+        assert len(copies) == 2  # the copy in use and the one it replaced; the first is removed
 
 
 @pytest.mark.parametrize(
@@ -227,14 +228,14 @@ def test_one_person_with_many_rows_moves_aggregates_over_a_copy_by_at_most_their
         with _gateway(spark_session, tmp_path, source) as gw:
             gw.prepare("t")
             answers = {}
-            for sql, rewrite in QUERIES.items():
+            for sql, rewrite in list(QUERIES.items())[1:4]:  # weighted, rows, filtered (bound first) weighted
                 plan = gw.explain(sql, epsilon=1.0, delta=1e-6).plan
                 assert plan is not None and plan.prepared is not None and plan.rewrite == rewrite
                 n_keys = len(plan.group_keys)
                 exact = gw.connector.execute(plan.bounded_sql, plan.settings)
                 answers[sql] = (plan, {row[:n_keys]: row[n_keys:] for row in exact.rows})
             results.append(answers)
-    for sql in QUERIES:
+    for sql in results[0]:
         (plan, before), (_, after) = results[0][sql], results[1][sql]
         moves = []
         for j, m in enumerate(plan.measurements):
