@@ -161,14 +161,15 @@ def _tree(path: str) -> list[tuple[str, os.stat_result]] | None:
         seen = {(root.st_dev, root.st_ino)}
         while pending:
             relative, folder = pending.pop()
-            with os.scandir(folder) as entries:
-                for entry in entries:
-                    st = os.stat(entry.path)
-                    name = f"{relative}{entry.name}"
-                    found.append((name, st))
-                    if stats.S_ISDIR(st.st_mode) and (st.st_dev, st.st_ino) not in seen:
-                        seen.add((st.st_dev, st.st_ino))
-                        pending.append((f"{name}/", entry.path))
+            with os.scandir(folder) as listing:
+                entries = sorted(listing, key=lambda e: e.name)  # the same walk every time
+            for entry in entries:
+                st = os.stat(entry.path)
+                name = f"{relative}{entry.name}"
+                found.append((name, st))
+                if stats.S_ISDIR(st.st_mode) and (st.st_dev, st.st_ino) not in seen:
+                    seen.add((st.st_dev, st.st_ino))
+                    pending.append((f"{name}/", entry.path))
     except OSError:
         return None
     return [(".", root), *sorted(found, key=lambda item: item[0])]

@@ -6,6 +6,10 @@ its own session (``newSession()`` on a classic driver: the SparkContext is share
 views are not) with ``spark.sql.ansi.enabled=false``, which the Spark hooks' proof note relies on
 (connectors/spark_sql.py); the setting is checked before every query, and a config may not change it.
 
+On a local master the JVM's scratch space (``spark.local.dir``: the shuffle files of every query, which
+hold person-level rows while it runs) is a new 0700 folder unless the config or ``SPARK_LOCAL_DIRS`` names
+one (Spark's default, the system's temporary folder, creates it readable by every user).
+
 Sources: a Parquet path is read as ``parquet.`path```; a CSV path through a temp view registered by
 this connector (header line, ``,`` and ``"``, every column as text, malformed records read as NULLs,
 never a failure); a catalog table as ``db.table``.
@@ -36,7 +40,9 @@ Test: tests/backends/test_spark.py::test_backend_error_hides_values.
 
 from __future__ import annotations
 
+import os
 import re
+import tempfile
 import threading
 import uuid
 from decimal import Decimal
@@ -95,6 +101,11 @@ def spark_session(master: str = "local[*]", conf: dict[str, str] | None = None) 
     for name, value in settings.items():
         builder = builder.config(name, value)
     with _lock:
+        if master.startswith("local") and "spark.local.dir" not in settings and not os.environ.get("SPARK_LOCAL_DIRS"):
+            from pyspark import SparkContext
+
+            if SparkContext._active_spark_context is None:  # starting the JVM: its scratch space, private
+                builder = builder.config("spark.local.dir", tempfile.mkdtemp(prefix="dpgateway-spark-"))  # 0700
         try:
             return builder.getOrCreate()
         except Exception as exc:  # Java missing, master unreachable: the class names the cause
