@@ -6,7 +6,8 @@
 The table is bench/run.py's ``people_<rows>.parquet`` (generated once). DuckDB reads the file; PostgreSQL
 gets it loaded into ``bench.people`` (native bigint/double columns, analyzed) on the server of
 ``$DPGATEWAY_BENCH_PG_URL``, or on a throwaway server (tests/pg_server.py) when it is unset; Spark reads
-the Parquet file on ``local[*]``. For each backend and each query shape of bench/run.py, the raw aggregate
+the Parquet file on ``local[*]``. DuckDB and Spark prepare a copy of the table by themselves after two
+queries (``prepare.auto``, the default), so the first shape includes the build. For each backend and each query shape of bench/run.py, the raw aggregate
 on the same engine and the DP query through ``Gateway.query`` alternate, median of ``--reps``, after one
 warm-up of each; the replay and plan caches are defeated by a varying output alias (as in run.py).
 """
@@ -39,9 +40,10 @@ from dpgateway.policies.loader import parse_config
 BENCH = Path(__file__).resolve().parent
 PG_ENV = "DPGATEWAY_BENCH_PG_URL"
 DUCKDB_NOTE = (
-    "The DuckDB gateway prepares a copy by itself after two queries of a table (`prepare.auto`, on by def"
-    "ault), so its first shape includes the build and the others read the copy; PostgreSQL and Spark tabl"
-    "es cannot be prepared (docs/backends.md) and bound on the fly every time."
+    "The DuckDB and Spark (local master) gateways prepare a copy by themselves after two queries of a table "
+    "(`prepare.auto`, on by default; Spark's copy is a folder of Parquet part files in the gateway's private "
+    "cache_dir), so their first shape includes the build, running in the background, and the others read the "
+    "copy; PostgreSQL tables cannot be prepared (docs/backends.md) and bound on the fly every time."
 )
 Raw = Callable[[str], Any]
 

@@ -63,9 +63,10 @@ class Gateway:
                     self.connector.check_table(table)
         self._ctx = PlanContext(config=config, hooks=self.connector.hooks, seed=self.store.secret_seed())
         self._plans = PlanCache()
-        self._copies = prepare.CopyCheck(config, self._ctx.seed)  # which prepared copies are valid, per query
+        sources = prepare.connector_sources(config, self.connector.copy_source)  # e.g. Spark's local files
+        self._copies = prepare.CopyCheck(config, self._ctx.seed, sources)  # which prepared copies are valid, per query
         self._prepare_lock = threading.Lock()  # one build at a time (manual and automatic share the scratch names)
-        self.auto_prepare = prepare.AutoPreparer(config.prepare, self.prepare)
+        self.auto_prepare = prepare.AutoPreparer(config.prepare, self.prepare, sources)
         self.executors = ExecutorPool(config, self.connector)
 
     @classmethod
@@ -187,12 +188,19 @@ class Gateway:
             raise InvalidParameterError(
                 f"table {policy.name} has no privacy_unit: there is nothing to bound, so nothing to prepare"
             )
-        state = prepare.source_state(policy)
-        if isinstance(policy.source, dict):  # a PostgreSQL or Spark source: refused, and why
-            reason = prepare.CONNECTOR_REFUSALS[policy.source["connector"]]
-            raise UnsupportedError(f"table {policy.name} cannot be prepared on {policy.source['connector']}: {reason}")
+        sources = self._copies.sources
+        if isinstance(policy.source, dict):  # a connector source: its local files, or refused, and why
+            reason = prepare.CONNECTOR_REFUSALS.get(policy.source["connector"])
+            if reason is not None:
+                raise UnsupportedError(
+                    f"table {policy.name} cannot be prepared on {policy.source['connector']}: {reason}"
+                )
+            sources = {policy.name: self.connector.copy_source(policy)}  # UnsupportedError (0A000): why not
+        state = prepare.source_state(policy, sources)
         if state is None:
-            raise InvalidParameterError(f"table {policy.name}: only file sources (CSV, Parquet) can be prepared")
+            raise InvalidParameterError(
+                f"table {policy.name}: only file sources (CSV, Parquet files or folders) that exist can be prepared"
+            )
         digest = prepare.policy_digest(policy, self._ctx.seed)
         try:
             folder = prepare.private_folder(self.config.cache_folder)
@@ -204,14 +212,19 @@ class Gateway:
         target = folder / f"{policy.name}-{digest[:16]}.parquet"
         hooks = self._ctx.hooks
         copy_sql = verify(
-            hooks.finish(prepared_copy_tree(policy, self._ctx)), hooks.DIALECT, sources=[hooks.source(policy)]
+            hooks.finish(prepared_copy_tree(policy, self._ctx)),
+            hooks.DIALECT,
+            sources=[hooks.source(policy)],
+            nodes=hooks.BACKEND_NODES,  # e.g. Spark's keyed hash, as passes/verify.py allows for queries
+            functions=hooks.BACKEND_FUNCTIONS,
         )
         with self._prepare_lock, tempfile.TemporaryDirectory(dir=folder, prefix=".prepare-") as scratch:  # 0700
             partial = Path(scratch) / target.name
-            rows = self.connector.materialize(copy_sql, str(partial))
-            os.chmod(partial, 0o600)  # DuckDB creates it with the umask; private before it is moved into place
-            os.replace(partial, target)
+            rows = self.connector.materialize(copy_sql, str(partial))  # a file (DuckDB) or a folder (Spark)
+            target = prepare.install_copy(partial, target)  # private, then moved into place
+            previous = prepare.copy_name(folder, policy)
             prepare.write_manifest(folder, policy, file=target, source=state, policy=digest, rows=rows)
+            prepare.prune_copies(folder, policy, keep={target.name, previous})
         return PreparedCopy(table=policy.name, path=str(target), k=policy.max_rows_per_unit)
 
     def remaining(self, analyst: str | None = None) -> dict[str, Any]:

@@ -195,6 +195,14 @@ class Connector(ABC):
     def _materialize(self, sql: VerifiedSQL, path: str) -> int:
         raise UnsupportedError(f"the {type(self).__name__} backend cannot write prepared copies")
 
+    def copy_source(self, table: Table) -> str:
+        """The local file or folder this backend reads connector table ``table`` from, against which a prepared
+        copy's validity is checked (dpgateway/prepare.py); UnsupportedError (0A000) naming the reason where a
+        copy cannot be kept private or checked. File sources are the gateway's own and never reach this."""
+        raise UnsupportedError(
+            f"table {table.name} cannot be prepared: the {type(self).__name__} backend writes no copies"
+        )
+
     def interrupt(self, thread: int) -> None:
         """Cancel the statement that thread ``thread`` (a ``threading.get_ident()``) runs on this backend now,
         if any: its :meth:`execute` then raises QueryCanceledError (57014). A CancelRequest over the wire calls

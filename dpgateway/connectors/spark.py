@@ -6,9 +6,32 @@ its own session (``newSession()`` on a classic driver: the SparkContext is share
 views are not) with ``spark.sql.ansi.enabled=false``, which the Spark hooks' proof note relies on
 (connectors/spark_sql.py); the setting is checked before every query, and a config may not change it.
 
+On a local master the JVM's scratch space (``spark.local.dir``: the shuffle files of every query, which
+hold person-level rows while it runs) is a new 0700 folder unless the config or ``SPARK_LOCAL_DIRS`` names
+one (Spark's default, the system's temporary folder, creates it readable by every user).
+
 Sources: a Parquet path is read as ``parquet.`path```; a CSV path through a temp view registered by
 this connector (header line, ``,`` and ``"``, every column as text, malformed records read as NULLs,
 never a failure); a catalog table as ``db.table``.
+
+Proof note (prepared copies are private and checked; dpgateway/prepare.py, passes/prepared.py): a copy holds
+person-level rows, so :meth:`SparkConnector.copy_source` admits a table only when
+
+- the master is local (``local``, ``local[N]``, ``local[*]``, with or without ``,F`` retries): the driver and
+  its executors are threads of the JVM this process started, as the gateway's OS user, so the copy is
+  written (:meth:`SparkConnector.materialize`, in a private scratch folder, then every file 0600 and folder
+  0700) and read in the gateway's own 0700 ``cache_dir``, which nothing else needs to reach. A cluster
+  (``spark://``, ``yarn``, ``k8s://``, ``local-cluster[...]``: executors are other processes, on other
+  machines) or a Spark Connect server would need a path they all read, which the gateway cannot keep
+  private: refused (0A000);
+- the source is a path that Hadoop, with this session's configuration (``fs.defaultFS`` included), resolves
+  to the local file system (scheme ``file``, one of Hadoop's local file system classes), with no glob character
+  (Spark expands ``* ? [ ] { }`` and backslashes to files no single path names): the gateway then stats exactly the
+  file or folder Spark lists (``prepare.path_state``: the folder and every file and folder under it,
+  following links, a superset of the data files Spark reads). A catalog table, or a path on another file
+  system (``s3a://``, ``hdfs://``, ...), has no stat that shows its rows changed: refused (0A000).
+
+Tests: tests/backends/test_spark_prepare.py.
 
 Proof note (errors carry no data): Spark messages can quote a row's value, so neither they nor the
 exception text is shown; a failure is a BackendError (58000) naming only the exception class.
@@ -17,6 +40,9 @@ Test: tests/backends/test_spark.py::test_backend_error_hides_values.
 
 from __future__ import annotations
 
+import os
+import re
+import tempfile
 import threading
 import uuid
 from decimal import Decimal
@@ -26,9 +52,9 @@ from sqlglot import exp
 
 from dpgateway.connectors.base import Connector, ExactAggregates
 from dpgateway.connectors.spark_sql import SparkHooks
-from dpgateway.errors import BackendError, ConfigError
+from dpgateway.errors import BackendError, ConfigError, UnsupportedError
 from dpgateway.policies.model import Config, Table
-from dpgateway.sqlcheck import VerifiedSQL
+from dpgateway.sqlcheck import VerifiedSQL, verify
 
 # Quiet, small defaults for a local master; the config's conf overrides them (never the owned setting).
 LOCAL_DEFAULTS = {
@@ -38,6 +64,27 @@ LOCAL_DEFAULTS = {
 }
 OWNED = {"spark.sql.ansi.enabled": "false"}
 _WITHHELD = "details are withheld because they may contain data values"
+LOCAL_MASTER = re.compile(r"local(\[(\*|[1-9][0-9]*)(,[0-9]+)?\])?")  # executors: threads of this process's JVM
+GLOB_CHARACTERS = frozenset("*?[]{}\\")  # Spark expands a path holding any of these as a pattern
+# Hadoop's local file system classes (Spark's Hive support registers a subclass of the first for file:)
+LOCAL_FILE_SYSTEMS = ("org.apache.hadoop.fs.LocalFileSystem", "org.apache.hadoop.fs.RawLocalFileSystem")
+COPY_REFUSALS = {  # why a table cannot be prepared (proof note above)
+    "master": (
+        "the copy holds person-level rows, and only on a local master (local, local[N], local[*]) are Spark's "
+        "executors threads of the gateway's own process, reading it from the gateway's private cache_dir; a "
+        "cluster's executors or a Spark Connect server run elsewhere and would need a path they all read, which "
+        "the gateway cannot keep private"
+    ),
+    "catalog": (
+        "a catalog table has no file the gateway can stat to see that its rows changed, so a copy could go stale "
+        "unnoticed"
+    ),
+    "glob": "its path is a pattern (Spark expands * ? [ ] { } \\), not one file or folder the gateway can stat",
+    "remote": (
+        "its path is not on the local file system as this Spark session resolves it (s3a://, hdfs://, or another "
+        "fs.defaultFS), and such a store has no stat that shows its rows changed, so a copy could go stale unnoticed"
+    ),
+}
 _lock = threading.Lock()
 
 
@@ -54,6 +101,11 @@ def spark_session(master: str = "local[*]", conf: dict[str, str] | None = None) 
     for name, value in settings.items():
         builder = builder.config(name, value)
     with _lock:
+        if master.startswith("local") and "spark.local.dir" not in settings and not os.environ.get("SPARK_LOCAL_DIRS"):
+            from pyspark import SparkContext
+
+            if SparkContext._active_spark_context is None:  # starting the JVM: its scratch space, private
+                builder = builder.config("spark.local.dir", tempfile.mkdtemp(prefix="dpgateway-spark-"))  # 0700
         try:
             return builder.getOrCreate()
         except Exception as exc:  # Java missing, master unreachable: the class names the cause
@@ -108,11 +160,14 @@ class SparkConnector(Connector):
         )
         frame.createOrReplaceTempView(self.hooks.view(table))
 
+    def _check_owned(self) -> None:
+        if str(self._session.conf.get("spark.sql.ansi.enabled")).lower() != "false":
+            raise BackendError("the Spark session's spark.sql.ansi.enabled is not false; row expressions could raise")
+
     def _execute(self, sql: VerifiedSQL, settings: tuple[tuple[str, Any], ...] = ()) -> ExactAggregates:
         if settings:
             raise BackendError(f"setting {settings[0][0]!r} is not one the Spark backend applies (this is a bug)")
-        if str(self._session.conf.get("spark.sql.ansi.enabled")).lower() != "false":
-            raise BackendError("the Spark session's spark.sql.ansi.enabled is not false; row expressions could raise")
+        self._check_owned()
         try:
             frame = self._session.sql(sql)
             columns = tuple(frame.columns)
@@ -123,6 +178,63 @@ class SparkConnector(Connector):
                 "policy's sources and columns match the data"
             ) from None
         return ExactAggregates(columns=columns, rows=rows)
+
+    def _materialize(self, sql: VerifiedSQL, path: str) -> int:
+        """Write the rows as a new folder of Parquet part files at ``path``, then count them from the folder."""
+        self._check_owned()
+        try:
+            self._session.sql(sql).write.mode("errorifexists").parquet(path)
+        except Exception as exc:
+            raise BackendError(
+                f"the backend could not write the prepared copy ({type(exc).__name__}); {_WITHHELD}"
+            ) from None
+        written = self.hooks.file_source(path)
+        count = exp.select(exp.alias_(exp.Count(this=exp.Star()), "n")).from_(written)
+        return int(self.execute(verify(count, self.hooks.DIALECT, sources=[written])).rows[0][0])
+
+    def copy_source(self, table: Table) -> str:
+        """The local file or folder of ``table``'s rows (proof note above); UnsupportedError (0A000) otherwise."""
+        spec = table.source
+        if not LOCAL_MASTER.fullmatch(self._master() or ""):
+            why = COPY_REFUSALS["master"]
+        elif not isinstance(spec, dict) or "path" not in spec:
+            why = COPY_REFUSALS["catalog"]
+        elif GLOB_CHARACTERS & set(spec["path"]):
+            why = COPY_REFUSALS["glob"]
+        else:
+            local = self._local_path(spec["path"])
+            if local is not None:
+                return local
+            why = COPY_REFUSALS["remote"]
+        raise UnsupportedError(
+            f"table {table.name} cannot be prepared on spark: {why}. Queries bound on the fly instead"
+        )
+
+    def _master(self) -> str | None:
+        """The master URL of this classic session; None for Spark Connect (no SparkContext in this process)."""
+        try:
+            return str(self._session.sparkContext.master)
+        except Exception:
+            return None
+
+    def _local_path(self, path: str) -> str | None:
+        """The absolute path on the local file system that Hadoop, with this session's configuration, resolves
+        ``path`` to (as Spark does when it reads it); None if it is on another file system."""
+        try:
+            jvm = self._session._jvm
+            conf = self._session._jsparkSession.sessionState().newHadoopConf()
+            hadoop_path = jvm.org.apache.hadoop.fs.Path(path)
+            scheme = (
+                hadoop_path.toUri().getScheme() or jvm.org.apache.hadoop.fs.FileSystem.getDefaultUri(conf).getScheme()
+            )
+            if scheme != "file":
+                return None
+            system = hadoop_path.getFileSystem(conf)
+            if not any(jvm.java.lang.Class.forName(name).isInstance(system) for name in LOCAL_FILE_SYSTEMS):
+                return None
+            return str(system.makeQualified(hadoop_path).toUri().getPath())
+        except Exception:  # no such file system (s3a without its jars, ...): not local
+            return None
 
     def check_table(self, table: Table) -> None:
         """The source can be read and has every declared column (schema only: Parquet footers, the catalog)."""

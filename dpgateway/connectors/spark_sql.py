@@ -120,11 +120,18 @@ class SparkHooks(SQLHooks):
     def finish(self, tree: exp.Expr) -> exp.Expr:
         """Every cast as ``TRY_CAST`` (total in any ANSI mode). sqlglot's Spark generator writes a TryCast
         without ``safe`` as a plain ``CAST`` (and its parser reads ``CAST`` as such a TryCast), so ``safe``
-        is set on every one."""
+        is set on every one. A statement's own ``ORDER BY`` items (a prepared copy's clustering) are marked
+        ``NULLS FIRST``, what Spark does for an ascending key and what its parser reads back, so the text
+        verifies (dpgateway/sqlcheck.py); window orderings read back as built."""
 
         def safe(node: exp.Expr) -> exp.Expr:
             if isinstance(node, (exp.Cast, exp.TryCast)):
                 return exp.TryCast(**{**node.args, "safe": True})
+            if isinstance(node, exp.Order) and isinstance(node.parent, exp.Select):
+                items = [
+                    i if isinstance(i, exp.Ordered) else exp.Ordered(this=i, nulls_first=True) for i in node.expressions
+                ]
+                return exp.Order(expressions=items)
             return node
 
         return bottom_up(tree.copy(), safe)

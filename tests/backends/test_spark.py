@@ -1,5 +1,6 @@
 """Spark specifics: the session the gateway owns, catalog and CSV sources, refusals, and errors that
-carry a SQLSTATE but no data value. Every test shares the session-wide local Spark (conftest.py)."""
+carry a SQLSTATE but no data value (prepared copies: test_spark_prepare.py). Every test shares the
+session-wide local Spark (conftest.py)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from sqlglot import exp
 
 from dpgateway import Gateway
 from dpgateway.connectors.spark import OWNED, SparkConnector
-from dpgateway.errors import BackendError, ConfigError, UnsupportedError
+from dpgateway.errors import BackendError, ConfigError
 from dpgateway.policies.loader import parse_config
 
 pytestmark = pytest.mark.spark
@@ -149,11 +150,3 @@ def test_row_hash_is_keyed_and_separates_nulls(spark_session: Any) -> None:
     assert digest("k", "1", "NULL") != digest("k", "NULL", "1")
     assert digest("k", "1", "2") != digest("other", "1", "2")
     assert digest("k", "1", "2") == digest("k", "1", "2")
-
-
-def test_prepare_is_refused_with_the_reason(spark_session: Any, tmp_path: Path) -> None:
-    config = _config(tmp_path, Backend("spark", tmp_path, None, spark_session).load("pums", pums_frame()))
-    gateway = Gateway(config, connector=SparkConnector(spark_session, config.tables))
-    with gateway, pytest.raises(UnsupportedError, match=r"cannot be prepared on spark: .*person-level") as raised:
-        gateway.prepare("pums")
-    assert raised.value.sqlstate == "0A000"
