@@ -40,6 +40,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from dpgateway.connectors.base import CopyStore
 from dpgateway.passes.budget import COUNT_SCALE, FIXED_POINT_DIGITS
 from dpgateway.passes.context import PreparedCopy
 from dpgateway.policies.model import Config, PartySources, PrepareConfig, Table
@@ -65,15 +66,10 @@ def private_folder(folder: Path) -> Path:
     return folder
 
 
-# Why a table on a backend other than DuckDB cannot be prepared (``dpgateway prepare`` refuses with 0A000).
+# Why a table on a backend without a copy store (``Connector.copies``) cannot be prepared (0A000).
 # A copy is safe only if the gateway can keep it private and tell, without reading rows, that its
-# source changed since it was taken (a file's stat); neither backend offers both today.
+# source changed since it was taken (a file's stat; PostgreSQL: connectors/postgres_copy.py).
 CONNECTOR_REFUSALS = {
-    "postgres": (
-        "a prepared copy would have to be written into the database, but the gateway's role only reads and "
-        "every transaction is READ ONLY (docs/backends.md), and PostgreSQL gives no catalog signal that a "
-        "table's rows changed, so a copy could go stale unnoticed. Queries bound on the fly instead"
-    ),
     "spark": (
         "the copy would hold person-level rows at a path every Spark executor can read, which the gateway "
         "cannot keep private, and a folder, object-store path or catalog table has no stat that shows its "
@@ -105,9 +101,13 @@ def manifest_path(folder: Path, table: Table) -> Path:
     return folder / f"{table.name}.json"
 
 
-def write_manifest(folder: Path, table: Table, *, file: Path, source: dict[str, Any], policy: str, rows: int) -> None:
-    """Write the manifest atomically (after the Parquet file is complete), readable by the owner only."""
-    document = {"version": MANIFEST_VERSION, "table": table.name, "file": file.name, "source": source}
+def write_manifest(
+    folder: Path, table: Table, *, file: Path | str, source: dict[str, Any], policy: str, rows: int
+) -> None:
+    """Write the manifest atomically (after the copy is complete), readable by the owner only. ``file``: the
+    Parquet file, or the relation of a copy kept in the database (:class:`DatabaseCopies`)."""
+    name = file.name if isinstance(file, Path) else file
+    document = {"version": MANIFEST_VERSION, "table": table.name, "file": name, "source": source}
     document |= {"policy": policy, "rows": rows}
     target = manifest_path(folder, table)
     temporary = target.with_suffix(".json.tmp")
@@ -144,6 +144,49 @@ def _valid_copy(folder: Path, table: Table, seed: bytes) -> PreparedCopy | None:
     ):
         return None
     return PreparedCopy(table=table.name, path=str(file), k=table.max_rows_per_unit)
+
+
+class DatabaseCopies:
+    """:func:`valid_copies` for tables whose copy the backend keeps in its database (``Connector.copies``).
+
+    A copy is valid while its manifest (written by :meth:`dpgateway.Gateway.prepare` after the build
+    committed) names this policy digest and copy relation, and the store's state read now (one round trip
+    per table with such a manifest, before every plan) equals the state recorded at the build; the store's
+    module proves that equal states mean the copy's rows are the source's (connectors/postgres_copy.py).
+    """
+
+    def __init__(self, config: Config, seed: bytes, store: CopyStore) -> None:
+        self.config = config
+        self.store = store
+        self.digests = {
+            table.name: policy_digest(table, seed)
+            for table in config.tables
+            if isinstance(table.source, dict) and table.privacy_unit and not table.public and table.executor == "plain"
+        }
+
+    def valid(self) -> tuple[PreparedCopy, ...]:
+        found = []
+        for name, digest in self.digests.items():
+            table = self.config.table(name)
+            assert table is not None
+            try:
+                manifest = json.loads(manifest_path(self.config.cache_folder, table).read_text())
+            except (OSError, ValueError):
+                continue
+            relation = self.store.relation(table, digest)
+            if not isinstance(manifest, dict) or manifest.get("version") != MANIFEST_VERSION:
+                continue
+            if manifest.get("policy") != digest or manifest.get("file") != relation:
+                continue
+            state = self.store.state(table, digest)
+            if state is not None and manifest.get("source") == state:
+                found.append(PreparedCopy(table=table.name, path=relation, k=table.max_rows_per_unit))
+        return tuple(found)
+
+    def catalog_state(self, table: Table) -> dict[str, Any] | None:
+        """Whether a build could succeed, as a state (:class:`AutoPreparer` retries a failed build once it changes)."""
+        digest = self.digests.get(table.name)
+        return None if digest is None else self.store.state(table, digest, version=False)
 
 
 Signature = tuple[Any, ...]
@@ -218,9 +261,15 @@ class AutoPreparer:
     read-only ``cache_dir``) is not retried until the source file changes.
     """
 
-    def __init__(self, settings: PrepareConfig, build: Callable[[str], object]):
+    def __init__(
+        self,
+        settings: PrepareConfig,
+        build: Callable[[str], object],
+        state: Callable[[Table], dict[str, Any] | None] = source_state,
+    ):
         self._settings = settings
         self._build = build
+        self._state = state  # the source's state (None: it cannot be prepared); a failed build waits for a change
         self._lock = threading.Lock()
         self._counts: dict[str, int] = {}
         self._threads: dict[str, threading.Thread] = {}
@@ -238,7 +287,7 @@ class AutoPreparer:
             self._counts[table.name] = count = self._counts.get(table.name, 0) + 1
             if count < self._settings.after_queries:
                 return
-            state = source_state(table)
+            state = self._state(table)
             if state is None or self._failed.get(table.name) == state:
                 return
             self._counts[table.name] = 0
