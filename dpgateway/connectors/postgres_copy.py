@@ -2,7 +2,8 @@
 change count, the source's catalog identity and the copy's privacy all read as when it was built.
 
 Layout (``copy_schema`` on the source, default ``dpgateway``; the DBA creates it once with
-:func:`setup_sql`, owned by the gateway's role, nothing granted to PUBLIC)::
+:func:`setup_sql`: the gateway's role gets USAGE and CREATE on it and SELECT on the change log, PUBLIC
+nothing)::
 
     <schema>.source_changes (relid oid, n bigint)   one row per statement that changed a watched table
     <schema>.note_change()                          SECURITY DEFINER trigger function appending that row
@@ -75,19 +76,19 @@ def setup_sql(schema: str, source: exp.Table, role: str = "<gateway role>") -> s
     s, relation = _quoted(schema), source.sql("postgres")
     return "\n".join(
         [
-            "-- once per database, as a superuser or the database owner:",
-            f"CREATE SCHEMA IF NOT EXISTS {s} AUTHORIZATION {role};",
+            "-- once per database, as a superuser or the database owner (who then owns the change log and function):",
+            f"CREATE SCHEMA IF NOT EXISTS {s};",
             f"REVOKE ALL ON SCHEMA {s} FROM PUBLIC;",
+            f"GRANT USAGE, CREATE ON SCHEMA {s} TO {role};",
             f"CREATE TABLE IF NOT EXISTS {s}.{LOG} (relid oid NOT NULL, n bigint NOT NULL DEFAULT 1);",
             f"CREATE INDEX IF NOT EXISTS {LOG}_relid ON {s}.{LOG} (relid);",
+            f"REVOKE ALL ON TABLE {s}.{LOG} FROM PUBLIC;",
+            f"GRANT SELECT ON TABLE {s}.{LOG} TO {role};",
             f"CREATE OR REPLACE FUNCTION {s}.{FUNCTION}() RETURNS trigger LANGUAGE plpgsql SECURITY DEFINER",
             f"  SET search_path = pg_catalog, pg_temp AS $body${function_body(schema)}$body$;",
-            f"ALTER TABLE {s}.{LOG} OWNER TO {role};",
-            f"ALTER FUNCTION {s}.{FUNCTION}() OWNER TO {role};",
-            f"REVOKE ALL ON TABLE {s}.{LOG} FROM PUBLIC;",
             f"REVOKE ALL ON FUNCTION {s}.{FUNCTION}() FROM PUBLIC;",
-            f"-- once per source table, as its owner or a superuser (a non-superuser owner first needs: GRANT USAGE "
-            f"ON SCHEMA {s} TO owner; GRANT EXECUTE ON FUNCTION {s}.{FUNCTION}() TO owner):",
+            "-- once per source table, as its owner or a superuser (a non-superuser owner first needs:",
+            f"-- GRANT USAGE ON SCHEMA {s} TO owner; GRANT EXECUTE ON FUNCTION {s}.{FUNCTION}() TO owner)",
             f"CREATE OR REPLACE TRIGGER {TRIGGER} AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON {relation}",
             f"  FOR EACH STATEMENT EXECUTE FUNCTION {s}.{FUNCTION}();",
             f"ALTER TABLE {relation} ENABLE ALWAYS TRIGGER {TRIGGER};",

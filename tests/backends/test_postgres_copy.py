@@ -137,6 +137,11 @@ def test_any_write_makes_the_copy_unused(db: PostgresDatabase, pums: str, tmp_pa
         assert sorted_rows(exact(gw, WEIGHTED)) == fresh
 
 
+def test_the_docs_give_the_setup_sql_the_gateway_prints() -> None:
+    docs = (Path(__file__).resolve().parents[2] / "docs" / "backends.md").read_text()
+    assert setup_sql(SCHEMA, postgres_copy._table("census", "pums"), READER) in docs
+
+
 def test_a_missing_trigger_refuses_with_the_sql_to_run(db: PostgresDatabase, tmp_path: Path) -> None:
     db.load("untriggered", pums_frame())
     install(db, "untriggered")
