@@ -28,6 +28,12 @@ thread, exactly as ``dpgateway prepare`` does (same validity rules, same private
 triggers it only starts the thread; queries keep bounding on the fly until the copy is valid, and a copy is
 read only when :func:`valid_copies` accepts it, so a source rewritten while the copy is built leaves an
 invalid copy (its manifest records the state captured before the read) that is never used.
+
+Copies a backend keeps in its own database (``Connector.copies``: PostgreSQL, connectors/postgres_copy.py)
+have the same manifest, naming the copy's relation as ``file`` and the catalog state the build recorded as
+``source``; :class:`DatabaseCopies` reads that state again before every plan (one round trip per such
+table) and offers the copy only while it is equal (the proof that equal means unchanged rows is in
+connectors/postgres_copy.py).
 """
 
 from __future__ import annotations
@@ -258,7 +264,8 @@ class AutoPreparer:
 
     ``build(table_name)`` is :meth:`dpgateway.Gateway.prepare`. :meth:`queried` is called by the query path
     and never waits: it counts, and at most starts one thread per table. A build that fails (e.g. a
-    read-only ``cache_dir``) is not retried until the source file changes.
+    read-only ``cache_dir``, or a PostgreSQL table without its change trigger) is not retried until the
+    source's state (``state``: a file's stat, a PostgreSQL table's catalog) changes.
     """
 
     def __init__(

@@ -3,6 +3,7 @@ never read once the source may have changed, private to the gateway's role, buil
 
 from __future__ import annotations
 
+import io
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -135,6 +136,31 @@ def test_any_write_makes_the_copy_unused(db: PostgresDatabase, pums: str, tmp_pa
         gw.prepare("pums")
         assert read_copy(gw, WEIGHTED)
         assert sorted_rows(exact(gw, WEIGHTED)) == fresh
+
+
+def test_cascaded_deletes_and_copy_from_make_the_copy_unused(db: PostgresDatabase, pums: str, tmp_path: Path) -> None:
+    """Rows changed by a foreign key's ON DELETE CASCADE (from another table's statement) or loaded by COPY
+    FROM fire the statement trigger too."""
+    admin(
+        db,
+        f"CREATE TABLE census.{pums}_people AS SELECT DISTINCT pid FROM census.{pums}",
+        f"ALTER TABLE census.{pums}_people ADD PRIMARY KEY (pid)",
+        f"ALTER TABLE census.{pums} ADD FOREIGN KEY (pid) REFERENCES census.{pums}_people ON DELETE CASCADE",
+    )
+    with gateway(tmp_path, pums) as gw:
+        gw.prepare("pums")
+        assert read_copy(gw, WEIGHTED)
+        admin(db, f"DELETE FROM census.{pums}_people WHERE pid = (SELECT min(pid) FROM census.{pums}_people)")
+        assert not read_copy(gw, WEIGHTED)
+        gw.prepare("pums")
+        assert read_copy(gw, WEIGHTED)
+        with psycopg2.connect(db.admin_url) as conn, conn.cursor() as cur:
+            buffer = io.StringIO()
+            cur.copy_expert(f"COPY (SELECT * FROM census.{pums} LIMIT 2) TO STDOUT", buffer)
+            buffer.seek(0)
+            cur.copy_expert(f"COPY census.{pums} FROM STDIN", buffer)
+        conn.close()
+        assert not read_copy(gw, WEIGHTED)
 
 
 def test_the_docs_give_the_setup_sql_the_gateway_prints() -> None:
