@@ -50,6 +50,7 @@ from typing import Any
 
 import psycopg2
 import psycopg2.extensions
+import sqlglot
 from sqlglot import exp
 
 from dpgateway.connectors.base import CopyStore
@@ -331,7 +332,7 @@ class PostgresCopies(CopyStore):
                         f"trigger shows its source unchanged; run this SQL (docs/backends.md, prepared copies):\n"
                         + setup_sql(schema, source)
                     )
-                _one(cursor, check)  # the version is read in the snapshot the copy is read in
+                _one(cursor, check)  # fails here, before any write, if the change log cannot be read
                 cursor.execute(statements[0])
                 rows = max(cursor.rowcount, 0)
                 for statement in statements[1:]:
@@ -367,8 +368,6 @@ def _one(cursor: Any, sql: VerifiedSQL) -> dict[str, Any] | None:
 
 def _reparsed(select: VerifiedSQL) -> exp.Expr:
     """The verified copy SELECT as a tree again (what verify parsed back and compared)."""
-    import sqlglot
-
     return sqlglot.parse_one(select, read="postgres")
 
 
