@@ -143,8 +143,9 @@ def prepare(table: str, config_path: str | None) -> None:
     """Materialize a copy of TABLE that later unfiltered queries read (spends nothing).
 
     Every row with a person is stored clustered by person, with the person's row count and the row's
-    keyed-hash rank (what bounding computes on the fly), as Parquet in the config's cache_dir; the copy
-    is ignored once the source file or the policy changes (run prepare again).
+    keyed-hash rank (what bounding computes on the fly), as Parquet in the config's cache_dir (PostgreSQL: a
+    table in the gateway's schema, docs/backends.md); the copy is ignored once the source or the policy
+    changes (run prepare again).
     """
     with Gateway.from_config(config_path) as gw:
         copy = gw.prepare(table)

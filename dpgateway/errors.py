@@ -17,6 +17,7 @@
     ├── BackendError                    58000  the data backend failed (message never echoes data)
     │   └── QueryCanceledError          57014  a CancelRequest stopped the backend query
     ├── FileAccessError                 58030  a file or folder dpgateway must write or read is not usable
+    ├── PrerequisiteError               55000  the database lacks what a feature needs (e.g. a copy's trigger)
     └── InternalError                   XX000  a bug in dpgateway: please report it
 
 Messages name the object, the rule that was broken and the fix.
@@ -120,6 +121,12 @@ class FileAccessError(DPGatewayError):
     """A file or folder that dpgateway writes or reads (ledger, chart, cache, demo files) is not usable."""
 
     sqlstate = "58030"
+
+
+class PrerequisiteError(DPGatewayError):
+    """The backend is not set up for the request (e.g. a PostgreSQL prepared copy's change trigger is missing)."""
+
+    sqlstate = "55000"
 
 
 class InternalError(DPGatewayError):

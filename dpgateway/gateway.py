@@ -23,7 +23,6 @@ from dpgateway.errors import (
     InternalError,
     InvalidParameterError,
     UnknownTableError,
-    UnsupportedError,
 )
 from dpgateway.executors import ExecutorPool
 from dpgateway.executors.base import Executor, NoisePlan, accept
@@ -34,7 +33,7 @@ from dpgateway.passes.rewrite import bounds_before_filter
 from dpgateway.plan import DPPlan
 from dpgateway.planner import PlanCache
 from dpgateway.policies.loader import load_config
-from dpgateway.policies.model import Config
+from dpgateway.policies.model import Config, Table
 from dpgateway.postprocess import Released, post_process, run_sandboxed
 from dpgateway.sqlcheck import VerifiedSQL, verify
 from dpgateway.sqlparse import query_key
@@ -65,8 +64,10 @@ class Gateway:
         self._plans = PlanCache()
         sources = prepare.connector_sources(config, self.connector.copy_source)  # e.g. Spark's local files
         self._copies = prepare.CopyCheck(config, self._ctx.seed, sources)  # which prepared copies are valid, per query
+        kept = self.connector.copies  # copies kept in the backend's database (PostgreSQL), checked per query too
+        self._db_copies = None if kept is None else prepare.DatabaseCopies(config, self._ctx.seed, kept)
         self._prepare_lock = threading.Lock()  # one build at a time (manual and automatic share the scratch names)
-        self.auto_prepare = prepare.AutoPreparer(config.prepare, self.prepare, sources)
+        self.auto_prepare = prepare.AutoPreparer(config.prepare, self.prepare, self._source_state)
         self.executors = ExecutorPool(config, self.connector)
 
     @classmethod
@@ -189,15 +190,14 @@ class Gateway:
                 f"table {policy.name} has no privacy_unit: there is nothing to bound, so nothing to prepare"
             )
         sources = self._copies.sources
-        if isinstance(policy.source, dict):  # a connector source: its local files, or refused, and why
-            reason = prepare.CONNECTOR_REFUSALS.get(policy.source["connector"])
-            if reason is not None:
-                raise UnsupportedError(
-                    f"table {policy.name} cannot be prepared on {policy.source['connector']}: {reason}"
-                )
-            sources = {policy.name: self.connector.copy_source(policy)}  # UnsupportedError (0A000): why not
+        store = self.connector.copies
+        # A copy is safe only if the gateway can keep it private and tell, without reading rows, that its source
+        # changed since it was taken: PostgreSQL keeps copies in its database (connectors/postgres_copy.py),
+        # Spark decides per table and master (SparkConnector.copy_source: its local files, or 0A000 and why).
+        if isinstance(policy.source, dict) and store is None:
+            sources = {policy.name: self.connector.copy_source(policy)}
         state = prepare.source_state(policy, sources)
-        if state is None:
+        if state is None and not (isinstance(policy.source, dict) and store is not None):
             raise InvalidParameterError(
                 f"table {policy.name}: only file sources (CSV, Parquet files or folders) that exist can be prepared"
             )
@@ -209,7 +209,6 @@ class Gateway:
                 f"cache_dir {str(self.config.cache_folder)!r} cannot be created ({exc.strerror}); set `cache_dir:` in "
                 "the config to a folder dpgateway may write"
             ) from None
-        target = folder / f"{policy.name}-{digest[:16]}.parquet"
         hooks = self._ctx.hooks
         copy_sql = verify(
             hooks.finish(prepared_copy_tree(policy, self._ctx)),
@@ -218,6 +217,14 @@ class Gateway:
             nodes=hooks.BACKEND_NODES,  # e.g. Spark's keyed hash, as passes/verify.py allows for queries
             functions=hooks.BACKEND_FUNCTIONS,
         )
+        if state is None:  # a copy kept in the backend's database (connectors/postgres_copy.py)
+            assert store is not None
+            with self._prepare_lock:
+                built, rows = store.build(policy, copy_sql, digest)
+                relation = store.relation(policy, digest)
+                prepare.write_manifest(folder, policy, file=relation, source=built, policy=digest, rows=rows)
+            return PreparedCopy(table=policy.name, path=relation, k=policy.max_rows_per_unit)
+        target = folder / f"{policy.name}-{digest[:16]}.parquet"
         with self._prepare_lock, tempfile.TemporaryDirectory(dir=folder, prefix=".prepare-") as scratch:  # 0700
             partial = Path(scratch) / target.name
             rows = self.connector.materialize(copy_sql, str(partial))  # a file (DuckDB) or a folder (Spark)
@@ -261,9 +268,17 @@ class Gateway:
             raise InvalidParameterError(f"delta must be a number in [0, 1), not {dlt!r}")
         return float(eps), float(dlt)
 
+    def _source_state(self, table: Table) -> dict[str, Any] | None:
+        """A table's source state for :class:`~dpgateway.prepare.AutoPreparer`: a file's or folder's stat, or the catalog's."""
+        if isinstance(table.source, dict) and self._db_copies is not None:
+            return self._db_copies.catalog_state(table)
+        return prepare.source_state(table, self._copies.sources)  # a file, or a connector's local files (Spark)
+
     def _context(self) -> PlanContext:
         """The planning context, with the prepared copies that are valid right now."""
         copies = self._copies.valid()
+        if self._db_copies is not None:
+            copies += self._db_copies.valid()
         if copies != self._ctx.prepared:
             self._ctx = dataclasses.replace(self._ctx, prepared=copies)
         return self._ctx

@@ -38,6 +38,12 @@ thread, exactly as ``dpgateway prepare`` does (same validity rules, same private
 triggers it only starts the thread; queries keep bounding on the fly until the copy is valid, and a copy is
 read only when :func:`valid_copies` accepts it, so a source rewritten while the copy is built leaves an
 invalid copy (its manifest records the state captured before the read) that is never used.
+
+Copies a backend keeps in its own database (``Connector.copies``: PostgreSQL, connectors/postgres_copy.py)
+have the same manifest, naming the copy's relation as ``file`` and the catalog state the build recorded as
+``source``; :class:`DatabaseCopies` reads that state again before every plan (one round trip per such
+table) and offers the copy only while it is equal (the proof that equal means unchanged rows is in
+connectors/postgres_copy.py).
 """
 
 from __future__ import annotations
@@ -54,6 +60,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
+from dpgateway.connectors.base import CopyStore
 from dpgateway.errors import UnsupportedError
 from dpgateway.passes.budget import COUNT_SCALE, FIXED_POINT_DIGITS
 from dpgateway.passes.context import PreparedCopy
@@ -80,18 +87,6 @@ def private_folder(folder: Path) -> Path:
     return folder
 
 
-# Why a table on another backend cannot be prepared (``dpgateway prepare`` refuses with 0A000). A copy is
-# safe only if the gateway can keep it private and tell, without reading rows, that its source changed
-# since it was taken (a stat). Spark decides per table and master (SparkConnector.copy_source).
-CONNECTOR_REFUSALS = {
-    "postgres": (
-        "a prepared copy would have to be written into the database, but the gateway's role only reads and "
-        "every transaction is READ ONLY (docs/backends.md), and PostgreSQL gives no catalog signal that a "
-        "table's rows changed, so a copy could go stale unnoticed. Queries bound on the fly instead"
-    ),
-}
-
-
 NO_SOURCES: Mapping[str, str] = MappingProxyType({})
 
 
@@ -113,11 +108,10 @@ def connector_sources(config: Config, copy_source: Callable[[Table], str]) -> di
         spec = table.source
         if table.public or not table.privacy_unit or table.executor != "plain" or not isinstance(spec, dict):
             continue
-        if spec["connector"] not in CONNECTOR_REFUSALS:
-            try:
-                found[table.name] = copy_source(table)
-            except UnsupportedError:
-                continue
+        try:
+            found[table.name] = copy_source(table)
+        except UnsupportedError:
+            continue
     return found
 
 
@@ -215,9 +209,13 @@ def manifest_path(folder: Path, table: Table) -> Path:
     return folder / f"{table.name}.json"
 
 
-def write_manifest(folder: Path, table: Table, *, file: Path, source: dict[str, Any], policy: str, rows: int) -> None:
-    """Write the manifest atomically (after the Parquet file is complete), readable by the owner only."""
-    document = {"version": MANIFEST_VERSION, "table": table.name, "file": file.name, "source": source}
+def write_manifest(
+    folder: Path, table: Table, *, file: Path | str, source: dict[str, Any], policy: str, rows: int
+) -> None:
+    """Write the manifest atomically (after the copy is complete), readable by the owner only. ``file``: the
+    Parquet file, or the relation of a copy kept in the database (:class:`DatabaseCopies`)."""
+    name = file.name if isinstance(file, Path) else file
+    document = {"version": MANIFEST_VERSION, "table": table.name, "file": name, "source": source}
     document |= {"policy": policy, "rows": rows}
     target = manifest_path(folder, table)
     temporary = target.with_suffix(".json.tmp")
@@ -254,6 +252,49 @@ def _valid_copy(folder: Path, table: Table, seed: bytes, sources: Mapping[str, s
     ):
         return None
     return PreparedCopy(table=table.name, path=str(file), k=table.max_rows_per_unit)
+
+
+class DatabaseCopies:
+    """:func:`valid_copies` for tables whose copy the backend keeps in its database (``Connector.copies``).
+
+    A copy is valid while its manifest (written by :meth:`dpgateway.Gateway.prepare` after the build
+    committed) names this policy digest and copy relation, and the store's state read now (one round trip
+    per table with such a manifest, before every plan) equals the state recorded at the build; the store's
+    module proves that equal states mean the copy's rows are the source's (connectors/postgres_copy.py).
+    """
+
+    def __init__(self, config: Config, seed: bytes, store: CopyStore) -> None:
+        self.config = config
+        self.store = store
+        self.digests = {
+            table.name: policy_digest(table, seed)
+            for table in config.tables
+            if isinstance(table.source, dict) and table.privacy_unit and not table.public and table.executor == "plain"
+        }
+
+    def valid(self) -> tuple[PreparedCopy, ...]:
+        found = []
+        for name, digest in self.digests.items():
+            table = self.config.table(name)
+            assert table is not None
+            try:
+                manifest = json.loads(manifest_path(self.config.cache_folder, table).read_text())
+            except (OSError, ValueError):
+                continue
+            relation = self.store.relation(table, digest)
+            if not isinstance(manifest, dict) or manifest.get("version") != MANIFEST_VERSION:
+                continue
+            if manifest.get("policy") != digest or manifest.get("file") != relation:
+                continue
+            state = self.store.state(table, digest)
+            if state is not None and manifest.get("source") == state:
+                found.append(PreparedCopy(table=table.name, path=relation, k=table.max_rows_per_unit))
+        return tuple(found)
+
+    def catalog_state(self, table: Table) -> dict[str, Any] | None:
+        """Whether a build could succeed, as a state (:class:`AutoPreparer` retries a failed build once it changes)."""
+        digest = self.digests.get(table.name)
+        return None if digest is None else self.store.state(table, digest, version=False)
 
 
 Signature = tuple[Any, ...]
@@ -340,15 +381,19 @@ class AutoPreparer:
 
     ``build(table_name)`` is :meth:`dpgateway.Gateway.prepare`. :meth:`queried` is called by the query path
     and never waits: it counts, and at most starts one thread per table. A build that fails (e.g. a
-    read-only ``cache_dir``) is not retried until the source changes. ``sources``: as for :func:`local_source`.
+    read-only ``cache_dir``, or a PostgreSQL table without its change trigger) is not retried until the
+    source's state (``state``: a file's or folder's stat, a PostgreSQL table's catalog) changes.
     """
 
     def __init__(
-        self, settings: PrepareConfig, build: Callable[[str], object], sources: Mapping[str, str] = NO_SOURCES
+        self,
+        settings: PrepareConfig,
+        build: Callable[[str], object],
+        state: Callable[[Table], dict[str, Any] | None] = source_state,
     ):
         self._settings = settings
         self._build = build
-        self._sources = sources
+        self._state = state  # the source's state (None: it cannot be prepared); a failed build waits for a change
         self._lock = threading.Lock()
         self._counts: dict[str, int] = {}
         self._threads: dict[str, threading.Thread] = {}
@@ -366,7 +411,7 @@ class AutoPreparer:
             self._counts[table.name] = count = self._counts.get(table.name, 0) + 1
             if count < self._settings.after_queries:
                 return
-            state = source_state(table, self._sources)
+            state = self._state(table)
             if state is None or self._failed.get(table.name) == state:
                 return
             self._counts[table.name] = 0

@@ -146,6 +146,34 @@ def verify(
     return VerifiedSQL(text, _TOKEN)
 
 
+MAINTENANCE_KINDS: tuple[type[exp.Expr], ...] = (exp.Select, exp.Create, exp.Drop, exp.Alter, exp.Revoke, exp.Analyze)
+"""Statements the gateway runs to build and check its own prepared copies (connectors/postgres_copy.py)."""
+
+
+def verify_statement(
+    built: exp.Expr, dialect: str, *, kinds: tuple[type[exp.Expr], ...] = MAINTENANCE_KINDS
+) -> VerifiedSQL:
+    """Render a statement the gateway builds from the policy and config alone (never analyst text: a prepared
+    copy's catalog check and its build, whose SELECT passed :func:`verify` first) and return it verified.
+
+    Refused (42501) unless the text is exactly one statement of one of ``kinds`` and parses back to the tree
+    built, node by node: an identifier or literal from the config that would change the statement's shape
+    (a quote, a semicolon) makes the parsed tree differ, so it never runs.
+    """
+    if not isinstance(built, kinds):
+        _refuse(f"a {type(built).__name__} statement is not one the gateway runs")
+    text = built.sql(dialect=dialect)
+    try:
+        statements = [s for s in sqlglot.parse(text, read=dialect) if s is not None]
+    except SqlglotError:
+        _refuse("it does not parse back")
+    if len(statements) != 1 or type(statements[0]) is not type(built):
+        _refuse("it is not exactly one statement of the kind built")
+    if _canonical(statements[0], dialect) != _canonical(built, dialect):
+        _refuse("it parses back to a different statement")
+    return VerifiedSQL(text, _TOKEN)
+
+
 def _refuse(why: str) -> Any:
     raise PrivacyViolationError(
         f"refused: the SQL generated for this query failed verification ({why}), so it was not run and "

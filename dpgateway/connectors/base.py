@@ -127,6 +127,27 @@ class SQLHooks:
         return tree
 
 
+class CopyStore(ABC):
+    """Prepared copies a backend keeps inside its database (PostgreSQL), for sources that are not files.
+
+    The gateway asks :meth:`state` before planning (one round trip) and uses a copy only while it equals
+    the state :meth:`build` recorded in the manifest (dpgateway/prepare.py); the backend's module proves
+    that equal states mean equal rows (connectors/postgres_copy.py)."""
+
+    @abstractmethod
+    def relation(self, table: Table, digest: str) -> str:
+        """The copy's relation (``schema.name``) for ``table`` under the policy digest ``digest``."""
+
+    @abstractmethod
+    def state(self, table: Table, digest: str, *, version: bool = True) -> dict[str, Any] | None:
+        """Everything the copy's validity depends on, read now (None: unreadable, no copy is valid).
+        ``version=False`` reads the catalog only (whether a build could succeed)."""
+
+    @abstractmethod
+    def build(self, table: Table, select: VerifiedSQL, digest: str) -> tuple[dict[str, Any], int]:
+        """Materialize ``select`` as the copy; return the state it was built at and its row count."""
+
+
 @dataclass
 class Running:
     """A statement one thread runs on ``handle`` (a cursor, a connection); ``cancelled`` once interrupted."""
@@ -179,6 +200,8 @@ class Connector(ABC):
     hooks: SQLHooks = SQLHooks()
     interrupts: Interrupts | None = None
     """Set by a backend whose running statements can be cancelled (:meth:`interrupt`)."""
+    copies: CopyStore | None = None
+    """Set by a backend that keeps prepared copies of its (non-file) sources in its own database."""
 
     def execute(self, sql: VerifiedSQL, settings: tuple[tuple[str, Any], ...] = ()) -> ExactAggregates:
         """Run the verified bounded SQL and return its rows exactly."""

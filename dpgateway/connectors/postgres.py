@@ -22,11 +22,12 @@ import psycopg2.extensions
 import psycopg2.pool
 
 from dpgateway.connectors.base import Connector, ExactAggregates, Interrupts
+from dpgateway.connectors.postgres_copy import PostgresCopies
 from dpgateway.connectors.postgres_sql import PostgresHooks
 from dpgateway.errors import BackendError, ConfigError, QueryCanceledError
 from dpgateway.policies.connections import Secret
 from dpgateway.policies.model import Table
-from dpgateway.sqlcheck import VerifiedSQL
+from dpgateway.sqlcheck import VerifiedSQL, require_verified
 
 POOL_SIZE = 4
 # Settings a plan may SET LOCAL (SQLHooks.settings); anything else is a bug, refused.
@@ -47,6 +48,7 @@ class PostgresConnector(Connector):
 
     hooks: PostgresHooks
     interrupts: Interrupts
+    copies: PostgresCopies
 
     def __init__(self, url: Secret | str, *, statement_timeout_ms: int = 60_000, pool_size: int = POOL_SIZE) -> None:
         dsn = url.reveal() if isinstance(url, Secret) else url
@@ -64,6 +66,7 @@ class PostgresConnector(Connector):
         with self._connection() as conn:
             version = int(conn.server_version)
         self.hooks = PostgresHooks(input_is_valid=version >= 160000)
+        self.copies = PostgresCopies(self, dsn, self._timeout, TRANSACTION_SETTINGS)
 
     @contextmanager
     def _connection(self) -> Iterator[Any]:
@@ -108,6 +111,17 @@ class PostgresConnector(Connector):
                 "policy's tables and columns match the database and the statement timeout suffices"
             ) from None
         return ExactAggregates(columns=columns, rows=rows)
+
+    def read_catalog(self, sql: VerifiedSQL) -> ExactAggregates:
+        """One verified statement in a READ ONLY transaction without per-query settings: a single round trip
+        (a prepared copy's catalog check, connectors/postgres_copy.py)."""
+        try:
+            with self._connection() as conn, conn.cursor() as cursor:
+                cursor.execute(require_verified(sql))
+                columns = tuple(d[0] for d in cursor.description or ())
+                return ExactAggregates(columns=columns, rows=tuple(tuple(map(_plain, r)) for r in cursor.fetchall()))
+        except psycopg2.Error as exc:
+            raise BackendError(f"the backend could not read its catalog ({_kind(exc)}); {_WITHHELD}") from None
 
     def check_table(self, table: Table) -> None:
         """The table exists, the gateway may SELECT it, and every declared column is there (catalog only)."""

@@ -137,6 +137,11 @@ class PostgresHooks(SQLHooks):
         schema = exp.to_identifier(parts[0], quoted=True) if len(parts) == 2 else None
         return exp.Table(this=name, db=schema)
 
+    def file_source(self, path: str) -> exp.Expr:
+        """A prepared copy: the table ``schema.name`` in the gateway's schema (connectors/postgres_copy.py)."""
+        schema, name = path.split(".")
+        return exp.Table(this=exp.to_identifier(name, quoted=True), db=exp.to_identifier(schema, quoted=True))
+
     def typed(self, column: Column) -> exp.Expr:
         x = exp.column(column.name, quoted=True)
         if self._catalog_type(column) in NATIVE[column.type]:

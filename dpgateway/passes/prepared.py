@@ -11,7 +11,8 @@ ranks over the *matching* rows on the fly (``prepare.filtered: filter_first``, t
 ones count all rows, so those queries do not read the copy. Under ``bound_first`` a filtered query bounds
 over all of each unit's rows and filters after, on the fly as over the copy (next note). A copy is
 only offered here when the gateway found it valid for the current source (a file's inode, size, mtime, ctime; for a
-folder, those of the folder and of every entry under it: dpgateway/prepare.py) and
+folder, those of the folder and of every entry under it: dpgateway/prepare.py; for a PostgreSQL source the
+same change count, identity and trigger state as at the build: proof note in connectors/postgres_copy.py) and
 policy (policy hash, secret seed identity and fixed-point constants). The copy's columns hold the values
 the ``typed`` CTE produced (each cast to its declared type, NaN as NULL, the unit on its exact identity),
 and typing a typed value changes nothing, so a query reads them as stored, without casting again (which

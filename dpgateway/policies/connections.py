@@ -8,6 +8,7 @@ printed, logged, audited or hashed into a cache key cannot carry a password. Onl
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -46,7 +47,8 @@ def resolve_secret(value: Any, where: str) -> Secret:
     raise ConfigError(f"{where}: must be a string or {{{ENV_KEY}: VARIABLE_NAME}}")
 
 
-POSTGRES_KEYS = {"connector", "url", "table", "statement_timeout_ms"}
+POSTGRES_KEYS = {"connector", "url", "table", "statement_timeout_ms", "copy_schema"}
+COPY_SCHEMA = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
 DEFAULT_STATEMENT_TIMEOUT_MS = 60_000
 _IDENTIFIER_PART = "a schema or table name without dots or double quotes"
 
@@ -55,7 +57,7 @@ def connector_source(spec: dict[str, Any], where: str) -> dict[str, Any]:
     """Validate a connector mapping; return it with ``url`` resolved to a :class:`Secret`.
 
     ``{connector: postgres, url: ..., table: schema.table}`` with an optional ``statement_timeout_ms``
-    (default 60000), or a Spark source (:func:`spark_source`).
+    (default 60000) and ``copy_schema`` (the gateway's own schema for prepared copies, default dpgateway), or a Spark source (:func:`spark_source`).
     """
     kind = spec.get("connector")
     if kind == "spark":
@@ -78,7 +80,13 @@ def connector_source(spec: dict[str, Any], where: str) -> dict[str, Any]:
     timeout = spec.get("statement_timeout_ms", DEFAULT_STATEMENT_TIMEOUT_MS)
     if isinstance(timeout, bool) or not isinstance(timeout, int) or not 1 <= timeout <= 86_400_000:
         raise ConfigError(f"{where}.statement_timeout_ms: must be an integer from 1 to 86400000 (milliseconds)")
-    return {"connector": kind, "url": url, "table": table, "statement_timeout_ms": timeout}
+    schema = spec.get("copy_schema", "dpgateway")
+    if not isinstance(schema, str) or not COPY_SCHEMA.match(schema):
+        raise ConfigError(
+            f"{where}.copy_schema: must be a lower-case schema name (letters, digits, _), such as dpgateway: the "
+            "gateway's own schema for prepared copies (docs/backends.md)"
+        )
+    return {"connector": kind, "url": url, "table": table, "statement_timeout_ms": timeout, "copy_schema": schema}
 
 
 SPARK_KEYS = {"connector", "path", "format", "table"}

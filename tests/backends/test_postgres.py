@@ -15,7 +15,7 @@ from helpers import trusted_sql
 from dpgateway import Gateway
 from dpgateway.connectors.postgres import TRANSACTION_SETTINGS, PostgresConnector
 from dpgateway.connectors.postgres_sql import TARGETS, PostgresHooks
-from dpgateway.errors import BackendError, ConfigError, UnsupportedError
+from dpgateway.errors import BackendError, ConfigError, PrerequisiteError
 from dpgateway.policies.loader import parse_config
 from dpgateway.policies.model import Column
 
@@ -181,17 +181,25 @@ def test_every_transaction_gets_the_settings(pg_database: PostgresDatabase) -> N
             assert connector.execute(trusted_sql(f"SELECT current_setting('{name}')")).rows == ((value,),)
 
 
-def test_prepare_is_refused_with_the_reason(
+def test_prepare_without_the_change_trigger_is_refused_with_the_sql_to_run(
     pg_database: PostgresDatabase, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """A table without the gateway's change log and trigger is not copied (tests/backends/test_postgres_copy.py
+    covers copies): 55000, naming the SQL to run; nothing is written, and queries bound on the fly."""
     pg_database.load("pums", pums_frame())
     monkeypatch.setenv(URL_ENV, pg_database.reader_url)
     source = {"connector": "postgres", "url": {"$env": URL_ENV}, "table": "census.pums"}
     spec = {"source": source, "privacy_unit": "pid", "max_rows_per_unit": 2, "columns": PUMS_COLUMNS}
     config = parse_config({"tables": {"pums": spec}, "ledger": f"sqlite:///{tmp_path / 'l.db'}"}, base_dir=tmp_path)
-    with Gateway(config) as gw, pytest.raises(UnsupportedError, match=r"cannot be prepared on postgres: .*READ ONLY"):
-        gw.prepare("pums")
-    assert not list(tmp_path.glob("**/*.parquet"))  # nothing was written
+    with Gateway(config) as gw:
+        with pytest.raises(
+            PrerequisiteError, match=r"(?s)cannot be prepared on postgres: .*CREATE OR REPLACE TRIGGER"
+        ) as e:
+            gw.prepare("pums")
+        assert e.value.sqlstate == "55000"
+        plan = gw.explain("SELECT COUNT(*) FROM pums").plan
+        assert plan is not None and plan.prepared is None
+    assert not list(tmp_path.glob("**/*.json")) and not list(tmp_path.glob("**/*.parquet"))  # nothing was written
 
 
 def test_scalar_count_groups_by_unit_without_hashagg_and_the_same_answer(
