@@ -8,7 +8,7 @@ lines, spend and audit text, executor choice, the result object.
 
 Standalone (for A/B runs of two builds with one harness; prints JSON)::
 
-    python bench/overhead.py --queries 200 [--label repeated]
+    python bench/overhead.py --queries 200 [--label distinct] [--cpu]
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import duckdb
-from run import generate, timed, write_config
+from run import generate, write_config
 
 from dpgateway import Gateway, gateway, planner, sqlparse
 from dpgateway.budget_store import open_store
@@ -56,18 +56,19 @@ OTHER = "other (query glue, spend, executor choice, result)"
 class StageClock:
     """Exclusive wall time per stage: a timed call nested in another is subtracted from the outer one."""
 
-    def __init__(self) -> None:
+    def __init__(self, clock: Callable[[], float] = time.perf_counter) -> None:
+        self.clock = clock  # time.process_time: CPU time of the process (all its threads), steadier under load
         self.times: dict[str, float] = defaultdict(float)
         self._inner: list[float] = []  # per open call: time spent in timed calls nested in it
 
     def wrap(self, stage: str, fn: Callable[..., Any]) -> Callable[..., Any]:
         def timed_call(*args: Any, **kwargs: Any) -> Any:
             self._inner.append(0.0)
-            start = time.perf_counter()
+            start = self.clock()
             try:
                 return fn(*args, **kwargs)
             finally:
-                elapsed = time.perf_counter() - start
+                elapsed = self.clock() - start
                 nested = self._inner.pop()
                 self.times[stage] += (elapsed - nested) * 1000
                 if self._inner:
@@ -77,9 +78,8 @@ class StageClock:
 
 
 @contextmanager
-def stage_timers(gw: Gateway) -> Iterator[StageClock]:
-    """Wrap each stage of ``Gateway.query`` with an exclusive timer (ms, summed); restore afterwards."""
-    clock = StageClock()
+def stage_timers(gw: Gateway, clock: StageClock) -> Iterator[StageClock]:
+    """Wrap each stage of ``Gateway.query`` with ``clock``'s exclusive timer (ms, summed); restore afterwards."""
     patches: list[tuple[object, str, Any]] = []
 
     def patch(owner: object, name: str, stage: str) -> None:
@@ -115,8 +115,16 @@ def stage_timers(gw: Gateway) -> Iterator[StageClock]:
                 setattr(owner, name, fn)
 
 
-def measure(label: str, n_queries: int, source: Path, config: Config) -> dict[str, Any]:
-    """One gateway, ``n_queries`` timed queries alternating with the raw aggregate; stage means and p50s."""
+def measure(label: str, n_queries: int, source: Path, config: Config, *, cpu: bool = False) -> dict[str, Any]:
+    """One gateway, ``n_queries`` timed queries alternating with the raw aggregate; stage means and p50s
+    (``cpu``: in CPU time of this process instead of wall time)."""
+    now = time.process_time if cpu else time.perf_counter
+
+    def timed(fn: Callable[[], Any]) -> float:
+        start = now()
+        fn()
+        return (now() - start) * 1000
+
     raw = duckdb.connect()
     raw_sql = f"SELECT region, COUNT(*), AVG(income) FROM read_parquet('{source}') GROUP BY region"
     store = open_store(config.ledger, config.budget, replay="analyst" if label == "distinct" else "off")
@@ -124,7 +132,7 @@ def measure(label: str, n_queries: int, source: Path, config: Config) -> dict[st
         for i in range(10):  # warm-up
             gw.query(SQL.format(i=f"w{i}"), analyst="bench")
         totals, raws, backend = [], [], []
-        with stage_timers(gw) as clock:
+        with stage_timers(gw, StageClock(now)) as clock:
             for i in range(n_queries):
                 text = SQL.format(i=i if label == "distinct" else "")
                 raws.append(timed(lambda: raw.execute(raw_sql).fetchall()))
@@ -167,20 +175,21 @@ def overhead_run(n_queries: int) -> dict[str, Any]:
     return result
 
 
-def measure_labels(n_queries: int, labels: tuple[str, ...] = LABELS) -> dict[str, Any]:
+def measure_labels(n_queries: int, labels: tuple[str, ...] = LABELS, *, cpu: bool = False) -> dict[str, Any]:
     """:func:`measure` for each of ``labels`` on one ledger, in a temporary folder."""
     source = generate(1000)
     with tempfile.TemporaryDirectory() as tmp:
         config = load_config(write_config(Path(tmp), source))
-        return {label: measure(label, n_queries, source, config) for label in labels}
+        return {label: measure(label, n_queries, source, config, cpu=cpu) for label in labels}
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--queries", type=int, default=200)
     parser.add_argument("--label", choices=LABELS, action="append", help="default: both")
+    parser.add_argument("--cpu", action="store_true", help="CPU time of the process instead of wall time")
     args = parser.parse_args(argv)
-    print(json.dumps(measure_labels(args.queries, tuple(args.label or LABELS)), indent=2))
+    print(json.dumps(measure_labels(args.queries, tuple(args.label or LABELS), cpu=args.cpu), indent=2))
     return 0
 
 
