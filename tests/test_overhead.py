@@ -6,11 +6,12 @@ import operator
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dpgateway import postprocess
+from dpgateway import mechanisms, postprocess
 from dpgateway.planner import alias_free
 from dpgateway.sqlparse import READ_DIALECT, normalize, parse
 
@@ -97,3 +98,22 @@ def test_column_evaluators_equal_the_per_value_ones(data: st.DataObject, width: 
                 _per_value(lambda a, b, op=op: postprocess._arith(op, a, b), left, right),
             )
         assert _same(_whole(postprocess._divide_column, left, right), _per_value(postprocess._divide, left, right))
+
+
+@pytest.mark.parametrize(
+    "values",
+    [
+        [0, 5, -7, 2**62],
+        [mechanisms.I64_MAX, -mechanisms.I64_MAX],
+        [2**70, -(2**70), 3],  # beyond 64 bits: saturated
+        [True, 2, 3],  # not all plain ints: value by value
+        [np.int64(4), 5],
+    ],
+)
+def test_noise_input_is_the_saturated_aggregates(monkeypatch: pytest.MonkeyPatch, values: list[Any]) -> None:
+    """OpenDP's measurement gets exactly each value saturated into 64 bits, with or without the shortcut."""
+    seen: list[list[int]] = []
+    monkeypatch.setattr(mechanisms, "_vector_laplace", lambda scale: lambda xs: seen.append(xs) or xs)
+    mechanisms.noisy_vector(values, 1.0)
+    assert seen == [[mechanisms._saturate(v) for v in values]]
+    assert all(type(v) is int for v in seen[0])
