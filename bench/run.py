@@ -7,7 +7,8 @@ shape the DP query through ``Gateway.query`` and the raw aggregate, alternating 
 once bounding on the fly ("cold") and once after ``Gateway.prepare``. The replay cache is defeated by
 varying the query text harmlessly per repetition (the output alias ``AS v<i>``), which also defeats the
 plan cache, so every DP timing includes planning. Then the fixed overhead per query on a 1,000-row table,
-stage by stage, and queries per second for a repeated query (replay-cache hits) and for distinct queries.
+stage by stage (bench/overhead.py), and queries per second for a repeated query (replay-cache hits) and for
+distinct queries.
 """
 
 from __future__ import annotations
@@ -22,9 +23,8 @@ import statistics
 import sys
 import tempfile
 import time
-from collections import defaultdict
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager, suppress
+from collections.abc import Callable
+from contextlib import suppress
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -34,9 +34,7 @@ import yaml
 from rich.console import Console
 from rich.table import Table as RichTable
 
-from dpgateway import Gateway, gateway, planner
-from dpgateway.budget_store import open_store
-from dpgateway.policies.loader import load_config
+from dpgateway import Gateway
 
 BENCH = Path(__file__).resolve().parent
 BACKENDS_START, BACKENDS_END = "<!-- backends: start -->", "<!-- backends: end -->"  # bench/backends.py's section
@@ -80,11 +78,6 @@ POLICY: dict[str, Any] = {
     },
 }
 BIG = {"epsilon": 1e9, "delta": 0.5}
-PASS_STAGES = {  # passes timed apart from "plan": bounded SQL, post-processing (rendered and bound), verification
-    "bound_contributions": "rewrite + SQL generation",
-    "render_post_processing": "post-processing render + bind",
-    "verify_backend_sql": "verify (round trip)",
-}
 
 
 def generate(rows: int) -> Path:
@@ -241,98 +234,6 @@ def scale_run(rows: int, reps: int) -> dict[str, Any]:
         "median_ratio_cold": statistics.median(v["ratio"] for v in cold.values()),
         "median_ratio_prepared": statistics.median(v["ratio"] for v in prepared.values()),
     }
-
-
-# ---- fixed overhead on a small table --------------------------------------------------------------
-
-
-@contextmanager
-def stage_timers(gw: Gateway) -> Iterator[dict[str, list[float]]]:
-    """Wrap each stage of ``Gateway.query`` with a timer (ms per call); restore afterwards."""
-    times: dict[str, list[float]] = defaultdict(list)
-
-    def wrap(stage: str, fn: Callable[..., Any]) -> Callable[..., Any]:
-        def timed_call(*args: Any, **kwargs: Any) -> Any:
-            start = time.perf_counter()
-            try:
-                return fn(*args, **kwargs)
-            finally:
-                times[stage].append((time.perf_counter() - start) * 1000)
-
-        return timed_call
-
-    saved_passes, saved_parse = planner.PASSES, planner.parse
-    saved = {name: getattr(gateway, name) for name in ("add_noise", "post_process")}
-    planner.parse = wrap("parse", saved_parse)
-    planner.PASSES = tuple(wrap(PASS_STAGES.get(p.__name__, "plan"), p) for p in saved_passes)
-    gateway.add_noise = wrap("noise", saved["add_noise"])
-    gateway.post_process = wrap("post-process", saved["post_process"])
-    connector_execute = gw.connector.execute
-    gw.connector.execute = wrap("backend", connector_execute)  # type: ignore[method-assign]
-    store_methods = {
-        m: getattr(gw.store, m)
-        for m in ("cached_answer", "reserve", "commit", "commit_and_remaining", "remaining", "audit_event")
-    }
-    for m, fn in store_methods.items():
-        setattr(gw.store, m, wrap("ledger", fn))
-    try:
-        yield times
-    finally:
-        planner.PASSES, planner.parse = saved_passes, saved_parse
-        for name, fn in saved.items():
-            setattr(gateway, name, fn)
-        gw.connector.execute = connector_execute  # type: ignore[method-assign]
-        for m, fn in store_methods.items():
-            setattr(gw.store, m, fn)
-
-
-def overhead_run(n_queries: int) -> dict[str, Any]:
-    source = generate(1000)
-    raw = duckdb.connect()
-    sql = "SELECT region, COUNT(*) AS n{i}, AVG(income) AS a FROM people GROUP BY region"
-    raw_sql = f"SELECT region, COUNT(*), AVG(income) FROM read_parquet('{source}') GROUP BY region"
-    result: dict[str, Any] = {"query": sql.format(i=""), "rows": 1000}
-    with tempfile.TemporaryDirectory() as tmp:
-        config = load_config(write_config(Path(tmp), source))
-        for label, replay in (("distinct", "analyst"), ("repeated, replay cache off", "off")):
-            store = open_store(config.ledger, config.budget, replay=replay)  # type: ignore[arg-type]
-            with Gateway(config, store=store) as gw:
-                for i in range(10):  # warm-up
-                    gw.query(sql.format(i=f"w{i}"), analyst="bench")
-                totals, raws = [], []
-                with stage_timers(gw) as stages:
-                    for i in range(n_queries):
-                        text = sql.format(i=i if label == "distinct" else "")
-                        raws.append(timed(lambda: raw.execute(raw_sql).fetchall()))
-                        totals.append(timed(lambda t=text: gw.query(t, analyst="bench")))
-                total = statistics.median(totals)
-                breakdown = {s: sum(v) / n_queries for s, v in stages.items()}
-                breakdown["other (Python glue, audit text, result)"] = max(
-                    0.0, statistics.mean(totals) - sum(breakdown.values())
-                )
-                backend = stages.get("backend", [])
-                outside = [t - b for t, b in zip(totals, backend, strict=True)] if len(backend) == len(totals) else []
-                result[label] = {
-                    "p50_ms": total,
-                    "p90_ms": statistics.quantiles(totals, n=10)[-1],
-                    "raw_p50_ms": statistics.median(raws),
-                    "overhead_p50_ms": total - statistics.median(raws),
-                    # the issue-19 definition: each query's time outside its own backend call (parse, plan,
-                    # ledger, noise, post-processing, glue), p50 over the queries
-                    "outside_backend_p50_ms": statistics.median(outside) if outside else float("nan"),
-                    "mean_ms_by_stage": breakdown,
-                }
-        with Gateway(config) as gw:
-            gw.query(sql.format(i="r"), analyst="bench")
-            start = time.perf_counter()
-            for _ in range(n_queries):
-                gw.query(sql.format(i="r"), analyst="bench")
-            result["replayed_qps"] = n_queries / (time.perf_counter() - start)
-            start = time.perf_counter()
-            for i in range(n_queries):
-                gw.query(sql.format(i=f"d{i}"), analyst="bench")
-            result["distinct_qps"] = n_queries / (time.perf_counter() - start)
-    return result
 
 
 # ---- report -------------------------------------------------------------------------------------
@@ -588,6 +489,8 @@ def main(argv: list[str] | None = None) -> int:
     else:
         results["scales"] = [scale_run(rows, args.reps) for rows in (args.rows or [1_000_000, 10_000_000])]
     results["command"] = command
+    from overhead import overhead_run  # bench/overhead.py imports this module
+
     results["overhead"] = overhead_run(args.overhead_queries)
     args.out.write_text(json.dumps(results, indent=2))
     args.markdown.write_text(markdown(results, command) + kept_sections(args.markdown))

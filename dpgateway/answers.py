@@ -232,6 +232,10 @@ def _accuracy(plan: DPPlan, executor: Executor, kind: str, used: tuple[str, ...]
     return "depends on the data (derived from several noisy measurements)"
 
 
+def _key_sql(plan: DPPlan) -> list[str]:
+    return [k.expr.sql(dialect="postgres") for k in plan.group_keys]
+
+
 def avg_warnings(plan: DPPlan, noisy: Noisy, executor: Executor | None = None) -> tuple[str, ...]:
     """Warnings for AVG values that are mostly noise; computed from the noisy release only (post-processing).
 
@@ -255,7 +259,7 @@ def avg_warnings(plan: DPPlan, noisy: Noisy, executor: Executor | None = None) -
         tiny = [i for i, n in enumerate(counts) if n <= floor]
         if not tiny:
             continue
-        keys = [k.expr.sql(dialect="postgres") for k in plan.group_keys]  # rendered only for a warning
+        keys = plan.memo("key_sql", _key_sql)  # rendered for a warning only, once per plan
         if keys:
             shown = ", ".join(
                 "(" + ", ".join(f"{k}={noisy.values[j][i]!r}" for j, k in enumerate(keys)) + f"; noisy n={counts[i]})"

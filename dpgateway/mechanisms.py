@@ -226,11 +226,15 @@ def noisy_vector(values: Sequence[int], scale: float, mechanism: Mechanism = "la
     """Add discrete Laplace (or discrete Gaussian) noise of ``scale`` (integer units) to each value."""
     if not values:
         return []
+    if set(map(type, values)) == {int} and min(values) >= -I64_MAX and max(values) <= I64_MAX:
+        inputs = list(values)  # already in 64 bits: what _saturate gives, without a call per value
+    else:
+        inputs = [_saturate(v) for v in values]
     if mechanism == "gaussian":
-        return list(_vector_gaussian(scale)([_saturate(v) for v in values]))
+        return list(_vector_gaussian(scale)(inputs))
     if mechanism != "laplace":
         raise InternalError(f"unknown noise mechanism {mechanism!r}; this is a bug")
-    return list(_vector_laplace(scale)([_saturate(v) for v in values]))
+    return list(_vector_laplace(scale)(inputs))
 
 
 def select_partitions(counts: Mapping[int, int], scale: float, threshold: int) -> dict[int, int]:

@@ -81,7 +81,7 @@ def alias_free(sql: str) -> tuple[str, tuple[str | None, ...]] | None:
     for position, item in enumerate(tree.expressions):
         if isinstance(item, exp.Alias):
             item.set("alias", exp.to_identifier(f"__out{position}", quoted=True))
-    return tree.sql(dialect=READ_DIALECT, normalize=True), aliases
+    return tree.sql(dialect=READ_DIALECT, normalize=True, copy=False), aliases  # the tree is ours: no copy
 
 
 def _with_aliases(plan: DPPlan, aliases: tuple[str | None, ...]) -> DPPlan:

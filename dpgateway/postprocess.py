@@ -101,28 +101,72 @@ def _compile(node: exp.Expr, positions: dict[str, int]) -> Evaluator:
         return _compile(node.this, positions)
     if isinstance(node, exp.Column) and not node.table and node.name in positions:
         index = positions[node.name]  # each column holds values of one type (checked by the caller)
-        return lambda cols: cols[index] if type(cols[index][0]) is str else [_checked(v) for v in cols[index]]
+        return lambda cols: cols[index] if type(cols[index][0]) is str else _checked_column(cols[index])
     if isinstance(node, exp.Literal) and not node.is_string and node.this.isdigit():
         value = _checked(int(node.this))  # DuckDB: INTEGER
         return lambda cols: [value] * len(cols[0])
     if isinstance(node, exp.Neg):
         inner = _compile(node.this, positions)
-        return lambda cols: [_arith(operator.neg, v) for v in inner(cols)]
+        return lambda cols: _arith_column(operator.neg, inner(cols))
     if isinstance(node, (exp.Add, exp.Sub, exp.Mul)):
         op = operator.add if isinstance(node, exp.Add) else operator.sub if isinstance(node, exp.Sub) else operator.mul
         left, right = _compile(node.left, positions), _compile(node.right, positions)
-        return lambda cols: [_arith(op, a, b) for a, b in zip(left(cols), right(cols), strict=True)]
+        return lambda cols: _arith_column(op, left(cols), right(cols))
     if type(node) is exp.Div and not node.args.get("typed") and not node.args.get("safe"):
         left, right = _compile(node.left, positions), _compile(node.right, positions)
-        return lambda cols: [_divide(a, b) for a, b in zip(left(cols), right(cols), strict=True)]
+        return lambda cols: _divide_column(left(cols), right(cols))
     if isinstance(node, exp.IntDiv) and isinstance(node.expression, exp.Nullif):  # passes/post.py's integer ``/``
         left, right = _compile(node.left, positions), _compile(node.expression.this, positions)
         return lambda cols: [_int_divide(a, b) for a, b in zip(left(cols), right(cols), strict=True)]
     if type(node) in (exp.Greatest, exp.Least):
         pick = max if isinstance(node, exp.Greatest) else min
         args = [_compile(a, positions) for a in (node.this, *node.expressions)]
-        return lambda cols: [_extreme(pick, list(row)) for row in zip(*(a(cols) for a in args), strict=True)]
+        return lambda cols: _extreme_column(pick, [a(cols) for a in args])
     raise _Declined
+
+
+# Whole columns at once: where every operand column holds only ints or only floats (so each row has the types
+# of every other), the per-value functions below are applied by map() and the checks run once per column, with
+# the same results; anything else goes value by value.
+
+
+def _kind(column: list[Any]) -> type | None:
+    """``int`` or ``float`` when every value of ``column`` has that type (not bool), else None."""
+    kinds = set(map(type, column))
+    return kinds.pop() if len(kinds) == 1 and kinds <= {int, float} else None
+
+
+def _checked_column(values: list[Any]) -> list[Any]:
+    """:func:`_checked` of each value."""
+    kind = _kind(values)
+    if kind is int and min(values) > -INT_LIMIT and max(values) < INT_LIMIT:
+        return values
+    if kind is float and all(map(math.isfinite, values)):
+        return values
+    return [_checked(v) for v in values]
+
+
+def _arith_column(op: Callable[..., Any], *columns: list[Any]) -> list[Any]:
+    """:func:`_arith` row by row."""
+    if all(_kind(c) is not None for c in columns):
+        return _checked_column(list(map(op, *columns)))
+    return [_arith(op, *row) for row in zip(*columns, strict=True)]
+
+
+def _divide_column(left: list[Any], right: list[Any]) -> list[float]:
+    """:func:`_divide` row by row."""
+    if _kind(left) is not None and _kind(right) is not None and 0 not in right:  # 0 == 0.0 == -0.0
+        return _checked_column([a / b for a, b in zip(map(float, left), map(float, right), strict=True)])
+    return [_divide(a, b) for a, b in zip(left, right, strict=True)]
+
+
+def _extreme_column(pick: Callable[..., Any], columns: list[list[Any]]) -> list[Any]:
+    """:func:`_extreme` row by row."""
+    kinds = [_kind(c) for c in columns]
+    if None in kinds:
+        return [_extreme(pick, list(row)) for row in zip(*columns, strict=True)]
+    chosen = list(map(pick, *columns)) if len(columns) > 1 else list(columns[0])  # pick(x) is not pick([x])
+    return [float(v) for v in chosen] if float in kinds else chosen
 
 
 def _checked(value: Any) -> Any:
