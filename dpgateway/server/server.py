@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hmac
 import logging
 import secrets
@@ -22,11 +23,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+from dpgateway.budget_store.base import Remaining, Spend
 from dpgateway.budget_store.users import UserStore
-from dpgateway.errors import ConfigError
+from dpgateway.errors import ConfigError, DPGatewayError
 from dpgateway.gateway import Gateway
 from dpgateway.server import protocol as p
 from dpgateway.server import scram
+from dpgateway.server.fastpath import Memory, Replay
 from dpgateway.server.session import Session
 from dpgateway.server.shadow import ShadowCluster
 
@@ -49,6 +52,7 @@ class ServerSettings:
     startup_timeout: float = 10.0  # seconds for start-up plus authentication
     max_message: int = p.DEFAULT_MAX_MESSAGE
     workers: int = 8
+    ledger_workers: int = 32  # threads writing replays' audit records: how many a group commit can batch
 
 
 class Closed(Exception):
@@ -73,6 +77,10 @@ class Server:
         self.settings = settings or ServerSettings()
         self._secret = gateway.store.secret_seed()
         self._pool = ThreadPoolExecutor(max_workers=self.settings.workers, thread_name_prefix="dpgateway-query")
+        self._ledger = ThreadPoolExecutor(
+            max_workers=self.settings.ledger_workers, thread_name_prefix="dpgateway-audit"
+        )
+        self.memory = Memory()
         self._sessions: dict[int, tuple[bytes, Session]] = {}
         self._server: asyncio.Server | None = None
         self._tasks: set[asyncio.Task[None]] = set()
@@ -102,9 +110,17 @@ class Server:
         if self._server is not None:
             await self._server.wait_closed()
         self._pool.shutdown(wait=False, cancel_futures=True)
+        self._ledger.shutdown(wait=False, cancel_futures=True)
 
     async def _blocking(self, func: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._pool, func, *args)
+
+    async def _audit_replay(self, spend: Spend) -> Remaining:
+        """Commit a replay's audit record (and read the budget left) in a ledger thread; concurrent ones are
+        group-committed together (budget_store/group_commit.py)."""
+        store = self.gateway.store
+        write = functools.partial(store.audit_and_remaining, spend, outcome="replayed", domains=spend.domains)
+        return await asyncio.get_running_loop().run_in_executor(self._ledger, write)
 
     # ---- one connection ---------------------------------------------------------------------------------
 
@@ -223,7 +239,12 @@ class Server:
             )
         writer.write(p.auth_sasl_final(final))
         return Session(
-            self.gateway, record.name, is_admin=record.is_admin, client=startup.parameters, shadow=self.shadow
+            self.gateway,
+            record.name,
+            is_admin=record.is_admin,
+            client=startup.parameters,
+            shadow=self.shadow,
+            memory=self.memory,
         )
 
     async def _password_message(
@@ -254,7 +275,17 @@ class Server:
                 continue
             if message.type == b"X":
                 raise Closed
-            if message.type in (b"Q", b"D", b"E") or (self.shadow is not None and message.type in b"PBCS"):
+            now = session.now(message)
+            if isinstance(now, Replay):
+                try:
+                    left = await self._audit_replay(now.spend)
+                except DPGatewayError as exc:
+                    pending.extend(session.failed(exc))
+                else:
+                    pending.extend(session.replayed(now, left))
+            elif now is not None:
+                pending.extend(now)
+            elif message.type in (b"Q", b"D", b"E") or (self.shadow is not None and message.type in b"PBCS"):
                 pending.extend(await self._blocking(session.handle, message))
             else:
                 pending.extend(session.handle(message))
