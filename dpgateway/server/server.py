@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import hmac
 import logging
 import secrets
@@ -29,7 +28,7 @@ from dpgateway.errors import ConfigError, DPGatewayError
 from dpgateway.gateway import Gateway
 from dpgateway.server import protocol as p
 from dpgateway.server import scram
-from dpgateway.server.fastpath import Memory, Replay
+from dpgateway.server.fastpath import Memory, Replay, ReplayAudits
 from dpgateway.server.session import Session
 from dpgateway.server.shadow import ShadowCluster
 
@@ -52,7 +51,6 @@ class ServerSettings:
     startup_timeout: float = 10.0  # seconds for start-up plus authentication
     max_message: int = p.DEFAULT_MAX_MESSAGE
     workers: int = 8
-    ledger_workers: int = 32  # threads writing replays' audit records: how many a group commit can batch
 
 
 class Closed(Exception):
@@ -77,10 +75,8 @@ class Server:
         self.settings = settings or ServerSettings()
         self._secret = gateway.store.secret_seed()
         self._pool = ThreadPoolExecutor(max_workers=self.settings.workers, thread_name_prefix="dpgateway-query")
-        self._ledger = ThreadPoolExecutor(
-            max_workers=self.settings.ledger_workers, thread_name_prefix="dpgateway-audit"
-        )
         self.memory = Memory()
+        self._audits: ReplayAudits | None = None  # started on the loop, at the first replay from memory
         self._sessions: dict[int, tuple[bytes, Session]] = {}
         self._server: asyncio.Server | None = None
         self._tasks: set[asyncio.Task[None]] = set()
@@ -110,17 +106,18 @@ class Server:
         if self._server is not None:
             await self._server.wait_closed()
         self._pool.shutdown(wait=False, cancel_futures=True)
-        self._ledger.shutdown(wait=False, cancel_futures=True)
+        if self._audits is not None:
+            await asyncio.get_running_loop().run_in_executor(None, self._audits.close)
 
     async def _blocking(self, func: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._pool, func, *args)
 
     async def _audit_replay(self, spend: Spend) -> Remaining:
-        """Commit a replay's audit record (and read the budget left) in a ledger thread; concurrent ones are
-        group-committed together (budget_store/group_commit.py)."""
-        store = self.gateway.store
-        write = functools.partial(store.audit_and_remaining, spend, outcome="replayed", domains=spend.domains)
-        return await asyncio.get_running_loop().run_in_executor(self._ledger, write)
+        """Commit a replay's audit record (and read the budget left) in the ledger thread, batched with the
+        records queued meanwhile (fastpath.ReplayAudits)."""
+        if self._audits is None:
+            self._audits = ReplayAudits(self.gateway.store, asyncio.get_running_loop())
+        return await self._audits.write(spend)
 
     # ---- one connection ---------------------------------------------------------------------------------
 

@@ -4,6 +4,9 @@ that cannot be written is an ErrorResponse and no answer."""
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -12,7 +15,10 @@ import pytest
 from conftest import Running
 
 from dpgateway import Gateway
+from dpgateway.budget_store.base import Remaining, Spend, Usage
 from dpgateway.errors import BackendError
+from dpgateway.policies.model import Cap
+from dpgateway.server.fastpath import ReplayAudits
 
 SQL = "SELECT COUNT(*) AS n FROM pums WHERE age > 40"
 
@@ -93,17 +99,17 @@ def test_a_failed_audit_write_is_an_error_and_no_answer(
     _run(conn)
     _run(conn)
     store = demo_gateway.store
-    audit: Callable[..., Any] = store.audit_and_remaining
+    audit: Callable[..., Any] = store.audit_replays
 
     def broken(*args: Any, **kwargs: Any) -> Any:
         raise BackendError("the ledger is unavailable")
 
-    monkeypatch.setattr(store, "audit_and_remaining", broken)
+    monkeypatch.setattr(store, "audit_replays", broken)
     with conn.cursor() as cur:
         with pytest.raises(psycopg2.Error) as info:
             cur.execute(SQL)
         assert info.value.pgcode == BackendError.sqlstate
-    monkeypatch.setattr(store, "audit_and_remaining", audit)
+    monkeypatch.setattr(store, "audit_replays", audit)
     _, notice = _run(conn)  # the session goes on
     assert "replayed" in notice and len(calls) == 2
     conn.close()
@@ -126,3 +132,50 @@ def test_a_failed_transaction_is_not_answered_from_memory(wire: Running, calls: 
         cur.execute(SQL)
         assert "replayed" in conn.notices[-1]
     conn.close()
+
+
+class _SlowStore:
+    """audit_replays waits for ``go`` on its first call; a batch holding the spend named "bad" fails."""
+
+    def __init__(self) -> None:
+        self.go = threading.Event()
+        self.batches: list[list[str]] = []
+
+    def audit_replays(self, spends: list[Spend]) -> list[Remaining]:
+        self.batches.append([s.sql for s in spends])
+        if len(self.batches) == 1:
+            self.go.wait(10)
+        if any(s.sql == "bad" for s in spends):
+            raise BackendError("cannot write this record")
+        return [Remaining(analyst=Usage("analyst:" + s.analyst, Cap(1.0, 0.0), 0.0, 0.0)) for s in spends]
+
+
+def test_replay_audits_batch_the_records_queued_meanwhile_and_fail_one_by_one() -> None:
+    store = _SlowStore()
+
+    async def main() -> list[Any]:
+        audits = ReplayAudits(store, asyncio.get_running_loop())  # type: ignore[arg-type]
+        spend = Spend(analyst="alice", domains=(), epsilon=0.0, delta=0.0, query_key="k", sql="first")
+        first = audits.write(spend)
+        await asyncio.sleep(0.05)  # the writer is in its first batch
+        later = [audits.write(dataclasses.replace(spend, sql=sql)) for sql in ("a", "bad", "b")]
+        store.go.set()
+        done = await asyncio.gather(first, *later, return_exceptions=True)
+        audits.close()
+        return done
+
+    done = asyncio.run(main())
+    assert store.batches == [["first"], ["a", "bad", "b"], ["a"], ["bad"], ["b"]]
+    assert isinstance(done[0], Remaining) and isinstance(done[1], Remaining) and isinstance(done[3], Remaining)
+    assert isinstance(done[2], BackendError)
+
+
+def test_audit_replays_commits_every_record_with_the_budget_left(demo_gateway: Gateway) -> None:
+    result = demo_gateway.query(SQL, analyst="carol")
+    assert result.plan is not None
+    spend = demo_gateway.replay_spend(SQL, result.plan, analyst="carol", epsilon=None, delta=None)
+    store = demo_gateway.store
+    one = store.audit_and_remaining(spend, outcome="replayed", domains=spend.domains)
+    assert store.audit_replays([spend, spend]) == [one, one]  # nothing spent in between
+    assert _replays(demo_gateway, "carol") == ["replayed"] * 3 + ["released"]
+    assert spend.domains and set(one.domains) == set(spend.domains)
