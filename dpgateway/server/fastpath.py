@@ -37,7 +37,8 @@ from dpgateway.errors import InternalError
 K = TypeVar("K")
 V = TypeVar("V")
 MAX_LITERALS = 256
-MAX_REPLAYS = 4096
+MAX_REPLAYS = 2048
+MAX_REPLAY_BYTES = 16 * 1024  # larger answers (many groups) are replayed by Gateway.query: at most 32 MiB here
 
 
 @dataclass(frozen=True)

@@ -1,11 +1,13 @@
 """The asyncio loop around the codec and sessions: start-up, TLS, SCRAM, then messages to sessions.
 
 Per connection: the start-up and authentication phase has a deadline (a silent or truncated start-up packet
-is closed, never waited on forever); after it, every message is answered by :class:`Session` in a worker
-thread, so a slow query never blocks other connections. Output is written when the client's pipelined input
-is used up (one write per batch, as PostgreSQL does) and the loop waits on ``drain`` before reading more, so a
-client that stops reading stops being read: the server buffers at most one batch plus the transport's
-high-water mark for it.
+is closed, never waited on forever); after it, every message that may block is answered by :class:`Session` in
+a worker thread, so a slow query never blocks other connections; literal-only statements, replays from memory
+(their audit record committed by the ledger thread first) and messages that touch only the session's state are
+answered on the loop (fastpath.py, docs/server.md "Answers from memory"). Output is written when the client's
+pipelined input is used up (one write per batch, as PostgreSQL does) and the loop waits on ``drain`` before
+reading more, so a client that stops reading stops being read: the server buffers at most one batch plus the
+transport's high-water mark for it.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ DEFAULT_PORT = 6432
 DEFAULT_DATABASE = "dpgateway"
 READ_SIZE = 65536
 WRITE_HIGH_WATER = 256 * 1024
+FAIR_SHARE = 64  # messages one connection answers on the loop before the others get a turn
 
 
 @dataclass(frozen=True)
@@ -261,12 +264,15 @@ class Server:
         self, session: Session, codec: p.FrontendReader, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
     ) -> None:
         pending: list[bytes] = []
+        size = 0  # bytes in pending
+        inline = 0  # messages answered on the loop since this connection last let the others run
         while True:
             message = codec.next_message()
             if message is None:
                 if pending:
                     writer.write(b"".join(pending))
                     pending.clear()
+                    size = 0
                 await writer.drain()
                 await self._read(codec, reader)
                 continue
@@ -275,21 +281,26 @@ class Server:
             now = session.now(message)
             if isinstance(now, Replay):
                 try:
-                    left = await self._audit_replay(now.spend)
+                    answer = session.replayed(now, await self._audit_replay(now.spend))
                 except DPGatewayError as exc:
-                    pending.extend(session.failed(exc))
-                else:
-                    pending.extend(session.replayed(now, left))
+                    answer = session.failed(exc)
+                inline = 0
             elif now is not None:
-                pending.extend(now)
-            elif message.type in (b"Q", b"D", b"E") or (self.shadow is not None and message.type in b"PBCS"):
-                pending.extend(await self._blocking(session.handle, message))
+                answer, inline = now, inline + 1
+            elif session.may_block(message):
+                answer, inline = await self._blocking(session.handle, message), 0
             else:
-                pending.extend(session.handle(message))
-            if sum(map(len, pending)) > WRITE_HIGH_WATER:
+                answer, inline = session.handle(message), inline + 1
+            pending.extend(answer)
+            size += sum(map(len, answer))
+            if size > WRITE_HIGH_WATER:
                 writer.write(b"".join(pending))
                 pending.clear()
+                size = 0
                 await writer.drain()
+            if inline >= FAIR_SHARE:  # a client pipelining cheap statements must not hold the loop
+                inline = 0
+                await asyncio.sleep(0)
 
 
 class FatalError(p.ProtocolViolation):

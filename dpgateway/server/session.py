@@ -1,7 +1,8 @@
 """One authenticated session: the simple and extended query protocols over a :class:`~dpgateway.Gateway`.
 
 Sans-I/O like the codec: :meth:`Session.handle` takes one frontend message and returns the backend messages
-to send. It may block (a DP query), so the server calls it from a worker thread; one session handles one
+to send. It may block (a DP query), so the server calls it from a worker thread when :meth:`Session.may_block`
+says so; :meth:`Session.now` answers from memory on the event loop (fastpath.py). One session handles one
 message at a time.
 
 DP over the wire: the analyst is the authenticated user, never a name the client types; ``SET dp.epsilon`` and
@@ -28,7 +29,7 @@ from dpgateway.server import admin
 from dpgateway.server import pgtypes as t
 from dpgateway.server import protocol as p
 from dpgateway.server import statements as st
-from dpgateway.server.fastpath import Memory, Replay
+from dpgateway.server.fastpath import MAX_REPLAY_BYTES, Memory, Replay
 from dpgateway.server.literals import MAX_LENGTH, literal_select
 from dpgateway.server.protocol import Field
 from dpgateway.server.shadow import ShadowCluster, ShadowConnection, ShadowError
@@ -155,6 +156,28 @@ class Session:
         self.memory.literals.put(body, answer)
         return [answer, p.ready_for_query(self.state.status)]
 
+    def may_block(self, message: p.Message) -> bool:
+        """Whether :meth:`handle` may block on ``message`` (run it in a worker thread then): a query, a Describe
+        (it plans) or an Execute, and whatever goes to the shadow catalog (Parse and Bind when there is one; Close
+        of a statement it parsed; Sync after messages sent to it). The rest is answered from the session's state."""
+        kind = message.type
+        if kind in b"QDE":
+            return True
+        if self.shadow is None:
+            return False
+        if kind in b"PB":
+            return True
+        if kind == b"S":
+            return self._conn is not None and self._conn.dirty
+        if kind == b"C":
+            try:
+                close = p.parse_close(message.body)
+            except p.ProtocolViolation:
+                return False  # handle raises it at once
+            named = self.statements.get(close.name) if close.kind == "S" else self.portals.get(close.name)
+            return named is not None and (named.shadow if isinstance(named, Prepared) else named.prepared.shadow)
+        return False
+
     def replayed(self, replay: Replay, left: Remaining) -> list[bytes]:
         """The messages of a replay from memory, once its audit record is committed with the budget ``left``."""
         notice = _spend_notice(0.0, 0.0, left.as_dict(), True, replay.accuracy)
@@ -223,8 +246,10 @@ class Session:
                 out.append(p.command_complete(outcome.tag))
                 if outcome.replay is not None and len(statements) == 1 and self.memory is not None:
                     spend, accuracy = outcome.replay
-                    key = (self.user, sql.encode() + b"\x00", self.state.epsilon, self.state.delta)
-                    self.memory.replays.put(key, Replay(spend, b"".join(out[first:]), accuracy))
+                    answer = b"".join(out[first:])
+                    if len(answer) <= MAX_REPLAY_BYTES:
+                        key = (self.user, sql.encode() + b"\x00", self.state.epsilon, self.state.delta)
+                        self.memory.replays.put(key, Replay(spend, answer, accuracy))
         except DPGatewayError as exc:
             self.state.fail()
             out.append(_error(exc))
