@@ -4,7 +4,7 @@ Per connection: the start-up and authentication phase has a deadline (a silent o
 is closed, never waited on forever); after it, every message that may block is answered by :class:`Session` in
 a worker thread, so a slow query never blocks other connections; literal-only statements, replays from memory
 (their audit record committed by the ledger thread first) and messages that touch only the session's state are
-answered on the loop (fastpath.py, docs/server.md "Answers from memory"). Output is written when the client's
+answered on the loop (memory.py, docs/server.md "Answers from memory"). Output is written when the client's
 pipelined input is used up (one write per batch, as PostgreSQL does) and the loop waits on ``drain`` before
 reading more, so a client that stops reading stops being read: the server buffers at most one batch plus the
 transport's high-water mark for it.
@@ -30,7 +30,7 @@ from dpgateway.errors import ConfigError, DPGatewayError
 from dpgateway.gateway import Gateway
 from dpgateway.server import protocol as p
 from dpgateway.server import scram
-from dpgateway.server.fastpath import Memory, Replay, ReplayAudits
+from dpgateway.server.memory import Memory, Replay, ReplayAudits
 from dpgateway.server.session import Session
 from dpgateway.server.shadow import ShadowCluster
 
@@ -117,7 +117,7 @@ class Server:
 
     async def _audit_replay(self, spend: Spend) -> Remaining:
         """Commit a replay's audit record (and read the budget left) in the ledger thread, batched with the
-        records queued meanwhile (fastpath.ReplayAudits)."""
+        records queued meanwhile (memory.ReplayAudits)."""
         if self._audits is None:
             self._audits = ReplayAudits(self.gateway.store, asyncio.get_running_loop())
         return await self._audits.write(spend)

@@ -2,7 +2,7 @@
 
 Sans-I/O like the codec: :meth:`Session.handle` takes one frontend message and returns the backend messages
 to send. It may block (a DP query), so the server calls it from a worker thread when :meth:`Session.may_block`
-says so; :meth:`Session.now` answers from memory on the event loop (fastpath.py). One session handles one
+says so; :meth:`Session.now` answers from memory on the event loop (memory.py). One session handles one
 message at a time.
 
 DP over the wire: the analyst is the authenticated user, never a name the client types; ``SET dp.epsilon`` and
@@ -29,8 +29,8 @@ from dpgateway.server import admin
 from dpgateway.server import pgtypes as t
 from dpgateway.server import protocol as p
 from dpgateway.server import statements as st
-from dpgateway.server.fastpath import MAX_REPLAY_BYTES, Memory, Replay
 from dpgateway.server.literals import MAX_LENGTH, literal_select
+from dpgateway.server.memory import MAX_REPLAY_BYTES, Memory, Replay
 from dpgateway.server.protocol import Field
 from dpgateway.server.shadow import ShadowCluster, ShadowConnection, ShadowError
 from dpgateway.server.state import (
@@ -79,7 +79,7 @@ class Session:
         shadow: ShadowCluster | None = None,
         memory: Memory | None = None,
     ):
-        """``memory``: the server's answers from memory (fastpath.py); None: every message goes to :meth:`handle`."""
+        """``memory``: the server's answers from memory (memory.py); None: every message goes to :meth:`handle`."""
         self.gateway = gateway
         self.memory = memory
         self.database = (client or {}).get("database", user)
@@ -126,7 +126,7 @@ class Session:
     # ---- answers from memory (on the event loop) -----------------------------------------------------------
 
     def now(self, message: p.Message) -> list[bytes] | Replay | None:
-        """The answer to ``message`` if it needs no worker thread (fastpath.py): the messages of a literal-only
+        """The answer to ``message`` if it needs no worker thread (memory.py): the messages of a literal-only
         statement, or a :class:`Replay` whose audit record the caller writes before :meth:`replayed`; else
         ``None`` (then call :meth:`handle`). Never blocks and never raises."""
         if message.type != b"Q" or self.memory is None or self.state.status == "E":

@@ -14,8 +14,8 @@ import pytest
 
 from dpgateway import Gateway
 from dpgateway.server import protocol as p
-from dpgateway.server.fastpath import Memory
 from dpgateway.server.literals import literal_select
+from dpgateway.server.memory import Memory
 from dpgateway.server.session import Session
 from dpgateway.server.shadow import ShadowCluster
 

@@ -1,4 +1,4 @@
-"""Replays answered from memory on the event loop (dpgateway/server/fastpath.py): the same answer, NOTICE and
+"""Replays answered from memory on the event loop (dpgateway/server/memory.py): the same answer, NOTICE and
 audit record as through ``Gateway.query``, under the same key (analyst, text, epsilon, delta); an audit record
 that cannot be written is an ErrorResponse and no answer."""
 
@@ -18,7 +18,7 @@ from dpgateway import Gateway
 from dpgateway.budget_store.base import Remaining, Spend, Usage
 from dpgateway.errors import BackendError
 from dpgateway.policies.model import Cap
-from dpgateway.server.fastpath import ReplayAudits
+from dpgateway.server.memory import ReplayAudits
 
 SQL = "SELECT COUNT(*) AS n FROM pums WHERE age > 40"
 

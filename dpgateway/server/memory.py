@@ -18,7 +18,7 @@ memory only misses more), the exact message text (same text, same normalized SQL
 and delta. ``replay: off`` never replays, so nothing is remembered. The policy is fixed while ``serve`` runs,
 so the plan, its executor and its spend are those of the first replay; the audit record is the one
 ``Gateway.query`` writes for a replay (``Gateway.replay_spend``). A replay spends nothing, so no cap is
-checked on either path. Tests: tests/server/test_fastpath.py.
+checked on either path. Tests: tests/server/test_replay_memory.py.
 """
 
 from __future__ import annotations
