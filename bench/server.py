@@ -5,9 +5,11 @@
 
 Three statements, at 1, 16 and 64 concurrent clients, on both servers:
 
-- ``SELECT 1``: on the gateway it goes to the shadow catalog (as every statement naming no policy table does);
-- a replayed DP answer: the same DP aggregate text again (the gateway replays its first release, spends nothing;
-  PostgreSQL runs the raw aggregate);
+- ``SELECT 1``: on the gateway a literal-only statement, answered by the server itself on its event loop with the
+  bytes PostgreSQL sends (docs/server.md, "Answers from memory"); other statements naming no policy table go to
+  the shadow catalog;
+- a replayed DP answer: the same DP aggregate text again (the gateway replays its first release, spends nothing,
+  and commits the replay's audit record before answering; PostgreSQL runs the raw aggregate);
 - a fresh DP aggregate: ``SELECT COUNT(*) FROM pums WHERE income > -N`` with a new ``N`` for every statement, so
   neither the replay cache nor the plan cache helps (PostgreSQL runs the same raw text).
 
@@ -248,6 +250,8 @@ def paired(config: Path, seconds: float) -> dict[str, dict[str, float]]:
     ``Gateway.query`` is timed; one psycopg2 client sends the replayed and the fresh aggregate, and each
     statement's client-side latency minus the time its own ``Gateway.query`` call took is the wire's cost for
     that statement (protocol, session, thread hand-off, result typing and encoding, the loopback round trip).
+    A replay the server answers from memory (docs/server.md, "Answers from memory") makes no ``Gateway.query``
+    call: it is paired with a ``Gateway.query`` of the same statement made right after it, in this process.
     Then ``Gateway.query`` alone from 16 threads: the most the server could answer, whatever the wire."""
     import asyncio
 
@@ -306,6 +310,8 @@ def paired(config: Path, seconds: float) -> dict[str, dict[str, float]]:
                     cur.fetchall()
                     wire_ms.append((time.perf_counter() - start) * 1000)
                     del conn.notices[:]
+                    if not inner:  # answered from the server's memory, without Gateway.query: time the API alone
+                        timed(statement(query_name, n), analyst="bench")
                     api_ms.append(inner[0])
                 wire_ms, api_ms = wire_ms[5:], api_ms[5:]  # warm-up
                 diffs = sorted(w - a for w, a in zip(wire_ms, api_ms, strict=True))
@@ -425,7 +431,8 @@ def markdown(results: dict[str, Any], args: argparse.Namespace, command: str) ->
             "Wire overhead, paired per statement: a server in the bench process whose `Gateway.query` is timed; one "
             "psycopg2 client sends the statement, and its latency minus the time its own `Gateway.query` call "
             "took is what the wire added (protocol, session, thread hand-off, result typing and encoding, loopback "
-            "round trip). Median (and quartiles, 90th percentile) over the statements of a run, median over runs:",
+            "round trip; a replay answered from the server's memory is paired with a `Gateway.query` of the same "
+            "statement right after it). Median (and quartiles, 90th percentile) over the statements of a run, median over runs:",
             "",
             "| statement | statements | wire p50 ms | `Gateway.query` p50 ms | wire - API, median ms | quartiles ms |"
             " p90 ms | `Gateway.query` q/s, 16 threads |",

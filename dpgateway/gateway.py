@@ -371,6 +371,15 @@ class Gateway:
             plan=plan,
         )
 
+    def replay_spend(
+        self, sql: str, plan: DPPlan, *, analyst: str | None, epsilon: float | None, delta: float | None
+    ) -> Spend:
+        """What :meth:`query` audits (``replayed``) when it replays ``sql``, answered with ``plan``: for a caller
+        that serves the same replay again from memory and writes this record itself (the wire server, see
+        docs/server.md, "Answers from memory")."""
+        eps, dlt = self._parameters(epsilon, delta)
+        return _spend(resolve_analyst(analyst), plan, sql, query_key(sql, eps, dlt))
+
     def _passthrough(self, plan: DPPlan) -> Released:
         """Public data only: constants in the sandbox, or the verified statement over the public table."""
         if plan.table is None:

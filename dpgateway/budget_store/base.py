@@ -199,6 +199,12 @@ class BudgetStore(ABC):
         self.audit_event(spend, outcome=outcome, message=message)
         return self.remaining(spend.analyst, domains)
 
+    def audit_replays(self, spends: Sequence[Spend]) -> list[Remaining]:
+        """:meth:`audit_and_remaining` (outcome ``replayed``, the spend's domains) of several replays, for a
+        caller that batches them itself (the wire server); returns once every record is committed, or raises.
+        Stores may write them in one transaction."""
+        return [self.audit_and_remaining(s, outcome="replayed", domains=s.domains) for s in spends]
+
     @abstractmethod
     def secret_seed(self) -> bytes:
         """The secret seed of the keyed hash used for contribution bounding, created once."""

@@ -275,7 +275,15 @@ class SQLLedgerBase(BudgetStore):
 
         Concurrent calls are group-committed (``group_commit.py``): one transaction writes them all.
         ``remaining``: the subject domains whose budget left (and the analyst's) to read in that transaction."""
-        row = AuditRow(
+        row = self._audit_row(spend, outcome, message, remaining)
+        self._audit_batch.submit(row)
+        if remaining is not None and row.remaining is None:
+            raise InternalError("the audit batch returned no budget left; this is a bug")
+        return row.remaining
+
+    @staticmethod
+    def _audit_row(spend: Spend, outcome: AuditOutcome, message: str, remaining: Sequence[str] | None) -> AuditRow:
+        return AuditRow(
             {
                 "analyst": spend.analyst,
                 "sql": spend.sql,
@@ -289,10 +297,14 @@ class SQLLedgerBase(BudgetStore):
             },
             None if remaining is None else tuple(remaining),
         )
-        self._audit_batch.submit(row)
-        if remaining is not None and row.remaining is None:
+
+    def audit_replays(self, spends: Sequence[Spend]) -> list[Remaining]:
+        """All the replays' records in one transaction (as one group-committed batch is written)."""
+        rows = [self._audit_row(spend, "replayed", "", spend.domains) for spend in spends]
+        self._write_audit(rows)
+        if any(row.remaining is None for row in rows):
             raise InternalError("the audit batch returned no budget left; this is a bug")
-        return row.remaining
+        return [row.remaining for row in rows if row.remaining is not None]
 
     def _write_audit(self, rows: Sequence[AuditRow]) -> None:
         """Insert audit ``rows`` in one transaction, in order, stamped with its ledger time; then read, in the

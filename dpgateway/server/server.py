@@ -1,11 +1,13 @@
 """The asyncio loop around the codec and sessions: start-up, TLS, SCRAM, then messages to sessions.
 
 Per connection: the start-up and authentication phase has a deadline (a silent or truncated start-up packet
-is closed, never waited on forever); after it, every message is answered by :class:`Session` in a worker
-thread, so a slow query never blocks other connections. Output is written when the client's pipelined input
-is used up (one write per batch, as PostgreSQL does) and the loop waits on ``drain`` before reading more, so a
-client that stops reading stops being read: the server buffers at most one batch plus the transport's
-high-water mark for it.
+is closed, never waited on forever); after it, every message that may block is answered by :class:`Session` in
+a worker thread, so a slow query never blocks other connections; literal-only statements, replays from memory
+(their audit record committed by the ledger thread first) and messages that touch only the session's state are
+answered on the loop (memory.py, docs/server.md "Answers from memory"). Output is written when the client's
+pipelined input is used up (one write per batch, as PostgreSQL does) and the loop waits on ``drain`` before
+reading more, so a client that stops reading stops being read: the server buffers at most one batch plus the
+transport's high-water mark for it.
 """
 
 from __future__ import annotations
@@ -22,11 +24,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+from dpgateway.budget_store.base import Remaining, Spend
 from dpgateway.budget_store.users import UserStore
-from dpgateway.errors import ConfigError
+from dpgateway.errors import ConfigError, DPGatewayError
 from dpgateway.gateway import Gateway
 from dpgateway.server import protocol as p
 from dpgateway.server import scram
+from dpgateway.server.memory import Memory, Replay, ReplayAudits
 from dpgateway.server.session import Session
 from dpgateway.server.shadow import ShadowCluster
 
@@ -38,6 +42,7 @@ DEFAULT_PORT = 6432
 DEFAULT_DATABASE = "dpgateway"
 READ_SIZE = 65536
 WRITE_HIGH_WATER = 256 * 1024
+FAIR_SHARE = 64  # messages one connection answers on the loop before the others get a turn
 
 
 @dataclass(frozen=True)
@@ -73,6 +78,8 @@ class Server:
         self.settings = settings or ServerSettings()
         self._secret = gateway.store.secret_seed()
         self._pool = ThreadPoolExecutor(max_workers=self.settings.workers, thread_name_prefix="dpgateway-query")
+        self.memory = Memory()
+        self._audits: ReplayAudits | None = None  # started on the loop, at the first replay from memory
         self._sessions: dict[int, tuple[bytes, Session]] = {}
         self._server: asyncio.Server | None = None
         self._tasks: set[asyncio.Task[None]] = set()
@@ -102,9 +109,18 @@ class Server:
         if self._server is not None:
             await self._server.wait_closed()
         self._pool.shutdown(wait=False, cancel_futures=True)
+        if self._audits is not None:
+            await asyncio.get_running_loop().run_in_executor(None, self._audits.close)
 
     async def _blocking(self, func: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._pool, func, *args)
+
+    async def _audit_replay(self, spend: Spend) -> Remaining:
+        """Commit a replay's audit record (and read the budget left) in the ledger thread, batched with the
+        records queued meanwhile (memory.ReplayAudits)."""
+        if self._audits is None:
+            self._audits = ReplayAudits(self.gateway.store, asyncio.get_running_loop())
+        return await self._audits.write(spend)
 
     # ---- one connection ---------------------------------------------------------------------------------
 
@@ -223,7 +239,12 @@ class Server:
             )
         writer.write(p.auth_sasl_final(final))
         return Session(
-            self.gateway, record.name, is_admin=record.is_admin, client=startup.parameters, shadow=self.shadow
+            self.gateway,
+            record.name,
+            is_admin=record.is_admin,
+            client=startup.parameters,
+            shadow=self.shadow,
+            memory=self.memory,
         )
 
     async def _password_message(
@@ -243,25 +264,43 @@ class Server:
         self, session: Session, codec: p.FrontendReader, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
     ) -> None:
         pending: list[bytes] = []
+        size = 0  # bytes in pending
+        inline = 0  # messages answered on the loop since this connection last let the others run
         while True:
             message = codec.next_message()
             if message is None:
                 if pending:
                     writer.write(b"".join(pending))
                     pending.clear()
+                    size = 0
                 await writer.drain()
                 await self._read(codec, reader)
                 continue
             if message.type == b"X":
                 raise Closed
-            if message.type in (b"Q", b"D", b"E") or (self.shadow is not None and message.type in b"PBCS"):
-                pending.extend(await self._blocking(session.handle, message))
+            now = session.now(message)
+            if isinstance(now, Replay):
+                try:
+                    answer = session.replayed(now, await self._audit_replay(now.spend))
+                except DPGatewayError as exc:
+                    answer = session.failed(exc)
+                inline = 0
+            elif now is not None:
+                answer, inline = now, inline + 1
+            elif session.may_block(message):
+                answer, inline = await self._blocking(session.handle, message), 0
             else:
-                pending.extend(session.handle(message))
-            if sum(map(len, pending)) > WRITE_HIGH_WATER:
+                answer, inline = session.handle(message), inline + 1
+            pending.extend(answer)
+            size += sum(map(len, answer))
+            if size > WRITE_HIGH_WATER:
                 writer.write(b"".join(pending))
                 pending.clear()
+                size = 0
                 await writer.drain()
+            if inline >= FAIR_SHARE:  # a client pipelining cheap statements must not hold the loop
+                inline = 0
+                await asyncio.sleep(0)
 
 
 class FatalError(p.ProtocolViolation):

@@ -1,7 +1,8 @@
 """One authenticated session: the simple and extended query protocols over a :class:`~dpgateway.Gateway`.
 
 Sans-I/O like the codec: :meth:`Session.handle` takes one frontend message and returns the backend messages
-to send. It may block (a DP query), so the server calls it from a worker thread; one session handles one
+to send. It may block (a DP query), so the server calls it from a worker thread when :meth:`Session.may_block`
+says so; :meth:`Session.now` answers from memory on the event loop (memory.py). One session handles one
 message at a time.
 
 DP over the wire: the analyst is the authenticated user, never a name the client types; ``SET dp.epsilon`` and
@@ -21,12 +22,15 @@ from typing import Any, ClassVar
 from sqlglot import exp
 
 from dpgateway import __version__
+from dpgateway.budget_store.base import Remaining
 from dpgateway.errors import DPGatewayError, UnsupportedError
 from dpgateway.gateway import Gateway
 from dpgateway.server import admin
 from dpgateway.server import pgtypes as t
 from dpgateway.server import protocol as p
 from dpgateway.server import statements as st
+from dpgateway.server.literals import MAX_LENGTH, literal_select
+from dpgateway.server.memory import MAX_REPLAY_BYTES, Memory, Replay
 from dpgateway.server.protocol import Field
 from dpgateway.server.shadow import ShadowCluster, ShadowConnection, ShadowError
 from dpgateway.server.state import (
@@ -73,8 +77,11 @@ class Session:
         is_admin: bool = False,
         client: dict[str, str] | None = None,
         shadow: ShadowCluster | None = None,
+        memory: Memory | None = None,
     ):
+        """``memory``: the server's answers from memory (memory.py); None: every message goes to :meth:`handle`."""
         self.gateway = gateway
+        self.memory = memory
         self.database = (client or {}).get("database", user)
         self.shadow = shadow
         self._conn: ShadowConnection | None = None
@@ -115,6 +122,71 @@ class Session:
             with self._lock:
                 self._thread = None
                 self.cancel.clear()
+
+    # ---- answers from memory (on the event loop) -----------------------------------------------------------
+
+    def now(self, message: p.Message) -> list[bytes] | Replay | None:
+        """The answer to ``message`` if it needs no worker thread (memory.py): the messages of a literal-only
+        statement, or a :class:`Replay` whose audit record the caller writes before :meth:`replayed`; else
+        ``None`` (then call :meth:`handle`). Never blocks and never raises."""
+        if message.type != b"Q" or self.memory is None or self.state.status == "E":
+            return None
+        body = message.body
+        known = self.memory.literals.get(body)
+        if known is not None:
+            return [known, p.ready_for_query(self.state.status)]
+        replay = self.memory.replays.get((self.user, body, self.state.epsilon, self.state.delta))
+        if replay is not None:
+            return replay
+        if len(body) > MAX_LENGTH or body.find(b"\x00") != len(body) - 1:
+            return None
+        try:
+            literal = literal_select(body[:-1].decode())
+        except UnicodeDecodeError:
+            return None
+        if literal is None:
+            return None
+        answer = b"".join(
+            [
+                p.row_description(literal.fields),
+                *_data_rows(literal.fields, [literal.row], (0,) * len(literal.fields)),
+                p.command_complete("SELECT 1"),
+            ]
+        )
+        self.memory.literals.put(body, answer)
+        return [answer, p.ready_for_query(self.state.status)]
+
+    def may_block(self, message: p.Message) -> bool:
+        """Whether :meth:`handle` may block on ``message`` (run it in a worker thread then): a query, a Describe
+        (it plans) or an Execute, and whatever goes to the shadow catalog (Parse and Bind when there is one; Close
+        of a statement it parsed; Sync after messages sent to it). The rest is answered from the session's state."""
+        kind = message.type
+        if kind in b"QDE":
+            return True
+        if self.shadow is None:
+            return False
+        if kind in b"PB":
+            return True
+        if kind == b"S":
+            return self._conn is not None and self._conn.dirty
+        if kind == b"C":
+            try:
+                close = p.parse_close(message.body)
+            except p.ProtocolViolation:
+                return False  # handle raises it at once
+            named = self.statements.get(close.name) if close.kind == "S" else self.portals.get(close.name)
+            return named is not None and (named.shadow if isinstance(named, Prepared) else named.prepared.shadow)
+        return False
+
+    def replayed(self, replay: Replay, left: Remaining) -> list[bytes]:
+        """The messages of a replay from memory, once its audit record is committed with the budget ``left``."""
+        notice = _spend_notice(0.0, 0.0, left.as_dict(), True, replay.accuracy)
+        return [notice, replay.answer, p.ready_for_query(self.state.status)]
+
+    def failed(self, exc: DPGatewayError) -> list[bytes]:
+        """The messages of a simple query whose audit record could not be written (as :meth:`handle` answers)."""
+        self.state.fail()
+        return [_error(exc), p.ready_for_query(self.state.status)]
 
     def interrupt(self) -> None:
         """A CancelRequest: stop the statement running now, if any (a backend query through the connector's
@@ -167,10 +239,17 @@ class Session:
                 if outcome.empty:
                     out.append(p.EMPTY_QUERY)
                     continue
+                first = len(out)
                 if outcome.fields is not None:
                     out.append(p.row_description(outcome.fields))
                     out.extend(_data_rows(outcome.fields, outcome.rows, (0,) * len(outcome.fields)))
                 out.append(p.command_complete(outcome.tag))
+                if outcome.replay is not None and len(statements) == 1 and self.memory is not None:
+                    spend, accuracy = outcome.replay
+                    answer = b"".join(out[first:])
+                    if len(answer) <= MAX_REPLAY_BYTES:
+                        key = (self.user, sql.encode() + b"\x00", self.state.epsilon, self.state.delta)
+                        self.memory.replays.put(key, Replay(spend, answer, accuracy))
         except DPGatewayError as exc:
             self.state.fail()
             out.append(_error(exc))
@@ -290,6 +369,9 @@ class Session:
         if self.cancel.is_set():
             raise SessionError("57014", CANCELED)
         word = statement.keyword
+        literal = literal_select(sql) if word == "SELECT" else None
+        if literal is not None:
+            return Outcome("SELECT 1", literal.fields, [literal.row])
         builtin = self._builtin(sql) if word == "SELECT" else None
         if builtin is not None:
             rows = builtin[1]()
@@ -316,13 +398,19 @@ class Session:
         if len(fields) != len(result.columns):  # a shape the static typing did not foresee: type by value
             fields = [_field_of(name, [row[i] for row in result.rows]) for i, name in enumerate(result.columns)]
         notices = []
+        replay = None
         if plan is not None and not plan.passthrough:
             notices.append(
                 _spend_notice(
                     result.epsilon, result.delta, result.remaining, result.replayed, result.accuracy
                 )  # a replay: the first release's
             )
-        return Outcome(f"SELECT {len(result.rows)}", fields, result.rows, notices)
+            if result.replayed and self.memory is not None:  # read from the ledger: answered the same from now on
+                spend = self.gateway.replay_spend(
+                    sql, plan, analyst=self.user, epsilon=self.state.epsilon, delta=self.state.delta
+                )
+                replay = (spend, dict(result.accuracy))
+        return Outcome(f"SELECT {len(result.rows)}", fields, result.rows, notices, replay=replay)
 
     def _explain(self, sql: str) -> Outcome:
         e = self.gateway.explain(sql, analyst=self.user, epsilon=self.state.epsilon, delta=self.state.delta)
@@ -343,6 +431,9 @@ class Session:
         if word == "SHOW":
             name = st.parse_show(prepared.sql)
             return admin.AUDIT_FIELDS if name == "dp.audit" else [show_field(name)]
+        literal = literal_select(prepared.sql) if word == "SELECT" else None
+        if literal is not None:
+            return literal.fields
         builtin = self._builtin(prepared.sql) if word == "SELECT" else None
         if builtin is not None:
             return builtin[0]
@@ -390,6 +481,7 @@ class Session:
         return (
             statement.keyword in SHADOW_WORDS
             and not st.names_policy_table(statement.text, self.gateway.config)
+            and literal_select(statement.text) is None
             and self._builtin(statement.text) is None
         )
 

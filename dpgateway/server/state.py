@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from dpgateway import __version__
+from dpgateway.budget_store.base import Spend
 from dpgateway.errors import DPGatewayError, InvalidParameterError
 from dpgateway.server import pgtypes as t
 from dpgateway.server import protocol as p
@@ -69,6 +70,7 @@ class Outcome:
     notices: list[bytes] = field(default_factory=list)
     empty: bool = False
     relayed: list[bytes] | None = None  # the shadow catalog's messages, sent as they are
+    replay: tuple[Spend, dict[str, str]] | None = None  # a replayed DP answer: its audit spend and accuracy
 
 
 class SessionState:

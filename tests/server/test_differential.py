@@ -38,6 +38,7 @@ class Case:
 CASES = [
     Case("SELECT 1", rows=True),
     Case("SELECT 1 AS a, 'x' AS b, 2.5 AS c, true AS d", rows=True),
+    Case("SELECT -1 AS neg, 2147483648 AS big, false AS f, 'y' AS s, 0", rows=True),  # literals: the session's
     Case("SELECT COUNT(*) AS n FROM pums WHERE age > 30"),
     Case("SELECT COUNT(*) FROM pums"),
     Case("SELECT sex, COUNT(*) AS n, AVG(income) AS avg_income FROM pums GROUP BY sex ORDER BY sex"),
