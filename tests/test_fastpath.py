@@ -132,7 +132,7 @@ def _weighted_reference(frame: pd.DataFrame, policy: dict, sql_where: str, plan:
 @pytest.mark.parametrize(
     ("sql", "where"),
     [
-        ("SELECT SUM(income), COUNT(*), COUNT(income) FROM t", ""),
+        ("SELECT sex, SUM(income), COUNT(*), COUNT(income) FROM t GROUP BY sex", ""),
         ("SELECT sex, SUM(income), AVG(age) FROM t WHERE age > 40 GROUP BY sex", "age > 40"),
         ("SELECT sex, VAR_POP(income) FROM t GROUP BY sex", ""),
         ("SELECT sex, SUM(income), COUNT(income) FROM t WHERE income < 100 GROUP BY sex", "income < 100"),
@@ -208,7 +208,10 @@ def test_one_person_with_many_rows_moves_each_aggregate_by_at_most_its_sensitivi
             plan = gw.explain(sql, epsilon=1.0, delta=1e-6).plan
             assert plan is not None
             scalar_count = sql.startswith("SELECT COUNT(*) FROM t")
-            expected = "rows" if "region" in sql else "unit_count" if scalar_count else "weighted"
+            scalar = not plan.group_keys
+            expected = (
+                "rows" if "region" in sql else "unit_count" if scalar_count else "unit_weighted" if scalar else "weighted"
+            )
             assert plan.rewrite == expected
             assert (plan.prepared is not None) == (prepared and plan.where is None)
             exact = gw.connector.execute(plan.bounded_sql)
@@ -360,7 +363,9 @@ def test_bound_first_moves_each_aggregate_by_at_most_its_sensitivity(tmp_path: P
 def _unit_weighted_reference(frame: pd.DataFrame, policy: dict, sql_where: str, plan: DPPlan) -> list[int]:
     """``sum_u trunc(T_u * k / max(n_u, k))``, ``T_u`` the unit's exact integer total, in Python integers."""
     k = policy["tables"]["t"]["max_rows_per_unit"]
-    rows = frame[frame["pid"].notna()].query(sql_where)
+    rows = frame[frame["pid"].notna()]
+    if sql_where:
+        rows = rows.query(sql_where)
     columns = policy["tables"]["t"]["columns"]
     out = [0] * len(plan.measurements)
     for _, unit in rows.groupby("pid"):
@@ -382,20 +387,28 @@ def _unit_weighted_reference(frame: pd.DataFrame, policy: dict, sql_where: str, 
     return out
 
 
+class _DoubleTotals(DuckDBHooks):
+    UNIT_TOTALS_AS_DOUBLE = True  # PostgreSQL's and Spark's unit totals, on DuckDB
+
+
+@pytest.mark.parametrize("hooks", [DuckDBHooks, _DoubleTotals])
 @pytest.mark.parametrize("seed", range(4))
 @pytest.mark.parametrize(
     ("sql", "where"),
     [
+        ("SELECT SUM(income), COUNT(*), COUNT(income) FROM t", ""),
+        ("SELECT AVG(income), VAR_POP(age), STDDEV(income) FROM t", ""),
         ("SELECT SUM(income), COUNT(*), COUNT(income) FROM t WHERE age > 40", "age > 40"),
         ("SELECT AVG(income), VAR_POP(age) FROM t WHERE income < 100 OR sex = 1", "income < 100 or sex == 1"),
         ("SELECT STDDEV(income) FROM t WHERE region <> 2", "region != 2"),
     ],
 )
 def test_unit_weighted_rewrite_matches_an_independent_reference(
-    tmp_path: Path, seed: int, sql: str, where: str
+    tmp_path: Path, seed: int, sql: str, where: str, hooks: type[DuckDBHooks]
 ) -> None:
-    """Filtered scalar queries under filter_first pre-aggregate per unit; the exact aggregates equal a Python
-    per-unit reference (NULL values, negative values before and after centring)."""
+    """Scalar queries (unfiltered, or filtered under filter_first) pre-aggregate per unit; the exact aggregates
+    equal a Python per-unit reference (NULL values, negative values before and after centring), with the unit
+    totals summed as integers (DuckDB) or as DOUBLE (the other backends)."""
     frame = _people(seed)
     frame.loc[np.random.default_rng(seed).random(len(frame)) < 0.1, "income"] = None
     source = tmp_path / "t.csv"
@@ -403,8 +416,9 @@ def test_unit_weighted_rewrite_matches_an_independent_reference(
     policy = _policy(source)
     policy["tables"]["t"]["columns"]["income"]["bounds"] = [-500, 1000]
     config = parse_config(policy, base_dir=tmp_path)
-    plan = build_plan(sql, epsilon=1.0, delta=0.0, ctx=PlanContext(config=config, hooks=DuckDBHooks(), seed=b"s"))
+    plan = build_plan(sql, epsilon=1.0, delta=0.0, ctx=PlanContext(config=config, hooks=hooks(), seed=b"s"))
     assert plan.rewrite == "unit_weighted" and "OVER" not in plan.bounded_sql and "GROUP BY" in plan.bounded_sql
+    assert ("SUM(CAST(CASE" in plan.bounded_sql) == hooks.UNIT_TOTALS_AS_DOUBLE
     (row,) = _exact(plan)
     assert [int(v or 0) for v in row] == _unit_weighted_reference(pd.read_csv(source), policy, where, plan)
 
@@ -415,6 +429,8 @@ def test_unit_weighted_rewrite_matches_an_independent_reference(
         "SELECT SUM(income) FROM t WHERE age > 0",
         "SELECT COUNT(income), AVG(income), VAR_POP(age) FROM t WHERE sex = 1 OR age < 50",
         "SELECT STDDEV(income), COUNT(*) FROM t WHERE income > -100000",
+        "SELECT SUM(income), COUNT(income), VAR_POP(age) FROM t",  # unfiltered: the same per-unit form
+        "SELECT AVG(income), COUNT(*), STDDEV(age) FROM t",
     ],
 )
 @pytest.mark.parametrize("rows", [1000, 20_000])
@@ -473,7 +489,7 @@ def test_unit_contribution_truncates_toward_zero_and_is_clamped(
     total no row values could give is clamped to ``k V`` instead of failing the cast to BIGINT."""
     from sqlglot import exp
 
-    from dpgateway.passes.bounding import _unit_contribution
+    from dpgateway.passes.unit_forms import unit_contribution as _unit_contribution
 
     expr = _unit_contribution(exp.column("t", quoted=True), "n", 3, 5)
     sql = exp.select(expr).from_(
