@@ -25,7 +25,7 @@ from helpers import trusted_sql
 
 from dpgateway import Gateway
 from dpgateway.connectors.duckdb import DuckDBConnector, DuckDBHooks
-from dpgateway.errors import BackendError, InternalError
+from dpgateway.errors import BackendError, DPGatewayError, InternalError
 from dpgateway.passes.bounding import _row_bounded
 from dpgateway.passes.context import PlanContext
 from dpgateway.passes.verify import verify_backend_sql
@@ -210,7 +210,13 @@ def test_one_person_with_many_rows_moves_each_aggregate_by_at_most_its_sensitivi
             scalar_count = sql.startswith("SELECT COUNT(*) FROM t")
             scalar = not plan.group_keys
             expected = (
-                "rows" if "region" in sql else "unit_count" if scalar_count else "unit_weighted" if scalar else "weighted"
+                "rows"
+                if "region" in sql
+                else "unit_count"
+                if scalar_count
+                else "unit_weighted"
+                if scalar
+                else "weighted"
             )
             assert plan.rewrite == expected
             assert (plan.prepared is not None) == (prepared and plan.where is None)
@@ -534,6 +540,35 @@ def test_try_only_around_expressions_that_can_fail(tmp_path: Path, where: str, w
     frame.to_csv(source, index=False)
     ctx = _ctx(source)
     plan = build_plan(f"SELECT COUNT(*), SUM(income) FROM t WHERE {where}", epsilon=1.0, delta=0.0, ctx=ctx)
+    assert ("TRY(" in plan.bounded_sql) == wrapped
+    _exact(plan)  # runs: no data-dependent error
+
+
+@pytest.mark.parametrize(
+    ("key", "wrapped"),
+    [
+        ("CASE WHEN age < 30 THEN 'young' WHEN age < 60 THEN 'middle' ELSE 'old' END", False),
+        ("CASE WHEN income > 1.5 OR sex = 1 THEN 1 WHEN age IS NULL THEN NULL END", False),
+        ("CASE WHEN age < 30 THEN 'young' ELSE 1 END", True),  # results of two kinds: a cast
+        ("CASE WHEN age * 4 > 5 THEN 'a' ELSE 'b' END", True),  # a condition that can overflow
+        ("CASE WHEN age > 1 THEN age + 1 ELSE 0 END", True),  # a result that is computed
+        ("CASE age WHEN 30 THEN 'a' ELSE 'b' END", True),  # simple CASE: not accepted
+    ],
+)
+def test_try_only_around_group_keys_that_can_fail(tmp_path: Path, key: str, wrapped: bool) -> None:
+    """A CASE group key (an age band) runs bare when its conditions cannot fail and its results are literals of
+    one kind; the extreme BIGINT rows never make it fail."""
+    frame = pd.DataFrame(
+        {"pid": [1, 2, 3], "age": [2**63 - 1, -(2**63) + 1, 30], "income": [1e300, -1e300, 5.0], "sex": [0, 1, 1]}
+    )
+    frame["region"] = 0
+    source = tmp_path / "t.csv"
+    frame.to_csv(source, index=False)
+    try:
+        plan = build_plan(f"SELECT {key} AS b, COUNT(*) FROM t GROUP BY 1", epsilon=1.0, delta=1e-6, ctx=_ctx(source))
+    except DPGatewayError:  # refused while planning (two result kinds): decided from the SQL alone, no data read
+        assert wrapped
+        return
     assert ("TRY(" in plan.bounded_sql) == wrapped
     _exact(plan)  # runs: no data-dependent error
 

@@ -48,6 +48,7 @@ from __future__ import annotations
 import math
 
 from sqlglot import exp
+from sqlglot.helper import find_new_name
 
 from dpgateway.passes.context import PlanContext
 from dpgateway.passes.sql_parts import (
@@ -96,19 +97,35 @@ def unit_count(plan: DPPlan, table: Table, ctx: PlanContext) -> DPPlan:
 
 
 def unit_weighted(plan: DPPlan, table: Table, ctx: PlanContext) -> DPPlan:
-    """Scalar measurements by per-unit pre-aggregation, each unit's total weighted once (proof note above)."""
+    """Scalar measurements by per-unit pre-aggregation, each unit's total weighted once (proof note above).
+
+    ``per_unit`` holds each unit's ``n_u`` and totals, ``weights`` each total clamped and cast to BIGINT
+    next to ``d = max(n_u, k)`` (named once, so the engine computes each once per unit, not once per use in
+    the final expression; :func:`unit_contribution` is the same arithmetic inline)."""
     assert table.privacy_unit is not None and not plan.group_keys
     typed = source_rows(plan, needed_columns(plan, table), table, ctx)
     n, _ = unit_columns(table)
+    taken = {c.name for c in table.columns} | {n} | {m.name for m in plan.measurements}
+    d = find_new_name(taken, "__d")
     k = table.max_rows_per_unit
     as_double = ctx.hooks.UNIT_TOTALS_AS_DOUBLE
     per_unit = exp.select(exp.alias_(exp.Count(this=exp.Star()), n, quoted=True), copy=False)
+    greatest = exp.Greatest(this=exp.column(n, quoted=True), expressions=[number(k)], ignore_nulls=True)
+    weights = exp.select(exp.column(n, quoted=True), exp.alias_(greatest, d, quoted=True), copy=False)
     contributions: list[exp.Expr] = []
     for m in plan.measurements:
         total = unit_total(m, None, as_double)
-        if total is not None:
-            per_unit = per_unit.select(exp.alias_(total, m.name, quoted=True), copy=False)
-        contributions.append(_contribution(m, m.name, n, k))
+        if total is None:  # COUNT(*): trunc(n_u * S * k / max(n_u, k)) = min(n_u, k) * S
+            contributions.append(_contribution(m, m.name, n, k))
+            continue
+        per_unit = per_unit.select(exp.alias_(total, m.name, quoted=True), copy=False)
+        t = find_new_name(taken | {d}, f"{m.name}_t")
+        taken.add(t)
+        weights = weights.select(
+            exp.column(m.name, quoted=True), exp.alias_(_as_bigint(exp.column(m.name, quoted=True)), t, quoted=True)
+        )
+        weighted = _weighted_total(exp.column(t, quoted=True), exp.column(d, quoted=True), k, _bound(m))
+        contributions.append(_present(exp.column(m.name, quoted=True), weighted))
     where = plan.where.copy() if plan.where is not None else None
     per_unit = (
         per_unit.from_("typed", copy=False)
@@ -121,9 +138,15 @@ def unit_weighted(plan: DPPlan, table: Table, ctx: PlanContext) -> DPPlan:
             for m, c in zip(plan.measurements, contributions, strict=True)
         ),
         copy=False,
-    ).from_("per_unit", copy=False)
+    ).from_("weights", copy=False)
     bounded = bounded.with_("typed", as_=typed, copy=False).with_("per_unit", as_=per_unit, copy=False)
+    bounded = bounded.with_("weights", as_=weights.from_("per_unit", copy=False), copy=False)
     return rendered(plan, bounded, table.name, ctx)
+
+
+def _bound(m: Measurement) -> int:
+    """``V = ceil(bound * scale)``: the largest ``|v|`` of one row of ``m``."""
+    return math.ceil(m.bound * m.scale)
 
 
 def unit_total(m: Measurement, unit: exp.Expr | None, as_double: bool) -> exp.Expr | None:
@@ -148,7 +171,7 @@ def _contribution(m: Measurement, total: str, n: str, k: int) -> exp.Expr:
     if m.kind == "count" and m.arg is None:  # trunc(n_u * S * k / max(n_u, k)) = min(n_u, k) * S
         least = exp.Least(this=exp.column(n, quoted=True), expressions=[number(k)], ignore_nulls=True)
         return exp.Mul(this=least, expression=number(int(m.scale)))
-    return unit_contribution(exp.column(total, quoted=True), n, k, math.ceil(m.bound * m.scale))
+    return unit_contribution(exp.column(total, quoted=True), n, k, _bound(m))
 
 
 def stored_unit_columns(table: Table, as_double: bool) -> tuple[list[exp.Expr], list[exp.Expr]]:
@@ -209,24 +232,35 @@ def unit_contribution(total: exp.Expr, n: str, k: int, v: int) -> exp.Expr:
     rows (``9 * 10^14`` at the largest ``k``, 10^4), far beyond any table a backend could scan.
     """
     d = exp.Greatest(this=exp.column(n, quoted=True), expressions=[number(k)], ignore_nulls=True)
+    return _present(total, _weighted_total(_as_bigint(total), d, k, v))
+
+
+def _as_bigint(total: exp.Expr) -> exp.Expr:
+    """``T`` clamped to ``+-2^53`` and cast to BIGINT (exact for every integer-valued total below 2^53)."""
     limit = 2**53
-    clamped_total = exp.Least(
+    clamped = exp.Least(
         this=exp.Greatest(this=total.copy(), expressions=[number(-limit)], ignore_nulls=True),
         expressions=[number(limit)],
         ignore_nulls=True,
     )
-    t = exp.cast(clamped_total, "BIGINT")
-    quotient = exp.Paren(this=exp.IntDiv(this=t, expression=d))
+    return exp.cast(clamped, "BIGINT")
+
+
+def _present(total: exp.Expr, value: exp.Expr) -> exp.Expr:
+    # GREATEST and LEAST skip NULLs: a unit whose values are all NULL must add nothing, not the lower clamp
+    return exp.Case(ifs=[exp.If(this=exp.Not(this=exp.Is(this=total.copy(), expression=exp.Null())), true=value)])
+
+
+def _weighted_total(t: exp.Expr, d: exp.Expr, k: int, v: int) -> exp.Expr:
+    """``clamp((t // d) k + ((t - (t // d) d) k) // d, -k v, k v)`` for BIGINT ``t`` and ``d = max(n, k)``."""
+    quotient = exp.Paren(this=exp.IntDiv(this=t.copy(), expression=d.copy()))
     remainder = exp.Paren(this=exp.Sub(this=t.copy(), expression=exp.Mul(this=quotient.copy(), expression=d.copy())))
     weighted = exp.Add(
         this=exp.Mul(this=quotient.copy(), expression=number(k)),
         expression=exp.IntDiv(this=exp.Mul(this=remainder, expression=number(k)), expression=d.copy()),
     )
-    clamped = exp.Least(
+    return exp.Least(
         this=exp.Greatest(this=weighted, expressions=[number(-k * v)], ignore_nulls=True),
         expressions=[number(k * v)],
         ignore_nulls=True,
     )
-    # GREATEST and LEAST skip NULLs: a unit whose values are all NULL must add nothing, not the lower clamp
-    present = exp.Not(this=exp.Is(this=total.copy(), expression=exp.Null()))
-    return exp.Case(ifs=[exp.If(this=present, true=clamped)])
