@@ -206,9 +206,10 @@ def unit_weighted_over_copy(plan: DPPlan, table: Table, ctx: PlanContext) -> DPP
     """An unfiltered ``unit_weighted`` query over a prepared copy: the sum of each measurement's stored ``t_u``
     (proof note above; passes/prepared.py offers the copy only when every measurement has its column)."""
     assert plan.prepared is not None and plan.where is None and not plan.group_keys
-    columns = {m.name: stored_unit_column(m, table) for m in plan.measurements}
-    names = sorted({c for c in columns.values() if c is not None})
-    assert None not in columns.values()
+    found = {m.name: stored_unit_column(m, table) for m in plan.measurements}
+    columns = {name: column for name, column in found.items() if column is not None}
+    assert len(columns) == len(found)
+    names = sorted(set(columns.values()))
     typed = exp.select(*(exp.column(name, quoted=True) for name in names), copy=False)
     typed = typed.from_(ctx.hooks.file_source(plan.prepared), copy=False)
     bounded = exp.select(
