@@ -2,8 +2,8 @@
 
 Per query shape (unfiltered and filtered, bench/run.py's workloads), each repetition times the raw aggregate,
 the per-person floor, the DP query as planned now and the DP query as planned before (unfiltered scalar
-queries weighted per row, with ``n_u`` joined back, instead of pre-aggregated per person; per-person totals
-summed as DOUBLE instead of DuckDB's integer SUM; ``TRY`` around every ``CASE`` group key), alternating, so the
+queries weighted per row, with ``n_u`` joined back, instead of pre-aggregated per person; ``TRY`` around
+every ``CASE`` group key), alternating, so the
 machine's load moves all four alike. Printed only: RESULTS.md and results.json keep the full run's figures.
 """
 
@@ -24,7 +24,6 @@ from run import FILTERED, FLOOR_SQL, SHAPES, generate, timed, write_config
 from sqlglot import exp
 
 from dpgateway import Gateway, planner
-from dpgateway.connectors.duckdb import DuckDBHooks
 from dpgateway.passes import total
 from dpgateway.passes.context import PlanContext
 from dpgateway.passes.rewrite import choose_rewrite
@@ -41,16 +40,15 @@ def _rewrite_before(plan: DPPlan, *, ctx: PlanContext) -> DPPlan:
 def previous_cold_path(gw: Gateway, cache: PlanCache) -> Iterator[None]:
     """Plan as before session 7 (for ``--only cold``'s before/after in the same run), with ``cache`` as the plan
     cache (its key does not cover these patches)."""
-    saved = DuckDBHooks.UNIT_TOTALS_AS_DOUBLE, planner.PASSES, total.cannot_fail, gw._plans
+    saved = planner.PASSES, total.cannot_fail, gw._plans
     cannot_fail = total.cannot_fail
-    DuckDBHooks.UNIT_TOTALS_AS_DOUBLE = True
     planner.PASSES = tuple(_rewrite_before if p is choose_rewrite else p for p in planner.PASSES)
     total.cannot_fail = lambda e, t: not isinstance(e, exp.Case) and cannot_fail(e, t)  # type: ignore[assignment]
     gw._plans = cache
     try:
         yield
     finally:
-        DuckDBHooks.UNIT_TOTALS_AS_DOUBLE, planner.PASSES, total.cannot_fail, gw._plans = saved
+        planner.PASSES, total.cannot_fail, gw._plans = saved
 
 
 def cold_run(rows: int, reps: int) -> dict[str, Any]:

@@ -393,11 +393,11 @@ def _unit_weighted_reference(frame: pd.DataFrame, policy: dict, sql_where: str, 
     return out
 
 
-class _DoubleTotals(DuckDBHooks):
-    UNIT_TOTALS_AS_DOUBLE = True  # PostgreSQL's and Spark's unit totals, on DuckDB
+class _IntegerTotals(DuckDBHooks):
+    UNIT_TOTALS_AS_DOUBLE = False  # unit totals as the engine's own integer SUM (DuckDB: 128-bit)
 
 
-@pytest.mark.parametrize("hooks", [DuckDBHooks, _DoubleTotals])
+@pytest.mark.parametrize("hooks", [DuckDBHooks, _IntegerTotals])
 @pytest.mark.parametrize("seed", range(4))
 @pytest.mark.parametrize(
     ("sql", "where"),
@@ -414,7 +414,7 @@ def test_unit_weighted_rewrite_matches_an_independent_reference(
 ) -> None:
     """Scalar queries (unfiltered, or filtered under filter_first) pre-aggregate per unit; the exact aggregates
     equal a Python per-unit reference (NULL values, negative values before and after centring), with the unit
-    totals summed as integers (DuckDB) or as DOUBLE (the other backends)."""
+    totals summed as DOUBLE (every backend) or as the engine's integer SUM."""
     frame = _people(seed)
     frame.loc[np.random.default_rng(seed).random(len(frame)) < 0.1, "income"] = None
     source = tmp_path / "t.csv"

@@ -44,7 +44,6 @@ class DuckDBHooks(SQLHooks):
 
     DIALECT = "duckdb"
     UNIT_COUNT_BY_JOIN = True  # hash aggregate + hash join: about half the window's time (bench/README.md)
-    UNIT_TOTALS_AS_DOUBLE = False  # SUM(BIGINT) is exact (HUGEINT) and cheaper than a DOUBLE sum (bench/README.md)
     # No per-query settings: disabling DuckDB's top_n_window_elimination for k > 1 (DESIGN performance
     # rules) made no measurable difference on DuckDB 2.0 (bench/RESULTS.md), so the default plan is kept.
 

@@ -13,10 +13,9 @@ Proof note (unit_weighted): one ``GROUP BY unit`` over the matching rows (NULL u
 unit's ``n_u`` (its matching *rows*: ``COUNT(*)``, whatever the measurement) and, per measurement, its total
 ``T_u = sum_r v(r)`` of the per-row fixed-point values ``v`` of the weighted rewrite (passes/sql_parts.py:
 clamped, centred, rounded, ``|v| <= V = ceil(bound * scale)``; NULL rows add nothing); for ``COUNT(x)``,
-``T_u = S * COUNT(x)``, the non-NULL rows times the count scale (``V = S``, bound 1). ``T_u`` is summed as the
-engine's exact integer SUM where the hooks say so (``SQLHooks.UNIT_TOTALS_AS_DOUBLE``: DuckDB's 128-bit
-accumulator), else as DOUBLE (exact while partial sums stay below 2^53: up to about 9 * 10^9 rows of one
-unit). The unit adds ``t_u = clamp(trunc(T_u * k / max(n_u, k)), -k * V, k * V)``, the truncation toward zero
+``T_u = S * COUNT(x)``, the non-NULL rows times the count scale (``V = S``, bound 1). ``T_u`` is summed as
+DOUBLE (exact while partial sums stay below 2^53: up to about 9 * 10^9 rows of one unit), or as the engine's
+exact integer SUM where the hooks say so (``SQLHooks.UNIT_TOTALS_AS_DOUBLE``; no backend does today). The unit adds ``t_u = clamp(trunc(T_u * k / max(n_u, k)), -k * V, k * V)``, the truncation toward zero
 computed exactly in BIGINT (:func:`unit_contribution`), or NULL when ``T_u`` is (no non-NULL value);
 ``COUNT(*)`` adds ``min(n_u, k) * S``, its exact ``trunc``. The weight's ``n_u`` counts rows, as the per-row
 weighted rewrite's does, not non-NULL values: ``|T_u| <= (non-NULL rows) * V <= n_u * V``, so
