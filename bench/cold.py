@@ -1,10 +1,10 @@
-"""``python bench/run.py --only cold``: the cold path alone, as planned now and as planned before session 6.
+"""``python bench/run.py --only cold``: the cold path alone, as planned now and as planned before session 7.
 
 Per query shape (unfiltered and filtered, bench/run.py's workloads), each repetition times the raw aggregate,
-the per-person floor, the DP query as planned now and the DP query as planned before (the weighted rewrite's
-unit row count ``n_u`` by a ``COUNT(*) OVER (PARTITION BY unit)`` window instead of a GROUP BY joined back),
-alternating, so the machine's load moves all four alike. The exact aggregates are the same either way
-(tests/test_weighted_forms.py). Printed only: RESULTS.md and results.json keep the full run's figures.
+the per-person floor, the DP query as planned now and the DP query as planned before (unfiltered scalar
+queries weighted per row, with ``n_u`` joined back, instead of pre-aggregated per person; ``TRY`` around
+every ``CASE`` group key), alternating, so the
+machine's load moves all four alike. Printed only: RESULTS.md and results.json keep the full run's figures.
 """
 
 from __future__ import annotations
@@ -21,22 +21,34 @@ import duckdb
 from rich.console import Console
 from rich.table import Table as RichTable
 from run import FILTERED, FLOOR_SQL, SHAPES, generate, timed, write_config
+from sqlglot import exp
 
-from dpgateway import Gateway
-from dpgateway.connectors.duckdb import DuckDBHooks
+from dpgateway import Gateway, planner
+from dpgateway.passes import total
+from dpgateway.passes.context import PlanContext
+from dpgateway.passes.rewrite import choose_rewrite
+from dpgateway.plan import DPPlan
 from dpgateway.planner import PlanCache
+
+
+def _rewrite_before(plan: DPPlan, *, ctx: PlanContext) -> DPPlan:
+    plan = choose_rewrite(plan, ctx=ctx)
+    return plan.with_(rewrite="weighted") if plan.rewrite == "unit_weighted" and plan.where is None else plan
 
 
 @contextmanager
 def previous_cold_path(gw: Gateway, cache: PlanCache) -> Iterator[None]:
-    """Plan as before session 6: the weighted rewrite's ``n_u`` by a window (for ``--only cold``'s before/after
-    in the same run), with ``cache`` as the plan cache (its key does not cover a hooks class flag)."""
-    saved, plans = DuckDBHooks.UNIT_COUNT_BY_JOIN, gw._plans
-    DuckDBHooks.UNIT_COUNT_BY_JOIN, gw._plans = False, cache
+    """Plan as before session 7 (for ``--only cold``'s before/after in the same run), with ``cache`` as the plan
+    cache (its key does not cover these patches)."""
+    saved = planner.PASSES, total.cannot_fail, gw._plans
+    cannot_fail = total.cannot_fail
+    planner.PASSES = tuple(_rewrite_before if p is choose_rewrite else p for p in planner.PASSES)
+    total.cannot_fail = lambda e, t: not isinstance(e, exp.Case) and cannot_fail(e, t)  # type: ignore[assignment]
+    gw._plans = cache
     try:
         yield
     finally:
-        DuckDBHooks.UNIT_COUNT_BY_JOIN, gw._plans = saved, plans
+        planner.PASSES, total.cannot_fail, gw._plans = saved
 
 
 def cold_run(rows: int, reps: int) -> dict[str, Any]:

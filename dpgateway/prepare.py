@@ -66,9 +66,10 @@ from dpgateway.passes.budget import COUNT_SCALE, FIXED_POINT_DIGITS
 from dpgateway.passes.context import PreparedCopy
 from dpgateway.policies.model import Config, PartySources, PrepareConfig, Table
 
+# 5: also each unit's total contribution on its row of rank 1 (passes/unit_forms.py);
 # 4: source inode and ctime, units on their exact identity; 3: also each row's weighted contributions;
 # 2: all rows with unit row count and rank; 1: only the k kept rows
-MANIFEST_VERSION = 4
+MANIFEST_VERSION = 5
 
 
 def policy_digest(table: Table, seed: bytes) -> str:

@@ -147,13 +147,15 @@ def test_expression_aggregates_match_an_independent_reference(
 ) -> None:
     sql = f"SELECT sex, {aggregate} FROM t GROUP BY sex" if grouped else f"SELECT {aggregate} FROM t"
     plan = gateway.explain(sql).plan
-    assert plan is not None and plan.rewrite == "weighted"
+    # grouped: each row weighted (weighted); scalar: each person's total weighted once (unit_weighted)
+    assert plan is not None and plan.rewrite == ("weighted" if grouped else "unit_weighted")
     frame = _typed(data)
     v = value(frame).astype(float)
     n = frame.groupby("pid")["pid"].transform("size")
     assert (n > K).any()
     keys = ["sex"] if grouped else []
-    reference = pd.DataFrame({"sex": frame["sex"]})
+    sizes = frame.groupby("pid").size()
+    reference = pd.DataFrame({"sex": frame["sex"]}) if grouped else pd.DataFrame(index=sizes.index)
     for m in plan.measurements:
         if m.kind == "count":
             row = pd.Series(float(m.scale), index=v.index).where(v.notna())
@@ -164,7 +166,10 @@ def test_expression_aggregates_match_an_independent_reference(
             assert ((present >= lo) & (present <= hi)).all(), f"{m.label}: a value outside [{lo}, {hi}]"
             shifted = v - m.center
             row = _half_away((shifted**2 if m.squared else shifted) * m.scale)
-        reference[m.name] = _weighted(row.astype(float), n)
+        if grouped:
+            reference[m.name] = _weighted(row.astype(float), n)
+        else:  # T_u per person (NULL when all of its values are), then trunc(T_u * k / max(n_u, k)) once
+            reference[m.name] = _weighted(row.astype(float).groupby(frame["pid"]).sum(min_count=1), sizes)
     names = [m.name for m in plan.measurements]
     if grouped:
         reference = reference[reference["sex"].isin([0, 1])]
@@ -190,17 +195,28 @@ def test_explain_reports_accuracy_and_labels_for_expressions(gateway: Gateway) -
     assert explained.accuracy["sum"].startswith("±")
 
 
-def test_filters_share_the_units_bounding(gateway: Gateway) -> None:
+def test_filters_share_the_units_bounding(gateway: Gateway, data: pd.DataFrame) -> None:
     """COUNT(*) FILTER (WHERE c) + COUNT(*) FILTER (WHERE NOT c) + COUNT(*) FILTER (WHERE c IS NULL) is COUNT(*):
-    every filtered aggregate reads the same bounded rows (the unit's k rows or weights come first)."""
-    sql = (
-        "SELECT COUNT(*), COUNT(*) FILTER (WHERE age > 30), COUNT(*) FILTER (WHERE NOT age > 30), "
-        "COUNT(*) FILTER (WHERE age IS NULL) FROM t"
+    every filtered aggregate reads the same bounded rows (the unit's k rows or weights come first). Exactly per
+    group when each row is weighted; for a scalar query each person's three parts are truncated apart
+    (unit_weighted: each total weighted once), so the parts may fall short by less than one fixed-point unit per
+    part of a person with more than k rows, never more (and never above COUNT(*))."""
+    counts = (
+        "COUNT(*), COUNT(*) FILTER (WHERE age > 30), COUNT(*) FILTER (WHERE NOT age > 30), "
+        "COUNT(*) FILTER (WHERE age IS NULL)"
     )
-    plan = gateway.explain(sql).plan
-    assert plan is not None
-    (row,) = gateway.connector.execute(plan.bounded_sql, plan.settings).rows
-    assert row[0] == row[1] + row[2] + row[3] and row[1] > 0 and row[2] > 0
+    for sql in (f"SELECT sex, {counts} FROM t GROUP BY sex", f"SELECT {counts} FROM t"):
+        plan = gateway.explain(sql).plan
+        assert plan is not None
+        rows = gateway.connector.execute(plan.bounded_sql, plan.settings).rows
+        for row in rows:
+            total, parts = row[-4], row[-3:]
+            assert parts[0] > 0 and parts[1] > 0
+            if plan.group_keys:
+                assert total == sum(parts)
+            else:
+                heavy = int((data.groupby("pid").size() > K).sum())
+                assert plan.rewrite == "unit_weighted" and 0 <= total - sum(parts) < 3 * heavy
 
 
 REFUSED = [

@@ -25,7 +25,7 @@ from helpers import trusted_sql
 
 from dpgateway import Gateway
 from dpgateway.connectors.duckdb import DuckDBConnector, DuckDBHooks
-from dpgateway.errors import BackendError, InternalError
+from dpgateway.errors import BackendError, DPGatewayError, InternalError
 from dpgateway.passes.bounding import _row_bounded
 from dpgateway.passes.context import PlanContext
 from dpgateway.passes.verify import verify_backend_sql
@@ -132,7 +132,7 @@ def _weighted_reference(frame: pd.DataFrame, policy: dict, sql_where: str, plan:
 @pytest.mark.parametrize(
     ("sql", "where"),
     [
-        ("SELECT SUM(income), COUNT(*), COUNT(income) FROM t", ""),
+        ("SELECT sex, SUM(income), COUNT(*), COUNT(income) FROM t GROUP BY sex", ""),
         ("SELECT sex, SUM(income), AVG(age) FROM t WHERE age > 40 GROUP BY sex", "age > 40"),
         ("SELECT sex, VAR_POP(income) FROM t GROUP BY sex", ""),
         ("SELECT sex, SUM(income), COUNT(income) FROM t WHERE income < 100 GROUP BY sex", "income < 100"),
@@ -208,7 +208,16 @@ def test_one_person_with_many_rows_moves_each_aggregate_by_at_most_its_sensitivi
             plan = gw.explain(sql, epsilon=1.0, delta=1e-6).plan
             assert plan is not None
             scalar_count = sql.startswith("SELECT COUNT(*) FROM t")
-            expected = "rows" if "region" in sql else "unit_count" if scalar_count else "weighted"
+            scalar = not plan.group_keys
+            expected = (
+                "rows"
+                if "region" in sql
+                else "unit_count"
+                if scalar_count
+                else "unit_weighted"
+                if scalar
+                else "weighted"
+            )
             assert plan.rewrite == expected
             assert (plan.prepared is not None) == (prepared and plan.where is None)
             exact = gw.connector.execute(plan.bounded_sql)
@@ -360,7 +369,9 @@ def test_bound_first_moves_each_aggregate_by_at_most_its_sensitivity(tmp_path: P
 def _unit_weighted_reference(frame: pd.DataFrame, policy: dict, sql_where: str, plan: DPPlan) -> list[int]:
     """``sum_u trunc(T_u * k / max(n_u, k))``, ``T_u`` the unit's exact integer total, in Python integers."""
     k = policy["tables"]["t"]["max_rows_per_unit"]
-    rows = frame[frame["pid"].notna()].query(sql_where)
+    rows = frame[frame["pid"].notna()]
+    if sql_where:
+        rows = rows.query(sql_where)
     columns = policy["tables"]["t"]["columns"]
     out = [0] * len(plan.measurements)
     for _, unit in rows.groupby("pid"):
@@ -382,20 +393,28 @@ def _unit_weighted_reference(frame: pd.DataFrame, policy: dict, sql_where: str, 
     return out
 
 
+class _IntegerTotals(DuckDBHooks):
+    UNIT_TOTALS_AS_DOUBLE = False  # unit totals as the engine's own integer SUM (DuckDB: 128-bit)
+
+
+@pytest.mark.parametrize("hooks", [DuckDBHooks, _IntegerTotals])
 @pytest.mark.parametrize("seed", range(4))
 @pytest.mark.parametrize(
     ("sql", "where"),
     [
+        ("SELECT SUM(income), COUNT(*), COUNT(income) FROM t", ""),
+        ("SELECT AVG(income), VAR_POP(age), STDDEV(income) FROM t", ""),
         ("SELECT SUM(income), COUNT(*), COUNT(income) FROM t WHERE age > 40", "age > 40"),
         ("SELECT AVG(income), VAR_POP(age) FROM t WHERE income < 100 OR sex = 1", "income < 100 or sex == 1"),
         ("SELECT STDDEV(income) FROM t WHERE region <> 2", "region != 2"),
     ],
 )
 def test_unit_weighted_rewrite_matches_an_independent_reference(
-    tmp_path: Path, seed: int, sql: str, where: str
+    tmp_path: Path, seed: int, sql: str, where: str, hooks: type[DuckDBHooks]
 ) -> None:
-    """Filtered scalar queries under filter_first pre-aggregate per unit; the exact aggregates equal a Python
-    per-unit reference (NULL values, negative values before and after centring)."""
+    """Scalar queries (unfiltered, or filtered under filter_first) pre-aggregate per unit; the exact aggregates
+    equal a Python per-unit reference (NULL values, negative values before and after centring), with the unit
+    totals summed as DOUBLE (every backend) or as the engine's integer SUM."""
     frame = _people(seed)
     frame.loc[np.random.default_rng(seed).random(len(frame)) < 0.1, "income"] = None
     source = tmp_path / "t.csv"
@@ -403,8 +422,9 @@ def test_unit_weighted_rewrite_matches_an_independent_reference(
     policy = _policy(source)
     policy["tables"]["t"]["columns"]["income"]["bounds"] = [-500, 1000]
     config = parse_config(policy, base_dir=tmp_path)
-    plan = build_plan(sql, epsilon=1.0, delta=0.0, ctx=PlanContext(config=config, hooks=DuckDBHooks(), seed=b"s"))
+    plan = build_plan(sql, epsilon=1.0, delta=0.0, ctx=PlanContext(config=config, hooks=hooks(), seed=b"s"))
     assert plan.rewrite == "unit_weighted" and "OVER" not in plan.bounded_sql and "GROUP BY" in plan.bounded_sql
+    assert ("SUM(CAST(CASE" in plan.bounded_sql) == hooks.UNIT_TOTALS_AS_DOUBLE
     (row,) = _exact(plan)
     assert [int(v or 0) for v in row] == _unit_weighted_reference(pd.read_csv(source), policy, where, plan)
 
@@ -415,6 +435,8 @@ def test_unit_weighted_rewrite_matches_an_independent_reference(
         "SELECT SUM(income) FROM t WHERE age > 0",
         "SELECT COUNT(income), AVG(income), VAR_POP(age) FROM t WHERE sex = 1 OR age < 50",
         "SELECT STDDEV(income), COUNT(*) FROM t WHERE income > -100000",
+        "SELECT SUM(income), COUNT(income), VAR_POP(age) FROM t",  # unfiltered: the same per-unit form
+        "SELECT AVG(income), COUNT(*), STDDEV(age) FROM t",
     ],
 )
 @pytest.mark.parametrize("rows", [1000, 20_000])
@@ -473,7 +495,7 @@ def test_unit_contribution_truncates_toward_zero_and_is_clamped(
     total no row values could give is clamped to ``k V`` instead of failing the cast to BIGINT."""
     from sqlglot import exp
 
-    from dpgateway.passes.bounding import _unit_contribution
+    from dpgateway.passes.unit_forms import unit_contribution as _unit_contribution
 
     expr = _unit_contribution(exp.column("t", quoted=True), "n", 3, 5)
     sql = exp.select(expr).from_(
@@ -518,6 +540,35 @@ def test_try_only_around_expressions_that_can_fail(tmp_path: Path, where: str, w
     frame.to_csv(source, index=False)
     ctx = _ctx(source)
     plan = build_plan(f"SELECT COUNT(*), SUM(income) FROM t WHERE {where}", epsilon=1.0, delta=0.0, ctx=ctx)
+    assert ("TRY(" in plan.bounded_sql) == wrapped
+    _exact(plan)  # runs: no data-dependent error
+
+
+@pytest.mark.parametrize(
+    ("key", "wrapped"),
+    [
+        ("CASE WHEN age < 30 THEN 'young' WHEN age < 60 THEN 'middle' ELSE 'old' END", False),
+        ("CASE WHEN income > 1.5 OR sex = 1 THEN 1 WHEN age IS NULL THEN NULL END", False),
+        ("CASE WHEN age < 30 THEN 'young' ELSE 1 END", True),  # results of two kinds: a cast
+        ("CASE WHEN age * 4 > 5 THEN 'a' ELSE 'b' END", True),  # a condition that can overflow
+        ("CASE WHEN age > 1 THEN age + 1 ELSE 0 END", True),  # a result that is computed
+        ("CASE age WHEN 30 THEN 'a' ELSE 'b' END", True),  # simple CASE: not accepted
+    ],
+)
+def test_try_only_around_group_keys_that_can_fail(tmp_path: Path, key: str, wrapped: bool) -> None:
+    """A CASE group key (an age band) runs bare when its conditions cannot fail and its results are literals of
+    one kind; the extreme BIGINT rows never make it fail."""
+    frame = pd.DataFrame(
+        {"pid": [1, 2, 3], "age": [2**63 - 1, -(2**63) + 1, 30], "income": [1e300, -1e300, 5.0], "sex": [0, 1, 1]}
+    )
+    frame["region"] = 0
+    source = tmp_path / "t.csv"
+    frame.to_csv(source, index=False)
+    try:
+        plan = build_plan(f"SELECT {key} AS b, COUNT(*) FROM t GROUP BY 1", epsilon=1.0, delta=1e-6, ctx=_ctx(source))
+    except DPGatewayError:  # refused while planning (two result kinds): decided from the SQL alone, no data read
+        assert wrapped
+        return
     assert ("TRY(" in plan.bounded_sql) == wrapped
     _exact(plan)  # runs: no data-dependent error
 

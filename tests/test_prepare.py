@@ -122,7 +122,16 @@ def _exact(gw: Gateway, sql: str) -> tuple[str, list[tuple]]:
 def test_prepared_copy_gives_the_on_the_fly_bounded_aggregates(folder: Path, sql: str) -> None:
     with Gateway.from_config(folder / "dpgateway.yaml") as gw:
         rewrite, on_the_fly = _exact(gw, sql)
-        expected = "rows" if "region" in sql else "unit_count" if sql == "SELECT COUNT(*) FROM t" else "weighted"
+        scalar = "GROUP BY" not in sql
+        expected = (
+            "rows"
+            if "region" in sql
+            else "unit_count"
+            if sql == "SELECT COUNT(*) FROM t"
+            else "unit_weighted"
+            if scalar
+            else "weighted"
+        )
         assert rewrite == expected
         copy = gw.prepare("t")
         assert Path(copy.path).parent == folder / "cache" and copy.k == 3
@@ -140,14 +149,27 @@ def test_prepared_contributions_give_the_on_the_fly_weighted_aggregates_for_ever
     _config(tmp_path, age=age, income_lo=income_lo, income_hi=income_hi)
     with Gateway.from_config(tmp_path / "dpgateway.yaml") as gw:
         on_the_fly = {sql: _exact(gw, sql) for sql in EVERY_KIND}
-        assert all(rewrite == "weighted" for rewrite, _ in on_the_fly.values())
+        expected = {sql: "weighted" if "GROUP BY" in sql else "unit_weighted" for sql in EVERY_KIND}
+        assert {sql: rewrite for sql, (rewrite, _) in on_the_fly.items()} == expected
         gw.prepare("t")
         for sql in EVERY_KIND:
             plan = gw.explain(sql, epsilon=1.0, delta=1e-6).plan
-            assert plan is not None and plan.prepared and plan.rewrite == "weighted"
+            assert plan is not None and plan.prepared and plan.rewrite == expected[sql]
             # every measurement is a SUM of a stored contribution column: no weighting per row left
             assert '"__n"' not in plan.bounded_sql and "//" not in plan.bounded_sql, plan.bounded_sql
             assert _exact(gw, sql) == ("prepared", on_the_fly[sql][1]), sql
+
+
+def test_scalar_query_with_a_measurement_the_copy_does_not_store_runs_on_the_fly(folder: Path) -> None:
+    """A copy stores each unit's total contribution for bare-column measurements only: ``SUM(income * 2)``
+    is pre-aggregated per unit on the fly, and gives the same aggregates with a copy as without."""
+    sql = "SELECT SUM(income * 2), COUNT(*), AVG(income) FROM t"
+    with Gateway.from_config(folder / "dpgateway.yaml") as gw:
+        before = _exact(gw, sql)
+        gw.prepare("t")
+        assert before[0] == "unit_weighted" and _exact(gw, sql) == before
+        stored = _exact(gw, "SELECT COUNT(*), AVG(income) FROM t")
+        assert stored[0] == "prepared" and stored[1][0] == before[1][0][1:]
 
 
 def test_prepared_copy_stores_every_row_with_unit_counts_and_ranks_clustered(folder: Path) -> None:

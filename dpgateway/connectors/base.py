@@ -49,6 +49,11 @@ class SQLHooks:
     """Weighted rewrite: each unit's row count ``n_u`` by ``GROUP BY unit`` joined back to its rows, instead of
     a ``COUNT(*) OVER (PARTITION BY unit)`` window (the same ``n_u`` on every row; passes/bounding.py).
     Set where the join measured faster (bench/README.md)."""
+    UNIT_TOTALS_AS_DOUBLE = True
+    """Per-unit pre-aggregation (passes/unit_forms.py): each unit's total of BIGINT fixed-point values summed
+    as DOUBLE (exact below 2^53, never an overflow), or as the engine's own integer SUM where that is exact
+    and cheaper. DuckDB's integer SUM (a 128-bit accumulator) was faster at 1M rows and slower at 10M
+    (2.27x vs 2.00x the per-person floor, bench/README.md, session 7), so every backend sums as DOUBLE."""
 
     def source(self, table: Table) -> exp.Expr:
         """The relation to read ``table`` from."""

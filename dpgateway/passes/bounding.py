@@ -3,8 +3,8 @@
 - ``weighted`` (public or no group keys): every matching row of unit ``u`` counts with weight
   ``w_u = k / max(n_u, k)``, ``n_u`` the unit's matching row count (a window count, no sort);
 - ``unit_count`` (scalar ``COUNT(*)``): per-unit pre-aggregation ``SUM(LEAST(n_u, k))``;
-- ``unit_weighted`` (other scalar queries filtered under ``filter_first``): per-unit pre-aggregation, each
-  unit's total weighted once (proof note below);
+- ``unit_weighted`` (other scalar queries, unfiltered or filtered under ``filter_first``): per-unit
+  pre-aggregation, each unit's total weighted once (these two, with their proof notes: passes/unit_forms.py);
 - ``rows`` (private group keys, row-level tables): hash-ordered row bounding, below;
 - filtered queries under ``prepare.filtered: bound_first`` (passes/rewrite.py): the window count or rank
   over all of the unit's rows, the filter in the final aggregate (proof note in passes/prepared.py);
@@ -67,53 +67,45 @@ proportionally (a different estimator from keeping ``k`` hash-chosen rows). Weig
 number of groups a unit touches, so private group keys (partition selection) keep row bounding.
 Tests: tests/test_fastpath.py (one person with 1000 rows, negative values, an independent reference),
 tests/test_rewrite.py (golden SQL executed against pandas).
-
-Proof note (unit_weighted): one ``GROUP BY unit`` over the matching rows (NULL units dropped) gives each
-unit's ``n_u`` and, per measurement, its total ``T_u = sum_r v(r)`` of the same per-row values ``v`` as
-above (summed as DOUBLE, so DuckDB adds in floating point instead of 128-bit integers; exact while the
-partial sums stay below 2^53, i.e. up to about 9 * 10^9 rows of one unit; ``T_u = S * COUNT(x)`` for a
-count). The unit adds ``t_u = clamp(trunc(T_u * k / max(n_u, k)), -k * V, k * V)`` with
-``V = ceil(bound * scale)`` (``v = S`` for counts, bound 1), the truncation toward zero computed exactly in
-BIGINT from quotient and remainder (:func:`_unit_contribution`), and ``COUNT(*)`` adds ``min(n_u, k) * S``
-(its exact ``trunc``). Since ``|T_u| <= n_u * V``, the clamp changes nothing while the sum is exact; it is
-there so that ``|t_u| <= k * V`` holds whatever the floating point does (``T_u`` is also clamped to
-``+-2^53`` before the cast, so the cast cannot fail). Adding or removing ``u`` changes no other unit's
-``n``, ``T`` or ``t``, and moves each scalar measurement by ``|t_u| <= k * ceil(bound * scale)``: the
-sensitivity passes/budget.py charges (the same as the weighted rewrite's). It is the weighted estimator
-with the truncation applied once per unit instead of once per row (it differs from the per-row sum by
-less than one fixed-point unit per row), so it is chosen only where a prepared copy is never read (scalar
-queries with WHERE under ``prepare.filtered: filter_first``, passes/rewrite.py): a copy stores per-row
-contributions, and a copy must not change an answer. Tests: tests/test_fastpath.py (one person with many
-rows, negative values, NULLs; an independent per-unit reference), tests/test_rewrite.py.
 """
 
 from __future__ import annotations
-
-import math
 
 from sqlglot import exp
 from sqlglot.helper import find_new_name
 
 from dpgateway.passes import quantiles
-from dpgateway.passes.aggregates import moment_center, sum_bound
-from dpgateway.passes.budget import COUNT_SCALE, fixed_point_scale
 from dpgateway.passes.context import PlanContext
 from dpgateway.passes.rewrite import bounds_before_filter
+from dpgateway.passes.sql_parts import (
+    and_unit_not_null,
+    contribution_key,
+    fixed_point,
+    needed_columns,
+    read_by,
+    rendered,
+    source_rows,
+    stored_contributions,
+    typed_columns,
+    unit_columns,
+)
+from dpgateway.passes.unit_forms import stored_unit_columns, unit_count, unit_weighted, unit_weighted_over_copy
 from dpgateway.plan import DPPlan, Measurement
-from dpgateway.policies.model import Column, Table
-from dpgateway.sqlparse import number
+from dpgateway.policies.model import Table
 
 
 def bound_contributions(plan: DPPlan, *, ctx: PlanContext) -> DPPlan:
     """Build the bounded aggregate query for the backend: the cheapest rewrite that is correct for the shape."""
     table = plan.table
     assert table is not None
+    if plan.prepared is not None and plan.rewrite == "unit_weighted":
+        return unit_weighted_over_copy(plan, table, ctx)
     if plan.prepared is not None:
         return _over_prepared(plan, table, ctx)
     if plan.rewrite == "unit_count":
-        return _unit_count(plan, table, ctx)
+        return unit_count(plan, table, ctx)
     if plan.rewrite == "unit_weighted":
-        return _unit_weighted(plan, table, ctx)
+        return unit_weighted(plan, table, ctx)
     if plan.rewrite == "weighted":
         return _weighted(plan, table, ctx)
     return _row_bounded(plan, table, ctx)
@@ -122,8 +114,8 @@ def bound_contributions(plan: DPPlan, *, ctx: PlanContext) -> DPPlan:
 def _weighted(plan: DPPlan, table: Table, ctx: PlanContext) -> DPPlan:
     """Per-unit weighted contributions: each matching row counts ``k / max(n_u, k)`` (proof note above)."""
     assert table.privacy_unit is not None
-    typed = _source_rows(plan, _needed_columns(plan, table), table, ctx)
-    n, _ = _unit_columns(table)
+    typed = source_rows(plan, needed_columns(plan, table), table, ctx)
+    n, _ = unit_columns(table)
     unit = exp.column(table.privacy_unit, quoted=True)
     keys = [exp.alias_(k.expr.copy(), k.name, quoted=True) for k in plan.group_keys]
     after = bounds_before_filter(plan, ctx)  # n_u over all of the unit's rows, the filter on the weighted rows
@@ -140,7 +132,7 @@ def _weighted(plan: DPPlan, table: Table, ctx: PlanContext) -> DPPlan:
                 copy=False,
             )
             .from_("typed", copy=False)
-            .where(_and_unit_not_null(before.copy() if before is not None else None, table), copy=False)
+            .where(and_unit_not_null(before.copy() if before is not None else None, table), copy=False)
             .group_by(unit.copy(), copy=False)
         )
         on = exp.EQ(this=unit.copy(), expression=exp.column(joined, quoted=True))
@@ -151,20 +143,14 @@ def _weighted(plan: DPPlan, table: Table, ctx: PlanContext) -> DPPlan:
     else:
         window = exp.Window(this=exp.Count(this=exp.Star()), partition_by=[unit.copy()])
         rows = exp.select(exp.Star(), *keys, exp.alias_(window, n, quoted=True), copy=False).from_("typed", copy=False)
-        rows = rows.where(_and_unit_not_null(before, table), copy=False)
+        rows = rows.where(and_unit_not_null(before, table), copy=False)
     final = _final(plan, table, "ranked", weight=n)
     if after:
         assert plan.where is not None
         final = final.where(plan.where.copy(), copy=False)
     for name, body in [*ctes, ("ranked", rows)]:
         final = final.with_(name, as_=body, copy=False)
-    return _rendered(plan, final, table.name, ctx)
-
-
-def _unit_columns(table: Table) -> tuple[str, str]:
-    """Names of the unit's row count and a row's keyed-hash rank (in the bounded SQL and a prepared copy)."""
-    taken = {c.name for c in table.columns}
-    return find_new_name(taken, "__n"), find_new_name(taken, "__rn")
+    return rendered(plan, final, table.name, ctx)
 
 
 def _row_bounded(plan: DPPlan, table: Table, ctx: PlanContext) -> DPPlan:
@@ -172,9 +158,9 @@ def _row_bounded(plan: DPPlan, table: Table, ctx: PlanContext) -> DPPlan:
     hooks = ctx.hooks
     # The hash covers every declared column (not only the ones this query reads), so an unfiltered
     # query keeps exactly the rows a prepared copy keeps (passes/prepared.py).
-    columns = list(table.columns) if table.privacy_unit else _needed_columns(plan, table)
-    typed = _source_rows(plan, columns, table, ctx)
-    _, rn = _unit_columns(table)
+    columns = list(table.columns) if table.privacy_unit else needed_columns(plan, table)
+    typed = source_rows(plan, columns, table, ctx)
+    _, rn = unit_columns(table)
     keys = [exp.alias_(k.expr.copy(), k.name, quoted=True) for k in plan.group_keys]
     ranked = exp.select(exp.Star(), *keys, copy=False).from_("typed", copy=False)
     after = bounds_before_filter(plan, ctx)  # rank over all of the unit's rows, filter the kept ones
@@ -188,7 +174,7 @@ def _row_bounded(plan: DPPlan, table: Table, ctx: PlanContext) -> DPPlan:
             this=exp.RowNumber(), partition_by=[unit], order=exp.Order(expressions=[exp.Ordered(this=order)])
         )
         ranked = ranked.select(exp.alias_(window, rn, quoted=True), copy=False)
-        condition = _and_unit_not_null(condition, table)
+        condition = and_unit_not_null(condition, table)
     if condition is not None:
         ranked = ranked.where(condition, copy=False)
     final = _final(plan, table, "ranked")
@@ -198,7 +184,7 @@ def _row_bounded(plan: DPPlan, table: Table, ctx: PlanContext) -> DPPlan:
         assert plan.where is not None
         final = final.where(exp.Paren(this=plan.where.copy()), copy=False)
     bounded = final.with_("typed", as_=typed, copy=False).with_("ranked", as_=ranked, copy=False)
-    return _rendered(plan, bounded, table.name, ctx, settings=hooks.settings(k) if table.privacy_unit else ())
+    return rendered(plan, bounded, table.name, ctx, settings=hooks.settings(k) if table.privacy_unit else ())
 
 
 def prepared_copy_tree(table: Table, ctx: PlanContext) -> exp.Select:
@@ -209,14 +195,15 @@ def prepared_copy_tree(table: Table, ctx: PlanContext) -> exp.Select:
     weighted contribution ``trunc(v * k / max(n_u, k))`` to every measurement the weighted rewrite can
     ask of this table (:func:`stored_contributions`), computed by the very expression of
     :func:`_weighted`: the same typed columns, keyed hash and NULL-unit rule as :func:`_weighted` and
-    :func:`_row_bounded` (proof note in passes/prepared.py). Values are stored typed but unclamped, so
-    GROUP BY keys over them mean what they mean on the source, and queries clamp as usual.
+    :func:`_row_bounded` (proof note in passes/prepared.py); and each unit's total contribution ``t_u`` of
+    the ``unit_weighted`` form, on its row of rank 1 (passes/unit_forms.py). Values are stored typed but
+    unclamped, so GROUP BY keys over them mean what they mean on the source, and queries clamp as usual.
     """
     assert table.privacy_unit is not None
     hooks = ctx.hooks
     columns = list(table.columns)
-    typed = _typed(columns, hooks.source(table), table, ctx)
-    n, rn = _unit_columns(table)
+    typed = typed_columns(columns, hooks.source(table), table, ctx)
+    n, rn = unit_columns(table)
     unit = exp.column(table.privacy_unit, quoted=True)
     key = exp.Literal.string(hooks.row_order_key(ctx.seed))
     order = hooks.row_hash(key, [exp.column(c.name, quoted=True) for c in columns])
@@ -225,171 +212,24 @@ def prepared_copy_tree(table: Table, ctx: PlanContext) -> exp.Select:
     )
     count = exp.Window(this=exp.Count(this=exp.Star()), partition_by=[unit.copy()])
     ranked = exp.select(exp.Star(), exp.alias_(count, n, quoted=True), exp.alias_(window, rn, quoted=True), copy=False)
-    ranked = ranked.from_("typed", copy=False).where(_and_unit_not_null(None, table), copy=False)
+    unit_totals, unit_contributions = stored_unit_columns(table, hooks.UNIT_TOTALS_AS_DOUBLE)
+    ranked = ranked.select(*unit_totals, copy=False)
+    ranked = ranked.from_("typed", copy=False).where(and_unit_not_null(None, table), copy=False)
     k = table.max_rows_per_unit
     contributions = [
         exp.alias_(_weighted_value(m, table, n, k), name, quoted=True) for name, m in stored_contributions(table)
     ]
     stored = (
         exp.select(
-            *(exp.column(name, quoted=True) for name in [*(c.name for c in columns), n, rn]), *contributions, copy=False
+            *(exp.column(name, quoted=True) for name in [*(c.name for c in columns), n, rn]),
+            *contributions,
+            *unit_contributions,
+            copy=False,
         )
         .from_("ranked", copy=False)
         .order_by(unit.copy(), exp.column(rn, quoted=True), copy=False)
     )
     return stored.with_("typed", as_=typed, copy=False).with_("ranked", as_=ranked, copy=False)
-
-
-ContributionKey = tuple[str, exp.Expr | None, tuple[float, float] | None, float, bool, float]
-
-
-def _contribution_key(m: Measurement) -> ContributionKey:
-    """What fixes a measurement's per-row value: kind, argument, its clamp, centre, squared and fixed-point scale."""
-    return (m.kind, m.arg, m.bounds, m.center, m.squared, m.scale)
-
-
-def _bare(column: Column) -> exp.Expr:
-    """A bare column argument, as passes/aggregates.py builds one."""
-    return exp.column(column.name, quoted=True)
-
-
-def stored_contributions(table: Table) -> list[tuple[str, Measurement]]:
-    """The weighted measurements a prepared copy stores per row, with their column names in the copy.
-
-    Every measurement passes/aggregates.py and passes/budget.py can make for a weighted query on this
-    table: ``COUNT(*)``, ``COUNT(x)`` for every column (scale COUNT_SCALE), and for every numeric column
-    with bounds (not the unit) ``SUM(x)``, ``SUM(x - c)`` and ``SUM((x - c)^2)`` with ``c`` the mid-point
-    of the bounds (scale ``fixed_point_scale(bound)``). Centre, bound and scale are functions of the
-    policy's bounds only, and the copy is rebuilt when the policy changes (dpgateway/prepare.py), so a
-    stored column is valid for every later query; a query measurement is read from the copy only when its
-    :func:`_contribution_key` equals a stored one. Names are deterministic (``__w0``, ``__w1``, ...; fresh
-    against the declared columns), so the query side recomputes the same list.
-    """
-    wanted: list[Measurement] = [Measurement(name="", kind="count", arg=None, scale=float(COUNT_SCALE))]
-    for c in table.columns:
-        wanted.append(Measurement(name="", kind="count", arg=_bare(c), scale=float(COUNT_SCALE)))
-    for c in table.columns:
-        if c.name == table.privacy_unit or not c.is_numeric or c.bounds is None:
-            continue
-        mid = moment_center(c.bounds)
-        for center, squared in ((0.0, False), (mid, False), (mid, True)):
-            bound = sum_bound(c.bounds, center, squared)
-            m = Measurement(
-                name="", kind="sum", arg=_bare(c), bounds=c.bounds, center=center, squared=squared, bound=bound,
-                scale=fixed_point_scale(bound),
-            )  # fmt: skip
-            wanted.append(m)
-    taken = {c.name for c in table.columns} | set(_unit_columns(table))
-    stored: list[tuple[str, Measurement]] = []
-    seen: set[ContributionKey] = set()
-    for m in wanted:
-        if _contribution_key(m) in seen:  # e.g. SUM(x - c) is SUM(x) when the bounds are symmetric
-            continue
-        seen.add(_contribution_key(m))
-        name = find_new_name(taken, f"__w{len(stored)}")
-        taken.add(name)
-        stored.append((name, m))
-    return stored
-
-
-def _unit_count(plan: DPPlan, table: Table, ctx: PlanContext) -> DPPlan:
-    """Scalar ``COUNT(*)`` by per-unit pre-aggregation: ``SUM(LEAST(n_u, k))`` over units.
-
-    Proof note (exact equivalence): row bounding keeps ``min(n_u, k)`` of the ``n_u`` rows of unit
-    ``u`` that pass the filter (which ones does not matter to a count), so the row-bounded count is
-    ``sum_u min(n_u, k)``, computed here without ranking or hashing. The filter runs before the per-unit
-    count exactly as before ranking, and NULL units are dropped as there. Adding one unit adds one
-    term ``min(n_u, k) <= k``: the sensitivity ``k`` of passes/budget.py holds. This is the only
-    shape pre-aggregated: with GROUP BY, which ``k`` rows a unit keeps decides which groups it
-    counts in, and for COUNT(x), SUM and the moments which rows are kept changes the value, so
-    ``min`` per unit and group (or per unit) is a different statistic, not the row-bounded one.
-    Tests: tests/test_fastpath.py.
-    """
-    assert table.privacy_unit is not None
-    typed = _source_rows(plan, _needed_columns(plan, table), table, ctx)
-    unit = exp.column(table.privacy_unit, quoted=True)
-    taken = {c.name for c in table.columns}
-    n = find_new_name(taken, "__n")
-    per_unit = (
-        exp.select(exp.alias_(exp.Count(this=exp.Star()), n, quoted=True), copy=False)
-        .from_("typed", copy=False)
-        .where(_and_unit_not_null(plan.where.copy() if plan.where is not None else None, table), copy=False)
-        .group_by(unit, copy=False)
-    )
-    k = exp.Literal.number(table.max_rows_per_unit)
-    total = exp.Sum(this=exp.Least(this=exp.column(n, quoted=True), expressions=[k], ignore_nulls=True))
-    name = plan.measurements[0].name
-    bounded = exp.select(exp.alias_(total, name, quoted=True), copy=False).from_("per_unit", copy=False)
-    bounded = bounded.with_("typed", as_=typed, copy=False).with_("per_unit", as_=per_unit, copy=False)
-    return _rendered(plan, bounded, table.name, ctx, settings=ctx.hooks.per_unit_settings())
-
-
-def _unit_weighted(plan: DPPlan, table: Table, ctx: PlanContext) -> DPPlan:
-    """Scalar measurements by per-unit pre-aggregation, each unit's total weighted once (proof note above)."""
-    assert table.privacy_unit is not None and not plan.group_keys
-    typed = _source_rows(plan, _needed_columns(plan, table), table, ctx)
-    n, _ = _unit_columns(table)
-    k = table.max_rows_per_unit
-    per_unit = exp.select(exp.alias_(exp.Count(this=exp.Star()), n, quoted=True), copy=False)
-    totals: list[exp.Expr] = []
-    for m in plan.measurements:
-        if m.kind == "count" and m.arg is None:  # trunc(n_u * S * k / max(n_u, k)) = min(n_u, k) * S
-            least = exp.Least(this=exp.column(n, quoted=True), expressions=[number(k)], ignore_nulls=True)
-            totals.append(exp.Mul(this=least, expression=number(int(m.scale))))
-            continue
-        if m.kind == "count":  # COUNT(x): x a column or a total row expression (passes/intervals.py)
-            assert m.arg is not None
-            count = exp.Count(this=m.arg.copy())
-            unit_total: exp.Expr = exp.Mul(this=exp.cast(count, "DOUBLE"), expression=number(m.scale))
-        else:
-            unit_total = exp.Sum(this=exp.cast(_fixed_point(m), "DOUBLE"))
-        per_unit = per_unit.select(exp.alias_(unit_total, m.name, quoted=True), copy=False)
-        totals.append(_unit_contribution(exp.column(m.name, quoted=True), n, k, math.ceil(m.bound * m.scale)))
-    where = plan.where.copy() if plan.where is not None else None
-    per_unit = (
-        per_unit.from_("typed", copy=False)
-        .where(_and_unit_not_null(where, table), copy=False)
-        .group_by(exp.column(table.privacy_unit, quoted=True), copy=False)
-    )
-    bounded = exp.select(
-        *(exp.alias_(exp.Sum(this=t), m.name, quoted=True) for m, t in zip(plan.measurements, totals, strict=True)),
-        copy=False,
-    ).from_("per_unit", copy=False)
-    bounded = bounded.with_("typed", as_=typed, copy=False).with_("per_unit", as_=per_unit, copy=False)
-    return _rendered(plan, bounded, table.name, ctx)
-
-
-def _unit_contribution(total: exp.Expr, n: str, k: int, v: int) -> exp.Expr:
-    """``clamp(trunc(T * k / max(n, k)), -k v, k v)`` as a BIGINT, NULL when the unit total ``T`` is.
-
-    ``T`` (an integer-valued DOUBLE) is clamped to ``+-2^53`` and cast to BIGINT; then, with ``d = max(n, k)``
-    and ``//`` truncating, ``trunc(T k / d) = (T // d) k + ((T - (T // d) d) k) // d`` (quotient and
-    remainder share the sign of ``T``), in BIGINT: ``|T // d| k <= 2^53`` since ``d >= k``, and the remainder
-    times ``k`` is below ``d k``, which fits for any unit of fewer than about ``9 * 10^18 / k`` rows (``9 * 10^14``
-    at the largest ``k``, 10^4), far beyond any table a backend could scan.
-    """
-    d = exp.Greatest(this=exp.column(n, quoted=True), expressions=[number(k)], ignore_nulls=True)
-    limit = 2**53
-    clamped_total = exp.Least(
-        this=exp.Greatest(this=total.copy(), expressions=[number(-limit)], ignore_nulls=True),
-        expressions=[number(limit)],
-        ignore_nulls=True,
-    )
-    t = exp.cast(clamped_total, "BIGINT")
-    quotient = exp.Paren(this=exp.IntDiv(this=t, expression=d))
-    remainder = exp.Paren(this=exp.Sub(this=t.copy(), expression=exp.Mul(this=quotient.copy(), expression=d.copy())))
-    weighted = exp.Add(
-        this=exp.Mul(this=quotient.copy(), expression=number(k)),
-        expression=exp.IntDiv(this=exp.Mul(this=remainder, expression=number(k)), expression=d.copy()),
-    )
-    clamped = exp.Least(
-        this=exp.Greatest(this=weighted, expressions=[number(-k * v)], ignore_nulls=True),
-        expressions=[number(k * v)],
-        ignore_nulls=True,
-    )
-    # GREATEST and LEAST skip NULLs: a unit whose values are all NULL must add nothing, not the lower clamp
-    present = exp.Not(this=exp.Is(this=total.copy(), expression=exp.Null()))
-    return exp.Case(ifs=[exp.If(this=present, true=clamped)])
 
 
 def _over_prepared(plan: DPPlan, table: Table, ctx: PlanContext) -> DPPlan:
@@ -402,18 +242,18 @@ def _over_prepared(plan: DPPlan, table: Table, ctx: PlanContext) -> DPPlan:
     """
     hooks = ctx.hooks
     assert plan.prepared is not None and (plan.where is None or bounds_before_filter(plan, ctx))
-    n, rn = _unit_columns(table)
+    n, rn = unit_columns(table)
     stored: dict[str, str] = {}
     extra = [rn]
     if plan.rewrite == "weighted":
-        by_key = {_contribution_key(m): name for name, m in stored_contributions(table)}
-        stored = {m.name: by_key[_contribution_key(m)] for m in plan.measurements if _contribution_key(m) in by_key}
+        by_key = {contribution_key(m): name for name, m in stored_contributions(table)}
+        stored = {m.name: by_key[contribution_key(m)] for m in plan.measurements if contribution_key(m) in by_key}
         extra = sorted(set(stored.values())) + ([n] if len(stored) < len(plan.measurements) else [])
     # Read only the declared columns still needed: group keys, and the inputs of unstored measurements.
     unstored = tuple(m for m in plan.measurements if m.name not in stored)
-    columns = _needed_columns(plan.with_(measurements=unstored), table)
+    columns = needed_columns(plan.with_(measurements=unstored), table)
     if not unstored:
-        columns = [c for c in columns if c.name != table.privacy_unit or _read_by(plan, c.name)]
+        columns = [c for c in columns if c.name != table.privacy_unit or read_by(plan, c.name)]
     # The copy stores every column already typed (prepared_copy_tree): typing is idempotent, so its columns
     # are read as they are, which lets the engine push a filter into the scan.
     names = [*(c.name for c in columns), *extra]
@@ -432,69 +272,7 @@ def _over_prepared(plan: DPPlan, table: Table, ctx: PlanContext) -> DPPlan:
     if plan.where is not None:  # bound first, filter after: the filter only drops already-bounded rows
         rows = rows.where(exp.Paren(this=plan.where.copy()), copy=False)
     bounded = final.with_("typed", as_=typed, copy=False).with_("kept", as_=rows, copy=False)
-    return _rendered(plan, bounded, f"{table.name} (prepared copy)", ctx)
-
-
-def _source_rows(plan: DPPlan, columns: list[Column], table: Table, ctx: PlanContext) -> exp.Select:
-    """The ``typed`` CTE: the declared source's columns typed, or the joined relation's columns
-    (passes/relations.py: its per-table typed CTEs are added to the statement by :func:`_rendered`)."""
-    if plan.relation is not None:
-        return plan.relation.typed(c.name for c in columns)
-    return _typed(columns, ctx.hooks.source(table), table, ctx)
-
-
-def _typed(columns: list[Column], source: exp.Expr, table: Table, ctx: PlanContext) -> exp.Select:
-    """The ``typed`` CTE: each column cast to its type, the privacy unit on its exact identity."""
-    hooks = ctx.hooks
-    typed_columns = [
-        exp.alias_(hooks.unit(c) if c.name == table.privacy_unit else hooks.typed(c), c.name, quoted=True)
-        for c in columns
-    ]
-    return exp.select(*(typed_columns or [exp.true()]), copy=False).from_(source, copy=False)
-
-
-ROW_ORDER_KEY = "<row-order key>"
-
-
-def _rendered(
-    plan: DPPlan, bounded: exp.Select, relation: str, ctx: PlanContext, settings: tuple[tuple[str, object], ...] = ()
-) -> DPPlan:
-    """The plan with its bounded SQL, and the same SQL as shown by ``explain`` and hashed by the audit log.
-
-    Proof note (nothing secret or host-specific shown): the shown SQL reads a relation named after the
-    policy table (``relation``) instead of the source (file path and read options), and ``ROW_ORDER_KEY``
-    instead of the keyed hash's secret key; everything else is the executed tree. So ``explain`` is
-    free of paths, options and the key, and the audited hash does not change when the data moves.
-    Tests: tests/test_sources.py::test_explain_shows_no_path_option_or_key.
-    """
-    if plan.relation is not None:  # the relation's own CTEs (typed sources, per-person rows) come first
-        with_ = bounded.args["with_"]
-        ctes = [
-            exp.CTE(this=body.copy(), alias=exp.TableAlias(this=exp.to_identifier(name)))
-            for name, body in plan.relation.ctes
-        ]
-        with_.set("expressions", [*ctes, *with_.expressions])
-    shown = bounded.copy()
-    shown_sources = dict(plan.relation.sources) if plan.relation is not None else {"typed": None}
-    for cte in shown.find_all(exp.CTE):
-        if cte.alias in shown_sources:
-            name = relation if plan.relation is None else shown_sources[cte.alias].name  # type: ignore[union-attr]
-            cte.this.from_(exp.Table(this=exp.to_identifier(name, quoted=True)), copy=False)
-    key = ctx.hooks.row_order_key(ctx.seed)
-    for literal in [n for n in shown.find_all(exp.Literal) if n.is_string and n.this == key]:
-        literal.replace(exp.Literal.string(ROW_ORDER_KEY))
-    dialect = ctx.hooks.DIALECT
-    return plan.with_(
-        bounded=bounded,
-        shown_sql=shown.sql(dialect=dialect),
-        settings=settings,
-    )
-
-
-def _and_unit_not_null(condition: exp.Expr | None, table: Table) -> exp.Expr:
-    assert table.privacy_unit is not None
-    not_null = exp.Not(this=exp.Is(this=exp.column(table.privacy_unit, quoted=True), expression=exp.Null()))
-    return exp.and_(exp.Paren(this=condition), not_null) if condition is not None else not_null
+    return rendered(plan, bounded, f"{table.name} (prepared copy)", ctx)
 
 
 def _final(
@@ -520,30 +298,13 @@ def _final(
     return quantiles.with_bins(plan, table, final)  # quantiles: per-candidate counts (passes/quantiles.py)
 
 
-def _needed_columns(plan: DPPlan, table: Table) -> list[Column]:
-    """Declared columns the query touches, plus the privacy unit, in policy order."""
-    names = {table.privacy_unit} if table.privacy_unit else set()
-    for m in plan.measurements:
-        names |= m.columns
-    for expr in [plan.where, *(k.expr for k in plan.group_keys)]:
-        if expr is not None:
-            names |= {c.name for c in expr.find_all(exp.Column)}
-    return [c for c in table.columns if c.name in names]
-
-
-def _read_by(plan: DPPlan, name: str) -> bool:
-    """Whether a group key or the filter reads column ``name``."""
-    exprs = [k.expr for k in plan.group_keys] + ([plan.where] if plan.where is not None else [])
-    return any(c.name == name for e in exprs for c in e.find_all(exp.Column))
-
-
 def _aggregate(m: Measurement, table: Table) -> exp.Expr:
     special = quantiles.aggregate_sql(m)  # quantile histograms, COUNT(DISTINCT) (passes/quantiles.py)
     if special is not None:
         return special
     if m.kind == "count":
         return exp.Count(this=m.arg.copy() if m.arg is not None else exp.Star())
-    return exp.Sum(this=_fixed_point(m))
+    return exp.Sum(this=fixed_point(m))
 
 
 def _weighted_value(m: Measurement, table: Table, n: str, k: int) -> exp.Expr:
@@ -557,27 +318,5 @@ def _weighted_value(m: Measurement, table: Table, n: str, k: int) -> exp.Expr:
         return weighted
     # Integer division truncates toward zero on the backend (DuckDB and PostgreSQL alike; tested), and
     # |v| * k <= (10**6 + 1) * 10**4 fits BIGINT (fixed_point_scale keeps |v| <= ceil(bound * scale)).
-    product = exp.Mul(this=_fixed_point(m), expression=exp.Literal.number(k))
+    product = exp.Mul(this=fixed_point(m), expression=exp.Literal.number(k))
     return exp.IntDiv(this=product, expression=denominator)
-
-
-def _fixed_point(m: Measurement) -> exp.Expr:
-    """The row's value ``round((clamp(v) - c)^p * scale)`` as an integer, NULL when ``v`` is NULL.
-
-    ``v`` is the measurement's argument: a bare column (clamped to its declared bounds here), or an
-    expression over already clamped columns (passes/intervals.py) clamped again to its derived interval,
-    so whatever floating-point rounding did, the value lies in ``bounds`` (proof note there)."""
-    assert m.arg is not None and m.bounds is not None
-    x = m.arg
-    lo, hi = m.bounds
-    value: exp.Expr = exp.Least(
-        this=exp.Greatest(this=x.copy(), expressions=[number(lo)], ignore_nulls=True),
-        expressions=[number(hi)],
-        ignore_nulls=True,
-    )
-    if m.center:
-        value = exp.Paren(this=exp.Sub(this=value, expression=number(m.center)))
-    if m.squared:
-        value = exp.Pow(this=value, expression=exp.Literal.number(2))
-    fixed = exp.cast(exp.Round(this=exp.Mul(this=value, expression=number(m.scale))), "BIGINT")
-    return exp.Case(ifs=[exp.If(this=exp.Not(this=exp.Is(this=x.copy(), expression=exp.Null())), true=fixed)])

@@ -5,9 +5,11 @@
   dropping rows gives. Also tables without a privacy unit (row-level: nothing to bound).
 - ``unit_count``: scalar ``COUNT(*)``, ``SUM(LEAST(n_u, k))`` per unit: exactly the row-bounded count
   (and the weighted count divided by its scale), with a GROUP BY instead of a window over all rows.
-- ``unit_weighted``: other scalar queries with WHERE under ``filter_first``: the weighted estimator by
-  per-unit pre-aggregation (each unit's total weighted once; a GROUP BY instead of a window). Unfiltered
-  and ``bound_first`` queries keep ``weighted``, whose per-row contributions a prepared copy stores.
+- ``unit_weighted``: other scalar queries, unfiltered or with WHERE under ``filter_first``: the weighted
+  estimator by per-unit pre-aggregation (each unit's total weighted once; a GROUP BY instead of a window or
+  a join; a prepared copy stores each unit's total contribution too). Filtered ``bound_first`` queries keep
+  ``weighted`` (a unit's weight from all of its rows, the filter on each row), and so do tables the ``he``
+  executor may answer (its encrypted cube holds per-row contributions only).
 - ``weighted``: everything else (public or no group keys): each row counts with its unit's weight
   ``k / max(n_u, k)``. Counts become fixed-point sums, so ``passes/budget.py`` reads this choice.
 
@@ -37,6 +39,9 @@ BOUND_FIRST_NOTE = (
     "counts k / (its rows) of its matching rows, whatever the filter"
 )
 
+PER_ROW_EXECUTORS = frozenset({"he"})
+"""Executors that answer weighted queries from stored per-row contributions only (executors/he/cube.py)."""
+
 
 def choose_rewrite(plan: DPPlan, *, ctx: PlanContext) -> DPPlan:
     """Set ``plan.rewrite`` to 'rows', 'unit_count', 'unit_weighted' or 'weighted', and say which filtered estimator applies."""
@@ -53,7 +58,8 @@ def choose_rewrite(plan: DPPlan, *, ctx: PlanContext) -> DPPlan:
     scalar_count = [(m.kind, m.arg) for m in plan.measurements] == [("count", None)]
     if not plan.group_keys and scalar_count and not bounds_before_filter(plan, ctx):
         return plan.with_(rewrite="unit_count")
-    if not plan.group_keys and plan.where is not None and not bounds_before_filter(plan, ctx):
+    per_row_only = bool({table.executor, *table.executors_allowed} & PER_ROW_EXECUTORS)
+    if not plan.group_keys and not bounds_before_filter(plan, ctx) and not per_row_only:
         return plan.with_(rewrite="unit_weighted")
     return plan.with_(rewrite="weighted")
 

@@ -15,7 +15,9 @@ Proof note (expressions left alone): :func:`cannot_fail` accepts only expression
 columns (typed: a value of the column's type or NULL), literals, ``AND``/``OR``/``NOT``, ``IS [NOT] NULL``,
 and comparisons (``= <> < <= > >=``, ``BETWEEN``, ``IN`` over literals) whose operands are both text (str
 columns, string literals) or both numbers: int columns with int columns, float columns and integer literals
-within BIGINT range; float columns also with any finite decimal literal. No such operator raises on any
+within BIGINT range; float columns also with any finite decimal literal; and a searched ``CASE`` (a group key
+such as an age band) whose conditions are such expressions and whose results are literals of one kind or
+NULL (evaluating it evaluates conditions and picks a constant). No such operator raises on any
 value of those types on our backends: two strings, or two numbers promoted to a type that holds both (BIGINT,
 or DOUBLE), and three-valued logic over the results. An int column against a decimal literal is left out:
 DuckDB compares them as a DECIMAL that need not hold the column's value (a cast error on such rows). Anything
@@ -67,6 +69,8 @@ def cannot_fail(expr: exp.Expr, table: Table) -> bool:
         return isinstance(expr.expression, exp.Null) and _kind(expr.this, table) is not None
     if isinstance(expr, exp.Boolean):
         return True
+    if isinstance(expr, exp.Case):
+        return _case_cannot_fail(expr, table)
     if isinstance(expr, exp.Column):
         return _kind(expr, table) == "bool"
     if isinstance(expr, _COMPARISONS):
@@ -79,6 +83,24 @@ def cannot_fail(expr: exp.Expr, table: Table) -> bool:
         items = expr.expressions
         return bool(items) and not expr.args.get("query") and all(_comparable(kind, _kind(i, table)) for i in items)
     return False
+
+
+def _case_cannot_fail(case: exp.Case, table: Table) -> bool:
+    """A searched ``CASE WHEN c THEN r ... [ELSE r] END`` whose conditions cannot fail and whose results are
+    literals of one kind (or NULL): choosing a branch only evaluates conditions, and a result is a constant."""
+    if case.this is not None:
+        return False
+    ifs = case.args.get("ifs") or []
+    results = [i.args.get("true") for i in ifs] + [case.args.get("default")]
+    kinds = {_kind(r, table) for r in results if r is not None and not isinstance(r, exp.Null)}
+    literals = all(r is None or isinstance(r, (exp.Null, exp.Literal, exp.Neg)) for r in results)
+    return (
+        bool(ifs)
+        and literals
+        and len(kinds) == 1
+        and None not in kinds
+        and all(cannot_fail(i.this, table) for i in ifs)
+    )
 
 
 _NUMBERS = {"int", "float", "decimal"}

@@ -32,7 +32,7 @@ def reference(tmp_path_factory: pytest.TempPathFactory) -> Backend:
 
 
 IDENTICAL = [
-    ("weighted", "SELECT COUNT(*), SUM(income), AVG(age) FROM pums"),
+    ("unit_weighted", "SELECT COUNT(*), SUM(income), AVG(age) FROM pums"),
     ("weighted", "SELECT sex, COUNT(*), SUM(income), COUNT(age) FROM pums GROUP BY sex"),
     ("weighted", "SELECT married, AVG(income) FROM pums WHERE age > 30 AND race IN (1, 2) GROUP BY married"),
     ("unit_weighted", "SELECT VARIANCE(age), STDDEV(income) FROM pums WHERE income BETWEEN 1000 AND 90000"),
@@ -43,7 +43,7 @@ IDENTICAL = [
     ("weighted", "SELECT width_bucket(income, 0, 100000, 7), COUNT(*), AVG(age) FROM pums GROUP BY 1"),
     ("weighted", "SELECT FLOOR(age / 10) * 10 AS decade, sex, AVG(income) FROM pums GROUP BY 1, 2"),
     (
-        "weighted",
+        "unit_weighted",
         "SELECT SUM(income * 2), AVG(CASE WHEN sex = 1 THEN income ELSE 0 END), SUM(COALESCE(income, 0)) FROM pums",
     ),
     (
@@ -51,18 +51,18 @@ IDENTICAL = [
         "SELECT sex, AVG(LN(income + 1)), SUM(ROUND(income / 1000, 1)), SUM(age / 7), SUM((age - 50) / 7) FROM pums GROUP BY sex",
     ),
     (
-        "weighted",
+        "unit_weighted",
         "SELECT AVG(EXP(age / 10.0)), STDDEV(SQRT(income)), SUM(ABS(age - 50)), SUM(GREATEST(age, 40) - LEAST(age, 60)) FROM pums",
     ),
     (
-        "weighted",
+        "unit_weighted",
         "SELECT SUM(ROUND(income / 3)), SUM(FLOOR(income / 7) + CEIL(income / 7)), VARIANCE(POWER(age, 2)), SUM(CAST(age AS DOUBLE PRECISION) / 7) FROM pums",
     ),
     (
         "weighted",
         "SELECT married, SUM(income) FILTER (WHERE age > 30), COUNT(*) FILTER (WHERE race IN (1, 2)), AVG(age) FILTER (WHERE sex = 0) FROM pums GROUP BY married",
     ),
-    ("weighted", "SELECT COUNT(*) FILTER (WHERE age >= 40), COUNT(CASE WHEN income > 50000 THEN 1 END) FROM pums"),
+    ("unit_weighted", "SELECT COUNT(*) FILTER (WHERE age >= 40), COUNT(CASE WHEN income > 50000 THEN 1 END) FROM pums"),
     ("unit_count", "SELECT COUNT(*) FROM pums"),
 ]
 

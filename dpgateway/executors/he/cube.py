@@ -45,8 +45,8 @@ from dpgateway.errors import InvalidParameterError, UnsupportedError
 from dpgateway.executors.base import decode_value, encode_value
 from dpgateway.executors.he import scheme
 from dpgateway.passes.aggregates import moment_center
-from dpgateway.passes.bounding import stored_contributions
 from dpgateway.passes.budget import COUNT_SCALE, FIXED_POINT_DIGITS
+from dpgateway.passes.sql_parts import stored_contributions
 from dpgateway.plan import Measurement
 from dpgateway.policies.model import Column, Config, Table
 
@@ -283,7 +283,7 @@ def _ckey(m: Measurement) -> tuple[str, str | None, float, bool, float]:
 
 
 def _unit_columns(table: Table) -> tuple[str, str]:
-    from dpgateway.passes.bounding import _unit_columns as unit_columns
+    from dpgateway.passes.sql_parts import unit_columns
 
     return unit_columns(table)
 
