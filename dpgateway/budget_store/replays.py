@@ -24,33 +24,45 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 MAX_ENTRIES = 4096
+K = TypeVar("K")
+V = TypeVar("V")
 
 
-class ReplayMap:
+class BoundedMap(Generic[K, V]):
+    """A small LRU map shared by threads: at most ``max_entries``, the least recently used dropped first."""
+
+    def __init__(self, max_entries: int) -> None:
+        self.max_entries = max_entries
+        self._items: OrderedDict[K, V] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: K) -> V | None:
+        with self._lock:
+            value = self._items.get(key)
+            if value is not None:
+                self._items.move_to_end(key)
+            return value
+
+    def put(self, key: K, value: V) -> None:
+        with self._lock:
+            self._items[key] = value
+            self._items.move_to_end(key)
+            while len(self._items) > self.max_entries:
+                self._items.popitem(last=False)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+
+class ReplayMap(BoundedMap[tuple[str, str], Any]):
     """``(analyst or "", query_key)`` -> the released answer the ledger returned for it (read-only: shared)."""
 
     def __init__(self, max_entries: int = MAX_ENTRIES) -> None:
-        self.max_entries = max_entries
-        self._answers: OrderedDict[tuple[str, str], Any] = OrderedDict()
-        self._lock = threading.Lock()
-
-    def get(self, slot: tuple[str, str]) -> Any | None:
-        with self._lock:
-            answer = self._answers.get(slot)
-            if answer is not None:
-                self._answers.move_to_end(slot)
-            return answer
+        super().__init__(max_entries)
 
     def remember(self, slot: tuple[str, str], answer: Any) -> None:
         """Keep an answer the ledger returned for ``slot`` (it never changes afterwards: module docstring)."""
-        with self._lock:
-            self._answers[slot] = answer
-            self._answers.move_to_end(slot)
-            while len(self._answers) > self.max_entries:
-                self._answers.popitem(last=False)
-
-    def __len__(self) -> int:
-        return len(self._answers)
+        self.put(slot, answer)

@@ -27,15 +27,12 @@ import asyncio
 import contextlib
 import sys
 import threading
-from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Generic, TypeVar
 
 from dpgateway.budget_store.base import BudgetStore, Remaining, Spend
+from dpgateway.budget_store.replays import BoundedMap
 from dpgateway.errors import InternalError
 
-K = TypeVar("K")
-V = TypeVar("V")
 MAX_LITERALS = 256
 MAX_REPLAYS = 2048
 MAX_REPLAY_BYTES = 16 * 1024  # larger answers (many groups) are replayed by Gateway.query: at most 32 MiB here
@@ -50,38 +47,12 @@ class Replay:
     accuracy: dict[str, str]  # for the NOTICE
 
 
-class _Bounded(Generic[K, V]):
-    """A small LRU map, shared by the loop (reads) and worker threads (writes)."""
-
-    def __init__(self, max_entries: int) -> None:
-        self.max_entries = max_entries
-        self._items: OrderedDict[K, V] = OrderedDict()
-        self._lock = threading.Lock()
-
-    def get(self, key: K) -> V | None:
-        with self._lock:
-            value = self._items.get(key)
-            if value is not None:
-                self._items.move_to_end(key)
-            return value
-
-    def put(self, key: K, value: V) -> None:
-        with self._lock:
-            self._items[key] = value
-            self._items.move_to_end(key)
-            while len(self._items) > self.max_entries:
-                self._items.popitem(last=False)
-
-    def __len__(self) -> int:
-        return len(self._items)
-
-
 class Memory:
     """What one server process answers from memory (module docstring)."""
 
     def __init__(self, max_literals: int = MAX_LITERALS, max_replays: int = MAX_REPLAYS) -> None:
-        self.literals: _Bounded[bytes, bytes] = _Bounded(max_literals)  # Q body -> the answer (no ReadyForQuery)
-        self.replays: _Bounded[tuple[str, bytes, float, float], Replay] = _Bounded(max_replays)
+        self.literals: BoundedMap[bytes, bytes] = BoundedMap(max_literals)  # Q body -> the answer (no ReadyForQuery)
+        self.replays: BoundedMap[tuple[str, bytes, float, float], Replay] = BoundedMap(max_replays)
 
 
 class ReplayAudits:
