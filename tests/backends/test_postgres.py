@@ -17,7 +17,7 @@ from dpgateway.connectors.postgres import TRANSACTION_SETTINGS, PostgresConnecto
 from dpgateway.connectors.postgres_sql import TARGETS, PostgresHooks
 from dpgateway.errors import BackendError, ConfigError, PrerequisiteError
 from dpgateway.policies.loader import parse_config
-from dpgateway.policies.model import Column
+from dpgateway.policies.model import Column, Config
 
 pytestmark = pytest.mark.postgres
 
@@ -181,17 +181,21 @@ def test_every_transaction_gets_the_settings(pg_database: PostgresDatabase) -> N
             assert connector.execute(trusted_sql(f"SELECT current_setting('{name}')")).rows == ((value,),)
 
 
+def _pums_config(pg_database: PostgresDatabase, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Config:
+    """The PUMS sample loaded as census.pums, read through the reader role (k = 2), with a SQLite ledger."""
+    pg_database.load("pums", pums_frame())
+    monkeypatch.setenv(URL_ENV, pg_database.reader_url)
+    source = {"connector": "postgres", "url": {"$env": URL_ENV}, "table": "census.pums"}
+    spec = {"source": source, "privacy_unit": "pid", "max_rows_per_unit": 2, "columns": PUMS_COLUMNS}
+    return parse_config({"tables": {"pums": spec}, "ledger": f"sqlite:///{tmp_path / 'l.db'}"}, base_dir=tmp_path)
+
+
 def test_prepare_without_the_change_trigger_is_refused_with_the_sql_to_run(
     pg_database: PostgresDatabase, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A table without the gateway's change log and trigger is not copied (tests/backends/test_postgres_copy.py
     covers copies): 55000, naming the SQL to run; nothing is written, and queries bound on the fly."""
-    pg_database.load("pums", pums_frame())
-    monkeypatch.setenv(URL_ENV, pg_database.reader_url)
-    source = {"connector": "postgres", "url": {"$env": URL_ENV}, "table": "census.pums"}
-    spec = {"source": source, "privacy_unit": "pid", "max_rows_per_unit": 2, "columns": PUMS_COLUMNS}
-    config = parse_config({"tables": {"pums": spec}, "ledger": f"sqlite:///{tmp_path / 'l.db'}"}, base_dir=tmp_path)
-    with Gateway(config) as gw:
+    with Gateway(_pums_config(pg_database, tmp_path, monkeypatch)) as gw:
         with pytest.raises(
             PrerequisiteError, match=r"(?s)cannot be prepared on postgres: .*CREATE OR REPLACE TRIGGER"
         ) as e:
@@ -207,12 +211,7 @@ def test_scalar_count_groups_by_unit_without_hashagg_and_the_same_answer(
 ) -> None:
     """The scalar COUNT(*) pre-aggregation runs with ``enable_hashagg = off`` (parallel sort and group,
     postgres_sql.PostgresHooks.per_unit_settings); the setting changes the plan, not the rows."""
-    pg_database.load("pums", pums_frame())
-    monkeypatch.setenv(URL_ENV, pg_database.reader_url)
-    source = {"connector": "postgres", "url": {"$env": URL_ENV}, "table": "census.pums"}
-    spec = {"source": source, "privacy_unit": "pid", "max_rows_per_unit": 2, "columns": PUMS_COLUMNS}
-    config = parse_config({"tables": {"pums": spec}, "ledger": f"sqlite:///{tmp_path / 'l.db'}"}, base_dir=tmp_path)
-    with Gateway(config) as gw:
+    with Gateway(_pums_config(pg_database, tmp_path, monkeypatch)) as gw:
         plan = gw.explain("SELECT COUNT(*) FROM pums WHERE age > 30", epsilon=1.0).plan
         assert plan is not None and plan.rewrite == "unit_count"
         assert plan.settings == (("enable_hashagg", "off"),)
