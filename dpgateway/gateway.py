@@ -189,15 +189,15 @@ class Gateway:
             raise InvalidParameterError(
                 f"table {policy.name} has no privacy_unit: there is nothing to bound, so nothing to prepare"
             )
-        sources = self._copies.sources
-        store = self.connector.copies
         # A copy is safe only if the gateway can keep it private and tell, without reading rows, that its source
         # changed since it was taken: PostgreSQL keeps copies in its database (connectors/postgres_copy.py),
         # Spark decides per table and master (SparkConnector.copy_source: its local files, or 0A000 and why).
+        store = self.connector.copies if isinstance(policy.source, dict) else None
+        sources = self._copies.sources
         if isinstance(policy.source, dict) and store is None:
             sources = {policy.name: self.connector.copy_source(policy)}
-        state = prepare.source_state(policy, sources)
-        if state is None and not (isinstance(policy.source, dict) and store is not None):
+        state = None if store is not None else prepare.source_state(policy, sources)
+        if store is None and state is None:
             raise InvalidParameterError(
                 f"table {policy.name}: only file sources (CSV, Parquet files or folders) that exist can be prepared"
             )
@@ -217,8 +217,8 @@ class Gateway:
             nodes=hooks.BACKEND_NODES,  # e.g. Spark's keyed hash, as passes/verify.py allows for queries
             functions=hooks.BACKEND_FUNCTIONS,
         )
-        if state is None:  # a copy kept in the backend's database (connectors/postgres_copy.py)
-            assert store is not None
+        if state is None:  # no file state: a copy store keeps it in the database (connectors/postgres_copy.py)
+            assert store is not None  # the check above: a table without either was refused
             with self._prepare_lock:
                 built, rows = store.build(policy, copy_sql, digest)
                 relation = store.relation(policy, digest)
