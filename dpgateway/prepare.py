@@ -234,14 +234,20 @@ def valid_copies(config: Config, seed: bytes, sources: Mapping[str, str] = NO_SO
     return tuple(copy for copy in found if copy is not None)
 
 
-def _valid_copy(folder: Path, table: Table, seed: bytes, sources: Mapping[str, str]) -> PreparedCopy | None:
-    if table.public or not table.privacy_unit:
-        return None
+def _manifest(folder: Path, table: Table) -> dict[str, Any] | None:
+    """The table's manifest, if it can be read and has this version's layout."""
     try:
         manifest = json.loads(manifest_path(folder, table).read_text())
     except (OSError, ValueError):
         return None
-    if not isinstance(manifest, dict) or manifest.get("version") != MANIFEST_VERSION:
+    return manifest if isinstance(manifest, dict) and manifest.get("version") == MANIFEST_VERSION else None
+
+
+def _valid_copy(folder: Path, table: Table, seed: bytes, sources: Mapping[str, str]) -> PreparedCopy | None:
+    if table.public or not table.privacy_unit:
+        return None
+    manifest = _manifest(folder, table)
+    if manifest is None:
         return None
     file = folder / str(manifest.get("file", ""))
     state = source_state(table, sources)
@@ -278,14 +284,9 @@ class DatabaseCopies:
         for name, digest in self.digests.items():
             table = self.config.table(name)
             assert table is not None
-            try:
-                manifest = json.loads(manifest_path(self.config.cache_folder, table).read_text())
-            except (OSError, ValueError):
-                continue
+            manifest = _manifest(self.config.cache_folder, table)
             relation = self.store.relation(table, digest)
-            if not isinstance(manifest, dict) or manifest.get("version") != MANIFEST_VERSION:
-                continue
-            if manifest.get("policy") != digest or manifest.get("file") != relation:
+            if manifest is None or manifest.get("policy") != digest or manifest.get("file") != relation:
                 continue
             state = self.store.state(table, digest)
             if state is not None and manifest.get("source") == state:
