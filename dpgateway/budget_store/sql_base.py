@@ -124,6 +124,15 @@ class SQLLedgerBase(BudgetStore):
         stores without the distinction commit as usual."""
         return self._transaction(write=write)
 
+    def _reserved(self, charge_id: str) -> None:
+        """After a reservation's relaxed commit: begin making it durable while the backend runs (SQLite:
+        ``wal_sync.py``); stores without the distinction do nothing."""
+
+    def _reservation_on_disk(self, charge_id: str) -> bool:
+        """Whether ``charge_id``'s reservation is known to be on disk, so that its debit may commit relaxed
+        (waits for what :meth:`_reserved` began); False: the debit commits fully synced."""
+        return False
+
     def _lock(self, conn: Executor, keys: Sequence[str]) -> None:
         """Serialize this transaction with every other one locking any of ``keys`` (scopes, or
         ``#schema`` / ``#reaper``), until it ends."""

@@ -10,7 +10,9 @@ on one sqlite3 connection of the store, held under a lock, as the SQL text SQLAl
 (:class:`DriverStatements`); SQLAlchemy's per-execution work was most of a query's ledger time. Its reads
 that need no transaction (the replay lookup, the budget left) run on a second such connection under a lock of
 its own, so that they do not queue behind a write transaction's fsync; in WAL mode they see every committed
-transaction (an in-memory ledger has one connection for everything).
+transaction (an in-memory ledger has one connection for everything). A reservation commits relaxed and is
+forced to disk by a background fsync of the log while the backend runs (``wal_sync.py``), so its debit can
+commit relaxed too.
 
 A new ledger file is created with mode 0600 whatever the umask (it holds the secret seed, analysts' SQL
 and released answers); SQLite gives its ``-wal``, ``-shm`` and ``-journal`` files the database file's
@@ -33,6 +35,7 @@ from sqlalchemy.sql.compiler import SQLCompiler
 
 from dpgateway.budget_store.sql import SQLBudgetStore
 from dpgateway.budget_store.sql_schema import PREBUILT
+from dpgateway.budget_store.wal_sync import WalSync
 from dpgateway.errors import InternalError
 
 BUSY_TIMEOUT_SECONDS = 30.0
@@ -113,7 +116,22 @@ class SQLiteBudgetStore(SQLBudgetStore):
         self._mutex = threading.Lock()  # guards the hot path's connection (in memory: the only connection)
         self._read_mutex = threading.Lock()  # guards its reading connection (single read statements)
         self._drivers: dict[bool, tuple[PoolProxiedConnection, DriverStatements]] = {}  # by "reads only"
+        self._wal_sync: WalSync | None = None
         super().__init__(url, *args, **options)
+        if not self._in_memory:
+            with self._mutex:
+                db = self._hot_connection(False).db
+                mode = db.execute("PRAGMA journal_mode").fetchone()[0]
+                path = next((row[2] for row in db.execute("PRAGMA database_list") if row[1] == "main"), "")
+            if str(mode).lower() == "wal" and path:
+                self._wal_sync = WalSync(path)
+
+    def _reserved(self, charge_id: str) -> None:
+        if self._wal_sync is not None:
+            self._wal_sync.start(charge_id)
+
+    def _reservation_on_disk(self, charge_id: str) -> bool:
+        return self._wal_sync is not None and self._wal_sync.wait(charge_id)
 
     def _create_engine(self, url: str) -> Engine:
         in_memory = self._in_memory
@@ -205,6 +223,8 @@ class SQLiteBudgetStore(SQLBudgetStore):
         return held[1]
 
     def close(self) -> None:
+        if self._wal_sync is not None:
+            self._wal_sync.close()
         with self._mutex, self._read_mutex:
             for pooled, _ in self._drivers.values():
                 pooled.close()

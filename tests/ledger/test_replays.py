@@ -1,17 +1,14 @@
 """The replay map (``budget_store/replays.py``) and the replay's one-transaction ledger work: a remembered answer
-is exactly what the ledger returns, to the same analysts; the reservation's relaxed sync never leaks into a debit."""
+is exactly what the ledger returns, to the same analysts (the relaxed reservation and debit: test_wal_sync.py)."""
 
 from __future__ import annotations
 
-import sqlite3
 from typing import Any
 
 import pytest
-from conftest import BUDGET, make_spend
+from conftest import make_spend
 
-from dpgateway.budget_store import open_store
 from dpgateway.budget_store.replays import ReplayMap
-from dpgateway.errors import BudgetError
 
 
 def commit_answer(store: Any, answer: Any, *, analyst: str = "alice", key: str = "k") -> None:
@@ -90,32 +87,3 @@ def test_the_map_is_bounded():
     replays.remember(("a", "5"), [5])
     assert len(replays) == 3
     assert [replays.get(("a", k)) for k in "012345"] == [None, None, [2], None, [4], [5]]
-
-
-def test_a_reservation_commits_relaxed_and_every_other_write_fully_synced(tmp_path):
-    """The reservation's transaction runs with synchronous=NORMAL (no fsync of its own), the debit's with FULL
-    (it forces the log, the reservation's frames included, to disk before the answer is released), and the
-    connection is back to FULL after a reservation, refused or not (proof note in sql.py)."""
-    store = open_store(f"sqlite:///{tmp_path / 'ledger.db'}", BUDGET)
-    store.remaining("alice", [])
-    db: sqlite3.Connection = store._hot_connection(False).db  # type: ignore[attr-defined]
-    trace: list[str] = []
-    db.set_trace_callback(trace.append)
-
-    def synchronous() -> int:
-        return int(db.execute("PRAGMA synchronous").fetchone()[0])
-
-    rid = store.reserve(make_spend(epsilon=1.0))
-    reserve = [s for s in trace if s.startswith(("PRAGMA", "BEGIN", "COMMIT"))]
-    assert reserve == ["PRAGMA synchronous=NORMAL", "BEGIN IMMEDIATE", "COMMIT", "PRAGMA synchronous=FULL"]
-    assert synchronous() == 2  # FULL
-    trace.clear()
-    store.commit(rid, epsilon=1.0, delta=0.0, answer=[1])
-    assert not any("NORMAL" in s for s in trace) and "COMMIT" in trace
-    trace.clear()
-    store.reserve(make_spend(epsilon=1.0))  # alice's cap is 2: 1 spent, 1 more fits
-    with pytest.raises(BudgetError):
-        store.reserve(make_spend(epsilon=1.0))
-    assert synchronous() == 2
-    assert trace.count("PRAGMA synchronous=NORMAL") == trace.count("PRAGMA synchronous=FULL") >= 2
-    store.close()
