@@ -6,11 +6,7 @@ import threading
 from collections import OrderedDict
 from collections.abc import Callable, Hashable
 from dataclasses import replace
-from functools import lru_cache
 
-from sqlglot import exp
-
-from dpgateway.errors import DPGatewayError
 from dpgateway.passes.aggregates import plan_aggregates
 from dpgateway.passes.bounding import bound_contributions
 from dpgateway.passes.budget import split_budget
@@ -25,7 +21,7 @@ from dpgateway.passes.total import make_total
 from dpgateway.passes.verify import verify_backend_sql
 from dpgateway.plan import DPPlan
 from dpgateway.postprocess import post_processing_sql
-from dpgateway.sqlparse import READ_DIALECT, normalize, parse
+from dpgateway.sqlparse import alias_free, normalize, parse
 
 Pass = Callable[..., DPPlan]
 
@@ -59,29 +55,6 @@ def build_plan(sql: str, *, epsilon: float, delta: float, ctx: PlanContext) -> D
                 plan = rest(plan, ctx=ctx)
             break
     return plan
-
-
-@lru_cache(maxsize=1024)
-def alias_free(sql: str) -> tuple[str, tuple[str | None, ...]] | None:
-    """The normalized SQL with each output alias replaced by its position, and the aliases (None where an
-    output has none); None when the text does not parse, has no alias, or names an alias anywhere else
-    (HAVING, ORDER BY, GROUP BY, or a column of that name), where the alias could change what is computed."""
-    try:
-        tree = parse(sql)
-    except DPGatewayError:
-        return None
-    assert isinstance(tree, exp.Select)
-    aliases = tuple(e.alias if isinstance(e, exp.Alias) else None for e in tree.expressions)
-    if not any(aliases):
-        return None
-    own = [e.args["alias"] for e in tree.expressions if isinstance(e, exp.Alias)]
-    names = {a.lower() for a in aliases if a}
-    if any(i.name.lower() in names for i in tree.find_all(exp.Identifier) if not any(i is o for o in own)):
-        return None
-    for position, item in enumerate(tree.expressions):
-        if isinstance(item, exp.Alias):
-            item.set("alias", exp.to_identifier(f"__out{position}", quoted=True))
-    return tree.sql(dialect=READ_DIALECT, normalize=True, copy=False), aliases  # the tree is ours: no copy
 
 
 def _with_aliases(plan: DPPlan, aliases: tuple[str | None, ...]) -> DPPlan:

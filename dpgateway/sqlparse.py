@@ -118,17 +118,49 @@ def query_key(sql: str, *parameters: object) -> str:
     return hashlib.sha256(payload.encode()).hexdigest()
 
 
-@lru_cache(maxsize=1024)
+AliasFree = tuple[str, tuple[str | None, ...]]
+
+
 def normalize(sql: str) -> str:
-    """The SQL text parsed and regenerated (memoized: a pure function of the text, ~0.3 ms to compute).
+    """The SQL text parsed and regenerated (memoized in :func:`normal_forms`, ~0.3 ms to compute)."""
+    return normal_forms(sql)[0]
+
+
+@lru_cache(maxsize=1024)
+def normal_forms(sql: str) -> tuple[str, AliasFree | None]:
+    """The normalized text (:func:`normalize`) and the alias-free form (:func:`alias_free`), from one parse.
 
     ``copy=False``: the generator works on the tree itself instead of a deep copy (which cost more than the
     parse); nothing else holds this tree. Test: tests/test_overhead.py::test_generating_without_a_copy_is_the_same_text.
     """
     try:
-        return parse(sql).sql(dialect=READ_DIALECT, normalize=True, copy=False)
+        tree = parse(sql)
     except (QuerySyntaxError, UnsupportedError, PrivacyViolationError):
-        return " ".join(sql.split())
+        return " ".join(sql.split()), None
+    return tree.sql(dialect=READ_DIALECT, normalize=True, copy=False), _alias_free(tree)
+
+
+def alias_free(sql: str) -> AliasFree | None:
+    """The normalized SQL with each output alias replaced by its position, and the aliases (None where an
+    output has none); None when the text does not parse, has no alias, or names an alias anywhere else
+    (HAVING, ORDER BY, GROUP BY, or a column of that name), where the alias could change what is computed."""
+    return normal_forms(sql)[1]
+
+
+def _alias_free(tree: exp.Expr) -> AliasFree | None:
+    """:func:`alias_free` of a parsed statement (a tree nothing else holds: its aliases are replaced)."""
+    assert isinstance(tree, exp.Select)
+    aliases = tuple(e.alias if isinstance(e, exp.Alias) else None for e in tree.expressions)
+    if not any(aliases):
+        return None
+    own = [e.args["alias"] for e in tree.expressions if isinstance(e, exp.Alias)]
+    names = {a.lower() for a in aliases if a}
+    if any(i.name.lower() in names for i in tree.find_all(exp.Identifier) if not any(i is o for o in own)):
+        return None
+    for position, item in enumerate(tree.expressions):
+        if isinstance(item, exp.Alias):
+            item.set("alias", exp.to_identifier(f"__out{position}", quoted=True))
+    return tree.sql(dialect=READ_DIALECT, normalize=True, copy=False), aliases
 
 
 # Post-processing (over released values only) also divides, and takes roots and powers.

@@ -12,8 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dpgateway import mechanisms, postprocess
-from dpgateway.planner import alias_free
-from dpgateway.sqlparse import READ_DIALECT, normalize, parse
+from dpgateway.sqlparse import READ_DIALECT, normal_forms, parse
 
 QUERIES = [
     "SELECT sex, COUNT(*) AS n, AVG(income) AS a FROM t GROUP BY sex",
@@ -26,10 +25,10 @@ QUERIES = [
 
 @pytest.mark.parametrize("sql", QUERIES)
 def test_generating_without_a_copy_is_the_same_text(sql: str) -> None:
-    """normalize and alias_free generate from a tree nothing else holds, without sqlglot's deep copy: the text
+    """normal_forms generates both texts from one tree nothing else holds, without sqlglot's deep copy: the text
     is what generating a copy gives (so replay and plan-cache keys are unchanged)."""
-    assert normalize.__wrapped__(sql) == parse(sql).sql(dialect=READ_DIALECT, normalize=True)
-    free = alias_free.__wrapped__(sql)
+    text, free = normal_forms.__wrapped__(sql)
+    assert text == parse(sql).sql(dialect=READ_DIALECT, normalize=True)
     if free is not None:
         tree = parse(sql)
         for position, item in enumerate(tree.expressions):
