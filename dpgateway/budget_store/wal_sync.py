@@ -15,7 +15,9 @@ shows the reservation, with its analyst and SQL, ``abandoned`` instead of ``rele
 log, this class's or SQLite's, makes the debit durable too. Why an fsync of another descriptor suffices: POSIX
 fsync transfers all of the file's written data, whichever descriptor wrote it; a log restarted by a
 checkpoint meanwhile held frames that SQLite copied into the database file and synced before the restart. A
-new log file's directory entry is synced once as well (as SQLite does for a new log). Whenever the fsync fails
+new log file's directory entry is synced once as well (as SQLite does for a new log). A reservation is
+registered after its commit returned, so an fsync that began after its registration covers it: under
+concurrent queries one fsync serves every reservation registered before it began. Whenever the fsync fails
 or was not started (not in WAL mode, a forked child, too many pending), :meth:`wait` says so and the debit
 commits with ``synchronous=FULL`` as before, which forces the reservation to disk with everything logged
 before it. Tests: tests/ledger/test_wal_sync.py.
@@ -41,6 +43,8 @@ class WalSync:
         self._pool: ThreadPoolExecutor | None = None
         self._pid = os.getpid()
         self._directory_synced: tuple[int, int] | None = None  # the log file (device, inode) whose entry is synced
+        self._registered = 0  # reservations registered so far (a sequence number each)
+        self._durable = 0  # every reservation up to this number is on disk (an fsync that began after it ended)
 
     def start(self, charge_id: str) -> None:
         """Begin forcing everything logged so far (the reservation ``charge_id`` just committed) to disk."""
@@ -49,7 +53,8 @@ class WalSync:
                 return
             if self._pool is None:
                 self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dpgateway-wal-sync")
-            self._pending[charge_id] = self._pool.submit(self._sync)
+            self._registered += 1
+            self._pending[charge_id] = self._pool.submit(self._sync, self._registered)
             while len(self._pending) > MAX_PENDING:
                 self._pending.popitem(last=False)
 
@@ -73,7 +78,13 @@ class WalSync:
         if pool is not None and os.getpid() == self._pid:
             pool.shutdown(wait=True)
 
-    def _sync(self) -> None:
+    def _sync(self, number: int) -> None:
+        """Force the log to disk for reservation ``number``, unless an fsync that began after it already did
+        (under concurrent queries one fsync covers every reservation registered before it began)."""
+        with self._lock:
+            if self._durable >= number:
+                return
+            covers = self._registered
         fd = os.open(self.wal, os.O_RDONLY | os.O_CLOEXEC)
         try:
             os.fsync(fd)
@@ -87,3 +98,5 @@ class WalSync:
             finally:
                 os.close(folder)
             self._directory_synced = (stat.st_dev, stat.st_ino)
+        with self._lock:
+            self._durable = max(self._durable, covers)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import sqlite3
+import threading
 from typing import Any
 
 import pytest
@@ -99,4 +100,30 @@ def test_an_in_memory_ledger_has_no_background_fsync():
     store = open_store("sqlite://", BUDGET)
     assert store._wal_sync is None
     store.commit(store.reserve(make_spend(epsilon=1.0)), epsilon=1.0, delta=0.0)
+    store.close()
+
+
+def test_one_fsync_covers_every_reservation_registered_before_it_began(tmp_path, monkeypatch):
+    """Reservations queued behind a running fsync share the next one; none is covered by an fsync that began
+    before it was registered."""
+    store, _ = traced_store(tmp_path, monkeypatch)
+    store.commit(store.reserve(make_spend(epsilon=0.1, key="w")), epsilon=0.1, delta=0.0)  # the folder synced
+    gate, entered = threading.Event(), threading.Event()
+    real = wal_sync.os.fsync
+
+    def slow_fsync(fd: int) -> None:
+        entered.set()
+        gate.wait(5)
+        real(fd)
+
+    monkeypatch.setattr(wal_sync.os, "fsync", slow_fsync)
+    first = store.reserve(make_spend(epsilon=0.1, key="a"))
+    entered.wait(5)  # the first fsync has begun: it does not cover the reservations below
+    later = [store.reserve(make_spend(epsilon=0.1, key=f"b{i}")) for i in range(5)]
+    calls: list[int] = []
+    monkeypatch.setattr(wal_sync.os, "fsync", lambda fd: (calls.append(fd), real(fd))[1])
+    gate.set()
+    assert store._reservation_on_disk(first)
+    assert all(store._reservation_on_disk(r) for r in later)
+    assert len(calls) == 1  # one more fsync, begun after all five were registered, covered them
     store.close()
