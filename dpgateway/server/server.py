@@ -115,27 +115,6 @@ class Server:
     async def _blocking(self, func: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._pool, func, *args)
 
-    def _handled(
-        self, session: Session, message: p.Message, writer: asyncio.StreamWriter | None
-    ) -> asyncio.Future[list[bytes]]:
-        """``session.handle(message)`` in a worker thread. With ``writer`` (the answer is the last output of its
-        batch), the loop callback that receives the answer writes it at once and the future gets ``[]``: the
-        client has it one loop iteration before the connection's task resumes (a fresh DP statement's answer
-        is on the wire sooner; the task still drains before it reads again)."""
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[list[bytes]] = loop.create_future()
-
-        def work() -> None:
-            try:
-                answer = session.handle(message)
-            except BaseException as exc:  # handed to the connection's task, which ends or reports it
-                loop.call_soon_threadsafe(_settle_failed, future, exc)
-            else:
-                loop.call_soon_threadsafe(_settle_answer, future, answer, writer)
-
-        self._pool.submit(work)
-        return future
-
     async def _audit_replay(self, spend: Spend) -> Remaining:
         """Commit a replay's audit record (and read the budget left) in the ledger thread, batched with the
         records queued meanwhile (memory.ReplayAudits)."""
@@ -309,9 +288,7 @@ class Server:
             elif now is not None:
                 answer, inline = now, inline + 1
             elif session.may_block(message):
-                # the last message of the batch: its answer is written by the loop callback that receives it
-                last = writer if not pending and not codec.buffered else None
-                answer, inline = await self._handled(session, message, last), 0
+                answer, inline = await self._blocking(session.handle, message), 0
             else:
                 answer, inline = session.handle(message), inline + 1
             pending.extend(answer)
@@ -332,22 +309,6 @@ class FatalError(p.ProtocolViolation):
     def __init__(self, sqlstate: str, message: str) -> None:
         super().__init__(message)
         self.sqlstate = sqlstate
-
-
-def _settle_answer(
-    future: asyncio.Future[list[bytes]], answer: list[bytes], writer: asyncio.StreamWriter | None
-) -> None:
-    if future.cancelled():  # the connection was closed meanwhile
-        return
-    if writer is not None and not writer.is_closing():
-        writer.write(b"".join(answer))
-        answer = []
-    future.set_result(answer)
-
-
-def _settle_failed(future: asyncio.Future[list[bytes]], exc: BaseException) -> None:
-    if not future.cancelled():
-        future.set_exception(exc)
 
 
 async def _send_and_close(writer: asyncio.StreamWriter, data: bytes) -> None:
