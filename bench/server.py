@@ -2,6 +2,7 @@
 
     python bench/server.py                      # updates the server section of bench/RESULTS.md
     python bench/server.py --runs 5 --seconds 5 --clients 1 --clients 16
+    python bench/server.py --only paired --runs 3   # only the wire overhead (paired), printed; no PostgreSQL
 
 Three statements, at 1, 16 and 64 concurrent clients, on both servers:
 
@@ -245,14 +246,14 @@ def postgres_server(csv: Path) -> Iterator[str]:
         server.stop()
 
 
-def paired(config: Path, seconds: float) -> dict[str, dict[str, float]]:
+def paired(config: Path, seconds: float, *, rate: bool = True) -> dict[str, dict[str, float]]:
     """Wire overhead per statement, exactly paired: a server in this process (in a thread, no shadow) whose
     ``Gateway.query`` is timed; one psycopg2 client sends the replayed and the fresh aggregate, and each
     statement's client-side latency minus the time its own ``Gateway.query`` call took is the wire's cost for
     that statement (protocol, session, thread hand-off, result typing and encoding, the loopback round trip).
     A replay the server answers from memory (docs/server.md, "Answers from memory") makes no ``Gateway.query``
     call: it is paired with a ``Gateway.query`` of the same statement made right after it, in this process.
-    Then ``Gateway.query`` alone from 16 threads: the most the server could answer, whatever the wire."""
+    Then (``rate``) ``Gateway.query`` alone from 16 threads: the most the server could answer, whatever the wire."""
     import asyncio
 
     import psycopg2
@@ -324,7 +325,9 @@ def paired(config: Path, seconds: float) -> dict[str, dict[str, float]]:
                     "diff_p75": _quantile(diffs, 0.75),
                     "diff_p90": _quantile(diffs, 0.9),
                 }
-            for query_name in ("replayed DP", "fresh DP"):  # Gateway.query alone, 16 threads: the API's own rate
+            for query_name in (
+                ("replayed DP", "fresh DP") if rate else ()
+            ):  # Gateway.query alone, 16 threads: the API's own rate
                 out[query_name]["api_qps_16"] = _api_rate(query, query_name, seconds)
         finally:
             conn.close()
@@ -386,6 +389,29 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     results["api"].append(api)
                     print(f"run {r + 1} wire vs Python API: {api}", flush=True)
     return results
+
+
+def run_paired(args: argparse.Namespace) -> None:
+    """Only :func:`paired`, ``--runs`` times (no PostgreSQL, no load generator): for iterating on the wire's
+    overhead. Prints each run and the medians over runs; RESULTS.md is left as it is."""
+    results: dict[str, Any] = {"cells": {}, "api": []}
+    with tempfile.TemporaryDirectory(prefix="dpgateway-bench-") as tmp:
+        config = write_config(Path(tmp))
+        for r in range(args.runs):
+            load = os.getloadavg()[0]
+            api = paired(config, 2 * args.seconds, rate=False)
+            results["api"].append(api)
+            for query, a in api.items():
+                print(
+                    f"run {r + 1} {query:12} wire p50 {a['wire_p50']:.2f} ms, Gateway.query p50 {a['api_p50']:.2f} ms, "
+                    f"wire - API {a['diff_p50']:+.2f} ms ({a['diff_p25']:+.2f} .. {a['diff_p75']:+.2f}, "
+                    f"p90 {a['diff_p90']:+.2f}), {a['pairs']:.0f} pairs; load {load:.1f}",
+                    flush=True,
+                )
+    m = summary(results)
+    for query in ("replayed DP", "fresh DP"):
+        a = m[f"api|{query}"]
+        print(f"median of {args.runs} runs: {query:12} wire - API {a['diff_p50']:+.2f} ms", flush=True)
 
 
 def summary(results: dict[str, Any]) -> dict[str, dict[str, float]]:
@@ -479,7 +505,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--query", action="append", choices=QUERIES, help="statements to run (repeatable; all)")
     parser.add_argument("--markdown", type=Path, default=BENCH / "RESULTS.md")
     parser.add_argument("--no-write", action="store_true", help="print only; leave RESULTS.md as it is")
+    parser.add_argument(
+        "--only", choices=("paired",), help="paired: only the wire overhead against the Python API (printed)"
+    )
     args = parser.parse_args(argv)
+    if args.only == "paired":
+        run_paired(args)
+        return 0
     args.clients = args.clients or [1, 16, 64]
     args.query = args.query or list(QUERIES)
     command = "python bench/server.py " + " ".join(argv if argv is not None else sys.argv[1:])

@@ -425,4 +425,6 @@ def error_response(sqlstate: str, text: str, *, severity: str = "ERROR", detail:
 
 
 def notice_response(text: str, *, detail: str = "", sqlstate: str = "00000") -> bytes:
-    return Notice("NOTICE", sqlstate, text, detail).encode()
+    """``Notice("NOTICE", sqlstate, text, detail).encode()``, built directly (one per DP answer)."""
+    described = b"D" + cstr(detail) if detail else b""
+    return message(b"N", b"SNOTICE\x00VNOTICE\x00C" + cstr(sqlstate) + b"M" + cstr(text) + described + b"\x00")

@@ -545,7 +545,8 @@ def _with_format(f: Field, fmt: int) -> Field:
 
 def _data_rows(fields: list[Field], rows: list[list[Any]], formats: tuple[int, ...]) -> list[bytes]:
     for f, fmt in zip(fields, formats, strict=True):
-        _with_format(f, fmt)
+        if fmt:
+            _with_format(f, fmt)  # raises for a type without a binary form
     return [
         p.data_row([t.encode_value(v, f.type_oid, fmt) for v, f, fmt in zip(row, fields, formats, strict=True)])
         for row in rows

@@ -61,6 +61,13 @@ def _tokens(sql: str) -> tuple[Token, ...]:
 
 def split(sql: str) -> list[Statement]:
     """Split at top-level semicolons (strings and comments respected); a trailing empty part is dropped."""
+    plain = _plain_first_word(sql)
+    if plain is not None:  # one statement: no tokenizing (the planner tokenizes a DP statement anyway)
+        return [Statement(sql.strip(), plain.upper())]
+    return _split_tokens(sql)
+
+
+def _split_tokens(sql: str) -> list[Statement]:
     try:
         tokens = _tokens(sql)
     except (TokenError, SqlglotError) as exc:
@@ -76,6 +83,24 @@ def split(sql: str) -> list[Statement]:
     if first or not statements:
         statements.append(Statement(sql[start:].strip(), first))
     return statements
+
+
+# A plain statement: a first word, then only words, numbers, white space and operator characters: no `;`, quote,
+# `$`, `/` (block comment), `#`, `[`, non-ASCII, .... The tokenizer cannot fail on such text (no string,
+# quoted name or block comment can start in it), it is one statement, and its first token is its first word,
+# unless that word may begin a keyword of several words (GROUP BY, DOUBLE PRECISION, ...). Tokenizing costs more
+# than the rest of routing a fresh DP statement; tests/server/test_statements.py compares with the tokenizer.
+_PLAIN = re.compile(r"[ \t\n\r]*+([A-Za-z_][A-Za-z0-9_]*+)[A-Za-z0-9_ \t\n\r(),.*<>=!+%:-]*+")
+_WORD = re.compile(r"[A-Za-z0-9_]++")
+_MULTIWORD_FIRST = frozenset(k.split(" ")[0] for k in _POSTGRES.tokenizer_class.KEYWORDS if " " in k)
+
+
+def _plain_first_word(sql: str) -> str | None:
+    """The first word of a plain statement (see ``_PLAIN``), else None."""
+    match = _PLAIN.fullmatch(sql) if len(sql) <= 4096 else None
+    if match is None or match.group(1).upper() in _MULTIWORD_FIRST:
+        return None
+    return match.group(1)
 
 
 _STRINGS = frozenset(
@@ -101,6 +126,18 @@ def names_policy_table(sql: str, config: Config) -> bool:
     statements go to the row-less shadow catalog, which has nothing to return.
     """
     names = {table.name.rpartition(".")[2].lower() for table in config.tables}
+    # A plain SELECT or WITH (no comment either): every word is a token, so a name found needs no tokenizing.
+    first = _plain_first_word(sql) if "--" not in sql else None
+    if (
+        first is not None
+        and first.upper() in ("SELECT", "WITH")
+        and any(word.lower() in names and word.upper() not in _MULTIWORD_FIRST for word in _WORD.findall(sql))
+    ):
+        return True
+    return _names_in_tokens(sql, names)
+
+
+def _names_in_tokens(sql: str, names: set[str]) -> bool:
     try:
         tokens = _tokens(sql)
     except (TokenError, SqlglotError):

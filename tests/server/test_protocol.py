@@ -164,3 +164,15 @@ def test_error_and_notice_fields() -> None:
     assert notice.startswith(b"N") and b"SNOTICE\0VNOTICE\0C00000\0Mspent\0Dd\0\0" in notice
     fatal = p.error_response("28P01", "x", severity="FATAL")
     assert fatal.startswith(b"E") and b"SFATAL\0" in fatal
+
+
+@pytest.mark.parametrize("detail", ["", "95% accuracy: n ±18", "nul\0inside", "é"])
+def test_notice_response_is_the_notice_encoded(detail: str) -> None:
+    """notice_response builds its bytes directly: the same as the Notice it stands for."""
+    for text in ("dp: spent epsilon 1, delta 0", "", "x\0y"):
+        expected = p.Notice("NOTICE", "00000", text, detail).encode()
+        assert p.notice_response(text, detail=detail) == expected
+        assert (
+            p.notice_response(text, detail=detail, sqlstate="01000")
+            == p.Notice("NOTICE", "01000", text, detail).encode()
+        )
