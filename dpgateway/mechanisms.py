@@ -255,6 +255,14 @@ def noisy_vector(values: Sequence[int], scale: float, mechanism: Mechanism = "la
     return [_released(x, z, scale, mechanism) for x, z in zip(inputs, draws, strict=True)]
 
 
+def draw_ahead(mechanism: Mechanism, scale: float, n: int) -> None:
+    """Have the noise pool start drawing ``n`` values of ``mechanism`` at ``scale`` for a release expected soon
+    (nothing with the pool off, or where :func:`noisy_vector` would not pool)."""
+    pool = NOISE_POOL
+    if pool is not None and scale <= POOL_MAX_SCALE:
+        pool.expect(mechanism, scale, n)
+
+
 def _vector(mechanism: Mechanism, scale: float) -> dp.Measurement:
     return _vector_gaussian(scale) if mechanism == "gaussian" else _vector_laplace(scale)
 

@@ -29,8 +29,8 @@ coordinates are independent because their draws are. This holds because, and onl
   empty); a pool refuses to be pickled or copied;
 - draws never leave the process and are never logged: no ``repr``, audit record, error or metric shows one;
 - memory is bounded: at most ``scales`` (mechanism, scale) pairs, least recently used evicted, each holding
-  at most ``capacity`` draws; the refill serves recently used scales only, up to ``depth`` times their
-  largest recent take;
+  at most ``capacity`` draws; the refill keeps a scale taken at least twice ``depth`` times its largest take
+  ahead, most recently used first, and a scale taken once only what ``expect`` asked for;
 - only additive noise is pooled: partition selection (``make_laplace_threshold``) releases which keys pass,
   which depends on the data through more than an added term, so it is sampled per query as before.
 Tests: tests/test_noise_pool.py (scale of pooled noise, no draw handed out twice under threads, a forked child
@@ -66,6 +66,8 @@ class _Stock:
 
     draws: array = field(default_factory=lambda: array("q"))
     target: int = 0
+    takes: int = 0
+    largest: int = 0  # the largest take so far
 
 
 class NoisePool:
@@ -101,19 +103,41 @@ class NoisePool:
                 pooled = stock.draws[start:]
                 del stock.draws[start:]
         fresh = self._sampler(mechanism, scale, n - len(pooled)) if len(pooled) < n else []
-        with self._lock:  # after a successful draw only: a scale OpenDP refuses is never refilled
+        with self._lock:  # after a successful draw only (a scale OpenDP refuses, from expect, the refill drops)
             self._want(key, n)
         return pooled.tolist() + fresh
 
+    def expect(self, mechanism: str, scale: float, n: int) -> None:
+        """Start drawing ``n`` draws of ``mechanism`` at ``scale`` now, for a take expected soon (a query's
+        noise while its backend runs): the first query of a scale need not draw on its own path."""
+        if n <= 0:
+            return
+        with self._lock:
+            stock = self._stock((mechanism, scale))
+            stock.target = max(stock.target, min(self.capacity, n))
+            self._wake_refill()
+
     def _want(self, key: Key, n: int) -> None:
-        """Mark ``key`` recently used with a take of ``n``; evict the least recent scale; wake the refill."""
+        """Record a take of ``n``: a scale taken twice is kept ``depth`` times its largest take ahead (a scale
+        taken once may never come back: its refill stops)."""
+        stock = self._stock(key)
+        stock.takes += 1
+        stock.largest = max(stock.largest, n)
+        stock.target = min(self.capacity, self.depth * stock.largest) if stock.takes >= 2 else 0
+        self._wake_refill()
+
+    def _stock(self, key: Key) -> _Stock:
+        """``key``'s stock, marked most recently used (created if new, evicting the least recent scale)."""
         stock = self._stocks.get(key)
         if stock is None:
             stock = self._stocks[key] = _Stock()
             while len(self._stocks) > self.scales:
                 self._stocks.popitem(last=False)
         self._stocks.move_to_end(key)
-        stock.target = min(self.capacity, max(stock.target, self.depth * n))
+        return stock
+
+    def _wake_refill(self) -> None:
+        """Start the refill thread if needed, and wake it (under the lock)."""
         if self._closed:
             return
         if self._thread is None or not self._thread.is_alive():

@@ -16,13 +16,14 @@ import subprocess
 import sys
 import threading
 import warnings
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from dpgateway import mechanisms
+from dpgateway import Gateway, mechanisms, noise
 from dpgateway.errors import InternalError
 from dpgateway.mechanisms import I64_MAX, I64_MIN, noisy_vector
 from dpgateway.noise_pool import NoisePool, enabled_by_environment
@@ -63,7 +64,8 @@ def discrete_laplace_moments(scale: float) -> tuple[float, float]:
 @pytest.mark.parametrize("mechanism", ["laplace", "gaussian"])
 def test_pooled_noise_has_the_configured_scale(real_pool: NoisePool, mechanism: str) -> None:
     scale, n = 20.0, 20_000
-    noisy_vector([0] * 7500, scale, mechanism)  # registers the scale; the refill draws 4 x 7500 ahead
+    for _ in range(2):  # a scale taken twice is refilled: 4 x 7500 ahead, up to the capacity
+        noisy_vector([0] * 7500, scale, mechanism)
     assert real_pool.wait_full(60)
     held = real_pool.held()[(mechanism, scale)]
     assert held == 30_000  # the take below is served from the pool (drawn before the exact values existed)
@@ -111,8 +113,10 @@ def test_take_serves_pooled_draws_first_then_draws_the_rest() -> None:
     sampler = Sentinels()
     pool = NoisePool(sampler, capacity=100, depth=2)
     first = pool.take("laplace", 1.0, 30)  # nothing pooled: all synchronous
+    assert pool.wait_full(10) and pool.held() == {("laplace", 1.0): 0}  # taken once: maybe never again
+    first += pool.take("laplace", 1.0, 30)
     assert pool.wait_full(10)
-    assert pool.held() == {("laplace", 1.0): 60}  # refilled to depth x the take
+    assert pool.held() == {("laplace", 1.0): 60}  # taken twice: refilled to depth x the largest take
     last_pooled = os.getpid() * 10**12 + sampler.issued
     second = pool.take("laplace", 1.0, 50)
     assert len(second) == 50 and not set(first) & set(second)
@@ -123,7 +127,7 @@ def test_take_serves_pooled_draws_first_then_draws_the_rest() -> None:
 def test_a_forked_child_starts_with_an_empty_pool() -> None:
     sampler = Sentinels()
     pool = NoisePool(sampler, capacity=200)
-    pool.take("laplace", 2.0, 100)
+    pool.expect("laplace", 2.0, 200)
     assert pool.wait_full(10) and pool.held()[("laplace", 2.0)] == 200
     read, write = os.pipe()
     with warnings.catch_warnings():
@@ -147,7 +151,7 @@ def test_a_forked_child_starts_with_an_empty_pool() -> None:
 
 def test_fork_empties_the_pool_before_the_child_runs() -> None:
     pool = NoisePool(Sentinels(), capacity=50)
-    pool.take("gaussian", 3.0, 10)
+    pool.expect("gaussian", 3.0, 10)
     assert pool.wait_full(10) and pool.held()
     read, write = os.pipe()
     with warnings.catch_warnings():
@@ -169,11 +173,42 @@ def test_memory_is_bounded_over_many_scales() -> None:
     pool = NoisePool(Sentinels(), capacity=40, scales=8, batch=40)
     for i in range(500):
         pool.take("laplace", 1.0 + i, 25)
+        pool.take("laplace", 1.0 + i, 25)
     assert pool.wait_full(10)
     held = pool.held()
     assert len(held) == 8 and all(count <= 40 for count in held.values())
     assert set(held) == {("laplace", 1.0 + i) for i in range(492, 500)}  # the most recently used
     pool.close()
+
+
+def test_expect_draws_ahead_for_the_next_take() -> None:
+    sampler = Sentinels()
+    pool = NoisePool(sampler, capacity=100)
+    pool.expect("laplace", 5.0, 150)  # capped at the capacity
+    assert pool.wait_full(10) and pool.held() == {("laplace", 5.0): 100}
+    last_pooled = os.getpid() * 10**12 + sampler.issued
+    drawn = pool.take("laplace", 5.0, 80)
+    assert max(drawn) <= last_pooled  # all drawn before the take
+    assert pool.wait_full(10) and pool.held() == {("laplace", 5.0): 20}  # a first take: no refill
+    pool.close()
+
+
+def test_draw_ahead_asks_for_public_cells_only(demo_gateway: Gateway, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The plain executor asks for the plan's vector lengths before its backend runs, where they are public."""
+    asked: list[tuple[str, float, int]] = []
+    monkeypatch.setattr(mechanisms, "draw_ahead", lambda mechanism, scale, n: asked.append((mechanism, scale, n)))
+    sql = "SELECT sex, married, COUNT(*) AS n, SUM(age) AS s, AVG(income) AS a FROM pums GROUP BY sex, married"
+    public = demo_gateway.explain(sql, epsilon=1.0).plan
+    noise.draw_ahead(public)
+    per_scale = Counter((m.mechanism, m.noise_scale) for m in public.measurements)
+    assert sorted(asked) == sorted((mech, scale, 4 * count) for (mech, scale), count in per_scale.items())
+    asked.clear()
+    demo_gateway.query(sql, epsilon=1.0)  # the executor asks before its backend call
+    assert sorted(asked) == sorted((mech, scale, 4 * count) for (mech, scale), count in per_scale.items())
+    asked.clear()
+    private = demo_gateway.explain("SELECT educ, COUNT(*) AS n FROM pums GROUP BY educ", epsilon=1.0).plan
+    noise.draw_ahead(private)  # how many groups pass the threshold depends on the data: nothing asked
+    assert asked == []
 
 
 def test_a_pool_never_leaves_its_process() -> None:
