@@ -3,12 +3,14 @@
 OpenDP's exact integer samplers cost about 15-25 µs per value, so a query releasing 150 values spends 3-4 ms
 sampling. :class:`NoisePool` moves that work off the query's path: ``take`` hands out draws made earlier (by
 one daemon thread, while the gateway waits on a backend or on the next query), and draws only the shortfall
-synchronously. The refill keeps scales taken at least twice stocked; ``expect`` (``noise.draw_ahead``, called by
-the plain executor before its backend call where the vector lengths are public) starts a query's draws while
-its backend runs, so the first query at a new scale need not sample on its path either. The pool knows nothing of OpenDP: its ``sampler`` (``mechanisms._zero_draws``) is OpenDP's
-vector measurement applied to a vector of zeros, and ``mechanisms.noisy_vector`` adds the draws to the exact
-aggregates. OpenDP's calls go through ``ctypes.cdll``, which releases the GIL, so the refill runs on another
-core while Python code runs (measured: a Python loop ran at the same speed beside a refilling thread).
+synchronously. The refill keeps scales taken at least twice stocked; ``expect`` (``noise.draw_ahead``, called
+by the plain executor before its backend call where the vector lengths are public) starts a query's draws
+while its backend runs, so the first query at a new scale need not sample on its path either. The pool knows
+nothing of OpenDP: its ``sampler`` (``mechanisms._zero_draws``) is OpenDP's vector measurement applied to a
+vector of zeros, and ``mechanisms.noisy_vector`` adds the draws to the exact aggregates. OpenDP's calls go
+through ``ctypes.cdll``, which releases the GIL while Rust samples, so the refill runs on another core
+(measured: a Python loop ran at the same speed beside a refilling thread). The sampling still costs CPU:
+on a machine whose cores are all busy it competes with the query's own threads (docs/privacy.md#noise).
 
 Proof note (the release has exactly OpenDP's distribution). OpenDP's integer vector mechanism
 (``make_laplace`` / ``make_gaussian`` on ``vector_domain(atom_domain(T="i64"))``) maps x to
