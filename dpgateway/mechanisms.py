@@ -10,7 +10,10 @@ and ``scale = sensitivity / sqrt(2 rho)`` (Gaussian) and are nudged up until the
 A Gaussian plan's total rho is turned into the (epsilon, delta) the ledger debits by OpenDP's
 ``make_zCDP_to_approxDP`` and ``make_fix_delta`` (:func:`zcdp_to_approx`).
 
-OpenDP samples from the operating system's CSPRNG and cannot be seeded, by design.
+OpenDP samples from the operating system's CSPRNG and cannot be seeded, by design. The additive noise of
+:func:`noisy_vector` is drawn ahead of need (OpenDP's measurement applied to zeros, kept in a process-local
+:class:`~dpgateway.noise_pool.NoisePool`) and added to the exact aggregates; its proof note says why each
+release has exactly the distribution of the measurement applied to the aggregates.
 """
 
 from __future__ import annotations
@@ -21,14 +24,20 @@ from functools import lru_cache
 from statistics import NormalDist
 from typing import Any, Literal
 
+import numpy as np
 import opendp.prelude as dp
 
 from dpgateway.errors import InternalError, InvalidParameterError
+from dpgateway.noise_pool import NoisePool, enabled_by_environment
 
 dp.enable_features("contrib")
 
 _INT = "i64"
 I64_MAX = 2**63 - 1
+I64_MIN = -(2**63)  # OpenDP saturates a noisy i64 to [I64_MIN, I64_MAX]; our inputs to [-I64_MAX, I64_MAX]
+# Scales above this are noised directly, unpooled: a draw at the i64 bound (the rejection branch of
+# _released) has probability below exp(-2000) at or under it, and a release at a larger scale is noise anyway.
+POOL_MAX_SCALE = 2.0**52
 _VECTOR_SPACE = (dp.vector_domain(dp.atom_domain(T=_INT)), dp.l1_distance(T=_INT))
 _L2_SPACE = (dp.vector_domain(dp.atom_domain(T=_INT)), dp.l2_distance(T=_INT))
 # zCDP -> (epsilon, delta) is a function of rho alone: read it from OpenDP's conversion of a Gaussian whose map
@@ -223,18 +232,71 @@ def partition_threshold(scale: float, k: int, delta: float) -> tuple[int, float,
 
 
 def noisy_vector(values: Sequence[int], scale: float, mechanism: Mechanism = "laplace") -> list[int]:
-    """Add discrete Laplace (or discrete Gaussian) noise of ``scale`` (integer units) to each value."""
+    """Add discrete Laplace (or discrete Gaussian) noise of ``scale`` (integer units) to each value.
+
+    The noise comes from :data:`NOISE_POOL` (drawn ahead of need; see dpgateway/noise_pool.py for why the
+    release has exactly the distribution of OpenDP's measurement applied to ``values``), or, with the pool
+    off or above ``POOL_MAX_SCALE``, from that measurement itself.
+    """
     if not values:
         return []
     if set(map(type, values)) == {int} and min(values) >= -I64_MAX and max(values) <= I64_MAX:
         inputs = list(values)  # already in 64 bits: what _saturate gives, without a call per value
     else:
         inputs = [_saturate(v) for v in values]
-    if mechanism == "gaussian":
-        return list(_vector_gaussian(scale)(inputs))
-    if mechanism != "laplace":
+    if mechanism not in ("laplace", "gaussian"):
         raise InternalError(f"unknown noise mechanism {mechanism!r}; this is a bug")
-    return list(_vector_laplace(scale)(inputs))
+    pool = NOISE_POOL
+    if pool is None or not scale <= POOL_MAX_SCALE:
+        return list(_vector(mechanism, scale)(inputs))
+    draws = pool.take(mechanism, scale, len(inputs))
+    released = [x + z for x, z in zip(inputs, draws, strict=True)]
+    if min(draws) > I64_MIN and max(draws) < I64_MAX and min(released) >= I64_MIN and max(released) <= I64_MAX:
+        return released  # no draw at a bound, no sum out of 64 bits: OpenDP's sat(x + Z) is x + Z
+    return [_released(x, z, scale, mechanism) for x, z in zip(inputs, draws, strict=True)]
+
+
+def draw_ahead(mechanism: Mechanism, scale: float, n: int) -> None:
+    """Have the noise pool start drawing ``n`` values of ``mechanism`` at ``scale`` for a release expected soon
+    (nothing with the pool off, or where :func:`noisy_vector` would not pool)."""
+    pool = NOISE_POOL
+    if pool is not None and scale <= POOL_MAX_SCALE:
+        pool.expect(mechanism, scale, n)
+
+
+def _vector(mechanism: Mechanism, scale: float) -> dp.Measurement:
+    return _vector_gaussian(scale) if mechanism == "gaussian" else _vector_laplace(scale)
+
+
+def _zero_draws(mechanism: str, scale: float, n: int) -> list[int]:
+    """``n`` independent draws ``sat(Z)`` of ``mechanism`` at ``scale``: OpenDP's measurement applied to zeros.
+
+    The zeros go in as a NumPy int64 array: OpenDP then copies them in C instead of checking each value in
+    Python (1.5 ms of the GIL per 256 values), so the refill thread holds the GIL briefly. NumPy makes no noise.
+    """
+    measurement = _vector("gaussian" if mechanism == "gaussian" else "laplace", scale)
+    return list(measurement(np.zeros(n, dtype=np.int64)))
+
+
+def _released(x: int, w: int, scale: float, mechanism: Mechanism) -> int:
+    """OpenDP's release ``sat(x + Z)`` given the pooled draw ``w = sat(Z)`` (noise_pool.py's proof note).
+
+    ``w`` strictly inside the i64 range is Z itself. ``w`` at the bound on the side of ``x`` (or x = 0) means
+    x + Z is beyond that bound: the release saturates there. ``w`` at the other bound (probability below
+    exp(-2000) at pooled scales) leaves x + Z unknown: draw it from the law of sat(x + Z') given Z' beyond
+    the bound, by rejection from OpenDP's measurement applied to x (for x < 0: sat(x + Z') >= x + I64_MAX
+    exactly when Z' >= I64_MAX; symmetrically below).
+    """
+    if I64_MIN < w < I64_MAX:
+        return min(I64_MAX, max(I64_MIN, x + w))
+    if (w == I64_MAX and x >= 0) or (w == I64_MIN and x <= 0):
+        return w
+    measurement, batch = _vector(mechanism, scale), 8
+    while True:  # expected OpenDP draws over all releases: P(reaching here) / P(accepting) <= 1 per value
+        for y in measurement([x] * batch):  # the first acceptance of an independent sequence: batching is exact
+            if (w == I64_MAX and y >= x + I64_MAX) or (w == I64_MIN and y <= x + I64_MIN):
+                return int(y)
+        batch = min(2 * batch, 1024)
 
 
 def select_partitions(counts: Mapping[int, int], scale: float, threshold: int) -> dict[int, int]:
@@ -292,3 +354,6 @@ def _saturate(value: int) -> int:
     something about the data that the noisy answer does not.
     """
     return min(I64_MAX, max(-I64_MAX, int(value)))
+
+
+NOISE_POOL: NoisePool | None = NoisePool(_zero_draws) if enabled_by_environment() else None

@@ -7,6 +7,7 @@ from typing import Any
 
 import pandas as pd
 
+from dpgateway import mechanisms
 from dpgateway.connectors.base import ExactAggregates
 from dpgateway.errors import InternalError
 from dpgateway.mechanisms import Mechanism, noisy_vector, select_partitions
@@ -67,6 +68,27 @@ def noisy_integers(plan: DPPlan, exact: ExactAggregates) -> tuple[list[Key], dic
     }
 
 
+def draw_ahead(plan: DPPlan) -> None:
+    """Start drawing the plan's additive noise now, while its backend runs (dpgateway/noise_pool.py).
+
+    Only where the vector lengths are public: no group keys, or public key domains (cells x measurements of
+    each scale); with private keys the number of released cells depends on the data, so nothing is asked.
+    """
+    cells = public_cells(plan.group_keys) if plan.group_keys else [()]
+    if cells is None:
+        return
+    additive = [m for m in plan.measurements if m.kind != "quantile" and m.threshold is None]
+    for (scale, mechanism), group in _by_scale(additive).items():
+        mechanisms.draw_ahead(mechanism, scale, len(cells) * len(group))
+
+
+def _by_scale(measurements: list[Measurement]) -> dict[tuple[float, Mechanism], list[Measurement]]:
+    by_scale: dict[tuple[float, Mechanism], list[Measurement]] = {}
+    for m in measurements:
+        by_scale.setdefault((m.noise_scale, m.mechanism), []).append(m)
+    return by_scale
+
+
 def _noised_by_scale(measurements: list[Measurement], values: dict[str, list[int]]) -> dict[str, list[int]]:
     """Each measurement's values with the discrete noise of its mechanism and scale, one OpenDP call per
     distinct (scale, mechanism).
@@ -75,11 +97,8 @@ def _noised_by_scale(measurements: list[Measurement], values: dict[str, list[int
     measurements of one scale as one concatenated vector gives exactly the distribution of noising each
     alone (each measurement's privacy cost is accounted by the planner, not by this call); it saves
     OpenDP's fixed cost per call (about 0.1 ms)."""
-    by_scale: dict[tuple[float, Mechanism], list[Measurement]] = {}
-    for m in measurements:
-        by_scale.setdefault((m.noise_scale, m.mechanism), []).append(m)
     noisy: dict[str, list[int]] = {}
-    for (scale, mechanism), group in by_scale.items():
+    for (scale, mechanism), group in _by_scale(measurements).items():
         joined = noisy_vector([v for m in group for v in values[m.name]], scale, mechanism)
         start = 0
         for m in group:

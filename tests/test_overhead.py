@@ -12,6 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dpgateway import mechanisms, postprocess
+from dpgateway.noise_pool import NoisePool
 from dpgateway.sqlparse import READ_DIALECT, normal_forms, parse
 
 QUERIES = [
@@ -110,9 +111,16 @@ def test_column_evaluators_equal_the_per_value_ones(data: st.DataObject, width: 
     ],
 )
 def test_noise_input_is_the_saturated_aggregates(monkeypatch: pytest.MonkeyPatch, values: list[Any]) -> None:
-    """OpenDP's measurement gets exactly each value saturated into 64 bits, with or without the shortcut."""
+    """OpenDP's measurement gets exactly each value saturated into 64 bits, with or without the shortcut; with
+    the noise pool on, the pooled draws (here zeros) are added to exactly those values."""
     seen: list[list[int]] = []
     monkeypatch.setattr(mechanisms, "_vector_laplace", lambda scale: lambda xs: seen.append(xs) or xs)
+    monkeypatch.setattr(mechanisms, "NOISE_POOL", None)
     mechanisms.noisy_vector(values, 1.0)
     assert seen == [[mechanisms._saturate(v) for v in values]]
     assert all(type(v) is int for v in seen[0])
+    pool = NoisePool(lambda mechanism, scale, n: [0] * n)  # draws of zero: the release is the input itself
+    monkeypatch.setattr(mechanisms, "NOISE_POOL", pool)
+    released = mechanisms.noisy_vector(values, 1.0)
+    pool.close()
+    assert released == seen[0] and all(type(v) is int for v in released)

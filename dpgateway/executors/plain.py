@@ -9,7 +9,7 @@ from __future__ import annotations
 from dpgateway.connectors.base import Connector
 from dpgateway.errors import InternalError
 from dpgateway.executors.base import Evidence, Executor, NoisePlan, NoisyResult
-from dpgateway.noise import noisy_integers
+from dpgateway.noise import draw_ahead, noisy_integers
 from dpgateway.plan import DPPlan
 
 EVIDENCE = Evidence(executor="plain", noise_added_at="gateway", exact_values_seen_by="gateway")
@@ -27,6 +27,7 @@ class PlainExecutor(Executor):
     def execute(self, plan: DPPlan, noise: NoisePlan) -> NoisyResult:
         if plan.bounded_sql is None:
             raise InternalError("the plan has no verified backend SQL; this is a bug")
+        draw_ahead(plan)  # the noise is drawn while the backend runs (dpgateway/noise_pool.py)
         exact = self.connector.execute(plan.bounded_sql, plan.settings)
         cells, values = noisy_integers(plan, exact)
         return NoisyResult(
