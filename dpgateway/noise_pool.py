@@ -1,11 +1,12 @@
 """Additive noise drawn ahead of need: a bounded, process-local pool of OpenDP draws per (mechanism, scale).
 
 OpenDP's exact integer samplers cost about 15-25 µs per value, so a query releasing 150 values spends 3-4 ms
-sampling. :class:`NoisePool` moves that work off the query's path: ``take`` hands out draws made earlier (by
-one daemon thread, while the gateway waits on a backend or on the next query), and draws only the shortfall
-synchronously. The refill keeps scales taken at least twice stocked; ``expect`` (``noise.draw_ahead``, called
-by the plain executor before its backend call where the vector lengths are public) starts a query's draws
-while its backend runs, so the first query at a new scale need not sample on its path either. The pool knows
+sampling. :class:`NoisePool` moves that work off the query's path: ``expect`` (``noise.draw_ahead``, called by
+the plain executor before its backend call where the vector lengths are public) has one daemon thread draw a
+query's noise while its backend runs, ``take`` hands out those draws and draws only the shortfall
+synchronously. Nothing is drawn in the background otherwise: a refill after each take (tried first) ran
+while the query's ledger transactions ran, and the GIL hand-offs between the two threads made each debit
+3-4 ms slower instead of 1 ms (bench/README.md, session 8). The pool knows
 nothing of OpenDP: its ``sampler`` (``mechanisms._zero_draws``) is OpenDP's vector measurement applied to a
 vector of zeros, and ``mechanisms.noisy_vector`` adds the draws to the exact aggregates. OpenDP's calls go
 through ``ctypes.cdll``, which releases the GIL while Rust samples, so the refill runs on another core
@@ -33,8 +34,7 @@ coordinates are independent because their draws are. This holds because, and onl
   empty); a pool refuses to be pickled or copied;
 - draws never leave the process and are never logged: no ``repr``, audit record, error or metric shows one;
 - memory is bounded: at most ``scales`` (mechanism, scale) pairs, least recently used evicted, each holding
-  at most ``capacity`` draws; the refill keeps a scale taken at least twice ``depth`` times its largest take
-  ahead, most recently used first, and a scale taken once only what ``expect`` asked for;
+  at most ``capacity`` draws, and draws only what ``expect`` asked for and no take has used yet;
 - only additive noise is pooled: partition selection (``make_laplace_threshold``) releases which keys pass,
   which depends on the data through more than an added term, so it is sampled per query as before.
 Tests: tests/test_noise_pool.py (scale of pooled noise, no draw handed out twice under threads, a forked child
@@ -66,22 +66,21 @@ Sampler = Callable[[str, float, int], list[int]]  # n independent draws of (mech
 
 @dataclass(eq=False)
 class _Stock:
-    """Draws of one (mechanism, scale), handed out from the end; ``target``: how many the refill keeps."""
+    """Draws of one (mechanism, scale), handed out from the end; ``target``: how many the refill keeps (what
+    ``expect`` asked for, less what was taken since)."""
 
     draws: array = field(default_factory=lambda: array("q"))
     target: int = 0
-    takes: int = 0
-    largest: int = 0  # the largest take so far
 
 
 class NoisePool:
     """Pre-drawn noise per (mechanism, scale), refilled by one daemon thread; see the module's proof note."""
 
-    def __init__(self, sampler: Sampler, *, capacity: int = 2048, scales: int = 32, batch: int = 256, depth: int = 4):
-        if min(capacity, scales, batch, depth) < 1:
+    def __init__(self, sampler: Sampler, *, capacity: int = 2048, scales: int = 32, batch: int = 256):
+        if min(capacity, scales, batch) < 1:
             raise InternalError("a noise pool needs positive bounds; this is a bug")
         self._sampler = sampler
-        self.capacity, self.scales, self.batch, self.depth = capacity, scales, batch, depth
+        self.capacity, self.scales, self.batch = capacity, scales, batch
         self._start_empty()
         os.register_at_fork(after_in_child=_emptier(weakref.ref(self)))
 
@@ -107,8 +106,10 @@ class NoisePool:
                 pooled = stock.draws[start:]
                 del stock.draws[start:]
         fresh = self._sampler(mechanism, scale, n - len(pooled)) if len(pooled) < n else []
-        with self._lock:  # after a successful draw only (a scale OpenDP refuses, from expect, the refill drops)
-            self._want(key, n)
+        with self._lock:  # served: the refill draws no more of it
+            stock = self._stocks.get(key)
+            if stock is not None:
+                stock.target = max(0, stock.target - n)
         return pooled.tolist() + fresh
 
     def expect(self, mechanism: str, scale: float, n: int) -> None:
@@ -118,17 +119,8 @@ class NoisePool:
             return
         with self._lock:
             stock = self._stock((mechanism, scale))
-            stock.target = max(stock.target, min(self.capacity, n))
+            stock.target = min(self.capacity, stock.target + n)
             self._wake_refill()
-
-    def _want(self, key: Key, n: int) -> None:
-        """Record a take of ``n``: a scale taken twice is kept ``depth`` times its largest take ahead (a scale
-        taken once may never come back: its refill stops)."""
-        stock = self._stock(key)
-        stock.takes += 1
-        stock.largest = max(stock.largest, n)
-        stock.target = min(self.capacity, self.depth * stock.largest) if stock.takes >= 2 else 0
-        self._wake_refill()
 
     def _stock(self, key: Key) -> _Stock:
         """``key``'s stock, marked most recently used (created if new, evicting the least recent scale)."""

@@ -64,8 +64,7 @@ def discrete_laplace_moments(scale: float) -> tuple[float, float]:
 @pytest.mark.parametrize("mechanism", ["laplace", "gaussian"])
 def test_pooled_noise_has_the_configured_scale(real_pool: NoisePool, mechanism: str) -> None:
     scale, n = 20.0, 20_000
-    for _ in range(2):  # a scale taken twice is refilled: 4 x 7500 ahead, up to the capacity
-        noisy_vector([0] * 7500, scale, mechanism)
+    real_pool.expect(mechanism, scale, 30_000)
     assert real_pool.wait_full(60)
     held = real_pool.held()[(mechanism, scale)]
     assert held == 30_000  # the take below is served from the pool (drawn before the exact values existed)
@@ -111,16 +110,29 @@ def test_no_draw_is_handed_out_twice_under_threads() -> None:
 
 def test_take_serves_pooled_draws_first_then_draws_the_rest() -> None:
     sampler = Sentinels()
-    pool = NoisePool(sampler, capacity=100, depth=2)
+    pool = NoisePool(sampler, capacity=100)
     first = pool.take("laplace", 1.0, 30)  # nothing pooled: all synchronous
-    assert pool.wait_full(10) and pool.held() == {("laplace", 1.0): 0}  # taken once: maybe never again
     first += pool.take("laplace", 1.0, 30)
-    assert pool.wait_full(10)
-    assert pool.held() == {("laplace", 1.0): 60}  # taken twice: refilled to depth x the largest take
+    assert pool.wait_full(10) and pool.held() == {}  # takes alone never draw ahead
+    pool.expect("laplace", 1.0, 40)
+    assert pool.wait_full(10) and pool.held() == {("laplace", 1.0): 40}
     last_pooled = os.getpid() * 10**12 + sampler.issued
     second = pool.take("laplace", 1.0, 50)
     assert len(second) == 50 and not set(first) & set(second)
-    assert max(second) <= last_pooled  # the 50 came from the 60 pooled: none drawn on the query's path
+    assert sum(v <= last_pooled for v in second) == 40  # the 40 pooled first, then 10 drawn on the spot
+    assert pool.wait_full(10) and pool.held() == {("laplace", 1.0): 0}  # served: nothing drawn after it
+    pool.close()
+
+
+def test_expects_add_up_and_takes_use_them_up() -> None:
+    """Two queries of one scale in flight get draws for both; once both took theirs the refill stops."""
+    pool = NoisePool(Sentinels(), capacity=100)
+    pool.expect("laplace", 2.0, 30)
+    pool.expect("laplace", 2.0, 30)
+    assert pool.wait_full(10) and pool.held() == {("laplace", 2.0): 60}
+    pool.take("laplace", 2.0, 30)
+    pool.take("laplace", 2.0, 30)
+    assert pool.wait_full(10) and pool.held() == {("laplace", 2.0): 0}
     pool.close()
 
 
@@ -172,8 +184,7 @@ def test_fork_empties_the_pool_before_the_child_runs() -> None:
 def test_memory_is_bounded_over_many_scales() -> None:
     pool = NoisePool(Sentinels(), capacity=40, scales=8, batch=40)
     for i in range(500):
-        pool.take("laplace", 1.0 + i, 25)
-        pool.take("laplace", 1.0 + i, 25)
+        pool.expect("laplace", 1.0 + i, 60)
     assert pool.wait_full(10)
     held = pool.held()
     assert len(held) == 8 and all(count <= 40 for count in held.values())
@@ -189,7 +200,7 @@ def test_expect_draws_ahead_for_the_next_take() -> None:
     last_pooled = os.getpid() * 10**12 + sampler.issued
     drawn = pool.take("laplace", 5.0, 80)
     assert max(drawn) <= last_pooled  # all drawn before the take
-    assert pool.wait_full(10) and pool.held() == {("laplace", 5.0): 20}  # a first take: no refill
+    assert pool.wait_full(10) and pool.held() == {("laplace", 5.0): 20}  # what was asked for, less what was taken
     pool.close()
 
 
