@@ -85,6 +85,7 @@ def test_overhead_stages_cover_the_query_and_are_restored(monkeypatch: pytest.Mo
     assert (planner.PASSES, planner.parse, gateway.post_process, gateway.release, plain.noisy_integers) == before
 
 
+@pytest.mark.slow
 def test_cold_forms_candidates_give_the_current_integers(monkeypatch: pytest.MonkeyPatch) -> None:
     """bench/cold_forms.py asserts every exact candidate against the gateway's bounded SQL; a small run does that."""
     monkeypatch.syspath_prepend(str(RUN.parent))
