@@ -83,3 +83,39 @@ def test_overhead_stages_cover_the_query_and_are_restored(monkeypatch: pytest.Mo
     for stage in ("backend", "ledger", "noise (OpenDP)", "post-process", "accuracy statements"):
         assert stages[stage] > 0, stage
     assert (planner.PASSES, planner.parse, gateway.post_process, gateway.release, plain.noisy_integers) == before
+
+
+@pytest.mark.slow
+def test_cold_forms_candidates_give_the_current_integers(monkeypatch: pytest.MonkeyPatch) -> None:
+    """bench/cold_forms.py asserts every exact candidate against the gateway's bounded SQL; a small run does that."""
+    monkeypatch.syspath_prepend(str(RUN.parent))
+    forms = _load("cold_forms")
+    results = forms.run(20_000, 1)  # type: ignore[attr-defined]
+    assert set(results) == {"unfiltered", "filtered"}
+    exact = {name for name, (_, _, _, is_exact) in results["filtered"].items() if is_exact}
+    assert "single-cell units, MIN/MAX(branch index)" in exact and "exact count minus heavy correction" in exact
+
+
+def test_single_cell_form_equals_per_row_weights_on_adversarial_rows(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The single-cell ``COUNT(*) BY key`` form of bench/cold_forms.py against an independent per-row reference:
+    NULL units (dropped), NULL keys (a cell of their own), units mixing NULL and non-NULL keys, a unit of many
+    rows across cells, units of at most k rows, and a filter."""
+    import duckdb
+
+    monkeypatch.syspath_prepend(str(RUN.parent))
+    forms = _load("cold_forms")
+    rows = [(1, "a", 5.0)] * 40 + [(1, "b", -3.0)] * 7 + [(1, None, 1.0)] * 3  # 50 rows over three cells
+    rows += [(2, None, 1.0), (2, "a", 2.0), (3, None, None), (3, None, 4.0), (4, "b", 1.0)] + [(5, "c", -1.0)] * 9
+    rows += [(None, "a", 1.0), (None, None, 1.0), (6, "a", None), (6, "a", 7.0), (6, "c", 8.0), (6, "c", 9.0)]
+    con = duckdb.connect()
+    con.execute("CREATE TABLE t (pid BIGINT, k TEXT, income DOUBLE)")
+    con.executemany("INSERT INTO t VALUES (?, ?, ?)", rows)
+    scale, k = forms.S, forms.K  # type: ignore[attr-defined]
+    for where, keep in (("TRUE", lambda r: True), ("income > 0", lambda r: r[2] is not None and r[2] > 0)):
+        kept = [r for r in rows if r[0] is not None and keep(r)]
+        n = {u: sum(1 for r in kept if r[0] == u) for u in {r[0] for r in kept}}
+        expected: dict[object, int] = {}
+        for pid, key, _ in kept:
+            expected[key] = expected.get(key, 0) + scale * k // max(n[pid], k)
+        sql = forms.single_cell("typed AS (SELECT * FROM t)", "k", where)  # type: ignore[attr-defined]
+        assert dict(con.execute(sql).fetchall()) == expected
