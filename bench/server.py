@@ -248,15 +248,15 @@ def postgres_server(csv: Path) -> Iterator[str]:
 
 def paired(config: Path, seconds: float, *, rate: bool = True) -> dict[str, dict[str, float]]:
     """Wire overhead per statement, exactly paired: a server in this process (in a thread, no shadow) whose
-    ``Gateway.query`` is timed; one psycopg2 client sends the replayed and the fresh aggregate, and each
-    statement's client-side latency minus the time its own ``Gateway.query`` call took is the wire's cost for
-    that statement (protocol, session, thread hand-off, result typing and encoding, the loopback round trip).
-    A replay the server answers from memory (docs/server.md, "Answers from memory") makes no ``Gateway.query``
-    call: it is paired with a ``Gateway.query`` of the same statement made right after it, in this process.
+    ``Gateway.query`` is timed; one psycopg2 client, in a process of its own, sends the replayed and the fresh
+    aggregate, and each statement's client-side latency minus the time its own ``Gateway.query`` call took is
+    the wire's cost for that statement (protocol, session, thread hand-off, result typing and encoding, the
+    loopback round trip). A replay the server answers from memory (docs/server.md, "Answers from memory")
+    makes no ``Gateway.query`` call: it is paired with a ``Gateway.query`` of the same statement made after
+    the client's run, in this process. (Until session 8 the client was a thread of this process, so each
+    statement's figure also held the client's waits for this process's GIL, which no real client has.)
     Then (``rate``) ``Gateway.query`` alone from 16 threads: the most the server could answer, whatever the wire."""
     import asyncio
-
-    import psycopg2
 
     from dpgateway import Gateway
     from dpgateway.budget_store.users import UserStore
@@ -265,9 +265,9 @@ def paired(config: Path, seconds: float, *, rate: bool = True) -> dict[str, dict
 
     cfg = load_config(config)
     cfg = dataclasses.replace(cfg, ledger=f"sqlite:///{config.parent / 'api-ledger.db'}")
-    out: dict[str, dict[str, float]] = {}
+    results: dict[str, dict[str, float]] = {}
     with Gateway(cfg) as gw:
-        inner: list[float] = []
+        calls: list[tuple[str, float]] = []  # each Gateway.query call: its SQL and its time (ms), in order
         query = gw.query
 
         def timed(sql: str, **kwargs: Any) -> Any:
@@ -275,7 +275,7 @@ def paired(config: Path, seconds: float, *, rate: bool = True) -> dict[str, dict
             try:
                 return query(sql, **kwargs)
             finally:
-                inner.append((time.perf_counter() - start) * 1000)
+                calls.append((sql, (time.perf_counter() - start) * 1000))
 
         gw.query = timed  # type: ignore[method-assign]
         users = UserStore.beside(gw.store, cfg.ledger)
@@ -294,29 +294,33 @@ def paired(config: Path, seconds: float, *, rate: bool = True) -> dict[str, dict
         thread = threading.Thread(target=serve, daemon=True)
         thread.start()
         started.wait(30)
-        conn = psycopg2.connect(f"host=127.0.0.1 port={server.port} user=bench password={PASSWORD} dbname=dpgateway")
-        conn.autocommit = True
-        cur = conn.cursor()
+        dsn = f"host=127.0.0.1 port={server.port} user=bench password={PASSWORD} dbname=dpgateway"
+        ctx = mp.get_context("spawn")
         try:
             for query_name in ("replayed DP", "fresh DP"):
                 n = 900_000_000 + (10_000_000 if query_name == "fresh DP" else 0)
-                wire_ms: list[float] = []
-                api_ms: list[float] = []
-                end = time.perf_counter() + seconds + 1
-                while time.perf_counter() < end:
-                    n += 1
-                    inner.clear()
-                    start = time.perf_counter()
-                    cur.execute(statement(query_name, n))
-                    cur.fetchall()
-                    wire_ms.append((time.perf_counter() - start) * 1000)
-                    del conn.notices[:]
-                    if not inner:  # answered from the server's memory, without Gateway.query: time the API alone
-                        timed(statement(query_name, n), analyst="bench")
-                    api_ms.append(inner[0])
+                calls.clear()
+                out = ctx.Queue()
+                client = ctx.Process(target=_paired_client, args=(dsn, query_name, n, seconds + 1, out))
+                client.start()
+                sent = out.get(timeout=seconds + 120)
+                client.join(30)
+                if isinstance(sent, Exception):
+                    raise sent
+                wire_ms, api_ms = [], []
+                server_side = iter(list(calls))
+                pending = next(server_side, None)
+                for sql, ms in sent:  # one client, one statement at a time: the server's calls come in its order
+                    wire_ms.append(ms)
+                    if pending is not None and pending[0] == sql:
+                        api_ms.append(pending[1])
+                        pending = next(server_side, None)
+                    else:  # answered from the server's memory, without Gateway.query: time the API alone
+                        timed(sql, analyst="bench")
+                        api_ms.append(calls[-1][1])
                 wire_ms, api_ms = wire_ms[5:], api_ms[5:]  # warm-up
                 diffs = sorted(w - a for w, a in zip(wire_ms, api_ms, strict=True))
-                out[query_name] = {
+                out_stats = {
                     "pairs": len(diffs),
                     "wire_p50": statistics.median(wire_ms),
                     "api_p50": statistics.median(api_ms),
@@ -325,17 +329,43 @@ def paired(config: Path, seconds: float, *, rate: bool = True) -> dict[str, dict
                     "diff_p75": _quantile(diffs, 0.75),
                     "diff_p90": _quantile(diffs, 0.9),
                 }
+                results[query_name] = out_stats
             for query_name in (
                 ("replayed DP", "fresh DP") if rate else ()
             ):  # Gateway.query alone, 16 threads: the API's own rate
-                out[query_name]["api_qps_16"] = _api_rate(query, query_name, seconds)
+                results[query_name]["api_qps_16"] = _api_rate(query, query_name, seconds)
         finally:
-            conn.close()
             asyncio.run_coroutine_threadsafe(server.close(), loop).result(30)
             loop.call_soon_threadsafe(loop.stop)
             thread.join(30)
             loop.close()
-    return out
+    return results
+
+
+def _paired_client(dsn: str, query_name: str, first_n: int, seconds: float, out: Any) -> None:
+    """The client of :func:`paired`, in a process of its own as a real client would be (a psycopg2 thread in the
+    server's process would wait for that process's GIL): each statement's SQL and latency (ms), in order."""
+    import psycopg2
+
+    try:
+        conn = psycopg2.connect(dsn)
+        conn.autocommit = True
+        cur = conn.cursor()
+        sent: list[tuple[str, float]] = []
+        n, end = first_n, time.perf_counter() + seconds
+        while time.perf_counter() < end:
+            n += 1
+            sql = statement(query_name, n)
+            start = time.perf_counter()
+            cur.execute(sql)
+            cur.fetchall()
+            sent.append((sql, (time.perf_counter() - start) * 1000))
+            del conn.notices[:]
+        conn.close()
+    except Exception as exc:  # reported by the parent
+        out.put(exc)
+        return
+    out.put(sent)
 
 
 def _api_rate(query: Any, query_name: str, seconds: float, threads: int = 16) -> float:

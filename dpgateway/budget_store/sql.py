@@ -41,7 +41,8 @@ Tests: ``tests/ledger/test_concurrency.py`` (exactly N of 400 racing reservation
 ``tests/ledger/test_caps.py`` (window expiry, commit above the reservation is an internal error).
 
 Proof note (crashes). ``commit`` (the debit) is a committed database transaction before the gateway
-releases the answer, so a crash at any point leaves either no released answer or a debit. A
+releases the answer, so a crash of the process at any point leaves either no released answer or a debit (a
+power loss, on SQLite, either no released answer or a charge at least as large: below). A
 reservation whose process died is indistinguishable from one whose query touched the data, so it is
 never dropped: it keeps counting at its reserved amount until it leaves the window, and after the
 lease it is marked ``abandoned`` in the ledger and the audit log. Test: ``tests/ledger/test_crash.py``.
