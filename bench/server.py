@@ -485,10 +485,10 @@ def markdown(results: dict[str, Any], args: argparse.Namespace, command: str) ->
         lines += [
             "",
             "Wire overhead, paired per statement: a server in the bench process whose `Gateway.query` is timed; one "
-            "psycopg2 client sends the statement, and its latency minus the time its own `Gateway.query` call "
+            "psycopg2 client, in a process of its own, sends the statement, and its latency minus the time its own `Gateway.query` call "
             "took is what the wire added (protocol, session, thread hand-off, result typing and encoding, loopback "
             "round trip; a replay answered from the server's memory is paired with a `Gateway.query` of the same "
-            "statement right after it). Median (and quartiles, 90th percentile) over the statements of a run, median over runs:",
+            "statement made after the client's run). Median (and quartiles, 90th percentile) over the statements of a run, median over runs:",
             "",
             "| statement | statements | wire p50 ms | `Gateway.query` p50 ms | wire - API, median ms | quartiles ms |"
             " p90 ms | `Gateway.query` q/s, 16 threads |",
