@@ -55,13 +55,15 @@ def noisy_integers(plan: DPPlan, exact: ExactAggregates) -> tuple[list[Key], dic
     by_key: dict[Key, tuple[Any, ...]] = {tuple(row[:n_keys]): row for row in exact.rows}
     if len(exact.columns) != n_keys + len(plan.measurements):
         raise InternalError("the backend returned an unexpected number of columns")
-    cells = public_cells(plan.group_keys) if n_keys else [()]
+    public = _public_additive(plan)
     noisy: dict[str, list[int]] = {}
-    if cells is None:
+    if public is not None:
+        cells, by_scale = list(public[0]), public[1]
+    else:
         cells, noisy = _select(plan, by_key)
+        by_scale = _by_scale([m for m in plan.measurements if m.name not in noisy and m.kind != "quantile"])
     values = exact_vectors(by_key, cells, n_keys, [m.name for m in plan.measurements])
-    additive = [m for m in plan.measurements if m.name not in noisy and m.kind != "quantile"]
-    noisy.update(_noised_by_scale(additive, values))
+    noisy.update(_noised_by_scale(by_scale, values))
     return cells, {
         m.name: noisy[m.name] if m.name in noisy else noisy_indexes(plan, m, histograms, cells)
         for m in plan.measurements
@@ -74,22 +76,39 @@ def draw_ahead(plan: DPPlan) -> None:
     Only where the vector lengths are public: no group keys, or public key domains (cells x measurements of
     each scale); with private keys the number of released cells depends on the data, so nothing is asked.
     """
-    cells = public_cells(plan.group_keys) if plan.group_keys else [()]
-    if cells is None:
+    public = _public_additive(plan)
+    if public is None:
         return
-    additive = [m for m in plan.measurements if m.kind != "quantile" and m.threshold is None]
-    for (scale, mechanism), group in _by_scale(additive).items():
+    cells, by_scale = public
+    for (scale, mechanism), group in by_scale.items():
         mechanisms.draw_ahead(mechanism, scale, len(cells) * len(group))
 
 
-def _by_scale(measurements: list[Measurement]) -> dict[tuple[float, Mechanism], list[Measurement]]:
-    by_scale: dict[tuple[float, Mechanism], list[Measurement]] = {}
+ByScale = dict[tuple[float, Mechanism], list[Measurement]]
+
+
+def _public_additive(plan: DPPlan) -> tuple[tuple[Key, ...], ByScale] | None:
+    """With public cells (no group keys, or public key domains): the cells and the additive measurements
+    (all but quantiles: no threshold applies) by scale, once per plan, so that what :func:`draw_ahead` asks
+    of the pool is exactly what :func:`noisy_integers` takes. None with private keys (selection first)."""
+
+    def compute(plan: DPPlan) -> tuple[tuple[Key, ...], ByScale] | None:
+        cells = public_cells(plan.group_keys) if plan.group_keys else [()]
+        if cells is None:
+            return None
+        return tuple(cells), _by_scale([m for m in plan.measurements if m.kind != "quantile"])
+
+    return plan.memo("noise.public_additive", compute)
+
+
+def _by_scale(measurements: list[Measurement]) -> ByScale:
+    by_scale: ByScale = {}
     for m in measurements:
         by_scale.setdefault((m.noise_scale, m.mechanism), []).append(m)
     return by_scale
 
 
-def _noised_by_scale(measurements: list[Measurement], values: dict[str, list[int]]) -> dict[str, list[int]]:
+def _noised_by_scale(by_scale: ByScale, values: dict[str, list[int]]) -> dict[str, list[int]]:
     """Each measurement's values with the discrete noise of its mechanism and scale, one OpenDP call per
     distinct (scale, mechanism).
 
@@ -98,7 +117,7 @@ def _noised_by_scale(measurements: list[Measurement], values: dict[str, list[int
     alone (each measurement's privacy cost is accounted by the planner, not by this call); it saves
     OpenDP's fixed cost per call (about 0.1 ms)."""
     noisy: dict[str, list[int]] = {}
-    for (scale, mechanism), group in _by_scale(measurements).items():
+    for (scale, mechanism), group in by_scale.items():
         joined = noisy_vector([v for m in group for v in values[m.name]], scale, mechanism)
         start = 0
         for m in group:

@@ -34,7 +34,7 @@ def test_same_scale_measurements_share_a_call_but_not_their_noise(monkeypatch) -
         Measurement("d", "sum", None, noise_scale=20.0, mechanism="gaussian"),  # same scale, other mechanism
     ]
     values = {"a": [1000] * N, "b": [-7] * N, "c": [0] * N, "d": [0] * N}
-    out = noise._noised_by_scale(ms, values)
+    out = noise._noised_by_scale(noise._by_scale(ms), values)
     # one call per (scale, mechanism)
     assert sorted(calls) == [(N, 5.0, "laplace"), (N, 20.0, "gaussian"), (2 * N, 20.0, "laplace")]
     a, b, c = (np.array(out[name]) - values[name][0] for name in "abc")
