@@ -19,9 +19,10 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import pytest
+import sqlglot
 from helpers import exact_by_group, make_gateway
 
-from dpgateway import Gateway
+from dpgateway import Gateway, sqlparse
 from dpgateway.errors import DPGatewayError
 
 K = 2
@@ -87,6 +88,10 @@ CASES: list[tuple[str, Value]] = [
     ("COUNT(*) FILTER (WHERE income > 50000)", lambda f: _when(f["income"] > 50000, 1.0)),
     ("COUNT(CASE WHEN score < 0 THEN 1 END)", lambda f: _when(f["score"] < 0, 1.0)),
     ("COUNT(score) FILTER (WHERE age >= 40)", lambda f: _when(f["age"] >= 40, f["score"])),
+    # IS NOT NULL: sqlglot 30 reads it as one flagged node, which verification once refused (sqlparse.py)
+    ("SUM(income) FILTER (WHERE score IS NOT NULL)", lambda f: _when(f["score"].notna(), _clip(f, "income"))),
+    ("COUNT(*) FILTER (WHERE age IS NOT NULL AND NOT sex IS NULL)", lambda f: _when(f["age"].notna() & f["sex"].notna(), 1.0)),
+    ("SUM(CASE WHEN income IS NOT NULL THEN score END)", lambda f: _when(f["income"].notna(), _clip(f, "score"))),
 ]  # fmt: skip
 
 
@@ -315,3 +320,41 @@ def test_random_expressions_stay_inside_their_derived_interval(gateway: Gateway,
         assert all(lo <= v <= hi for v in values), (text, lo, hi, min(values), max(values))
         accepted += 1
     assert accepted >= 120, accepted  # the grammar is mostly within what is answered
+
+
+@pytest.mark.parametrize(
+    ("negated", "plain"),
+    [
+        ("x IS NOT NULL", "NOT x IS NULL"),
+        ("x NOT LIKE 'a%'", "NOT x LIKE 'a%'"),
+        ("x NOT ILIKE 'a%'", "NOT x ILIKE 'a%'"),
+        ("(x + 1 IS NOT NULL) = y", "(NOT x + 1 IS NULL) = y"),
+    ],
+)
+def test_negated_predicates_parse_as_not_around_the_plain_node(negated: str, plain: str) -> None:
+    """One tree for both spellings, with no ``negate`` flag left: the shape every dialect reads back."""
+    parsed = sqlparse.parse(f"SELECT COUNT(*) FROM t WHERE {negated}")
+    assert parsed == sqlparse.parse(f"SELECT COUNT(*) FROM t WHERE {plain}")
+    assert not any(node.args.get("negate") for node in parsed.walk())
+    for dialect in ("duckdb", "postgres", "spark"):
+        assert sqlglot.parse_one(parsed.sql(dialect), read=dialect) == parsed
+
+
+def test_is_not_null_in_where_and_in_a_group_key_runs(gateway: Gateway) -> None:
+    """Verification once refused every query with ``IS NOT NULL`` (42501); now they run like ``NOT ... IS NULL``."""
+    pairs = [
+        ("SELECT COUNT(*) FROM t WHERE score IS NOT NULL", "SELECT COUNT(*) FROM t WHERE NOT score IS NULL"),
+        (
+            "SELECT CASE WHEN score IS NOT NULL THEN 1 ELSE 0 END AS known, SUM(income) FROM t GROUP BY 1",
+            "SELECT CASE WHEN NOT score IS NULL THEN 1 ELSE 0 END AS known, SUM(income) FROM t GROUP BY 1",
+        ),
+    ]
+    for negated, plain in pairs:
+        answers = []
+        for sql in (negated, plain):
+            plan = gateway.explain(sql).plan
+            assert plan is not None
+            answers.append(
+                exact_by_group(gateway.connector.execute(plan.bounded_sql, plan.settings), len(plan.group_keys))
+            )
+        assert answers[0] == answers[1] and answers[0]

@@ -38,6 +38,7 @@ IDENTICAL = [
     ("unit_weighted", "SELECT VARIANCE(age), STDDEV(income) FROM pums WHERE income BETWEEN 1000 AND 90000"),
     ("unit_weighted", "SELECT COUNT(*), COUNT(age), SUM(income), AVG(age) FROM pums WHERE age > 30 OR sex = 2"),
     ("unit_count", "SELECT COUNT(*) FROM pums WHERE age >= 40"),
+    ("unit_weighted", "SELECT COUNT(age), SUM(income) FROM pums WHERE income IS NOT NULL AND age IS NOT NULL"),
     # row expressions (passes/intervals.py) and FILTER: PostgreSQL semantics on every backend
     ("weighted", "SELECT age / 10, COUNT(*), SUM(income) FROM pums GROUP BY age / 10"),
     ("weighted", "SELECT width_bucket(income, 0, 100000, 7), COUNT(*), AVG(age) FROM pums GROUP BY 1"),
