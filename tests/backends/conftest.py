@@ -52,7 +52,12 @@ class PostgresDatabase:
     def load(self, name: str, frame: pd.DataFrame, types: dict[str, str] | None = None) -> None:
         types = types or {}
         columns = ", ".join(f'"{c}" {types.get(c, PG_TYPES[str(frame[c].dtype)])}' for c in frame.columns)
-        rows = [tuple(None if v is None or v is pd.NA else v for v in row) for row in frame.itertuples(index=False)]
+        # pandas 3's ``str`` columns hold NaN for a missing value: NULL, not the text 'NaN' (a float NaN stays)
+        text = [str(frame[c].dtype) == "str" for c in frame.columns]
+        rows = [
+            tuple(None if v is None or v is pd.NA or (t and v != v) else v for v, t in zip(row, text, strict=True))
+            for row in frame.itertuples(index=False)
+        ]
         with psycopg2.connect(self.admin_url) as conn, conn.cursor() as cur:
             cur.execute(f'DROP TABLE IF EXISTS census."{name}"; CREATE TABLE census."{name}" ({columns})')
             if rows:
