@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import pytest
+import tpch
 import yaml
 
 from dpgateway import Gateway
@@ -368,3 +369,31 @@ def test_a_prepared_copy_gives_the_on_the_fly_aggregates(tmp_path: Path, sql: st
         assert copied == cold
         assert run(sql.replace(" FROM t", " FROM t WHERE age > 50"))[0].prepared is None  # filter first: on the fly
         assert run("SELECT region, SUM(income * 2) FROM t GROUP BY region")[0].prepared is None  # not stored
+
+
+def test_joined_relations_take_the_form_by_the_joined_tables_declarations(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A join keeps a joined column's declaration: customer's segment, per customer, groups the joined rows per
+    customer; no customer exceeds k there, so the answer is the weighted form's exactly."""
+    policy = tpch.policy
+    sql = (
+        "SELECT c_mktsegment, COUNT(*), SUM(o_totalprice), AVG(c_acctbal) FROM customer JOIN orders "
+        "ON c_custkey = o_custkey WHERE o_totalprice > 1000 GROUP BY c_mktsegment"
+    )
+    results = []
+    for per_unit in (True, False):
+
+        def declared(sources: dict[str, Any], per_unit: bool = per_unit) -> dict[str, Any]:
+            tables = policy(sources)
+            tables["customer"]["columns"]["c_mktsegment"]["per_unit"] = per_unit
+            return tables
+
+        monkeypatch.setattr(tpch, "policy", declared)
+        with tpch.gateway(tmp_path / str(per_unit), tpch.generate(200)) as gw:
+            plan = gw.explain(sql).plan
+            assert plan is not None and plan.relation is not None
+            results.append((plan.rewrite, sorted(gw.connector.execute(plan.bounded_sql).rows)))
+    (grouped, per_unit_rows), (weighted, weighted_rows) = results
+    assert (grouped, weighted) == ("unit_grouped", "weighted")
+    assert per_unit_rows == weighted_rows and len(per_unit_rows) == 5
