@@ -1,10 +1,11 @@
-"""``python bench/run.py --only cold``: the cold path alone, as planned now and as planned before session 7.
+"""``python bench/run.py --only cold``: the cold path alone, as planned now and as planned before session 9.
 
 Per query shape (unfiltered and filtered, bench/run.py's workloads), each repetition times the raw aggregate,
-the per-person floor, the DP query as planned now and the DP query as planned before (unfiltered scalar
-queries weighted per row, with ``n_u`` joined back, instead of pre-aggregated per person; ``TRY`` around
-every ``CASE`` group key), alternating, so the
-machine's load moves all four alike. Printed only: RESULTS.md and results.json keep the full run's figures.
+the per-person floor, the DP query as planned now and the DP query as planned before (the same policy without its
+``per_unit`` declarations: grouped queries by ``region`` weighted per row, with ``n_u`` joined back, instead of
+pre-aggregated per person; the other shapes plan alike in both, so their two columns show the run's noise),
+alternating, so the machine's load moves all four alike. Printed only: RESULTS.md and results.json keep the full
+run's figures.
 """
 
 from __future__ import annotations
@@ -12,8 +13,6 @@ from __future__ import annotations
 import statistics
 import tempfile
 from collections import defaultdict
-from collections.abc import Iterator
-from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -21,34 +20,8 @@ import duckdb
 from rich.console import Console
 from rich.table import Table as RichTable
 from run import FILTERED, FLOOR_SQL, SHAPES, generate, timed, write_config
-from sqlglot import exp
 
-from dpgateway import Gateway, planner
-from dpgateway.passes import total
-from dpgateway.passes.context import PlanContext
-from dpgateway.passes.rewrite import choose_rewrite
-from dpgateway.plan import DPPlan
-from dpgateway.planner import PlanCache
-
-
-def _rewrite_before(plan: DPPlan, *, ctx: PlanContext) -> DPPlan:
-    plan = choose_rewrite(plan, ctx=ctx)
-    return plan.with_(rewrite="weighted") if plan.rewrite == "unit_weighted" and plan.where is None else plan
-
-
-@contextmanager
-def previous_cold_path(gw: Gateway, cache: PlanCache) -> Iterator[None]:
-    """Plan as before session 7 (for ``--only cold``'s before/after in the same run), with ``cache`` as the plan
-    cache (its key does not cover these patches)."""
-    saved = planner.PASSES, total.cannot_fail, gw._plans
-    cannot_fail = total.cannot_fail
-    planner.PASSES = tuple(_rewrite_before if p is choose_rewrite else p for p in planner.PASSES)
-    total.cannot_fail = lambda e, t: not isinstance(e, exp.Case) and cannot_fail(e, t)  # type: ignore[assignment]
-    gw._plans = cache
-    try:
-        yield
-    finally:
-        planner.PASSES, total.cannot_fail, gw._plans = saved
+from dpgateway import Gateway
 
 
 def cold_run(rows: int, reps: int) -> dict[str, Any]:
@@ -61,8 +34,11 @@ def cold_run(rows: int, reps: int) -> dict[str, Any]:
     floors: list[float] = []
     with tempfile.TemporaryDirectory() as tmp:
         raw = duckdb.connect()
-        before_plans = PlanCache()
-        with Gateway.from_config(write_config(Path(tmp), source)) as gw:
+        (Path(tmp) / "before").mkdir()
+        with (
+            Gateway.from_config(write_config(Path(tmp), source)) as gw,
+            Gateway.from_config(write_config(Path(tmp) / "before", source, per_unit=False)) as old,
+        ):
             for label, shapes in (("unfiltered", SHAPES), ("filtered", FILTERED)):
                 now: dict[str, Any] = {}
                 before: dict[str, Any] = {}
@@ -76,14 +52,12 @@ def cold_run(rows: int, reps: int) -> dict[str, Any]:
                         times["floor"].append(timed(lambda: raw.execute(floor_sql).fetchall()))
                         sql = dp_sql.format(alias=f"v{label[0]}n{i}", n=n)
                         times["now"].append(timed(lambda s=sql: gw.query(s, analyst="bench", epsilon=1.0)))
-                        with previous_cold_path(gw, before_plans):
-                            sql = dp_sql.format(alias=f"v{label[0]}b{i}", n=n + 1000)
-                            times["before"].append(timed(lambda s=sql: gw.query(s, analyst="bench", epsilon=1.0)))
+                        sql = dp_sql.format(alias=f"v{label[0]}b{i}", n=n + 1000)
+                        times["before"].append(timed(lambda s=sql: old.query(s, analyst="bench", epsilon=1.0)))
                     floor = statistics.median(times["floor"])
                     floors.append(floor)
-                    for which, into in (("now", now), ("before", before)):
-                        with previous_cold_path(gw, before_plans) if which == "before" else nullcontext():
-                            plan = gw.explain(dp_sql.format(alias="v", n=0), epsilon=1.0).plan
+                    for which, into, gateway in (("now", now, gw), ("before", before, old)):
+                        plan = gateway.explain(dp_sql.format(alias="v", n=0), epsilon=1.0).plan
                         dp = statistics.median(times[which])
                         into[name] = {
                             "dp_ms": dp,
@@ -103,17 +77,18 @@ def print_cold(results: list[dict[str, Any]]) -> None:
     console = Console(width=160)
     for run in results:
         table = RichTable(title=f"cold path, {run['rows']:,} rows (floor {run['floor_ms']:.0f} ms)")
-        for column in ("query", "workload", "raw ms", "DP ms", "DP/floor", "rewrite", "before ms", "before/floor"):
+        columns = ("query", "workload", "raw ms", "DP ms", "DP/floor", "rewrite", "before ms", "before/floor", "before")
+        for column in columns:
             table.add_column(column)
         for label in ("unfiltered", "filtered"):
             for name, now in run[label].items():
                 before = run[label + " (before)"][name]
                 table.add_row(
                     name, label, f"{now['raw_ms']:.1f}", f"{now['dp_ms']:.1f}", f"{now['dp_floor_ratio']:.2f}x",
-                    now["rewrite"], f"{before['dp_ms']:.1f}", f"{before['dp_floor_ratio']:.2f}x",
+                    now["rewrite"], f"{before['dp_ms']:.1f}", f"{before['dp_floor_ratio']:.2f}x", before["rewrite"],
                 )  # fmt: skip
             table.add_row(
                 "median", label, "", "", f"{run[f'median_dp_floor {label}']:.2f}x", "", "",
-                f"{run[f'median_dp_floor {label} (before)']:.2f}x",
+                f"{run[f'median_dp_floor {label} (before)']:.2f}x", "",
             )  # fmt: skip
         console.print(table)

@@ -1,9 +1,12 @@
 """``python bench/cold_forms.py --rows 10000000 --reps 5``: candidate SQL forms of the cold path's bounded queries
 (issue 19), each timed on a plain DuckDB connection interleaved with the per-person floor. Printed only.
 
-The current forms are the bounded SQL ``Gateway.explain`` plans for bench/run.py's shapes; each candidate reads the
-same ``typed`` CTE (taken from that plan's tree) and, unless marked as another estimator, must return exactly the
-same integers as the current form (checked on every run). Wall time and the process's CPU time (DuckDB's threads
+The current forms are the bounded SQL ``Gateway.explain`` plans for bench/run.py's shapes under its policy without
+the ``per_unit`` declarations (the per-row weighted forms, as before session 9); each candidate reads the same ``typed``
+CTE (taken from that plan's tree) and, unless marked as another estimator, must return exactly the same integers as
+the current form (checked on every run). The ``unit_grouped`` forms the gateway plans for the region shapes with
+``region`` declared ``per_unit`` (session 9) are timed beside them, not compared (each person's total is truncated
+once, not each row: tests/test_unit_grouped.py checks them). Wall time and the process's CPU time (DuckDB's threads
 included: steadier than wall time when other jobs share the cores) are both given as ratios to the floor measured
 in the same repetitions. Results: bench/README.md, "Session 8".
 """
@@ -160,37 +163,59 @@ def run(rows: int, reps: int) -> dict[str, dict[str, tuple[str, float, float, bo
     src = f"read_parquet('{source}')"
     raw = duckdb.connect()
     raw.execute("SET enable_progress_bar = false")
-    with tempfile.TemporaryDirectory() as tmp, Gateway.from_config(write_config(Path(tmp), source)) as gw:
-        for label, shapes, where in (("unfiltered", SHAPES, "TRUE"), ("filtered", FILTERED, "income > -5")):
-            current, typed = typed_ctes(gw, shapes)
-            forms = {f"current: {name}": (name, current[name], True) for name in current}
-            forms |= candidates(typed, where)
-            if label == "unfiltered":
-                forms |= payload(src)
-            expected = {name: sorted(raw.execute(current[name]).fetchall()) for name in current}
-            for name, (shape, sql, exact) in forms.items():
-                got = sorted(raw.execute(sql).fetchall())
-                assert not exact or got == expected[shape], (name, got[:3], expected[shape][:3])
-            mod_3 = [sorted(raw.execute(sql).fetchall()) for shape, sql, _ in forms.values() if shape.endswith("% 3")]
-            assert mod_3[0] == mod_3[1], mod_3
-            wall: dict[str, list[float]] = {name: [] for name in ["floor", *forms]}
-            cpu: dict[str, list[float]] = {name: [] for name in wall}
-            statements = {"floor": FLOOR_SQL.format(src=src)} | {name: sql for name, (_, sql, _) in forms.items()}
-            for _ in range(reps):
-                for name, sql in statements.items():
-                    start, start_cpu = time.perf_counter(), time.process_time()
-                    raw.execute(sql).fetchall()
-                    wall[name].append(time.perf_counter() - start)
-                    cpu[name].append(time.process_time() - start_cpu)
-            floor, floor_cpu = statistics.median(wall["floor"]), statistics.median(cpu["floor"])
-            print(f"\n{rows:,} rows, {label}: floor {floor * 1000:.0f} ms wall, {floor_cpu * 1000:.0f} ms CPU")
-            out[label] = {}
-            for name, (shape, _, exact) in forms.items():
-                ratio, ratio_cpu = statistics.median(wall[name]) / floor, statistics.median(cpu[name]) / floor_cpu
-                out[label][name] = (shape, ratio, ratio_cpu, exact)
-                mark = "" if exact else "  (not compared)"
-                print(f"  {shape:22s} {name:58s} wall {ratio:5.2f}x  CPU {ratio_cpu:5.2f}x{mark}")
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "per_unit").mkdir()
+        weighted = Gateway.from_config(write_config(Path(tmp), source, per_unit=False))
+        per_unit = Gateway.from_config(write_config(Path(tmp) / "per_unit", source))
+        with weighted as gw, per_unit:
+            for label, shapes, where in (("unfiltered", SHAPES, "TRUE"), ("filtered", FILTERED, "income > -5")):
+                out[label] = _run_workload(raw, gw, per_unit, label, shapes, where, src, reps, rows)
     return out
+
+
+def _run_workload(
+    raw: duckdb.DuckDBPyConnection,
+    gw: Gateway,
+    per_unit: Gateway,
+    label: str,
+    shapes: dict[str, tuple[str, str]],
+    where: str,
+    src: str,
+    reps: int,
+    rows: int,
+) -> dict[str, tuple[str, float, float, bool]]:
+    """One workload's forms, checked and timed; form -> (shape, wall ratio, CPU ratio, exact)."""
+    current, typed = typed_ctes(gw, shapes)
+    forms = {f"current: {name}": (name, current[name], True) for name in current}
+    grouped, _ = typed_ctes(per_unit, {name: shapes[name] for name in shapes if "BY region" in name})
+    forms |= {f"unit_grouped: {name}": (name, sql, False) for name, sql in grouped.items()}
+    forms |= candidates(typed, where)
+    if label == "unfiltered":
+        forms |= payload(src)
+    expected = {name: sorted(raw.execute(current[name]).fetchall()) for name in current}
+    for name, (shape, sql, exact) in forms.items():
+        got = sorted(raw.execute(sql).fetchall())
+        assert not exact or got == expected[shape], (name, got[:3], expected[shape][:3])
+    mod_3 = [sorted(raw.execute(sql).fetchall()) for shape, sql, _ in forms.values() if shape.endswith("% 3")]
+    assert mod_3[0] == mod_3[1], mod_3
+    wall: dict[str, list[float]] = {name: [] for name in ["floor", *forms]}
+    cpu: dict[str, list[float]] = {name: [] for name in wall}
+    statements = {"floor": FLOOR_SQL.format(src=src)} | {name: sql for name, (_, sql, _) in forms.items()}
+    for _ in range(reps):
+        for name, sql in statements.items():
+            start, start_cpu = time.perf_counter(), time.process_time()
+            raw.execute(sql).fetchall()
+            wall[name].append(time.perf_counter() - start)
+            cpu[name].append(time.process_time() - start_cpu)
+    floor, floor_cpu = statistics.median(wall["floor"]), statistics.median(cpu["floor"])
+    print(f"\n{rows:,} rows, {label}: floor {floor * 1000:.0f} ms wall, {floor_cpu * 1000:.0f} ms CPU")
+    result = {}
+    for name, (shape, _, exact) in forms.items():
+        ratio, ratio_cpu = statistics.median(wall[name]) / floor, statistics.median(cpu[name]) / floor_cpu
+        result[name] = (shape, ratio, ratio_cpu, exact)
+        mark = "" if exact else "  (not compared)"
+        print(f"  {shape:22s} {name:58s} wall {ratio:5.2f}x  CPU {ratio_cpu:5.2f}x{mark}")
+    return result
 
 
 def main() -> None:

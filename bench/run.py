@@ -72,7 +72,8 @@ POLICY: dict[str, Any] = {
     "max_rows_per_unit": K,
     "columns": {
         "pid": {"type": "int"},
-        "region": {"type": "int", "public_values": list(range(50))},
+        # a person attribute: generate() derives it from pid alone (age varies within a person: not declared)
+        "region": {"type": "int", "public_values": list(range(50)), "per_unit": True},
         "age": {"type": "int", "bounds": [0, 100]},
         "income": {"type": "float", "bounds": [0, 500000]},
     },
@@ -108,9 +109,15 @@ def generate(rows: int) -> Path:
     return path
 
 
-def write_config(folder: Path, source: Path, prepare: dict[str, Any] | None = None, name: str = "dpgateway") -> Path:
+def write_config(
+    folder: Path, source: Path, prepare: dict[str, Any] | None = None, name: str = "dpgateway", per_unit: bool = True
+) -> Path:
+    """The bench's config; ``per_unit=False`` leaves out the ``per_unit`` declarations (the weighted forms)."""
+    columns = {
+        c: {k: v for k, v in spec.items() if per_unit or k != "per_unit"} for c, spec in POLICY["columns"].items()
+    }
     config = {
-        "tables": {"people": {"source": str(source), **POLICY}},
+        "tables": {"people": {"source": str(source), **POLICY, "columns": columns}},
         "budget": {"per_subject": BIG, "per_analyst": BIG, "per_query": BIG, "default_query_epsilon": 1.0},
         "ledger": f"sqlite:///{folder / 'ledger.db'}",
         "cache_dir": str(folder / "cache"),

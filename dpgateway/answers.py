@@ -24,6 +24,10 @@ REWRITE_NOTES = {
         "bounding: per-unit pre-aggregation, each unit's total weighted by k / max(rows of its unit, k) "
         "(at most k rows' worth per unit)"
     ),
+    "unit_grouped": (
+        "bounding: per-unit pre-aggregation, each unit's total weighted by k / max(rows of its unit, k) "
+        "(at most k rows' worth per unit), in one cell"
+    ),
     "rows": "bounding: each unit's rows ranked by a keyed hash, the first k kept",
     "unit_count": "bounding: per-unit pre-aggregation, SUM(LEAST(rows per unit, k)) (exactly the row-bounded count)",
 }

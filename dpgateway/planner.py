@@ -30,7 +30,7 @@ PASSES: tuple[Pass, ...] = (
     plan_groups,  # GROUP BY -> keys, public or private domains
     plan_aggregates,  # aggregates -> measurements; SELECT/HAVING/ORDER BY -> post-processing
     make_total,  # WHERE and GROUP BY keys never fail on a row (no data-dependent errors)
-    choose_rewrite,  # bounding estimator: 'weighted', 'unit_weighted', 'unit_count' or 'rows' (private keys)
+    choose_rewrite,  # bounding estimator: 'weighted', 'unit_*' (per unit) or 'rows' (private keys)
     split_budget,  # epsilon/delta per measurement, noise scales, partition threshold
     use_prepared_copy,  # unfiltered queries read a valid prepared (pre-bounded) copy if there is one
     bound_contributions,  # bounded SQL for the backend: cheapest correct rewrite for the shape

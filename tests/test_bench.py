@@ -94,6 +94,7 @@ def test_cold_forms_candidates_give_the_current_integers(monkeypatch: pytest.Mon
     assert set(results) == {"unfiltered", "filtered"}
     exact = {name for name, (_, _, _, is_exact) in results["filtered"].items() if is_exact}
     assert "single-cell units, MIN/MAX(branch index)" in exact and "exact count minus heavy correction" in exact
+    assert "unit_grouped: COUNT(*) BY region" in results["filtered"]  # the session-9 form, timed beside them
 
 
 def test_single_cell_form_equals_per_row_weights_on_adversarial_rows(monkeypatch: pytest.MonkeyPatch) -> None:

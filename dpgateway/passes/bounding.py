@@ -5,6 +5,8 @@
 - ``unit_count`` (scalar ``COUNT(*)``): per-unit pre-aggregation ``SUM(LEAST(n_u, k))``;
 - ``unit_weighted`` (other scalar queries, unfiltered or filtered under ``filter_first``): per-unit
   pre-aggregation, each unit's total weighted once (these two, with their proof notes: passes/unit_forms.py);
+- ``unit_grouped`` (grouped queries by ``per_unit`` columns): the same per unit, each unit in one cell
+  (passes/unit_grouped.py, with its proof notes);
 - ``rows`` (private group keys, row-level tables): hash-ordered row bounding, below;
 - filtered queries under ``prepare.filtered: bound_first`` (passes/rewrite.py): the window count or rank
   over all of the unit's rows, the filter in the final aggregate (proof note in passes/prepared.py);
@@ -90,6 +92,7 @@ from dpgateway.passes.sql_parts import (
     unit_columns,
 )
 from dpgateway.passes.unit_forms import stored_unit_columns, unit_count, unit_weighted, unit_weighted_over_copy
+from dpgateway.passes.unit_grouped import unit_grouped, unit_grouped_over_copy
 from dpgateway.plan import DPPlan, Measurement
 from dpgateway.policies.model import Table
 
@@ -100,12 +103,16 @@ def bound_contributions(plan: DPPlan, *, ctx: PlanContext) -> DPPlan:
     assert table is not None
     if plan.prepared is not None and plan.rewrite == "unit_weighted":
         return unit_weighted_over_copy(plan, table, ctx)
+    if plan.prepared is not None and plan.rewrite == "unit_grouped":
+        return unit_grouped_over_copy(plan, table, ctx)
     if plan.prepared is not None:
         return _over_prepared(plan, table, ctx)
     if plan.rewrite == "unit_count":
         return unit_count(plan, table, ctx)
     if plan.rewrite == "unit_weighted":
         return unit_weighted(plan, table, ctx)
+    if plan.rewrite == "unit_grouped":
+        return unit_grouped(plan, table, ctx)
     if plan.rewrite == "weighted":
         return _weighted(plan, table, ctx)
     return _row_bounded(plan, table, ctx)

@@ -8,6 +8,8 @@ centering. Weighted ('weighted', passes/bounding.py): every count is a fixed-poi
 and ``scale`` COUNT_SCALE, and each of the unit's ``n_u`` rows adds ``trunc(w_u * v)`` with
 ``w_u = k / max(n_u, k)`` and ``|v| <= ceil(bound * scale)``, so the unit moves the vector by at most
 ``w_u * n_u * ceil(bound * scale) = min(n_u, k) * ceil(bound * scale)``: the same ``k * ceil(bound * scale)``.
+The per-unit forms ('unit_weighted', 'unit_grouped': passes/unit_forms.py, passes/unit_grouped.py) add each
+unit's whole weighted total ``|t_u| <= k * ceil(bound * scale)`` to one cell, with the same scales: the same bound.
 The same bound holds in L2 (``|v|_2 <= |v|_1`` for the change ``v`` of the integer vector), which is the
 sensitivity a discrete Gaussian is calibrated to.
 
@@ -118,7 +120,7 @@ def split_budget(plan: DPPlan, *, ctx: PlanContext) -> DPPlan:
 def _sized(m: Measurement, plan: DPPlan) -> Measurement:
     """The measurement with its fixed-point scale and integer L1 sensitivity (module docstring)."""
     assert plan.table is not None
-    count_scale = float(COUNT_SCALE) if plan.rewrite in ("weighted", "unit_weighted") else 1.0
+    count_scale = float(COUNT_SCALE) if plan.rewrite in ("weighted", "unit_weighted", "unit_grouped") else 1.0
     scale = fixed_point_scale(m.bound) if m.kind == "sum" else count_scale
     # counts: bound 1; a table split across parties counts each party's bound (Table.cross_party_factor)
     sensitivity = plan.table.max_rows_per_unit * math.ceil(m.bound * scale) * plan.table.cross_party_factor

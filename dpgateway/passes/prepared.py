@@ -58,7 +58,9 @@ tests/test_prepare.py::test_bound_first_filtered_queries_read_the_copy_and_give_
 Proof note (stored unit contributions; unfiltered scalar queries, ``unit_weighted``): the copy stores each
 unit's total contribution ``t_u`` on its row of rank 1, computed from the same ``n_u`` and unit totals as the
 on-the-fly ``GROUP BY unit``; the query sums them (proof note in passes/unit_forms.py). A scalar query with a
-measurement the copy stores no ``t_u`` for (an expression argument) runs on the fly.
+measurement the copy stores no ``t_u`` for (an expression argument) runs on the fly. Unfiltered grouped queries by
+``per_unit`` columns (``unit_grouped``) sum the same stored ``t_u``, grouped by the keys of each unit's rank-1 row:
+the on-the-fly answer when the data keeps the declaration (proof note in passes/unit_grouped.py).
 
 Joined relations, unit paths and per-person subqueries (``plan.relation``, passes/relations.py) never read a
 copy: a copy's ranks and weights are one table's, not the joined relation's, so they are computed on the
@@ -69,7 +71,7 @@ from __future__ import annotations
 
 from dpgateway.passes.context import PlanContext
 from dpgateway.passes.rewrite import bounds_before_filter
-from dpgateway.passes.unit_forms import stored_unit_column
+from dpgateway.passes.unit_grouped import copy_serves
 from dpgateway.plan import DPPlan
 
 
@@ -82,7 +84,7 @@ def use_prepared_copy(plan: DPPlan, *, ctx: PlanContext) -> DPPlan:
         return plan
     if plan.where is not None and not bounds_before_filter(plan, ctx):
         return plan
-    if plan.rewrite == "unit_weighted" and any(stored_unit_column(m, table) is None for m in plan.measurements):
+    if plan.rewrite in ("unit_weighted", "unit_grouped") and not copy_serves(plan, table):
         return plan  # the copy stores each unit's total contribution only for the measurements it knows
     copy = ctx.prepared_copy(table.name)
     if copy is None or copy.k != table.max_rows_per_unit:

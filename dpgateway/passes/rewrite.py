@@ -10,6 +10,10 @@
   a join; a prepared copy stores each unit's total contribution too). Filtered ``bound_first`` queries keep
   ``weighted`` (a unit's weight from all of its rows, the filter on each row), and so do tables the ``he``
   executor may answer (its encrypted cube holds per-row contributions only).
+- ``unit_grouped``: grouped queries (public keys) whose keys read only columns declared ``per_unit`` (a person
+  attribute), unfiltered or under ``filter_first``, on tables no per-row-only executor may answer: one
+  ``GROUP BY unit``, each unit's total weighted once in the cell of its keys' smallest values
+  (passes/unit_grouped.py, with its proof notes: the sensitivity holds even when the data breaks the declaration).
 - ``weighted``: everything else (public or no group keys): each row counts with its unit's weight
   ``k / max(n_u, k)``. Counts become fixed-point sums, so ``passes/budget.py`` reads this choice.
 
@@ -27,6 +31,7 @@ from __future__ import annotations
 from dpgateway.passes.context import PlanContext
 from dpgateway.passes.groups import public_cells
 from dpgateway.passes.quantiles import needs_row_bounding
+from dpgateway.passes.unit_grouped import per_unit_keys, per_unit_note
 from dpgateway.plan import DPPlan
 
 FILTER_FIRST_NOTE = (
@@ -44,7 +49,8 @@ PER_ROW_EXECUTORS = frozenset({"he"})
 
 
 def choose_rewrite(plan: DPPlan, *, ctx: PlanContext) -> DPPlan:
-    """Set ``plan.rewrite`` to 'rows', 'unit_count', 'unit_weighted' or 'weighted', and say which filtered estimator applies."""
+    """Set ``plan.rewrite`` to 'rows', 'unit_count', 'unit_weighted', 'unit_grouped' or 'weighted', and say which
+    filtered estimator applies."""
     table = plan.table
     assert table is not None
     if plan.where is not None and table.privacy_unit:
@@ -59,8 +65,13 @@ def choose_rewrite(plan: DPPlan, *, ctx: PlanContext) -> DPPlan:
     if not plan.group_keys and scalar_count and not bounds_before_filter(plan, ctx):
         return plan.with_(rewrite="unit_count")
     per_row_only = bool({table.executor, *table.executors_allowed} & PER_ROW_EXECUTORS)
-    if not plan.group_keys and not bounds_before_filter(plan, ctx) and not per_row_only:
+    if bounds_before_filter(plan, ctx) or per_row_only:
+        return plan.with_(rewrite="weighted")
+    if not plan.group_keys:
         return plan.with_(rewrite="unit_weighted")
+    declared = per_unit_keys(plan, table)
+    if declared is not None:
+        return plan.with_(rewrite="unit_grouped", notes=(*plan.notes, per_unit_note(declared)))
     return plan.with_(rewrite="weighted")
 
 

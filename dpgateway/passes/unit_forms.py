@@ -45,6 +45,7 @@ copy too).
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 from sqlglot import exp
 from sqlglot.helper import find_new_name
@@ -96,16 +97,44 @@ def unit_count(plan: DPPlan, table: Table, ctx: PlanContext) -> DPPlan:
 
 
 def unit_weighted(plan: DPPlan, table: Table, ctx: PlanContext) -> DPPlan:
-    """Scalar measurements by per-unit pre-aggregation, each unit's total weighted once (proof note above).
+    """Scalar measurements by per-unit pre-aggregation, each unit's total weighted once (proof note above)."""
+    assert not plan.group_keys
+    parts = unit_totals(plan, table, ctx)
+    sums = zip(plan.measurements, parts.contributions, strict=True)
+    bounded = exp.select(*(exp.alias_(exp.Sum(this=c), m.name, quoted=True) for m, c in sums), copy=False)
+    bounded = bounded.from_("weights", copy=False)
+    return rendered(plan, parts.statement(bounded), table.name, ctx)
 
-    ``per_unit`` holds each unit's ``n_u`` and totals, ``weights`` each total clamped and cast to BIGINT
-    next to ``d = max(n_u, k)`` (named once, so the engine computes each once per unit, not once per use in
-    the final expression; :func:`unit_contribution` is the same arithmetic inline)."""
-    assert table.privacy_unit is not None and not plan.group_keys
+
+@dataclass(frozen=True)
+class UnitTotals:
+    """The CTEs of a per-unit form, and each measurement's per-unit contribution ``t_u`` over ``weights``.
+
+    ``per_unit`` is one ``GROUP BY unit`` over the matching ``typed`` rows (NULL units dropped) with ``n_u``
+    and each measurement's ``T_u``; ``weights`` holds, per unit, each total clamped and cast to BIGINT next to
+    ``d = max(n_u, k)`` (named once, so the engine computes each once per unit, not once per use in the final
+    expression; :func:`unit_contribution` is the same arithmetic inline). A caller may add columns to both
+    (passes/unit_grouped.py: each unit's group keys) before :meth:`statement`."""
+
+    typed: exp.Select
+    per_unit: exp.Select
+    weights: exp.Select
+    contributions: tuple[exp.Expr, ...]
+
+    def statement(self, final: exp.Select) -> exp.Select:
+        """``final`` (a query over ``weights``) with the three CTEs."""
+        final = final.with_("typed", as_=self.typed, copy=False).with_("per_unit", as_=self.per_unit, copy=False)
+        return final.with_("weights", as_=self.weights, copy=False)
+
+
+def unit_totals(plan: DPPlan, table: Table, ctx: PlanContext, taken: frozenset[str] = frozenset()) -> UnitTotals:
+    """The per-unit CTEs of ``plan``'s measurements (proof note above); ``taken``: more names to avoid."""
+    assert table.privacy_unit is not None
     typed = source_rows(plan, needed_columns(plan, table), table, ctx)
     n, _ = unit_columns(table)
-    taken = {c.name for c in table.columns} | {n} | {m.name for m in plan.measurements}
-    d = find_new_name(taken, "__d")
+    names = {c.name for c in table.columns} | {n} | {m.name for m in plan.measurements} | set(taken)
+    d = find_new_name(names, "__d")
+    names.add(d)
     k = table.max_rows_per_unit
     as_double = ctx.hooks.UNIT_TOTALS_AS_DOUBLE
     per_unit = exp.select(exp.alias_(exp.Count(this=exp.Star()), n, quoted=True), copy=False)
@@ -118,8 +147,8 @@ def unit_weighted(plan: DPPlan, table: Table, ctx: PlanContext) -> DPPlan:
             contributions.append(_contribution(m, m.name, n, k))
             continue
         per_unit = per_unit.select(exp.alias_(total, m.name, quoted=True), copy=False)
-        t = find_new_name(taken | {d}, f"{m.name}_t")
-        taken.add(t)
+        t = find_new_name(names, f"{m.name}_t")
+        names.add(t)
         weights = weights.select(
             exp.column(m.name, quoted=True), exp.alias_(_as_bigint(exp.column(m.name, quoted=True)), t, quoted=True)
         )
@@ -131,16 +160,7 @@ def unit_weighted(plan: DPPlan, table: Table, ctx: PlanContext) -> DPPlan:
         .where(and_unit_not_null(where, table), copy=False)
         .group_by(exp.column(table.privacy_unit, quoted=True), copy=False)
     )
-    bounded = exp.select(
-        *(
-            exp.alias_(exp.Sum(this=c), m.name, quoted=True)
-            for m, c in zip(plan.measurements, contributions, strict=True)
-        ),
-        copy=False,
-    ).from_("weights", copy=False)
-    bounded = bounded.with_("typed", as_=typed, copy=False).with_("per_unit", as_=per_unit, copy=False)
-    bounded = bounded.with_("weights", as_=weights.from_("per_unit", copy=False), copy=False)
-    return rendered(plan, bounded, table.name, ctx)
+    return UnitTotals(typed, per_unit, weights.from_("per_unit", copy=False), tuple(contributions))
 
 
 def _bound(m: Measurement) -> int:

@@ -53,7 +53,7 @@ MPC_KEYS = {"collusion_threshold", "units_disjoint", "timeout_s", "keys"}
 HE_KEYS = {"key_holder", "public_key", "gateway_key", "ciphertexts", "timeout_s"}
 CSV_KEYS = {"delimiter", "quote", "escape", "header", "comment", "null"}
 UNIT_TYPES = ("int", "str")  # identifiers whose text round-trips exactly (docs: README.md, docs/privacy.md)
-COLUMN_KEYS = {"type", "bounds", "public_values"}
+COLUMN_KEYS = {"type", "bounds", "public_values", "per_unit"}
 COLUMN_TYPES = ("int", "float", "str", "bool", "date")
 TOP_KEYS = {"tables", "budget", "ledger", "admins", "cache_dir", "server", "prepare", "executors", "spark"}
 PREPARE_KEYS = {"auto", "after_queries", "filtered"}
@@ -226,6 +226,12 @@ def _table(name: str, spec: Any, base_dir: Path, mpc: MpcSettings) -> Table:
                 f"{where}.privacy_unit: column {unit!r} is {declared.type}; a privacy unit must be int or str "
                 f"(identifiers that round-trip exactly); declare it `type: str` under {where}.columns.{unit}"
             )
+    declared = next((c for c in columns if c.per_unit), None)
+    if declared is not None and unit is None:
+        raise ConfigError(
+            f"{where}.columns.{declared.name}.per_unit: only a table with a privacy_unit has units whose rows could "
+            f"share a value; remove per_unit, or declare {where}.privacy_unit"
+        )
     k = spec.get("max_rows_per_unit", 1)
     if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= MAX_ROWS_PER_UNIT:
         raise ConfigError(f"{where}.max_rows_per_unit: must be an integer from 1 to {MAX_ROWS_PER_UNIT}")
@@ -457,7 +463,15 @@ def _column(where: str, name: str, spec: Any) -> Column:
             raise ConfigError(
                 f"{where}.public_values: {duplicate!r} is listed twice once read as {ctype}; list each value once"
             )
-    return Column(name=name, type=ctype, bounds=bounds, public_values=values, date_bounds=date_bounds)
+    per_unit = spec.get("per_unit", False)
+    if not isinstance(per_unit, bool):
+        raise ConfigError(
+            f"{where}.per_unit: must be true (every row of a privacy unit has the same value) or false, "
+            f"not {per_unit!r}"
+        )
+    return Column(
+        name=name, type=ctype, bounds=bounds, public_values=values, date_bounds=date_bounds, per_unit=per_unit
+    )
 
 
 def _date_bounds(bounds: Any, where: str) -> tuple[dt.date, dt.date]:

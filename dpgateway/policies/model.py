@@ -22,7 +22,9 @@ class Column:
     """One declared column; only declared columns can be queried.
 
     ``bounds`` are a numeric column's; a ``date`` column's declared bounds are ``date_bounds`` (a separate
-    field, so no numeric code path can read a date as a number).
+    field, so no numeric code path can read a date as a number). ``per_unit``: the data owner declares that
+    every row of a privacy unit has the same value (a person attribute), which lets grouped queries by it
+    pre-aggregate per unit (passes/unit_grouped.py); privacy never depends on it being true.
     """
 
     name: str
@@ -30,6 +32,7 @@ class Column:
     bounds: tuple[float, float] | None = None
     public_values: tuple[Any, ...] | None = None
     date_bounds: tuple[dt.date, dt.date] | None = None
+    per_unit: bool = False
 
     @property
     def is_numeric(self) -> bool:

@@ -1,6 +1,6 @@
 """One suite, every backend: the same bounded plans give the same exact aggregates on each engine.
 
-For the rewrites that do not depend on the row hash (weighted, unit_weighted, unit_count, and row bounding when no unit
+For the rewrites that do not depend on the row hash (weighted, unit_weighted, unit_grouped, unit_count, and row bounding when no unit
 has more than k rows) the exact bounded aggregates must be IDENTICAL to DuckDB's, the reference backend
 (whose own tests check it against independent references). For row bounding each unit keeps the same
 number of rows; and one person moves each exact aggregate by at most its sensitivity on every backend.
@@ -96,6 +96,62 @@ def test_row_bounding_keeps_the_same_number_of_rows_per_unit(backend: Backend, r
     got = counts(backend)
     assert got == {pid: min(n, k) for pid, n in frame.groupby("pid").size().items()}
     assert got == counts(reference)
+
+
+PER_UNIT = [
+    "SELECT sex, COUNT(*), SUM(income), COUNT(age) FROM pums GROUP BY sex",
+    "SELECT married, senior, AVG(income), VARIANCE(age) FROM pums WHERE age > 30 GROUP BY 1, 2",
+    "SELECT CASE WHEN educ < 9 THEN 'low' WHEN educ < 13 THEN 'mid' ELSE 'high' END AS e, zone, COUNT(*), "
+    "STDDEV(income) FROM pums GROUP BY 1, 2",
+    "SELECT senior, COUNT(*), SUM(income) FROM pums WHERE income > 1000 GROUP BY senior",
+]
+
+
+def _per_unit(on: Backend, frame: pd.DataFrame, name: str) -> Gateway:
+    """PUMS (whose persons have one sex, marital status, education and age each) with two person attributes more:
+    ``senior`` (a bool) and ``zone`` (text, NULL for every third person), all declared ``per_unit``."""
+    columns = {**PUMS_COLUMNS, "senior": {"type": "bool"}, "zone": {"type": "str", "public_values": ["north", "south"]}}
+    for column in ("sex", "married", "educ", "senior", "zone"):
+        columns[column] = {**columns[column], "per_unit": True}
+    zone = pd.Series([("north", "south", None)[p % 3] for p in frame["pid"]], dtype=object)  # None, not NaN
+    frame = frame.assign(senior=frame["age"] >= 60, zone=zone)
+    spec = {"source": on.load(name, frame), "privacy_unit": "pid", "max_rows_per_unit": 3, "columns": columns}
+    return on.gateway({"pums": spec})
+
+
+def test_per_unit_keys_are_identical_and_one_spread_person_moves_each_cell_vector_by_at_most_its_sensitivity(
+    backend: Backend, reference: Backend
+) -> None:
+    """``unit_grouped`` (passes/unit_grouped.py) gives DuckDB's integers on every backend (a boolean key, NULL keys,
+    filters); a person whose 500 rows break the declaration (every sex, zone and age) moves each measurement by at
+    most its sensitivity in L1 over the cells, COUNT(*) by exactly k rows' worth."""
+    frame = pums_frame()
+    got, expected = _per_unit(backend, frame, "people"), _per_unit(reference, frame, "people")
+    for sql in PER_UNIT:
+        plan = got.explain(sql).plan
+        assert plan is not None and plan.rewrite == "unit_grouped", sql
+        assert sorted_rows(exact(got, sql)) == sorted_rows(exact(expected, sql)), sql
+    spread = pd.DataFrame(
+        [
+            {**frame.iloc[0].to_dict(), "pid": 10**6, "sex": i % 2, "age": i % 101, "income": 500000.0}
+            for i in range(500)
+        ]
+    ).astype(frame.dtypes.to_dict())
+    with_person = _per_unit(backend, pd.concat([frame, spread], ignore_index=True), "spread")
+    for sql in PER_UNIT[:3]:
+        plan = got.explain(sql).plan
+        assert plan is not None
+        n = len(plan.group_keys)
+        before = {tuple(r[:n]): r for r in exact(got, sql).rows}
+        after = {tuple(r[:n]): r for r in exact(with_person, sql).rows}
+        for i, m in enumerate(plan.measurements, start=n):
+            distance = sum(
+                abs((after.get(g, [0] * 9)[i] or 0) - (before.get(g, [0] * 9)[i] or 0))
+                for g in before.keys() | after.keys()
+            )
+            assert 0 < distance <= m.sensitivity, (sql, m.name)
+            if m.kind == "count" and m.arg is None and plan.where is None:
+                assert distance == m.sensitivity, (sql, m.name)
 
 
 EDGES: list[Any] = [
