@@ -130,9 +130,8 @@ class DPPlan:
     shown_sql: str = ""  # bounded_sql with each source and the row-order key as placeholders (explain, audit hash)
     settings: tuple[tuple[str, Any], ...] = ()  # per-query backend settings
     prepared: str | None = None  # path of a valid prepared (pre-bounded) copy to read instead of the source
-    rewrite: str = (
-        ""  # bounding rewrite (passes/rewrite.py): 'weighted', 'unit_weighted', 'unit_grouped', 'unit_count' or 'rows'
-    )
+    rewrite: str = ""  # bounding rewrite (passes/rewrite.py): 'weighted', 'unit_*' (per unit) or 'rows'
+
     post_sql: str = ""  # post-processing query over the noisy frame (postprocess.py)
     # the same SELECT list as Python functions of the noisy columns, or None where DuckDB must evaluate it
     post_python: tuple[Callable[[Sequence[list[Any]]], list[Any]], ...] | None = None
