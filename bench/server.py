@@ -247,7 +247,7 @@ def postgres_server(csv: Path) -> Iterator[str]:
 
 
 def paired(
-    config: Path, seconds: float, *, rate: bool = True, direct_write: bool = True
+    config: Path, seconds: float, *, rate: bool = True, direct_write: bool = True, pin: bool = False
 ) -> dict[str, dict[str, float]]:
     """Wire overhead per statement, exactly paired: a server in this process (in a thread, no shadow) whose
     ``Gateway.query`` is timed; one psycopg2 client, in a process of its own, sends the replayed and the fresh
@@ -259,7 +259,8 @@ def paired(
     statement's figure also held the client's waits for this process's GIL, which no real client has.)
     Then (``rate``) ``Gateway.query`` alone from 16 threads: the most the server could answer, whatever the wire.
     ``direct_write``: the server setting (False: every answer is written by the event loop, as before issue 15's
-    direct writes; for A/B runs)."""
+    direct writes; for A/B runs). ``pin``: the server's threads on CPU 0, the client on CPU 1 (Linux), so that
+    the client never runs on the CPU of the server thread that woke it, as with a client on another machine."""
     import asyncio
 
     from dpgateway import Gateway
@@ -295,6 +296,8 @@ def paired(
             started.set()
             loop.run_forever()
 
+        if pin:
+            os.sched_setaffinity(0, {0})  # this thread; the server's threads, started from it, inherit it
         thread = threading.Thread(target=serve, daemon=True)
         thread.start()
         started.wait(30)
@@ -305,7 +308,7 @@ def paired(
                 n = 900_000_000 + (10_000_000 if query_name == "fresh DP" else 0)
                 calls.clear()
                 out = ctx.Queue()
-                client = ctx.Process(target=_paired_client, args=(dsn, query_name, n, seconds + 1, out))
+                client = ctx.Process(target=_paired_client, args=(dsn, query_name, n, seconds + 1, out, pin))
                 client.start()
                 sent = out.get(timeout=seconds + 120)
                 client.join(30)
@@ -343,14 +346,18 @@ def paired(
             loop.call_soon_threadsafe(loop.stop)
             thread.join(30)
             loop.close()
+            if pin:
+                os.sched_setaffinity(0, range(os.cpu_count() or 1))
     return results
 
 
-def _paired_client(dsn: str, query_name: str, first_n: int, seconds: float, out: Any) -> None:
+def _paired_client(dsn: str, query_name: str, first_n: int, seconds: float, out: Any, pin: bool = False) -> None:
     """The client of :func:`paired`, in a process of its own as a real client would be (a psycopg2 thread in the
     server's process would wait for that process's GIL): each statement's SQL and latency (ms), in order."""
     import psycopg2
 
+    if pin:
+        os.sched_setaffinity(0, {1})
     try:
         conn = psycopg2.connect(dsn)
         conn.autocommit = True
@@ -436,7 +443,7 @@ def run_paired(args: argparse.Namespace) -> None:
         for r in range(args.runs):
             for mode in modes if r % 2 == 0 else modes[::-1]:
                 load = os.getloadavg()[0]
-                api = paired(config, 2 * args.seconds, rate=False, direct_write=mode)
+                api = paired(config, 2 * args.seconds, rate=False, direct_write=mode, pin=args.pin)
                 results[mode]["api"].append(api)
                 label = f"direct {'on ' if mode else 'off'} " if len(modes) > 1 else ""
                 for query, a in api.items():
@@ -553,6 +560,9 @@ def main(argv: list[str] | None = None) -> int:
         choices=("on", "off", "ab"),
         default="on",
         help="with --only paired: the server's direct writes (server.direct_write) on, off, or both in turn",
+    )
+    parser.add_argument(
+        "--pin", action="store_true", help="with --only paired: server on CPU 0, its client on CPU 1 (Linux)"
     )
     args = parser.parse_args(argv)
     if args.only == "paired":
