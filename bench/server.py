@@ -246,9 +246,7 @@ def postgres_server(csv: Path) -> Iterator[str]:
         server.stop()
 
 
-def paired(
-    config: Path, seconds: float, *, rate: bool = True, direct_write: bool = True, pin: bool = False
-) -> dict[str, dict[str, float]]:
+def paired(config: Path, seconds: float, *, rate: bool = True) -> dict[str, dict[str, float]]:
     """Wire overhead per statement, exactly paired: a server in this process (in a thread, no shadow) whose
     ``Gateway.query`` is timed; one psycopg2 client, in a process of its own, sends the replayed and the fresh
     aggregate, and each statement's client-side latency minus the time its own ``Gateway.query`` call took is
@@ -257,10 +255,7 @@ def paired(
     makes no ``Gateway.query`` call: it is paired with a ``Gateway.query`` of the same statement made after
     the client's run, in this process. (Until session 8 the client was a thread of this process, so each
     statement's figure also held the client's waits for this process's GIL, which no real client has.)
-    Then (``rate``) ``Gateway.query`` alone from 16 threads: the most the server could answer, whatever the wire.
-    ``direct_write``: the server setting (False: every answer is written by the event loop, as before issue 15's
-    direct writes; for A/B runs). ``pin``: the server's threads on CPU 0, the client on CPU 1 (Linux), so that
-    the client never runs on the CPU of the server thread that woke it, as with a client on another machine."""
+    Then (``rate``) ``Gateway.query`` alone from 16 threads: the most the server could answer, whatever the wire."""
     import asyncio
 
     from dpgateway import Gateway
@@ -286,7 +281,7 @@ def paired(
         users = UserStore.beside(gw.store, cfg.ledger)
         if users.get("bench") is None:  # the ledger is kept from run to run
             users.add("bench", PASSWORD)
-        server = Server(gw, users, ServerSettings(port=0, direct_write=direct_write))
+        server = Server(gw, users, ServerSettings(port=0))
         loop = asyncio.new_event_loop()
         started = threading.Event()
 
@@ -296,8 +291,6 @@ def paired(
             started.set()
             loop.run_forever()
 
-        if pin:
-            os.sched_setaffinity(0, {0})  # this thread; the server's threads, started from it, inherit it
         thread = threading.Thread(target=serve, daemon=True)
         thread.start()
         started.wait(30)
@@ -308,7 +301,7 @@ def paired(
                 n = 900_000_000 + (10_000_000 if query_name == "fresh DP" else 0)
                 calls.clear()
                 out = ctx.Queue()
-                client = ctx.Process(target=_paired_client, args=(dsn, query_name, n, seconds + 1, out, pin))
+                client = ctx.Process(target=_paired_client, args=(dsn, query_name, n, seconds + 1, out))
                 client.start()
                 sent = out.get(timeout=seconds + 120)
                 client.join(30)
@@ -346,18 +339,14 @@ def paired(
             loop.call_soon_threadsafe(loop.stop)
             thread.join(30)
             loop.close()
-            if pin:
-                os.sched_setaffinity(0, range(os.cpu_count() or 1))
     return results
 
 
-def _paired_client(dsn: str, query_name: str, first_n: int, seconds: float, out: Any, pin: bool = False) -> None:
+def _paired_client(dsn: str, query_name: str, first_n: int, seconds: float, out: Any) -> None:
     """The client of :func:`paired`, in a process of its own as a real client would be (a psycopg2 thread in the
     server's process would wait for that process's GIL): each statement's SQL and latency (ms), in order."""
     import psycopg2
 
-    if pin:
-        os.sched_setaffinity(0, {1})
     try:
         conn = psycopg2.connect(dsn)
         conn.autocommit = True
@@ -434,31 +423,25 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 def run_paired(args: argparse.Namespace) -> None:
     """Only :func:`paired`, ``--runs`` times (no PostgreSQL, no load generator): for iterating on the wire's
-    overhead. Prints each run and the medians over runs; RESULTS.md is left as it is. ``--direct-write ab``:
-    each run measures the server with and without direct writes (server.direct_write), in alternating order."""
-    modes = {"on": [True], "off": [False], "ab": [True, False]}[args.direct_write]
-    results: dict[bool, dict[str, Any]] = {mode: {"cells": {}, "api": []} for mode in modes}
+    overhead. Prints each run and the medians over runs; RESULTS.md is left as it is."""
+    results: dict[str, Any] = {"cells": {}, "api": []}
     with tempfile.TemporaryDirectory(prefix="dpgateway-bench-") as tmp:
         config = write_config(Path(tmp))
         for r in range(args.runs):
-            for mode in modes if r % 2 == 0 else modes[::-1]:
-                load = os.getloadavg()[0]
-                api = paired(config, 2 * args.seconds, rate=False, direct_write=mode, pin=args.pin)
-                results[mode]["api"].append(api)
-                label = f"direct {'on ' if mode else 'off'} " if len(modes) > 1 else ""
-                for query, a in api.items():
-                    print(
-                        f"run {r + 1} {label}{query:12} wire p50 {a['wire_p50']:.2f} ms, Gateway.query p50 "
-                        f"{a['api_p50']:.2f} ms, wire - API {a['diff_p50']:+.2f} ms ({a['diff_p25']:+.2f} .. "
-                        f"{a['diff_p75']:+.2f}, p90 {a['diff_p90']:+.2f}), {a['pairs']:.0f} pairs; load {load:.1f}",
-                        flush=True,
-                    )
-    for mode in modes:
-        m = summary(results[mode])
-        label = f"direct {'on ' if mode else 'off'} " if len(modes) > 1 else ""
-        for query in ("replayed DP", "fresh DP"):
-            a = m[f"api|{query}"]
-            print(f"median of {args.runs} runs: {label}{query:12} wire - API {a['diff_p50']:+.2f} ms", flush=True)
+            load = os.getloadavg()[0]
+            api = paired(config, 2 * args.seconds, rate=False)
+            results["api"].append(api)
+            for query, a in api.items():
+                print(
+                    f"run {r + 1} {query:12} wire p50 {a['wire_p50']:.2f} ms, Gateway.query p50 {a['api_p50']:.2f} ms, "
+                    f"wire - API {a['diff_p50']:+.2f} ms ({a['diff_p25']:+.2f} .. {a['diff_p75']:+.2f}, "
+                    f"p90 {a['diff_p90']:+.2f}), {a['pairs']:.0f} pairs; load {load:.1f}",
+                    flush=True,
+                )
+    m = summary(results)
+    for query in ("replayed DP", "fresh DP"):
+        a = m[f"api|{query}"]
+        print(f"median of {args.runs} runs: {query:12} wire - API {a['diff_p50']:+.2f} ms", flush=True)
 
 
 def summary(results: dict[str, Any]) -> dict[str, dict[str, float]]:
@@ -554,15 +537,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-write", action="store_true", help="print only; leave RESULTS.md as it is")
     parser.add_argument(
         "--only", choices=("paired",), help="paired: only the wire overhead against the Python API (printed)"
-    )
-    parser.add_argument(
-        "--direct-write",
-        choices=("on", "off", "ab"),
-        default="on",
-        help="with --only paired: the server's direct writes (server.direct_write) on, off, or both in turn",
-    )
-    parser.add_argument(
-        "--pin", action="store_true", help="with --only paired: server on CPU 0, its client on CPU 1 (Linux)"
     )
     args = parser.parse_args(argv)
     if args.only == "paired":

@@ -7,8 +7,7 @@ a worker thread, so a slow query never blocks other connections; literal-only st
 answered on the loop (memory.py, docs/server.md "Answers from memory"). Output is written when the client's
 pipelined input is used up (one write per batch, as PostgreSQL does) and the loop waits on ``drain`` before
 reading more, so a client that stops reading stops being read: the server buffers at most one batch plus the
-transport's high-water mark for it. On a plain TCP connection, the answer to the last message of a batch, when
-nothing is left to write before it, is written by the worker that ran it (direct.py).
+transport's high-water mark for it.
 """
 
 from __future__ import annotations
@@ -31,7 +30,6 @@ from dpgateway.errors import ConfigError, DPGatewayError
 from dpgateway.gateway import Gateway
 from dpgateway.server import protocol as p
 from dpgateway.server import scram
-from dpgateway.server.direct import DirectWriter, PokingReader
 from dpgateway.server.memory import Memory, Replay, ReplayAudits
 from dpgateway.server.session import Session
 from dpgateway.server.shadow import ShadowCluster
@@ -56,7 +54,6 @@ class ServerSettings:
     startup_timeout: float = 10.0  # seconds for start-up plus authentication
     max_message: int = p.DEFAULT_MAX_MESSAGE
     workers: int = 8
-    direct_write: bool = True  # plain TCP: the worker writes its answer itself (direct.py); False: via the loop
 
 
 class Closed(Exception):
@@ -90,13 +87,8 @@ class Server:
     async def start(self) -> asyncio.Server:
         """Listen; the bound port is ``self.port`` (useful with port 0)."""
         host, port = self.settings.host, self.settings.port
-        loop = asyncio.get_running_loop()
-
-        def connection() -> asyncio.StreamReaderProtocol:  # asyncio.start_server's, with a reader that pokes
-            return asyncio.StreamReaderProtocol(PokingReader(loop=loop), self._connection, loop=loop)
-
         try:
-            self._server = await loop.create_server(connection, host, port)
+            self._server = await asyncio.start_server(self._connection, host, port)
         except OSError as exc:
             raise ConfigError(
                 f"cannot listen on {host}:{port}: {exc.strerror}; choose another --port or --host"
@@ -136,7 +128,6 @@ class Server:
         writer.transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
         codec = p.FrontendReader(max_message=self.settings.max_message)
         key: int | None = None
-        direct: DirectWriter | None = None
         task = asyncio.current_task()
         if task is not None:
             self._tasks.add(task)
@@ -151,9 +142,7 @@ class Server:
             self._sessions[key] = (secret, session)
             writer.write(b"".join([p.auth_ok(), *session.startup_messages(), p.backend_key_data(key, secret)]))
             writer.write(p.ready_for_query(session.status))
-            if self.settings.direct_write:
-                direct = DirectWriter.attach(reader, writer.transport)  # after start-up: TLS or not is settled
-            await self._messages(session, codec, reader, writer, direct)
+            await self._messages(session, codec, reader, writer)
         except p.ProtocolViolation as exc:
             await _send_and_close(writer, p.error_response(exc.sqlstate, str(exc), severity="FATAL"))
         except (TimeoutError, asyncio.TimeoutError):
@@ -166,8 +155,6 @@ class Server:
         finally:
             if task is not None:
                 self._tasks.discard(task)
-            if direct is not None:
-                direct.close()  # first: the transport's close then ends the connection (no descriptor left)
             if key is not None:
                 _, ended = self._sessions.pop(key)
                 ended.close()
@@ -274,12 +261,7 @@ class Server:
         return message
 
     async def _messages(
-        self,
-        session: Session,
-        codec: p.FrontendReader,
-        reader: asyncio.StreamReader,
-        writer: asyncio.StreamWriter,
-        direct: DirectWriter | None = None,
+        self, session: Session, codec: p.FrontendReader, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
     ) -> None:
         pending: list[bytes] = []
         size = 0  # bytes in pending
@@ -306,14 +288,6 @@ class Server:
             elif now is not None:
                 answer, inline = now, inline + 1
             elif session.may_block(message):
-                if direct is not None and direct.ready(writer.transport, codec):
-                    head = b"".join(pending)  # due before the answer: the worker sends both (direct.py)
-                    pending.clear()
-                    size = inline = 0
-                    rest = await direct.answer(self._pool, session.handle, message, head)
-                    if rest:  # the kernel's buffer is full: the transport buffers the rest, under its high-water mark
-                        writer.write(rest)
-                    continue
                 answer, inline = await self._blocking(session.handle, message), 0
             else:
                 answer, inline = session.handle(message), inline + 1
