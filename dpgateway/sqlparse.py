@@ -110,11 +110,6 @@ def parse(sql: str) -> exp.Expr:
     return _negations_as_not(statement)
 
 
-NEGATABLE: tuple[type[exp.Expr], ...] = tuple(
-    kind for kind in (exp.Is, exp.Like, exp.ILike) if "negate" in kind.arg_types
-)
-
-
 def _negations_as_not(tree: exp.Expr) -> exp.Expr:
     """``x IS NOT NULL``, ``NOT LIKE`` and ``NOT ILIKE`` as ``NOT (...)`` around the plain node.
 
@@ -123,11 +118,12 @@ def _negations_as_not(tree: exp.Expr) -> exp.Expr:
     sqlcheck.verify refused every such query. ``NOT (...)`` is what every dialect reads back, and the one shape
     the passes know (a pass that reads ``exp.Is`` need not know of the flag). Test: tests/test_expressions.py.
     """
-    for node in list(tree.find_all(*NEGATABLE)) if NEGATABLE else ():
+    for node in list(tree.find_all(exp.Is, exp.Like, exp.ILike)):
         if node.args.get("negate"):
-            plain = node.copy()
-            plain.set("negate", None)
-            node.replace(exp.Not(this=plain))
+            negation = exp.Not()
+            node.replace(negation)  # detaches node: it becomes the NOT's operand, unflagged, without a copy
+            node.set("negate", None)
+            negation.set("this", node)
     return tree
 
 
