@@ -334,7 +334,7 @@ def test_noise_budget_after_a_large_sum(folder: Path) -> None:
 def test_released_noise_is_the_central_distribution(folder: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The key holder's release minus the exact total is OpenDP's discrete Laplace at the planned scale.
 
-    Seeded by construction (OpenDP cannot be seeded): the chi-square test fails with probability 0.001.
+    Seeded by construction (OpenDP cannot be seeded): the chi-square test fails with probability 1e-6.
     """
     recorder = Recorder(monkeypatch)
     with _gateway(folder) as gw:

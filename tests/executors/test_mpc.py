@@ -192,7 +192,7 @@ def _remote_gateway(folder: Path, key_folder: Path, peers: list[str], **mpc: Any
 def test_released_noise_is_the_central_distribution(data: Any, threshold: int, tmp_path: Path) -> None:
     """t = 0: the release minus the exact total is exactly OpenDP's discrete Laplace; t = 1: two such draws.
 
-    Seeded by construction (OpenDP cannot be seeded): the test fails with probability 0.001 per case.
+    Seeded by construction (OpenDP cannot be seeded): the test fails with probability 1e-6 per case.
     """
     folder, parts = data
     with (
